@@ -1,0 +1,53 @@
+"""tmemclient: the guest library for tmemd, transcendent memory for Linux processes.
+
+Synchronous::
+
+    with tmemclient.connect("/run/tmemd/tmemd.sock", name="vm1") as client:
+        pool = client.new_pool()
+        pool.put(oid, index, page)      # False when the daemon declines
+        pool.get(oid, index)            # bytes, or None on a miss
+
+trio: ``async with tmemclient.open_client(path, name="vm1") as client:`` with the same methods,
+awaited.
+"""
+
+from tmemclient.aclient import AsyncClient, AsyncPool, open_client
+from tmemclient.client import DEFAULT_FRAMES, Client, FrameRun, Pool, connect
+from tmemclient.errors import (
+    DaemonGone,
+    DaemonShuttingDown,
+    GuestConflict,
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    ProtocolError,
+    TmemError,
+    UnknownPool,
+    VersionMismatch,
+)
+from tmemclient.protocol import FRAME_SIZE, PROTOCOL_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_FRAMES",
+    "FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "AsyncClient",
+    "AsyncPool",
+    "Client",
+    "DaemonGone",
+    "DaemonShuttingDown",
+    "FrameRun",
+    "GuestConflict",
+    "InvalidArgument",
+    "LimitExceeded",
+    "PermissionDenied",
+    "Pool",
+    "ProtocolError",
+    "TmemError",
+    "UnknownPool",
+    "VersionMismatch",
+    "connect",
+    "open_client",
+]

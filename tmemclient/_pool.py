@@ -1,0 +1,198 @@
+"""Argument checking and plan selection shared by the sync ``Pool`` and the trio ``AsyncPool``.
+
+Each method here checks its arguments (so bad input fails locally with a clear message, before
+anything is sent) and returns a ``Job``: how many staging frames the operation needs and the plan
+that performs it. The two pool classes only differ in how they drive a Job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import uuid as uuid_module
+from dataclasses import dataclass
+from typing import Any
+
+from tmemclient import _plans
+from tmemclient.errors import InvalidArgument, UnknownPool
+from tmemclient.protocol import (
+    FRAME_SIZE,
+    MAX_ORDER,
+    UUID_BYTES,
+    Limits,
+    Op,
+    check_oid,
+    make_pool_flags,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Staging needs and plan of one operation.
+
+    ``need`` frames are wanted; a batch (``unit`` > 0) may run with fewer, in multiples of
+    ``unit`` (frames per page), taking several pipeline rounds. ``need == 0`` stages nothing.
+    """
+
+    need: int
+    factory: Callable[[int, int], _plans.Plan[Any]]
+    unit: int = 0
+
+
+class PoolOps:
+    """The pool API's logic, minus I/O."""
+
+    def __init__(self, region: memoryview, limits: Limits, info: _plans.PoolInfo) -> None:
+        self._region = region
+        self._limits = limits
+        self.info = info
+
+    @property
+    def handle(self) -> int:
+        """The daemon's handle for this pool (meaningful on this connection only)."""
+        return self.info.handle
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per page."""
+        return self.info.page_size
+
+    @property
+    def persistent(self) -> bool:
+        """True for a persistent pool (pages stay until flushed), False for ephemeral."""
+        return self.info.persistent
+
+    @property
+    def shared(self) -> bool:
+        """True for a shared pool."""
+        return self.info.shared
+
+    def _alive(self) -> _plans.PoolInfo:
+        if self.info.destroyed:
+            raise UnknownPool(f"pool {self.info.handle} was destroyed")
+        return self.info
+
+    def _put(self, oid: int, index: int, data: Any) -> Job:
+        info = self._alive()
+        oid, index = check_oid(oid), _plans.check_index(index)
+        _plans.page_view(data, info.page_size)
+        return Job(
+            info.frames_per_page,
+            lambda start, _n: _plans.put(self._region, info, start, oid, index, data),
+        )
+
+    def _get(self, oid: int, index: int) -> Job:
+        info = self._alive()
+        oid, index = check_oid(oid), _plans.check_index(index)
+        return Job(
+            info.frames_per_page, lambda start, _n: _plans.get(self._region, info, start, oid, index)
+        )
+
+    def _frame(self, op: Op, oid: int, index: int, frame: int) -> Job:
+        info = self._alive()
+        oid, index = check_oid(oid), _plans.check_index(index)
+        frames = len(self._region) // FRAME_SIZE
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise InvalidArgument(f"frame must be an int, got {type(frame).__name__}")
+        if frame < 0 or frame + info.frames_per_page > frames:
+            raise InvalidArgument(
+                f"frame {frame} (+{info.frames_per_page} for a {info.page_size}-byte page) is "
+                f"outside the region's {frames} frames"
+            )
+        return Job(0, lambda _s, _n: _plans.frame_op(op, info, oid, index, frame))
+
+    def _simple(self, op: Op, oid: int, index: int | None = None) -> Job:
+        info = self._alive()
+        args: list[Any] = [info.handle, _plans.encode_oid(check_oid(oid))]
+        if index is not None:
+            args.append(_plans.check_index(index))
+        return Job(0, lambda _s, _n: _plans.simple(op, *args))
+
+    def _read(self, oid: int, index: int, offset: int, length: int) -> Job:
+        info = self._alive()
+        oid, index = check_oid(oid), _plans.check_index(index)
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise InvalidArgument(f"length must be an int, got {type(length).__name__}")
+        offset = _plans.sub_range(offset, length, info.page_size)
+        return Job(
+            _plans.frames_for(length),
+            lambda start, _n: _plans.read(self._region, info, start, oid, index, offset, length),
+        )
+
+    def _write(self, op: Op, oid: int, index: int, offset: int, data: Any) -> Job:
+        info = self._alive()
+        oid, index = check_oid(oid), _plans.check_index(index)
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as exc:
+            raise InvalidArgument(f"data must be bytes-like, got {type(data).__name__}") from exc
+        offset = _plans.sub_range(offset, len(view), info.page_size)
+        return Job(
+            _plans.frames_for(len(view)),
+            lambda start, _n: _plans.write(self._region, info, start, op, oid, index, offset, view),
+        )
+
+    def _put_many(self, items: Sequence[tuple[int, int, Any]]) -> Job | list[bool]:
+        info = self._alive()
+        items = list(items)
+        if not items:
+            return []
+        _plans.check_items(items, 3)
+        return Job(
+            len(items) * info.frames_per_page,
+            lambda start, n: _plans.put_many(self._region, info, self._limits, start, n, items),
+            unit=info.frames_per_page,
+        )
+
+    def _get_many(self, items: Sequence[tuple[int, int]]) -> Job | list[bytes | None]:
+        info = self._alive()
+        items = list(items)
+        if not items:
+            return []
+        _plans.check_items(items, 2)
+        return Job(
+            len(items) * info.frames_per_page,
+            lambda start, n: _plans.get_many(self._region, info, self._limits, start, n, items),
+            unit=info.frames_per_page,
+        )
+
+    def _flush_many(self, items: Sequence[tuple[int, int]]) -> Job:
+        info = self._alive()
+        items = list(items)
+        _plans.check_items(items, 2)
+        return Job(0, lambda _s, _n: _plans.flush_many(info, self._limits, items))
+
+    def _destroy(self) -> Job:
+        info = self._alive()
+        return Job(0, lambda _s, _n: _plans.simple(Op.DESTROY_POOL, info.handle))
+
+    def __repr__(self) -> str:
+        kind = "persistent" if self.info.persistent else "ephemeral"
+        share = "shared" if self.info.shared else "private"
+        return f"<{type(self).__name__} {self.info.handle} {kind} {share} page_size={self.page_size}>"
+
+
+def new_pool_request(
+    *, persistent: bool, shared: bool, uuid: uuid_module.UUID | bytes | str | None, page_size: int
+) -> tuple[list[Any], bytes | None]:
+    """The NEW_POOL request for these options, checked; and the uuid as 16 bytes."""
+    orders = {FRAME_SIZE << k: k for k in range(MAX_ORDER + 1)}
+    if isinstance(page_size, bool) or page_size not in orders:
+        raise InvalidArgument(f"page_size must be one of {sorted(orders)} (4096 << order)")
+    raw: bytes | None
+    if uuid is None:
+        raw = None
+    elif isinstance(uuid, uuid_module.UUID):
+        raw = uuid.bytes
+    elif isinstance(uuid, str):
+        try:
+            raw = uuid_module.UUID(uuid).bytes
+        except ValueError as exc:
+            raise InvalidArgument(f"malformed pool uuid {uuid!r}") from exc
+    elif isinstance(uuid, (bytes, bytearray)) and len(uuid) == UUID_BYTES:
+        raw = bytes(uuid)
+    else:
+        raise InvalidArgument("pool uuid must be a uuid.UUID, its string form, or 16 bytes")
+    if shared and raw is None:
+        raise InvalidArgument("a shared pool needs a uuid that names it")
+    flags = make_pool_flags(persistent=persistent, shared=shared, order=orders[page_size])
+    return [Op.NEW_POOL, flags, raw if shared else None], raw if shared else None

@@ -1,0 +1,357 @@
+"""The trio tmem client: ``async with tmemclient.open_client(path, name=...) as client``.
+
+Many tasks may use one client at once: requests are pipelined on the connection (each carries a
+req_id; a reader task hands replies to the waiting tasks), and staging frames are shared out by
+the region's allocator, a task waiting when none are free.
+
+Cancellation: a request already sent keeps its staging frames until its reply arrives, so a
+cancelled put can never pick up the bytes a later request staged in the same frames.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+import uuid as uuid_module
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from tmemclient import _plans
+from tmemclient._pool import Job, PoolOps, new_pool_request
+from tmemclient.client import _GONE, DEFAULT_FRAMES, FrameRun, hello_message, hello_reply
+from tmemclient.errors import DaemonGone, LimitExceeded, ProtocolError, TmemError
+from tmemclient.protocol import (
+    FRAME_SIZE,
+    NEED_DATA,
+    FrameDecoder,
+    Limits,
+    Op,
+    Status,
+    encode_frame,
+    error_for_status,
+    split_reply,
+)
+from tmemclient.region import FrameAllocator, create_region
+
+_RECV = 256 * 1024
+
+
+class _Waiter:
+    __slots__ = ("event", "release", "status", "value")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status = -1
+        self.value: Any = None
+        self.release: tuple[int, int] | None = None  # staging run freed on arrival if abandoned
+
+
+class AsyncPool(PoolOps):
+    """A tmem pool seen from a trio guest. Made by ``AsyncClient.new_pool``; every method is
+    awaited and behaves as the sync ``Pool``'s."""
+
+    def __init__(self, client: AsyncClient, info: _plans.PoolInfo) -> None:
+        super().__init__(client._view, client.limits, info)
+        self._client = client
+
+    async def put(self, oid: int, index: int, data: Any) -> bool:
+        """Store one page; False if the daemon declines (no room, frozen, over cap)."""
+        return bool(await self._client._run(self._put(oid, index, data)))
+
+    async def get(self, oid: int, index: int) -> bytes | None:
+        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive)."""
+        result: bytes | None = await self._client._run(self._get(oid, index))
+        return result
+
+    async def put_frame(self, oid: int, index: int, frame: int) -> bool:
+        """Store the page held in region frame(s) ``frame..`` (zero-copy path)."""
+        return bool(await self._client._run(self._frame(Op.PUT, oid, index, frame)))
+
+    async def get_frame(self, oid: int, index: int, frame: int) -> bool:
+        """Fetch the page into region frame(s) ``frame..``; True on a hit."""
+        return bool(await self._client._run(self._frame(Op.GET, oid, index, frame)))
+
+    async def flush(self, oid: int, index: int) -> None:
+        """Remove one page (idempotent)."""
+        await self._client._run(self._simple(Op.FLUSH, oid, index))
+
+    async def flush_object(self, oid: int) -> None:
+        """Remove every page of an object."""
+        await self._client._run(self._simple(Op.FLUSH_OBJECT, oid))
+
+    async def read(self, oid: int, index: int, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of a page (the page stays); None on a miss."""
+        result: bytes | None = await self._client._run(self._read(oid, index, offset, length))
+        return result
+
+    async def write(self, oid: int, index: int, offset: int, data: Any) -> bool:
+        """Overwrite bytes of an existing page; False if the page is not there."""
+        return bool(await self._client._run(self._write(Op.WRITE, oid, index, offset, data)))
+
+    async def xchg(self, oid: int, index: int, offset: int, data: Any) -> bytes | None:
+        """Atomically write ``data`` at ``offset`` and return the bytes it replaced; None on a miss."""
+        job = self._write(Op.XCHG, oid, index, offset, data)
+        result: bytes | None = await self._client._run(job)
+        return result
+
+    async def put_many(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+        """Store many pages; one bool per item."""
+        job = self._put_many(items)
+        return job if isinstance(job, list) else list(await self._client._run(job))
+
+    async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Fetch many pages; data or None per item."""
+        job = self._get_many(items)
+        return job if isinstance(job, list) else list(await self._client._run(job))
+
+    async def flush_many(self, items: Sequence[tuple[int, int]]) -> None:
+        """Remove many pages."""
+        await self._client._run(self._flush_many(items))
+
+    async def destroy(self) -> None:
+        """Free every page of the pool; the handle is dead afterwards."""
+        await self._client._run(self._destroy())
+        self.info.destroyed = True
+
+
+class AsyncClient:
+    """A trio connection to tmemd, safe to share between tasks. Made by ``open_client``."""
+
+    def __init__(self, sock: trio.socket.SocketType, region: mmap.mmap, limits: Limits) -> None:
+        self._sock = sock
+        self._region = region
+        self._view = memoryview(region)
+        self.limits = limits
+        self.name = limits.guest
+        self._alloc = FrameAllocator(limits.frames)
+        self._frames_freed = trio.Condition()
+        self._decoder = FrameDecoder(1 << 26)
+        self._send_lock = trio.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._req_id = 1
+        self._closed: TmemError | None = None
+        self.notice: str | None = None
+
+    @property
+    def frames(self) -> memoryview:
+        """The whole shared region, writable (see ``Client.frames``)."""
+        return self._view
+
+    def reserve_frames(self, count: int = 1) -> FrameRun:
+        """Take ``count`` contiguous frames out of the staging pool for your own use."""
+        start = self._alloc.alloc(count)
+        if start is None:
+            raise LimitExceeded(f"no run of {count} free frames in the region ({self.limits.frames})")
+        return FrameRun(self._alloc, self._view, start, count)
+
+    async def new_pool(
+        self,
+        *,
+        persistent: bool = False,
+        shared: bool = False,
+        uuid: uuid_module.UUID | bytes | str | None = None,
+        page_size: int = FRAME_SIZE,
+    ) -> AsyncPool:
+        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise."""
+        request, raw = new_pool_request(
+            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size
+        )
+        (result,) = await self._exchange([request], None)
+        handle, size = result
+        return AsyncPool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+
+    async def ping(self) -> None:
+        """One round trip that does nothing."""
+        await self._exchange([[Op.PING]], None)
+
+    # ------------------------------------------------------------------ driving plans
+
+    async def _run(self, job: Job) -> Any:
+        if not job.need:
+            return await self._drive(job.factory(0, 0), None)
+        if job.need > self.limits.frames:
+            if not job.unit or job.unit > self.limits.frames:
+                raise LimitExceeded(f"{job.need} frames needed; the region has {self.limits.frames}")
+        async with self._frames_freed:
+            while True:
+                count = job.need
+                if job.unit:
+                    count = min(count, self._alloc.largest() // job.unit * job.unit)
+                start = self._alloc.alloc(count) if count else None
+                if start is not None:
+                    break
+                if self._closed is not None:
+                    raise self._closed
+                await self._frames_freed.wait()
+        run = (start, count)
+        try:
+            return await self._drive(job.factory(start, count), run)
+        finally:
+            if run is not None and not self._deferred(run):
+                await self._release(run)
+
+    def _deferred(self, run: tuple[int, int]) -> bool:
+        """True if a reply still due will release the run (see the module docstring)."""
+        for waiter in self._waiting.values():
+            if waiter.release == run:
+                return True
+        return False
+
+    async def _release(self, run: tuple[int, int]) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._frames_freed:
+                self._alloc.release(*run)
+                self._frames_freed.notify_all()
+
+    async def _drive(self, plan: _plans.Plan[Any], run: tuple[int, int] | None) -> Any:
+        try:
+            requests = next(plan)
+            while True:
+                requests = plan.send(await self._exchange(requests, run))
+        except StopIteration as stop:
+            return stop.value
+
+    async def _exchange(self, requests: list[list[Any]], run: tuple[int, int] | None) -> list[Any]:
+        if self._closed is not None:
+            raise self._closed
+        waiters = []
+        frames = []
+        for request in requests:
+            self._req_id = self._req_id % 0xFFFFFFFF + 1
+            waiter = _Waiter()
+            self._waiting[self._req_id] = waiter
+            waiters.append(waiter)
+            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            # A frame half-written would desynchronise the stream: never cancel a send midway.
+            with trio.CancelScope(shield=True):
+                async with self._send_lock:
+                    if self._closed is not None:
+                        raise self._closed
+                    view = memoryview(data)
+                    while view:
+                        view = view[await self._sock.send(view) :]
+        except OSError as exc:
+            self._fail(DaemonGone(f"{_GONE} ({exc})"))
+            raise self._closed from exc  # type: ignore[misc]
+        try:
+            for waiter in waiters:
+                await waiter.event.wait()
+        except BaseException:
+            if run is not None:  # hand the staging run to the last reply still due
+                for waiter in reversed(waiters):
+                    if not waiter.event.is_set():
+                        waiter.release = run
+                        break
+            raise
+        results = []
+        for waiter in waiters:
+            if waiter.status != Status.OK:
+                if waiter.status < 0:
+                    raise waiter.value
+                raise error_for_status(waiter.status, waiter.value)
+            results.append(waiter.value)
+        return results
+
+    async def _read_replies(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        buf = bytearray(_RECV)
+        task_status.started()
+        try:
+            while True:
+                while (message := self._decoder.next_message()) is not NEED_DATA:
+                    req_id, status, result = split_reply(message)
+                    if req_id == 0:
+                        if status == Status.SHUTDOWN:
+                            self.notice = f"tmemd is shutting down: {result}"
+                            continue
+                        raise error_for_status(status, f"tmemd dropped the connection: {result}")
+                    waiter = self._waiting.pop(req_id, None)
+                    if waiter is None:
+                        raise ProtocolError(f"reply to unknown req_id {req_id}")
+                    waiter.status, waiter.value = status, result
+                    waiter.event.set()
+                    if waiter.release is not None:
+                        await self._release(waiter.release)
+                n = await self._sock.recv_into(buf)
+                if not n:
+                    raise DaemonGone(self.notice or _GONE)
+                self._decoder.feed(memoryview(buf)[:n])
+        except TmemError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(DaemonGone(self.notice or f"{_GONE} ({exc})"))
+
+    def _fail(self, exc: TmemError) -> None:
+        if self._closed is None:
+            self._closed = exc
+        for waiter in self._waiting.values():
+            waiter.status, waiter.value = -1, self._closed
+            waiter.event.set()
+        self._waiting.clear()
+
+    def _close(self) -> None:
+        self._fail(DaemonGone("this client is closed"))
+        self._sock.close()
+        try:
+            self._view.release()
+            self._region.close()
+        except BufferError:
+            pass
+
+
+@asynccontextmanager
+async def open_client(
+    path: str | os.PathLike[str],
+    name: str,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    timeout: float = 10.0,
+) -> AsyncIterator[AsyncClient]:
+    """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``)."""
+    hello = hello_message(name, frames)
+    fd, region = create_region(frames)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client: AsyncClient | None = None
+    try:
+        with trio.fail_after(timeout):
+            try:
+                await sock.connect(os.fspath(path))
+                await sock.sendmsg(
+                    [hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                )
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise DaemonGone(f"no tmemd at {path}: {exc.strerror}; is the daemon running?") from exc
+            finally:
+                os.close(fd)
+            decoder = FrameDecoder(1 << 16)
+            while (message := decoder.next_message()) is NEED_DATA:
+                data = await sock.recv(4096)
+                if not data:
+                    raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
+                decoder.feed(data)
+            limits = hello_reply(message)
+    except trio.TooSlowError as exc:
+        sock.close()
+        region.close()
+        raise DaemonGone(f"tmemd at {path} did not answer within {timeout}s") from exc
+    except BaseException:
+        sock.close()
+        region.close()
+        raise
+    client = AsyncClient(sock, region, limits)
+    client._decoder.feed(decoder._buf[decoder._pos :])
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._read_replies)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        client._close()

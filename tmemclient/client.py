@@ -1,0 +1,348 @@
+"""The synchronous tmem client: ``tmemclient.connect(path, name=...)``."""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+import uuid as uuid_module
+from collections.abc import Sequence
+from typing import Any
+
+from tmemclient import _plans
+from tmemclient._pool import Job, PoolOps, new_pool_request
+from tmemclient.errors import (
+    DaemonGone,
+    InvalidArgument,
+    LimitExceeded,
+    ProtocolError,
+    TmemError,
+)
+from tmemclient.protocol import (
+    FRAME_SIZE,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Hello,
+    Limits,
+    Op,
+    Status,
+    encode_frame,
+    error_for_status,
+    split_reply,
+    valid_guest_name,
+)
+from tmemclient.region import FrameAllocator, create_region
+
+DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
+_RECV = 256 * 1024
+_GONE = "tmemd closed the connection (the daemon stopped or dropped it); reconnect to go on"
+
+
+def hello_reply(message: Any) -> Limits:
+    """Decode the daemon's answer to HELLO, raising the error it carries."""
+    req_id, status, result = split_reply(message)
+    if status != Status.OK:
+        raise error_for_status(status, f"tmemd refused the connection: {result}")
+    if req_id != 1:
+        raise ProtocolError(f"HELLO reply has req_id {req_id}, want 1")
+    return Limits.from_wire(result)
+
+
+def hello_message(name: str, frames: int) -> bytes:
+    """The HELLO frame, after local checks of its arguments."""
+    if not isinstance(name, str) or not valid_guest_name(name):
+        raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
+    return Hello(PROTOCOL_VERSION, name, frames).encode()
+
+
+class FrameRun:
+    """Frames of the region reserved for the caller's own use with put_frame/get_frame.
+
+    The copying helpers never stage data in reserved frames. Release with ``release()`` or use
+    it as a context manager.
+    """
+
+    def __init__(self, allocator: FrameAllocator, region: memoryview, start: int, count: int) -> None:
+        self._allocator = allocator
+        self.start = start
+        self.count = count
+        self.view = region[start * FRAME_SIZE : (start + count) * FRAME_SIZE]
+
+    def frame(self, i: int) -> memoryview:
+        """The bytes of the i-th reserved frame."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"frame {i} is outside this run of {self.count}")
+        return self.view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+
+    def release(self) -> None:
+        """Give the frames back to the staging pool."""
+        if self.count:
+            self.view.release()
+            self._allocator.release(self.start, self.count)
+            self.count = 0
+
+    def __enter__(self) -> FrameRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Pool(PoolOps):
+    """A tmem pool seen from a synchronous guest. Made by ``Client.new_pool``."""
+
+    def __init__(self, client: Client, info: _plans.PoolInfo) -> None:
+        super().__init__(client._view, client.limits, info)
+        self._client = client
+
+    def put(self, oid: int, index: int, data: Any) -> bool:
+        """Store one page; False if the daemon declines (no room, frozen, over cap)."""
+        return bool(self._client._run(self._put(oid, index, data)))
+
+    def get(self, oid: int, index: int) -> bytes | None:
+        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive)."""
+        result: bytes | None = self._client._run(self._get(oid, index))
+        return result
+
+    def put_frame(self, oid: int, index: int, frame: int) -> bool:
+        """Store the page held in region frame(s) ``frame..`` (zero-copy path)."""
+        return bool(self._client._run(self._frame(Op.PUT, oid, index, frame)))
+
+    def get_frame(self, oid: int, index: int, frame: int) -> bool:
+        """Fetch the page into region frame(s) ``frame..``; True on a hit."""
+        return bool(self._client._run(self._frame(Op.GET, oid, index, frame)))
+
+    def flush(self, oid: int, index: int) -> None:
+        """Remove one page (idempotent)."""
+        self._client._run(self._simple(Op.FLUSH, oid, index))
+
+    def flush_object(self, oid: int) -> None:
+        """Remove every page of an object."""
+        self._client._run(self._simple(Op.FLUSH_OBJECT, oid))
+
+    def read(self, oid: int, index: int, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of a page (the page stays); None on a miss."""
+        result: bytes | None = self._client._run(self._read(oid, index, offset, length))
+        return result
+
+    def write(self, oid: int, index: int, offset: int, data: Any) -> bool:
+        """Overwrite bytes of an existing page; False if the page is not there."""
+        return bool(self._client._run(self._write(Op.WRITE, oid, index, offset, data)))
+
+    def xchg(self, oid: int, index: int, offset: int, data: Any) -> bytes | None:
+        """Atomically write ``data`` at ``offset`` and return the bytes it replaced; None on a miss."""
+        result: bytes | None = self._client._run(self._write(Op.XCHG, oid, index, offset, data))
+        return result
+
+    def put_many(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+        """Store many pages in as few frames as the region allows; one bool per item."""
+        job = self._put_many(items)
+        return job if isinstance(job, list) else list(self._client._run(job))
+
+    def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Fetch many pages; data or None per item."""
+        job = self._get_many(items)
+        return job if isinstance(job, list) else list(self._client._run(job))
+
+    def flush_many(self, items: Sequence[tuple[int, int]]) -> None:
+        """Remove many pages."""
+        self._client._run(self._flush_many(items))
+
+    def destroy(self) -> None:
+        """Free every page of the pool; the handle is dead afterwards."""
+        self._client._run(self._destroy())
+        self.info.destroyed = True
+
+
+class Client:
+    """A synchronous connection to tmemd. Not thread-safe: use one per thread."""
+
+    def __init__(self, sock: socket.socket, region: mmap.mmap, limits: Limits) -> None:
+        self._sock = sock
+        self._region = region
+        self._view = memoryview(region)
+        self.limits = limits
+        self.name = limits.guest
+        self._alloc = FrameAllocator(limits.frames)
+        self._decoder = FrameDecoder(1 << 26)
+        self._rbuf = bytearray(_RECV)
+        self._req_id = 1
+        self._closed: TmemError | None = None
+        self.notice: str | None = None
+
+    @property
+    def frames(self) -> memoryview:
+        """The whole shared region, writable. Reserve frames with ``reserve_frames`` before using
+        them with put_frame/get_frame, so the copying helpers do not stage data there."""
+        return self._view
+
+    def reserve_frames(self, count: int = 1) -> FrameRun:
+        """Take ``count`` contiguous frames out of the staging pool for your own use."""
+        start = self._alloc.alloc(count)
+        if start is None:
+            raise LimitExceeded(f"no run of {count} free frames in the region ({self.limits.frames})")
+        return FrameRun(self._alloc, self._view, start, count)
+
+    def new_pool(
+        self,
+        *,
+        persistent: bool = False,
+        shared: bool = False,
+        uuid: uuid_module.UUID | bytes | str | None = None,
+        page_size: int = FRAME_SIZE,
+    ) -> Pool:
+        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise."""
+        request, raw = new_pool_request(
+            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size
+        )
+        (result,) = self._exchange([request])
+        handle, size = result
+        return Pool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+
+    def ping(self) -> None:
+        """One round trip that does nothing."""
+        self._exchange([[Op.PING]])
+
+    def close(self) -> None:
+        """Close the connection; the daemon frees every private page of this guest."""
+        if self._closed is None:
+            self._closed = DaemonGone("this client is closed")
+        self._sock.close()
+        try:
+            self._view.release()
+            self._region.close()
+        except BufferError:
+            pass  # a caller still holds a view of the region; it is unmapped when that goes
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ driving plans
+
+    def _run(self, job: Job) -> Any:
+        if not job.need:
+            return self._drive(job.factory(0, 0))
+        count = job.need
+        if job.unit:
+            count = min(count, self._alloc.largest() // job.unit * job.unit)
+        start = self._alloc.alloc(count) if count else None
+        if start is None:
+            raise LimitExceeded(
+                f"no {job.unit or job.need} free frames in the region to stage data; release "
+                "reserved frames or connect with more frames"
+            )
+        try:
+            return self._drive(job.factory(start, count))
+        finally:
+            self._alloc.release(start, count)
+
+    def _drive(self, plan: _plans.Plan[Any]) -> Any:
+        try:
+            requests = next(plan)
+            while True:
+                requests = plan.send(self._exchange(requests))
+        except StopIteration as stop:
+            return stop.value
+
+    def _exchange(self, requests: list[list[Any]]) -> list[Any]:
+        """Send requests together, wait for all their replies; raise the first error reply."""
+        if self._closed is not None:
+            raise self._closed
+        ids = []
+        frames = []
+        for request in requests:
+            self._req_id = self._req_id % 0xFFFFFFFF + 1
+            ids.append(self._req_id)
+            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
+        try:
+            self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+            replies: dict[int, tuple[int, Any]] = {}
+            while len(replies) < len(ids):
+                req_id, status, result = split_reply(self._next_message())
+                if req_id == 0:
+                    self._notice(status, result)
+                    continue
+                replies[req_id] = (status, result)
+        except (OSError, ProtocolError) as exc:
+            self._fail(exc)
+            raise self._closed from exc  # type: ignore[misc]
+        results = []
+        for req_id in ids:
+            status, result = replies[req_id]
+            if status != Status.OK:
+                raise error_for_status(status, result)
+            results.append(result)
+        return results
+
+    def _next_message(self) -> Any:
+        while (message := self._decoder.next_message()) is NEED_DATA:
+            n = self._sock.recv_into(self._rbuf)
+            if not n:
+                raise ConnectionResetError(self.notice or _GONE)
+            self._decoder.feed(memoryview(self._rbuf)[:n])
+        return message
+
+    def _notice(self, status: int, message: Any) -> None:
+        if status == Status.SHUTDOWN:
+            self.notice = f"tmemd is shutting down: {message}"
+        else:
+            raise error_for_status(status, f"tmemd dropped the connection: {message}")
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ProtocolError):
+            self._closed = exc
+        else:
+            self._closed = DaemonGone(self.notice or f"{_GONE} ({exc})")
+        self._sock.close()
+
+
+def connect(
+    path: str | os.PathLike[str],
+    name: str,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    timeout: float | None = 10.0,
+) -> Client:
+    """Connect to tmemd as guest ``name`` with a shared region of ``frames`` 4 KiB frames.
+
+    ``timeout`` bounds the connect and handshake; later calls block until answered.
+    Raises DaemonGone if no daemon answers at ``path``, and the daemon's refusal otherwise.
+    """
+    hello = hello_message(name, frames)
+    fd, region = create_region(frames)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+            sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonGone(f"no tmemd at {path}: {exc.strerror}; is the daemon running?") from exc
+        finally:
+            os.close(fd)
+        decoder = FrameDecoder(1 << 16)
+        buf = bytearray(4096)
+        while (message := decoder.next_message()) is NEED_DATA:
+            n = sock.recv_into(buf)
+            if not n:
+                raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
+            decoder.feed(memoryview(buf)[:n])
+        limits = hello_reply(message)
+        sock.settimeout(None)
+        client = Client(sock, region, limits)
+        client._decoder.feed(decoder._buf[decoder._pos :])
+        return client
+    except BaseException as exc:
+        sock.close()
+        region.close()
+        if isinstance(exc, TimeoutError):
+            raise DaemonGone(f"tmemd at {path} did not answer within {timeout}s") from exc
+        raise
+

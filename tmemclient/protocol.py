@@ -1,0 +1,394 @@
+"""The tmem wire protocol: a sans-I/O codec shared by the daemon and the guest library.
+
+Nothing here touches a socket, a clock or trio: bytes go in, validated messages come out, and
+messages go in, bytes come out (the h11 shape). ``proto/PROTOCOL.md`` is the normative text; this
+module is its Python rendering, and the golden vectors in ``proto/vectors/`` hold both to each
+other.
+
+A frame is a 4-byte big-endian length N followed by N bytes holding exactly one msgpack object.
+A request is ``[op, req_id, *args]``; a reply is ``[req_id, status, result_or_message]``. Replies
+with ``req_id == 0`` are notices the daemon sends on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from tmemclient.errors import (
+    DaemonShuttingDown,
+    GuestConflict,
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    ProtocolError,
+    TmemError,
+    UnknownPool,
+    VersionMismatch,
+)
+
+PROTOCOL_VERSION: Final = 1
+FRAME_SIZE: Final = 4096  # bytes per frame of a guest region; a page of order k spans 2**k frames
+MAX_ORDER: Final = 4  # page sizes 4 KiB .. 64 KiB
+OID_BITS: Final = 192
+OID_BYTES: Final = OID_BITS // 8
+INDEX_BITS: Final = 32
+UUID_BYTES: Final = 16
+MAX_NAME_LEN: Final = 64
+HEADER: Final = struct.Struct(">I")
+HELLO_MAX_FRAME: Final = 4096  # the handshake must fit in this before limits are negotiated
+
+# Pool flags, laid out as in Xen's public/tmem.h.
+FLAG_PERSISTENT: Final = 1 << 0
+FLAG_SHARED: Final = 1 << 1
+ORDER_SHIFT: Final = 4
+ORDER_MASK: Final = 0xF
+VERSION_SHIFT: Final = 24
+VERSION_MASK: Final = 0xFF
+
+
+class Op(enum.IntEnum):
+    """Request opcodes; the page ops keep Xen's numbers."""
+
+    NEW_POOL = 1
+    DESTROY_POOL = 2
+    PUT = 4
+    GET = 5
+    FLUSH = 6
+    FLUSH_OBJECT = 7
+    READ = 8
+    WRITE = 9
+    XCHG = 10
+    PUT_MANY = 20
+    GET_MANY = 21
+    FLUSH_MANY = 22
+    HELLO = 30
+    PING = 31
+
+
+class Status(enum.IntEnum):
+    """Reply status codes. Anything but OK carries a human-readable message as its result."""
+
+    OK = 0
+    INVALID = 1  # invalid argument; the connection goes on
+    NO_POOL = 2  # unknown or destroyed pool handle
+    PERMISSION = 3  # permission denied
+    PROTOCOL = 4  # the peer broke the protocol; the daemon closes the connection after this
+    VERSION = 5  # protocol version not supported (handshake only)
+    LIMIT = 6  # a per-guest limit was reached (pools, ...)
+    CONFLICT = 7  # the guest name is in use by another connection
+    SHUTDOWN = 8  # the daemon is going away (notice, req_id 0)
+
+
+_STATUS_ERRORS: Final[dict[int, type[TmemError]]] = {
+    Status.INVALID: InvalidArgument,
+    Status.NO_POOL: UnknownPool,
+    Status.PERMISSION: PermissionDenied,
+    Status.PROTOCOL: ProtocolError,
+    Status.VERSION: VersionMismatch,
+    Status.LIMIT: LimitExceeded,
+    Status.CONFLICT: GuestConflict,
+    Status.SHUTDOWN: DaemonShuttingDown,
+}
+_ERROR_STATUS: Final[dict[type[TmemError], Status]] = {v: Status(k) for k, v in _STATUS_ERRORS.items()}
+
+
+def error_for_status(status: int, message: str) -> TmemError:
+    """The exception a client raises for an error reply."""
+    cls = _STATUS_ERRORS.get(status, ProtocolError)
+    return cls(message)
+
+
+def status_for_error(exc: TmemError) -> Status:
+    """The status a daemon answers for an exception raised while serving a request."""
+    return _ERROR_STATUS.get(type(exc), Status.PROTOCOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Framing
+
+
+def encode_frame(message: Any) -> bytes:
+    """One length-prefixed msgpack frame."""
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+NEED_DATA: Final[Any] = type("NeedData", (), {"__repr__": lambda self: "NEED_DATA"})()
+
+
+class FrameDecoder:
+    """Splits a byte stream into decoded msgpack messages, bounding everything the peer controls.
+
+    ``feed`` takes raw bytes; ``next_message`` returns one complete message or ``NEED_DATA``.
+    A frame longer than ``max_frame`` raises ProtocolError as soon as its header arrives, before
+    its body is buffered, so a peer cannot make us hold more than ``max_frame`` plus one read.
+    After a ProtocolError the decoder stays broken (the connection must be closed).
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        if max_frame < 16:
+            raise ValueError("max_frame must be at least 16 bytes")
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0  # consumed bytes at the front of _buf, dropped lazily
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes."""
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> Any:
+        """The next complete message, or NEED_DATA; ProtocolError on a malformed frame."""
+        if self._broken:
+            raise ProtocolError("connection is in an error state")
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return NEED_DATA
+        (length,) = HEADER.unpack_from(buf, pos)
+        if length == 0 or length > self.max_frame:
+            self._broken = True
+            raise ProtocolError(f"frame of {length} bytes is outside 1..{self.max_frame} (max_frame)")
+        end = pos + 4 + length
+        if len(buf) < end:
+            return NEED_DATA
+        self._pos = end
+        try:
+            return decode_body(bytes(buf[pos + 4 : end]))
+        except ProtocolError:
+            self._broken = True
+            raise
+
+    def messages(self) -> Iterator[Any]:
+        """Every complete message buffered so far."""
+        while (message := self.next_message()) is not NEED_DATA:
+            yield message
+
+
+def decode_body(body: bytes) -> Any:
+    """Decode one frame body; any malformation is a ProtocolError.
+
+    ``unpackb`` bounds every declared length by the body's own length, refuses non-string map
+    keys (strict_map_key) and raises on nesting deeper than its fixed stack.
+    """
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except msgpack.ExtraData as exc:
+        raise ProtocolError("frame holds more than one msgpack object") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # ValueError covers FormatError, StackError, OutOfData and bad UTF-8.
+        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    except RecursionError as exc:  # pragma: no cover - unpackb's own stack stops this first
+        raise ProtocolError("frame nests too deeply") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Field codecs
+
+
+def encode_oid(oid: int) -> int | bytes:
+    """An object id on the wire: a msgpack uint below 2**64, else 24 big-endian bytes."""
+    if oid < 1 << 64:
+        return oid
+    return oid.to_bytes(OID_BYTES, "big")
+
+
+def decode_oid(value: Any, what: str = "oid") -> int:
+    """Validate and decode an object id (the inverse of ``encode_oid``)."""
+    if type(value) is int:
+        if value < 0 or value >= 1 << 64:
+            raise InvalidArgument(f"{what} must be an unsigned integer, got {value}")
+        return value
+    if type(value) is bytes:
+        if len(value) != OID_BYTES:
+            raise InvalidArgument(f"{what} as bin must be exactly {OID_BYTES} bytes, got {len(value)}")
+        return int.from_bytes(value, "big")
+    raise InvalidArgument(f"{what} must be an unsigned integer, got {type(value).__name__}")
+
+
+def check_oid(oid: object) -> int:
+    """Client-side check of an object id given by the user."""
+    if isinstance(oid, bool) or not isinstance(oid, int):
+        raise InvalidArgument(f"oid must be an int, got {type(oid).__name__}")
+    if oid < 0 or oid >> OID_BITS:
+        raise InvalidArgument(f"oid must be an unsigned {OID_BITS}-bit integer, got {oid}")
+    return int(oid)
+
+
+def check_uint(value: Any, bits: int, what: str) -> int:
+    """Validate an unsigned integer of at most ``bits`` bits (bool is not an integer here)."""
+    if type(value) is not int:
+        raise InvalidArgument(f"{what} must be an unsigned integer, got {type(value).__name__}")
+    if value < 0 or value >> bits:
+        raise InvalidArgument(f"{what} must be an unsigned {bits}-bit integer, got {value}")
+    return value
+
+
+def make_pool_flags(*, persistent: bool, shared: bool, order: int) -> int:
+    """Pack NEW_POOL flags."""
+    if not 0 <= order <= MAX_ORDER:
+        raise InvalidArgument(f"page order must be 0..{MAX_ORDER}")
+    flags = (PROTOCOL_VERSION << VERSION_SHIFT) | (order << ORDER_SHIFT)
+    if persistent:
+        flags |= FLAG_PERSISTENT
+    if shared:
+        flags |= FLAG_SHARED
+    return flags
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """What NEW_POOL asks for, decoded and validated."""
+
+    persistent: bool
+    shared: bool
+    order: int
+    uuid: bytes | None
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per page in this pool."""
+        return FRAME_SIZE << self.order
+
+    @classmethod
+    def decode(cls, flags: Any, uuid: Any) -> PoolSpec:
+        """Validate NEW_POOL's arguments."""
+        flags = check_uint(flags, 32, "pool flags")
+        known = FLAG_PERSISTENT | FLAG_SHARED | (ORDER_MASK << ORDER_SHIFT)
+        known |= VERSION_MASK << VERSION_SHIFT
+        if flags & ~known:
+            raise InvalidArgument(f"pool flags 0x{flags:08x} set unknown bits")
+        version = (flags >> VERSION_SHIFT) & VERSION_MASK
+        if version not in (0, PROTOCOL_VERSION):
+            raise InvalidArgument(f"pool spec version {version} is not supported (want 1)")
+        order = (flags >> ORDER_SHIFT) & ORDER_MASK
+        if order > MAX_ORDER:
+            raise InvalidArgument(
+                f"page order {order} is too large: page size is 4096 << order, order 0..{MAX_ORDER}"
+            )
+        shared = bool(flags & FLAG_SHARED)
+        if uuid is not None and (type(uuid) is not bytes or len(uuid) != UUID_BYTES):
+            raise InvalidArgument(f"pool uuid must be nil or {UUID_BYTES} bytes")
+        if shared and uuid is None:
+            raise InvalidArgument("a shared pool needs a 16-byte uuid")
+        return cls(bool(flags & FLAG_PERSISTENT), shared, order, uuid if shared else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The handshake request: protocol version, the guest name asked for, region size in frames."""
+
+    version: int
+    name: str
+    frames: int
+
+    def encode(self) -> bytes:
+        """The HELLO frame (req_id 1); the region fd travels with it as SCM_RIGHTS."""
+        return encode_frame([Op.HELLO, 1, self.version, self.name, self.frames])
+
+    @classmethod
+    def decode(cls, message: Any) -> Hello:
+        """Validate a decoded HELLO request; raise ProtocolError if it is not one."""
+        if type(message) is not list or len(message) != 5 or message[0] != Op.HELLO:
+            raise ProtocolError("the first frame must be HELLO [30, req_id, version, name, frames]")
+        _, _, version, name, frames = message
+        version = check_uint(version, 32, "protocol version")
+        if type(name) is not str or not valid_guest_name(name):
+            raise InvalidArgument(
+                f"guest name must be 1..{MAX_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+            )
+        frames = check_uint(frames, 32, "region frames")
+        return cls(version, name, frames)
+
+
+_NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def valid_guest_name(name: str) -> bool:
+    """Guest names are short and plain so they are safe in logs, tables and config keys."""
+    return 0 < len(name) <= MAX_NAME_LEN and all(c in _NAME_CHARS for c in name)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the daemon tells a guest in its HELLO reply."""
+
+    version: int
+    guest: str
+    frames: int
+    max_frame: int
+    max_batch: int
+    max_pools: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The HELLO reply's result map."""
+        return {
+            "version": self.version,
+            "guest": self.guest,
+            "frames": self.frames,
+            "max_frame": self.max_frame,
+            "max_batch": self.max_batch,
+            "max_pools": self.max_pools,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Limits:
+        """Decode and check a HELLO reply's result map."""
+        if type(value) is not dict:
+            raise ProtocolError("HELLO reply result must be a map")
+        try:
+            return cls(
+                version=check_uint(value["version"], 32, "version"),
+                guest=str(value["guest"]),
+                frames=check_uint(value["frames"], 32, "frames"),
+                max_frame=check_uint(value["max_frame"], 32, "max_frame"),
+                max_batch=check_uint(value["max_batch"], 32, "max_batch"),
+                max_pools=check_uint(value["max_pools"], 32, "max_pools"),
+            )
+        except (KeyError, InvalidArgument) as exc:
+            raise ProtocolError(f"bad HELLO reply: {exc}") from exc
+
+
+def split_reply(message: Any) -> tuple[int, int, Any]:
+    """Check a reply's shape and return (req_id, status, result)."""
+    if type(message) is not list or len(message) != 3:
+        raise ProtocolError("a reply must be an array [req_id, status, result]")
+    req_id, status, result = message
+    if type(req_id) is not int or type(status) is not int:
+        raise ProtocolError("reply req_id and status must be integers")
+    if status != Status.OK and type(result) is not str:
+        raise ProtocolError("an error reply must carry a message string")
+    return req_id, status, result
+
+
+def split_request(message: Any) -> tuple[int, int, list[Any]]:
+    """Check a request's outer shape and return (op, req_id, args).
+
+    A request that is not an array starting with two unsigned integers is a ProtocolError: we
+    could not even say which request a reply belongs to. Everything past that (unknown ops,
+    argument types and ranges) is the handler's InvalidArgument, answered per request.
+    """
+    if type(message) is not list or len(message) < 2:
+        raise ProtocolError("a request must be an array [op, req_id, *args]")
+    op, req_id = message[0], message[1]
+    if type(op) is not int or type(req_id) is not int or not 0 <= req_id < 1 << 32 or op < 0:
+        raise ProtocolError("request op and req_id must be unsigned integers (req_id 32-bit)")
+    return op, req_id, message
+
+
+def encode_reply(req_id: int, status: int, result: Any) -> bytes:
+    """One reply frame."""
+    return encode_frame([req_id, status, result])

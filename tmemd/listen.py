@@ -1,0 +1,63 @@
+"""Binding the daemon's Unix sockets safely."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from pathlib import Path
+
+import trio
+
+
+class SocketInUse(Exception):
+    """Another live daemon answers on the socket path."""
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a daemon that is gone; refuse to touch a live one or a
+    non-socket file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(f"another daemon is listening on {path}; stop it or choose another path")
+
+
+async def bind_unix(path: Path, mode: int, backlog: int = 128) -> trio.socket.SocketType:
+    """A listening socket at ``path`` with permissions ``mode`` from the start (no window in which
+    the socket exists with wider permissions)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(backlog)
+    return sock
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove our socket file at exit."""
+    with contextlib.suppress(OSError):
+        path.unlink()

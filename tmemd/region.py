@@ -1,0 +1,75 @@
+"""Checking and mapping a guest's shared region (SECURITY.md: what bites in shared memory).
+
+A guest that could shrink a file the daemon has mapped would kill the daemon with SIGBUS on its
+next access. So before mapping we insist on a regular shmem file (F_GET_SEALS fails with EINVAL
+on anything that cannot carry seals) with F_SEAL_SHRINK and F_SEAL_GROW set and exactly the
+announced size. Then no later ftruncate by the guest can succeed.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+import socket
+import stat
+
+from tmemclient.errors import InvalidArgument, LimitExceeded, ProtocolError
+from tmemclient.protocol import FRAME_SIZE
+
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """Every fd that arrived; raises ProtocolError (after closing them) if the control data was
+    truncated, i.e. the guest sent more fds than the one we allow."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(data[: len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    if flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise ProtocolError("HELLO must carry exactly one fd (the region memfd); got more")
+    return fds
+
+
+def close_all(fds: list[int]) -> None:
+    """Close fds we received but will not use."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def map_region(fd: int, frames: int, max_frames: int) -> mmap.mmap:
+    """Check the guest's memfd and map it shared; the caller still owns (and closes) ``fd``."""
+    if not 1 <= frames <= max_frames:
+        raise LimitExceeded(f"region of {frames} frames is outside 1..{max_frames} (max_region_frames)")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument("region fd is not a memfd (not a regular file)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise InvalidArgument(
+            "region fd cannot carry seals: create it with memfd_create(MFD_ALLOW_SEALING)"
+        ) from exc
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise InvalidArgument("region memfd must have F_SEAL_SHRINK and F_SEAL_GROW set")
+    size = frames * FRAME_SIZE
+    if st.st_size != size:
+        raise InvalidArgument(
+            f"region memfd is {st.st_size} bytes, HELLO announced {frames} frames = {size} bytes"
+        )
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid, uid, gid = array.array("i", creds)
+    return pid, uid, gid

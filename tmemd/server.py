@@ -1,0 +1,258 @@
+"""The guest server: a thin trio adapter between Unix-socket connections and Sessions.
+
+One task per connection. A connection's failure is caught and logged in its own handler and
+never reaches the server's nursery, so no guest can take another down.
+
+Per wakeup the connection drains every complete frame it has received, serves them in order and
+sends all replies in one write: a guest that pipelines many requests pays one syscall pair for
+the lot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from tmemclient.errors import GuestConflict, ProtocolError, TmemError, VersionMismatch
+from tmemclient.protocol import (
+    HEADER,
+    HELLO_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Hello,
+    Limits as WireLimits,
+    Status,
+    decode_body,
+    encode_reply,
+    status_for_error,
+)
+from tmemd.config import Limits
+from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
+from tmemd.session import Session, protocol_error_reply
+from tmemd.store import Store
+
+log = structlog.get_logger("tmemd.server")
+
+RECV_SIZE = 256 * 1024
+
+
+class HandshakeFailed(Exception):
+    """The connection ended before a session could start (already answered and logged)."""
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    """Write every byte (a stream socket may take a part at a time)."""
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+class GuestServer:
+    """Accepts guest connections on a listening Unix socket and serves them against a Store."""
+
+    def __init__(self, store: Store, limits: Limits, *, name_for: Callable[[int, str], str]) -> None:
+        self.store = store
+        self.limits = limits
+        self.name_for = name_for  # (uid, asked name) -> guest name
+        self.connections = 0
+        self._per_uid: Counter[int] = Counter()
+
+    async def run(
+        self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept connections until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(self._serve, sock)
+
+    async def _serve(self, sock: trio.socket.SocketType) -> None:
+        try:
+            pid, uid, _gid = peer_credentials(sock)  # type: ignore[arg-type]
+        except OSError:
+            sock.close()
+            return
+        with sock:
+            if not self._admit(uid):
+                await self._refuse(sock, pid, uid)
+                return
+            self.connections += 1
+            self._per_uid[uid] += 1
+            try:
+                await self._serve_admitted(sock, pid, uid)
+            except Exception:
+                log.exception("connection_failed", pid=pid, uid=uid)
+            finally:
+                self.connections -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
+
+    def _admit(self, uid: int) -> bool:
+        return (
+            self.connections < self.limits.max_connections
+            and self._per_uid[uid] < self.limits.max_connections_per_uid
+        )
+
+    async def _refuse(self, sock: trio.socket.SocketType, pid: int, uid: int) -> None:
+        log.warning("connection_refused", pid=pid, uid=uid, reason="connection limit")
+        with trio.move_on_after(1), _quiet():
+            await send_all(
+                sock, encode_reply(0, Status.LIMIT, "too many connections; try again later")
+            )
+
+    async def _serve_admitted(self, sock: trio.socket.SocketType, pid: int, uid: int) -> None:
+        try:
+            with trio.fail_after(self.limits.handshake_timeout):
+                hello, region_fd, leftover = await self._read_hello(sock)
+        except trio.TooSlowError:
+            log.info("handshake_timeout", pid=pid, uid=uid)
+            with trio.move_on_after(1), _quiet():
+                await send_all(sock, protocol_error_reply(ProtocolError("no HELLO in time")))
+            return
+        except ProtocolError as exc:
+            log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
+            with trio.move_on_after(1), _quiet():
+                await send_all(sock, protocol_error_reply(exc, 1))
+            return
+        try:
+            region, guest_name = self._open_region(hello, region_fd, uid)
+        except TmemError as exc:
+            log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
+            with trio.move_on_after(1), _quiet():
+                await send_all(sock, encode_reply(1, status_for_error(exc), str(exc)))
+            return
+        finally:
+            os.close(region_fd)
+        try:
+            await self._run_session(sock, pid, uid, guest_name, hello, region, leftover)
+        finally:
+            try:
+                region.close()
+            except BufferError:  # pragma: no cover - a view escaped; the mmap is freed with it
+                log.error("region_still_referenced", guest=guest_name)
+
+    async def _read_hello(self, sock: trio.socket.SocketType) -> tuple[Hello, int, bytes]:
+        """The HELLO frame and the one fd that came with its first byte."""
+        data, ancdata, flags, _ = await sock.recvmsg(
+            HELLO_MAX_FRAME + 4, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+        )
+        fds = fds_from_ancillary(ancdata, flags)
+        try:
+            if not data:
+                raise ProtocolError("connection closed before HELLO")
+            if len(fds) != 1:
+                raise ProtocolError("HELLO must carry exactly one fd (the region memfd)")
+            buf = bytearray(data)
+            while len(buf) < 4 or len(buf) < 4 + HEADER.unpack_from(buf)[0]:
+                if len(buf) >= 4 and HEADER.unpack_from(buf)[0] > HELLO_MAX_FRAME:
+                    raise ProtocolError(f"HELLO frame is larger than {HELLO_MAX_FRAME} bytes")
+                more = await sock.recv(HELLO_MAX_FRAME)
+                if not more:
+                    raise ProtocolError("connection closed in the middle of HELLO")
+                buf += more
+            (length,) = HEADER.unpack_from(buf)
+            if not 0 < length <= HELLO_MAX_FRAME:
+                raise ProtocolError(f"HELLO frame must be 1..{HELLO_MAX_FRAME} bytes")
+            hello = Hello.decode(decode_body(bytes(buf[4 : 4 + length])))
+        except BaseException:
+            close_all(fds)
+            raise
+        return hello, fds[0], bytes(buf[4 + length :])
+
+    def _open_region(self, hello: Hello, fd: int, uid: int) -> tuple[mmap.mmap, str]:
+        if hello.version != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"protocol version {hello.version} is not supported; this tmemd speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        name = self.name_for(uid, hello.name)
+        if name in self.store.guests:
+            raise GuestConflict(f"guest {name!r} is already connected; one session per name")
+        return map_region(fd, hello.frames, self.limits.max_region_frames), name
+
+    async def _run_session(
+        self,
+        sock: trio.socket.SocketType,
+        pid: int,
+        uid: int,
+        name: str,
+        hello: Hello,
+        region: mmap.mmap,
+        leftover: bytes,
+    ) -> None:
+        guest = self.store.add_guest(name)
+        view = memoryview(region)
+        session = Session(self.store, guest, view, self.limits)
+        clog = log.bind(guest=name, pid=pid, uid=uid)
+        clog.info("guest_connected", frames=hello.frames)
+        reason = "closed by guest"
+        try:
+            reply = WireLimits(
+                version=PROTOCOL_VERSION,
+                guest=name,
+                frames=hello.frames,
+                max_frame=self.limits.max_frame,
+                max_batch=self.limits.max_batch,
+                max_pools=self.limits.max_pools,
+            )
+            await send_all(sock, encode_reply(1, Status.OK, reply.to_wire()))
+            reason = await self._serve_frames(sock, session, leftover)
+        except (OSError, trio.BrokenResourceError) as exc:
+            reason = f"connection error: {exc}"
+        except trio.TooSlowError:
+            reason = f"guest left replies unread for {self.limits.send_timeout}s"
+        finally:
+            pools = len(session.pools)
+            freed = session.close()
+            view.release()
+            clog.info(
+                "guest_disconnected",
+                reason=reason,
+                requests=session.requests,
+                pools=pools,
+                pages_freed=freed,
+                **guest.stats.as_dict(),
+            )
+
+    async def _serve_frames(self, sock: trio.socket.SocketType, session: Session, leftover: bytes) -> str:
+        decoder = FrameDecoder(self.limits.max_frame)
+        decoder.feed(leftover)
+        buf = bytearray(RECV_SIZE)
+        handle = session.handle
+        while True:
+            replies: list[bytes] = []
+            try:
+                for message in decoder.messages():
+                    replies.append(handle(message))
+            except ProtocolError as exc:
+                replies.append(protocol_error_reply(exc))
+                with trio.move_on_after(1), _quiet():
+                    await send_all(sock, b"".join(replies))
+                return f"protocol error: {exc}"
+            if replies:
+                with trio.fail_after(self.limits.send_timeout):
+                    await send_all(sock, b"".join(replies) if len(replies) > 1 else replies[0])
+            n = await sock.recv_into(buf)
+            if not n:
+                return "closed by guest" if not decoder.buffered else "closed mid-frame"
+            decoder.feed(memoryview(buf)[:n])
+
+
+class _quiet:
+    """Swallow the errors of a best-effort last word to a peer that may be gone."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError))

@@ -1,0 +1,264 @@
+"""One guest connection's request handling: decoded message in, encoded reply out. No I/O.
+
+The server (a thin trio adapter) owns the socket and hands every decoded message to
+``Session.handle``. Everything the guest sends is untrusted: pool handles are looked up only in
+this session's own table (so another guest's handles are simply unknown), every number is range
+checked before arithmetic, and a batch is validated whole before any page of it is touched.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from tmemclient.errors import (
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    ProtocolError,
+    TmemError,
+    UnknownPool,
+)
+from tmemclient.protocol import (
+    FRAME_SIZE,
+    INDEX_BITS,
+    Op,
+    PoolSpec,
+    Status,
+    check_uint,
+    decode_oid,
+    encode_reply,
+    split_request,
+    status_for_error,
+)
+from tmemd.config import Limits
+from tmemd.store import Guest, Pool, Store
+
+_ARGS: dict[int, tuple[str, ...]] = {
+    Op.NEW_POOL: ("flags", "uuid"),
+    Op.DESTROY_POOL: ("pool",),
+    Op.PUT: ("pool", "oid", "index", "frame"),
+    Op.GET: ("pool", "oid", "index", "frame"),
+    Op.FLUSH: ("pool", "oid", "index"),
+    Op.FLUSH_OBJECT: ("pool", "oid"),
+    Op.READ: ("pool", "oid", "index", "offset", "length", "frame"),
+    Op.WRITE: ("pool", "oid", "index", "offset", "length", "frame"),
+    Op.XCHG: ("pool", "oid", "index", "offset", "length", "frame"),
+    Op.PUT_MANY: ("pool", "entries"),
+    Op.GET_MANY: ("pool", "entries"),
+    Op.FLUSH_MANY: ("pool", "entries"),
+    Op.PING: (),
+}
+
+
+class Session:
+    """The daemon's side of one guest connection."""
+
+    def __init__(self, store: Store, guest: Guest, region: memoryview, limits: Limits) -> None:
+        self.store = store
+        self.guest = guest
+        self.region = region
+        self.frames = len(region) // FRAME_SIZE
+        self.limits = limits
+        self.pools: dict[int, Pool] = {}
+        # Handles are a random bijection of a counter: never reused within the session (a stale
+        # handle can't reach a newer pool) and not guessable from another session's.
+        self._handle_mul = secrets.randbits(32) | 1
+        self._handle_add = secrets.randbits(32)
+        self._pools_made = 0
+        self.requests = 0
+        self._handlers: dict[int, Callable[[list[Any]], Any]] = {
+            Op.NEW_POOL: self._new_pool,
+            Op.DESTROY_POOL: self._destroy_pool,
+            Op.PUT: self._put,
+            Op.GET: self._get,
+            Op.FLUSH: self._flush,
+            Op.FLUSH_OBJECT: self._flush_object,
+            Op.READ: self._read,
+            Op.WRITE: self._write,
+            Op.XCHG: self._xchg,
+            Op.PUT_MANY: self._put_many,
+            Op.GET_MANY: self._get_many,
+            Op.FLUSH_MANY: self._flush_many,
+            Op.PING: lambda m: None,
+        }
+
+    def handle(self, message: Any) -> bytes:
+        """Serve one request and return its encoded reply.
+
+        Raises ProtocolError when the message is not a request at all; the caller answers it
+        (``protocol_error_reply``) and closes the connection.
+        """
+        op, req_id, m = split_request(message)
+        self.requests += 1
+        handler = self._handlers.get(op)
+        try:
+            if handler is None:
+                raise InvalidArgument(f"unknown op {op}")
+            want = _ARGS[op]
+            if len(m) != 2 + len(want):
+                raise InvalidArgument(
+                    f"{Op(op).name} takes {len(want)} arguments ({', '.join(want) or 'none'}), "
+                    f"got {len(m) - 2}"
+                )
+            result = handler(m)
+        except ProtocolError:
+            raise
+        except TmemError as exc:
+            return encode_reply(req_id, status_for_error(exc), str(exc))
+        return encode_reply(req_id, Status.OK, result)
+
+    def close(self) -> int:
+        """Free every page of this guest's pools; return pages freed."""
+        self.pools.clear()
+        return self.store.remove_guest(self.guest)
+
+    # ------------------------------------------------------------------ argument checks
+
+    def _pool(self, handle: Any) -> Pool:
+        pool = self.pools.get(handle) if type(handle) is int else None
+        if pool is None:
+            raise UnknownPool(f"pool {handle!r} is unknown to this connection (never made or destroyed)")
+        return pool
+
+    def _page_frames(self, frame: Any, pool: Pool) -> memoryview:
+        frame = check_uint(frame, 32, "frame")
+        n = 1 << pool.order
+        if frame + n > self.frames:
+            raise InvalidArgument(
+                f"frame {frame} (+{n} for a {pool.page_size}-byte page) is outside the "
+                f"region's {self.frames} frames"
+            )
+        return self.region[frame * FRAME_SIZE : (frame + n) * FRAME_SIZE]
+
+    def _sub_range(self, pool: Pool, m: list[Any]) -> tuple[int, int, int, memoryview]:
+        oid = decode_oid(m[3])
+        index = check_uint(m[4], INDEX_BITS, "index")
+        offset = check_uint(m[5], 32, "offset")
+        length = check_uint(m[6], 32, "length")
+        frame = check_uint(m[7], 32, "frame")
+        if length == 0 or offset + length > pool.page_size:
+            raise InvalidArgument(
+                f"offset {offset} + length {length} must lie inside the {pool.page_size}-byte page "
+                "(length at least 1)"
+            )
+        start = frame * FRAME_SIZE
+        if start + length > len(self.region):
+            raise InvalidArgument(
+                f"frame {frame} + length {length} runs past the region ({len(self.region)} bytes)"
+            )
+        return oid, index, offset, self.region[start : start + length]
+
+    def _entries(self, entries: Any, width: int) -> list[Any]:
+        if type(entries) is not list or len(entries) % width:
+            raise InvalidArgument(f"batch entries must be a flat array of {width}-tuples")
+        count = len(entries) // width
+        if count > self.limits.max_batch:
+            raise LimitExceeded(f"batch of {count} pages exceeds max_batch {self.limits.max_batch}")
+        return entries
+
+    # ------------------------------------------------------------------ handlers
+
+    def _new_pool(self, m: list[Any]) -> list[int]:
+        spec = PoolSpec.decode(m[2], m[3])
+        if spec.shared and spec.persistent:
+            raise InvalidArgument("shared persistent pools are not supported (as in Xen)")
+        if spec.shared:
+            raise PermissionDenied(
+                "shared pools need an administrator's grant for this (uuid, guest) pair, and "
+                "this tmemd has no grants; use a private pool"
+            )
+        if len(self.pools) >= self.limits.max_pools:
+            raise LimitExceeded(f"guest already has max_pools={self.limits.max_pools} pools")
+        if (FRAME_SIZE << spec.order) > len(self.region):
+            raise InvalidArgument(
+                f"page size {spec.page_size} does not fit the region ({len(self.region)} bytes)"
+            )
+        pool = self.store.new_pool(self.guest, persistent=spec.persistent, order=spec.order)
+        self._pools_made += 1
+        handle = (self._pools_made * self._handle_mul + self._handle_add) & 0xFFFFFFFF
+        self.pools[handle] = pool
+        return [handle, spec.page_size]
+
+    def _destroy_pool(self, m: list[Any]) -> None:
+        pool = self._pool(m[2])
+        del self.pools[m[2]]
+        self.store.destroy_pool(pool)
+
+    def _put(self, m: list[Any]) -> bool:
+        pool = self._pool(m[2])
+        oid = decode_oid(m[3])
+        index = check_uint(m[4], INDEX_BITS, "index")
+        return self.store.put(pool, oid, index, self._page_frames(m[5], pool))
+
+    def _get(self, m: list[Any]) -> bool:
+        pool = self._pool(m[2])
+        oid = decode_oid(m[3])
+        index = check_uint(m[4], INDEX_BITS, "index")
+        return self.store.get(pool, oid, index, self._page_frames(m[5], pool))
+
+    def _flush(self, m: list[Any]) -> None:
+        pool = self._pool(m[2])
+        self.store.flush(pool, decode_oid(m[3]), check_uint(m[4], INDEX_BITS, "index"))
+
+    def _flush_object(self, m: list[Any]) -> None:
+        pool = self._pool(m[2])
+        self.store.flush_object(pool, decode_oid(m[3]))
+
+    def _read(self, m: list[Any]) -> bool:
+        pool = self._pool(m[2])
+        oid, index, offset, view = self._sub_range(pool, m)
+        return self.store.read(pool, oid, index, offset, view)
+
+    def _write(self, m: list[Any]) -> bool:
+        pool = self._pool(m[2])
+        oid, index, offset, view = self._sub_range(pool, m)
+        return self.store.write(pool, oid, index, offset, view)
+
+    def _xchg(self, m: list[Any]) -> bool:
+        pool = self._pool(m[2])
+        oid, index, offset, view = self._sub_range(pool, m)
+        return self.store.xchg(pool, oid, index, offset, view)
+
+    def _page_batch(self, m: list[Any]) -> tuple[Pool, list[tuple[int, int, memoryview]]]:
+        pool = self._pool(m[2])
+        entries = self._entries(m[3], 3)
+        batch = []
+        for i in range(0, len(entries), 3):
+            batch.append(
+                (
+                    decode_oid(entries[i], f"entry {i // 3} oid"),
+                    check_uint(entries[i + 1], INDEX_BITS, f"entry {i // 3} index"),
+                    self._page_frames(entries[i + 2], pool),
+                )
+            )
+        return pool, batch
+
+    def _put_many(self, m: list[Any]) -> list[bool]:
+        pool, batch = self._page_batch(m)
+        put = self.store.put
+        return [put(pool, oid, index, view) for oid, index, view in batch]
+
+    def _get_many(self, m: list[Any]) -> list[bool]:
+        pool, batch = self._page_batch(m)
+        get = self.store.get
+        return [get(pool, oid, index, view) for oid, index, view in batch]
+
+    def _flush_many(self, m: list[Any]) -> None:
+        pool = self._pool(m[2])
+        entries = self._entries(m[3], 2)
+        pairs = [
+            (
+                decode_oid(entries[i], f"entry {i // 2} oid"),
+                check_uint(entries[i + 1], INDEX_BITS, f"entry {i // 2} index"),
+            )
+            for i in range(0, len(entries), 2)
+        ]
+        for oid, index in pairs:
+            self.store.flush(pool, oid, index)
+
+
+def protocol_error_reply(exc: ProtocolError, req_id: int = 0) -> bytes:
+    """The last frame a guest gets before the daemon closes a connection that broke the protocol."""
+    return encode_reply(req_id, Status.PROTOCOL, str(exc))

@@ -1,0 +1,510 @@
+"""The page store: pure, synchronous, no trio and no sockets.
+
+Memory layout. The arena is one anonymous mapping (MAP_NORESERVE, touched only as pages are
+stored) cut into 4 KiB *slots*. A page of order k occupies 2**k slots, not necessarily adjacent,
+so no size class can fragment the budget; its first slot (the *head*) names the page.
+
+Per-page metadata lives in flat arrays indexed by head slot (pool, object id, index, LRU links,
+last-use stamp). The only Python objects per page are the entry in its object's index dict and
+the slot number it maps to, so metadata per page stays near a hundred bytes.
+
+Index: pool -> object id -> {index: head slot}, as Xen's pool/object/radix-tree, so flushing an
+object costs O(its pages), not O(pool).
+
+Semantics (DESIGN.md §2): put replaces, a refused put of an existing handle flushes the old copy,
+ephemeral private get is exclusive, persistent pages are never evicted. Slots freed when a pool
+or guest goes are scrubbed (MADV_DONTNEED: the kernel zero-fills them on next touch) before any
+other guest can be given them; slots taken by eviction are reused whole-page-overwritten by the
+put that evicted them, so their old bytes are never readable either.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Iterator
+from typing import Final
+
+from tmemd.policy import DEFAULT_WEIGHT, choose_victim
+
+SLOT_SHIFT: Final = 12
+SLOT_SIZE: Final = 1 << SLOT_SHIFT
+NIL: Final = -1
+_GROW: Final = 4096  # metadata arrays grow by this many slots at a time
+
+
+class StoreError(Exception):
+    """Misuse of the store by the server (a bug on our side, not the guest's)."""
+
+
+class Stats:
+    """Counters kept per guest and per pool; the admin interface reads them."""
+
+    __slots__ = ("evictions", "flushes", "gets_hit", "gets_miss", "puts_ok", "puts_refused")
+
+    def __init__(self) -> None:
+        self.puts_ok = 0
+        self.puts_refused = 0
+        self.gets_hit = 0
+        self.gets_miss = 0
+        self.flushes = 0
+        self.evictions = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Guest:
+    """A tenant: its pools, its LRU list of ephemeral pages, what it holds, and its policy knobs."""
+
+    __slots__ = (
+        "_store",
+        "cap_slots",
+        "eph_slots",
+        "frozen",
+        "lru_head",
+        "lru_tail",
+        "name",
+        "pers_slots",
+        "pools",
+        "stats",
+        "weight",
+    )
+
+    def __init__(self, store: Store, name: str, weight: int, cap_slots: int | None) -> None:
+        self._store = store
+        self.name = name
+        self.weight = weight
+        self.cap_slots = cap_slots
+        self.frozen = False
+        self.eph_slots = 0
+        self.pers_slots = 0
+        self.lru_head = NIL  # least recently used ephemeral page (head slot)
+        self.lru_tail = NIL  # most recently used
+        self.pools: set[Pool] = set()
+        self.stats = Stats()
+
+    @property
+    def oldest_stamp(self) -> int | None:
+        """Logical time of this guest's least recently used ephemeral page."""
+        head = self.lru_head
+        return None if head == NIL else self._store._stamp[head]
+
+    @property
+    def held_slots(self) -> int:
+        """Slots billed to this guest, ephemeral and persistent."""
+        return self.eph_slots + self.pers_slots
+
+    def __repr__(self) -> str:
+        return f"Guest({self.name!r})"
+
+
+class Pool:
+    """A pool of pages of one size, ephemeral or persistent, owned by (billed to) one guest."""
+
+    __slots__ = ("guest", "objects", "order", "pages", "persistent", "pool_id", "stats")
+
+    def __init__(self, pool_id: int, guest: Guest, persistent: bool, order: int) -> None:
+        self.pool_id = pool_id
+        self.guest = guest
+        self.persistent = persistent
+        self.order = order
+        self.objects: dict[int, dict[int, int]] = {}
+        self.pages = 0
+        self.stats = Stats()
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per page."""
+        return SLOT_SIZE << self.order
+
+    def __repr__(self) -> str:
+        kind = "persistent" if self.persistent else "ephemeral"
+        return f"Pool({self.pool_id}, {kind}, order={self.order}, guest={self.guest.name!r})"
+
+
+class Store:
+    """Pages of every guest in one budget. Not thread-safe: one event loop drives it."""
+
+    def __init__(self, budget: int, *, capacity: int | None = None) -> None:
+        """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
+        the budget can later grow to it without moving pages (default: the budget)."""
+        if budget < SLOT_SIZE:
+            raise ValueError(f"budget must be at least {SLOT_SIZE} bytes")
+        capacity = max(capacity or budget, budget)
+        self.capacity_slots = capacity >> SLOT_SHIFT
+        self.budget_slots = budget >> SLOT_SHIFT
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._arena = mmap.mmap(-1, self.capacity_slots << SLOT_SHIFT, flags=flags)
+        self._mem = memoryview(self._arena)
+        self.used_slots = 0
+        self.clock = 0  # logical clock: one tick per page operation
+        self.guests: dict[str, Guest] = {}
+        self._next_pool_id = 1
+        self._free: array[int] = array("i")  # stack of freed slots, reused first (warm memory)
+        self._fresh = 0  # slots >= this were never used
+        # Per-head-slot metadata; grown in steps of _GROW as _fresh rises.
+        self._pool: list[Pool | None] = []
+        self._oid: list[int] = []
+        self._index = array("I")
+        self._prev = array("i")
+        self._next = array("i")
+        self._stamp = array("Q")
+        self._tails: dict[int, tuple[int, ...]] = {}  # head -> other slots of an order>0 page
+        self.evictions = 0
+
+    # ---------------------------------------------------------------- guests and pools
+
+    def add_guest(self, name: str, *, weight: int = DEFAULT_WEIGHT, cap: int | None = None) -> Guest:
+        """Register a guest by its unique name."""
+        if name in self.guests:
+            raise StoreError(f"guest {name!r} exists")
+        guest = Guest(self, name, weight, None if cap is None else cap >> SLOT_SHIFT)
+        self.guests[name] = guest
+        return guest
+
+    def remove_guest(self, guest: Guest) -> int:
+        """Destroy every pool of the guest (scrubbing its memory); return pages freed."""
+        freed = sum(self.destroy_pool(pool) for pool in list(guest.pools))
+        self.guests.pop(guest.name, None)
+        return freed
+
+    def new_pool(self, guest: Guest, *, persistent: bool, order: int) -> Pool:
+        """Create an empty pool billed to ``guest``."""
+        pool = Pool(self._next_pool_id, guest, persistent, order)
+        self._next_pool_id += 1
+        guest.pools.add(pool)
+        return pool
+
+    def destroy_pool(self, pool: Pool) -> int:
+        """Free every page of the pool and scrub the memory; return pages freed."""
+        freed_slots: list[int] = []
+        pages = 0
+        for oid, pages_of_oid in list(pool.objects.items()):
+            for index in list(pages_of_oid):
+                freed_slots.extend(self._remove(pool, oid, index))
+                pages += 1
+        pool.guest.pools.discard(pool)
+        self._scrub(freed_slots)
+        return pages
+
+    # ---------------------------------------------------------------- budget
+
+    @property
+    def budget(self) -> int:
+        """Bytes pages may occupy."""
+        return self.budget_slots << SLOT_SHIFT
+
+    @property
+    def used(self) -> int:
+        """Bytes occupied by pages."""
+        return self.used_slots << SLOT_SHIFT
+
+    # ---------------------------------------------------------------- page operations
+
+    def put(self, pool: Pool, oid: int, index: int, src: memoryview) -> bool:
+        """Store ``src`` (exactly one page) at (oid, index); False if the daemon declines.
+
+        A refused put of an existing handle flushes the old copy, so stale data is never read.
+        """
+        self.clock += 1
+        guest = pool.guest
+        pages_of_oid = pool.objects.get(oid)
+        head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
+        if guest.frozen:
+            return self._refuse(pool, oid, index, head)
+        if head != NIL:
+            self._copy_in(head, pool.order, src)
+            if not pool.persistent:
+                self._touch(guest, head)
+            pool.stats.puts_ok += 1
+            guest.stats.puts_ok += 1
+            return True
+        need = 1 << pool.order
+        if not self._make_room(guest, need, pool.persistent):
+            return self._refuse(pool, oid, index, NIL)
+        head = self._alloc(need, pool.order)
+        self._copy_in(head, pool.order, src)
+        # Re-fetch: making room may have evicted this object's last page and dropped its dict.
+        pages_of_oid = pool.objects.get(oid)
+        if pages_of_oid is None:
+            pages_of_oid = pool.objects[oid] = {}
+        pages_of_oid[index] = head
+        self._pool[head] = pool
+        self._oid[head] = oid
+        self._index[head] = index
+        pool.pages += 1
+        if pool.persistent:
+            guest.pers_slots += need
+        else:
+            guest.eph_slots += need
+            self._lru_append(guest, head)
+        pool.stats.puts_ok += 1
+        guest.stats.puts_ok += 1
+        return True
+
+    def get(self, pool: Pool, oid: int, index: int, dst: memoryview) -> bool:
+        """Copy the page into ``dst``; ephemeral pages of a private pool leave the store."""
+        self.clock += 1
+        head = self._lookup(pool, oid, index)
+        guest = pool.guest
+        if head == NIL:
+            pool.stats.gets_miss += 1
+            guest.stats.gets_miss += 1
+            return False
+        self._copy_out(head, pool.order, dst)
+        pool.stats.gets_hit += 1
+        guest.stats.gets_hit += 1
+        if not pool.persistent:
+            # Exclusive get: the guest now holds the only copy. (Shared pools touch instead.)
+            self._release(self._remove(pool, oid, index))
+        return True
+
+    def flush(self, pool: Pool, oid: int, index: int) -> bool:
+        """Remove one page; idempotent. True if it was there."""
+        self.clock += 1
+        pool.stats.flushes += 1
+        pool.guest.stats.flushes += 1
+        if self._lookup(pool, oid, index) == NIL:
+            return False
+        self._release(self._remove(pool, oid, index))
+        return True
+
+    def flush_object(self, pool: Pool, oid: int) -> int:
+        """Remove every page of one object; return how many."""
+        self.clock += 1
+        pool.stats.flushes += 1
+        pool.guest.stats.flushes += 1
+        pages_of_oid = pool.objects.get(oid)
+        if not pages_of_oid:
+            return 0
+        count = 0
+        for index in list(pages_of_oid):
+            self._release(self._remove(pool, oid, index))
+            count += 1
+        return count
+
+    def read(self, pool: Pool, oid: int, index: int, offset: int, dst: memoryview) -> bool:
+        """Copy ``len(dst)`` bytes from ``offset`` in the page; the page stays."""
+        head = self._sub_page(pool, oid, index, offset, len(dst))
+        if head == NIL:
+            return False
+        for start, chunk in self._spans(head, pool.order, offset, len(dst)):
+            dst[start : start + len(chunk)] = chunk
+        return True
+
+    def write(self, pool: Pool, oid: int, index: int, offset: int, src: memoryview) -> bool:
+        """Overwrite ``len(src)`` bytes at ``offset`` of an existing page."""
+        head = self._sub_page(pool, oid, index, offset, len(src))
+        if head == NIL:
+            return False
+        for start, chunk in self._spans(head, pool.order, offset, len(src)):
+            chunk[:] = src[start : start + len(chunk)]
+        return True
+
+    def xchg(self, pool: Pool, oid: int, index: int, offset: int, buf: memoryview) -> bool:
+        """Atomically swap ``buf`` with the page bytes at ``offset``: the page gets buf's old
+        contents and buf gets the page's."""
+        head = self._sub_page(pool, oid, index, offset, len(buf))
+        if head == NIL:
+            return False
+        for start, chunk in self._spans(head, pool.order, offset, len(buf)):
+            old = bytes(chunk)
+            chunk[:] = buf[start : start + len(chunk)]
+            buf[start : start + len(chunk)] = old
+        return True
+
+    def page_slots(self, pool: Pool, oid: int, index: int) -> int | None:
+        """The head slot of a page, or None (for tests and introspection)."""
+        head = self._lookup(pool, oid, index)
+        return None if head == NIL else head
+
+    # ---------------------------------------------------------------- internals
+
+    def _lookup(self, pool: Pool, oid: int, index: int) -> int:
+        pages_of_oid = pool.objects.get(oid)
+        if pages_of_oid is None:
+            return NIL
+        return pages_of_oid.get(index, NIL)
+
+    def _sub_page(self, pool: Pool, oid: int, index: int, offset: int, length: int) -> int:
+        if offset < 0 or length < 0 or offset + length > pool.page_size:
+            raise StoreError("sub-page range outside the page")
+        self.clock += 1
+        head = self._lookup(pool, oid, index)
+        if head != NIL and not pool.persistent:
+            self._touch(pool.guest, head)
+        return head
+
+    def _refuse(self, pool: Pool, oid: int, index: int, head: int) -> bool:
+        if head != NIL:
+            self._release(self._remove(pool, oid, index))
+        pool.stats.puts_refused += 1
+        pool.guest.stats.puts_refused += 1
+        return False
+
+    def _make_room(self, guest: Guest, need: int, persistent: bool) -> bool:
+        """Evict ephemeral pages until ``need`` slots fit the budget and the guest's cap."""
+        cap = guest.cap_slots
+        if cap is not None:
+            if guest.pers_slots + need > cap:
+                return False
+            while guest.held_slots + need > cap:
+                if guest.lru_head == NIL:  # pragma: no cover - implied by the check above
+                    return False
+                self._evict(guest.lru_head)
+        if need > self.budget_slots:
+            return False
+        while self.used_slots + need > self.budget_slots:
+            victim = choose_victim(self.guests.values(), self.clock)
+            if victim is None:
+                return False
+            self._evict(victim.lru_head)
+        return True
+
+    def _evict(self, head: int) -> None:
+        pool = self._pool[head]
+        assert pool is not None
+        pool.stats.evictions += 1
+        pool.guest.stats.evictions += 1
+        self.evictions += 1
+        self._release(self._remove(pool, self._oid[head], self._index[head]))
+
+    def _remove(self, pool: Pool, oid: int, index: int) -> list[int]:
+        """Unlink a page from index, LRU and accounting; return its slots (not yet free)."""
+        pages_of_oid = pool.objects[oid]
+        head = pages_of_oid.pop(index)
+        if not pages_of_oid:
+            del pool.objects[oid]
+        pool.pages -= 1
+        guest = pool.guest
+        n = 1 << pool.order
+        if pool.persistent:
+            guest.pers_slots -= n
+        else:
+            guest.eph_slots -= n
+            self._lru_unlink(guest, head)
+        self._pool[head] = None
+        self._oid[head] = 0
+        slots = [head]
+        if pool.order:
+            slots.extend(self._tails.pop(head))
+        return slots
+
+    def _release(self, slots: list[int]) -> None:
+        self.used_slots -= len(slots)
+        self._free.extend(slots)
+
+    def _scrub(self, slots: list[int]) -> None:
+        """Zero and give back to the kernel, coalescing adjacent slots into one call."""
+        if not slots:
+            return
+        slots.sort()
+        start = prev = slots[0]
+        for slot in [*slots[1:], None]:
+            if slot is not None and slot == prev + 1:
+                prev = slot
+                continue
+            self._arena.madvise(mmap.MADV_DONTNEED, start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT)
+            if slot is not None:
+                start = prev = slot
+        self._release(slots)
+
+    def _alloc(self, need: int, order: int) -> int:
+        slots = [self._alloc_slot() for _ in range(need)]
+        self.used_slots += need
+        if order:
+            self._tails[slots[0]] = tuple(slots[1:])
+        return slots[0]
+
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = self._fresh
+        if slot >= self.capacity_slots:  # pragma: no cover - used_slots <= budget <= capacity
+            raise StoreError("arena exhausted")
+        self._fresh += 1
+        if slot >= len(self._index):
+            grow = min(_GROW, self.capacity_slots - len(self._index))
+            self._pool.extend([None] * grow)
+            self._oid.extend([0] * grow)
+            self._index.extend([0] * grow)
+            self._prev.extend([NIL] * grow)
+            self._next.extend([NIL] * grow)
+            self._stamp.extend([0] * grow)
+        return slot
+
+    def _slots_of(self, head: int, order: int) -> tuple[int, ...]:
+        return (head, *self._tails[head]) if order else (head,)
+
+    def _copy_in(self, head: int, order: int, src: memoryview) -> None:
+        mem = self._mem
+        if not order:
+            off = head << SLOT_SHIFT
+            mem[off : off + SLOT_SIZE] = src
+            return
+        for i, slot in enumerate(self._slots_of(head, order)):
+            off = slot << SLOT_SHIFT
+            mem[off : off + SLOT_SIZE] = src[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT]
+
+    def _copy_out(self, head: int, order: int, dst: memoryview) -> None:
+        mem = self._mem
+        if not order:
+            off = head << SLOT_SHIFT
+            dst[:] = mem[off : off + SLOT_SIZE]
+            return
+        for i, slot in enumerate(self._slots_of(head, order)):
+            off = slot << SLOT_SHIFT
+            dst[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT] = mem[off : off + SLOT_SIZE]
+
+    def _spans(
+        self, head: int, order: int, offset: int, length: int
+    ) -> Iterator[tuple[int, memoryview]]:
+        """(position in the caller's buffer, arena view) for a byte range of a page."""
+        slots = self._slots_of(head, order)
+        pos = 0
+        while pos < length:
+            page_off = offset + pos
+            slot = slots[page_off >> SLOT_SHIFT]
+            in_slot = page_off & (SLOT_SIZE - 1)
+            n = min(SLOT_SIZE - in_slot, length - pos)
+            base = (slot << SLOT_SHIFT) + in_slot
+            yield pos, self._mem[base : base + n]
+            pos += n
+
+    # LRU lists: doubly linked through _prev/_next, head = least recently used.
+
+    def _lru_append(self, guest: Guest, slot: int) -> None:
+        self._stamp[slot] = self.clock
+        tail = guest.lru_tail
+        self._prev[slot] = tail
+        self._next[slot] = NIL
+        if tail == NIL:
+            guest.lru_head = slot
+        else:
+            self._next[tail] = slot
+        guest.lru_tail = slot
+
+    def _lru_unlink(self, guest: Guest, slot: int) -> None:
+        prev, nxt = self._prev[slot], self._next[slot]
+        if prev == NIL:
+            guest.lru_head = nxt
+        else:
+            self._next[prev] = nxt
+        if nxt == NIL:
+            guest.lru_tail = prev
+        else:
+            self._prev[nxt] = prev
+
+    def _touch(self, guest: Guest, slot: int) -> None:
+        if guest.lru_tail != slot:
+            self._lru_unlink(guest, slot)
+            self._lru_append(guest, slot)
+        else:
+            self._stamp[slot] = self.clock
+
+    def close(self) -> None:
+        """Release the arena (the store is unusable afterwards)."""
+        self._mem.release()
+        self._arena.close()
