@@ -98,7 +98,9 @@ def _chunks(n: int, size: int) -> list[range]:
 # ------------------------------------------------------------------------------- single pages
 
 
-def put(region: memoryview, pool: PoolInfo, start: int, oid: int, index: int, data: Any) -> Plan[bool]:
+def put(
+    region: memoryview, pool: PoolInfo, start: int, oid: int, index: int, data: Any
+) -> Plan[bool]:
     """PUT of one page staged at ``start``."""
     view = page_view(data, pool.page_size)
     base = start * FRAME_SIZE
@@ -140,7 +142,14 @@ def read(
 
 
 def write(
-    region: memoryview, pool: PoolInfo, start: int, op: Op, oid: int, index: int, offset: int, data: memoryview
+    region: memoryview,
+    pool: PoolInfo,
+    start: int,
+    op: Op,
+    oid: int,
+    index: int,
+    offset: int,
+    data: memoryview,
 ) -> Plan[bytes | bool | None]:
     """WRITE (returns bool) or XCHG (returns the old bytes or None) at ``offset`` of a page."""
     base = start * FRAME_SIZE
@@ -178,7 +187,10 @@ def put_many(
     """PUT_MANY: as many pages per pipeline round as the staging run holds."""
     checked = check_items(items, 3)
     views = [page_view(data, pool.page_size) for _, _, data in checked]
-    return (yield from _page_batch(region, pool, limits, start, count, Op.PUT_MANY, checked, views))
+    flags: list[bool] = yield from _page_batch(
+        region, pool, limits, start, count, Op.PUT_MANY, checked, views
+    )
+    return flags
 
 
 def get_many(
@@ -191,7 +203,10 @@ def get_many(
 ) -> Plan[list[bytes | None]]:
     """GET_MANY, returning data or None per item."""
     checked = check_items(items, 2)
-    return (yield from _page_batch(region, pool, limits, start, count, Op.GET_MANY, checked, None))
+    pages: list[bytes | None] = yield from _page_batch(
+        region, pool, limits, start, count, Op.GET_MANY, checked, None
+    )
+    return pages
 
 
 def _page_batch(

@@ -7,8 +7,8 @@ that performs it. The two pool classes only differ in how they drive a Job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import uuid as uuid_module
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from tmemclient.protocol import (
     Limits,
     Op,
     check_oid,
+    encode_oid,
     make_pool_flags,
 )
 
@@ -84,7 +85,8 @@ class PoolOps:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         return Job(
-            info.frames_per_page, lambda start, _n: _plans.get(self._region, info, start, oid, index)
+            info.frames_per_page,
+            lambda start, _n: _plans.get(self._region, info, start, oid, index),
         )
 
     def _frame(self, op: Op, oid: int, index: int, frame: int) -> Job:
@@ -102,7 +104,7 @@ class PoolOps:
 
     def _simple(self, op: Op, oid: int, index: int | None = None) -> Job:
         info = self._alive()
-        args: list[Any] = [info.handle, _plans.encode_oid(check_oid(oid))]
+        args: list[Any] = [info.handle, encode_oid(check_oid(oid))]
         if index is not None:
             args.append(_plans.check_index(index))
         return Job(0, lambda _s, _n: _plans.simple(op, *args))
@@ -168,7 +170,9 @@ class PoolOps:
     def __repr__(self) -> str:
         kind = "persistent" if self.info.persistent else "ephemeral"
         share = "shared" if self.info.shared else "private"
-        return f"<{type(self).__name__} {self.info.handle} {kind} {share} page_size={self.page_size}>"
+        return (
+            f"<{type(self).__name__} {self.info.handle} {kind} {share} page_size={self.page_size}>"
+        )
 
 
 def new_pool_request(

@@ -146,7 +146,9 @@ class AsyncClient:
         """Take ``count`` contiguous frames out of the staging pool for your own use."""
         start = self._alloc.alloc(count)
         if start is None:
-            raise LimitExceeded(f"no run of {count} free frames in the region ({self.limits.frames})")
+            raise LimitExceeded(
+                f"no run of {count} free frames in the region ({self.limits.frames})"
+            )
         return FrameRun(self._alloc, self._view, start, count)
 
     async def new_pool(
@@ -174,9 +176,8 @@ class AsyncClient:
     async def _run(self, job: Job) -> Any:
         if not job.need:
             return await self._drive(job.factory(0, 0), None)
-        if job.need > self.limits.frames:
-            if not job.unit or job.unit > self.limits.frames:
-                raise LimitExceeded(f"{job.need} frames needed; the region has {self.limits.frames}")
+        if job.need > self.limits.frames and (not job.unit or job.unit > self.limits.frames):
+            raise LimitExceeded(f"{job.need} frames needed; the region has {self.limits.frames}")
         async with self._frames_freed:
             while True:
                 count = job.need
@@ -197,10 +198,7 @@ class AsyncClient:
 
     def _deferred(self, run: tuple[int, int]) -> bool:
         """True if a reply still due will release the run (see the module docstring)."""
-        for waiter in self._waiting.values():
-            if waiter.release == run:
-                return True
-        return False
+        return any(waiter.release == run for waiter in self._waiting.values())
 
     async def _release(self, run: tuple[int, int]) -> None:
         with trio.CancelScope(shield=True):
@@ -326,7 +324,9 @@ async def open_client(
                     [hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
                 )
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise DaemonGone(f"no tmemd at {path}: {exc.strerror}; is the daemon running?") from exc
+                raise DaemonGone(
+                    f"no tmemd at {path}: {exc.strerror}; is the daemon running?"
+                ) from exc
             finally:
                 os.close(fd)
             decoder = FrameDecoder(1 << 16)

@@ -66,7 +66,9 @@ class FrameRun:
     it as a context manager.
     """
 
-    def __init__(self, allocator: FrameAllocator, region: memoryview, start: int, count: int) -> None:
+    def __init__(
+        self, allocator: FrameAllocator, region: memoryview, start: int, count: int
+    ) -> None:
         self._allocator = allocator
         self.start = start
         self.count = count
@@ -184,7 +186,9 @@ class Client:
         """Take ``count`` contiguous frames out of the staging pool for your own use."""
         start = self._alloc.alloc(count)
         if start is None:
-            raise LimitExceeded(f"no run of {count} free frames in the region ({self.limits.frames})")
+            raise LimitExceeded(
+                f"no run of {count} free frames in the region ({self.limits.frames})"
+            )
         return FrameRun(self._alloc, self._view, start, count)
 
     def new_pool(
@@ -345,4 +349,3 @@ def connect(
         if isinstance(exc, TimeoutError):
             raise DaemonGone(f"tmemd at {path} did not answer within {timeout}s") from exc
         raise
-

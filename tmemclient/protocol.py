@@ -95,7 +95,9 @@ _STATUS_ERRORS: Final[dict[int, type[TmemError]]] = {
     Status.CONFLICT: GuestConflict,
     Status.SHUTDOWN: DaemonShuttingDown,
 }
-_ERROR_STATUS: Final[dict[type[TmemError], Status]] = {v: Status(k) for k, v in _STATUS_ERRORS.items()}
+_ERROR_STATUS: Final[dict[type[TmemError], Status]] = {
+    v: Status(k) for k, v in _STATUS_ERRORS.items()
+}
 
 
 def error_for_status(status: int, message: str) -> TmemError:
@@ -115,7 +117,7 @@ def status_for_error(exc: TmemError) -> Status:
 
 def encode_frame(message: Any) -> bytes:
     """One length-prefixed msgpack frame."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 
@@ -161,7 +163,9 @@ class FrameDecoder:
         (length,) = HEADER.unpack_from(buf, pos)
         if length == 0 or length > self.max_frame:
             self._broken = True
-            raise ProtocolError(f"frame of {length} bytes is outside 1..{self.max_frame} (max_frame)")
+            raise ProtocolError(
+                f"frame of {length} bytes is outside 1..{self.max_frame} (max_frame)"
+            )
         end = pos + 4 + length
         if len(buf) < end:
             return NEED_DATA
@@ -214,7 +218,9 @@ def decode_oid(value: Any, what: str = "oid") -> int:
         return value
     if type(value) is bytes:
         if len(value) != OID_BYTES:
-            raise InvalidArgument(f"{what} as bin must be exactly {OID_BYTES} bytes, got {len(value)}")
+            raise InvalidArgument(
+                f"{what} as bin must be exactly {OID_BYTES} bytes, got {len(value)}"
+            )
         return int.from_bytes(value, "big")
     raise InvalidArgument(f"{what} must be an unsigned integer, got {type(value).__name__}")
 

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory", type=_size, default=256 << 20, help="page budget, e.g. 256MiB (default 256MiB)"
     )
-    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o660, help="octal, default 660")
+    p.add_argument(
+        "--socket-mode", type=lambda s: int(s, 8), default=0o660, help="octal, default 660"
+    )
     p.add_argument("--log-format", choices=("json", "console", "auto"), default="auto")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--max-region-frames", type=int, default=Limits.max_region_frames)

@@ -9,6 +9,7 @@ announced size. Then no later ftruncate by the guest can succeed.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import mmap
 import os
@@ -39,16 +40,16 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
 def close_all(fds: list[int]) -> None:
     """Close fds we received but will not use."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def map_region(fd: int, frames: int, max_frames: int) -> mmap.mmap:
     """Check the guest's memfd and map it shared; the caller still owns (and closes) ``fd``."""
     if not 1 <= frames <= max_frames:
-        raise LimitExceeded(f"region of {frames} frames is outside 1..{max_frames} (max_region_frames)")
+        raise LimitExceeded(
+            f"region of {frames} frames is outside 1..{max_frames} (max_region_frames)"
+        )
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgument("region fd is not a memfd (not a regular file)")

@@ -27,11 +27,13 @@ from tmemclient.protocol import (
     PROTOCOL_VERSION,
     FrameDecoder,
     Hello,
-    Limits as WireLimits,
     Status,
     decode_body,
     encode_reply,
     status_for_error,
+)
+from tmemclient.protocol import (
+    Limits as WireLimits,
 )
 from tmemd.config import Limits
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
@@ -58,7 +60,9 @@ async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> No
 class GuestServer:
     """Accepts guest connections on a listening Unix socket and serves them against a Store."""
 
-    def __init__(self, store: Store, limits: Limits, *, name_for: Callable[[int, str], str]) -> None:
+    def __init__(
+        self, store: Store, limits: Limits, *, name_for: Callable[[int, str], str]
+    ) -> None:
         self.store = store
         self.limits = limits
         self.name_for = name_for  # (uid, asked name) -> guest name
@@ -224,7 +228,9 @@ class GuestServer:
                 **guest.stats.as_dict(),
             )
 
-    async def _serve_frames(self, sock: trio.socket.SocketType, session: Session, leftover: bytes) -> str:
+    async def _serve_frames(
+        self, sock: trio.socket.SocketType, session: Session, leftover: bytes
+    ) -> str:
         decoder = FrameDecoder(self.limits.max_frame)
         decoder.feed(leftover)
         buf = bytearray(RECV_SIZE)

@@ -119,7 +119,9 @@ class Session:
     def _pool(self, handle: Any) -> Pool:
         pool = self.pools.get(handle) if type(handle) is int else None
         if pool is None:
-            raise UnknownPool(f"pool {handle!r} is unknown to this connection (never made or destroyed)")
+            raise UnknownPool(
+                f"pool {handle!r} is unknown to this connection (never made or destroyed)"
+            )
         return pool
 
     def _page_frames(self, frame: Any, pool: Pool) -> memoryview:

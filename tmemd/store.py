@@ -156,7 +156,9 @@ class Store:
 
     # ---------------------------------------------------------------- guests and pools
 
-    def add_guest(self, name: str, *, weight: int = DEFAULT_WEIGHT, cap: int | None = None) -> Guest:
+    def add_guest(
+        self, name: str, *, weight: int = DEFAULT_WEIGHT, cap: int | None = None
+    ) -> Guest:
         """Register a guest by its unique name."""
         if name in self.guests:
             raise StoreError(f"guest {name!r} exists")
@@ -406,7 +408,9 @@ class Store:
             if slot is not None and slot == prev + 1:
                 prev = slot
                 continue
-            self._arena.madvise(mmap.MADV_DONTNEED, start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT)
+            self._arena.madvise(
+                mmap.MADV_DONTNEED, start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT
+            )
             if slot is not None:
                 start = prev = slot
         self._release(slots)
