@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for i in range(args.guests)
             ]
-            results = []
+            results: list[dict[str, Any]] = []
             for proc in guests:
                 out, _ = proc.communicate(timeout=300)
                 print(f"  guest finished ({len(results) + 1}/{len(guests)})", flush=True)
