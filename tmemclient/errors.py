@@ -27,6 +27,10 @@ class VersionMismatch(ProtocolError):
     """The daemon does not speak this client's protocol version."""
 
 
+class NotFound(TmemError, LookupError):
+    """An administrative request named something that does not exist (a guest, a grant)."""
+
+
 class LimitExceeded(TmemError):
     """A per-guest limit (pools, region size, batch size) was reached."""
 

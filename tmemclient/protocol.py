@@ -25,6 +25,7 @@ from tmemclient.errors import (
     GuestConflict,
     InvalidArgument,
     LimitExceeded,
+    NotFound,
     PermissionDenied,
     ProtocolError,
     TmemError,
@@ -83,6 +84,7 @@ class Status(enum.IntEnum):
     LIMIT = 6  # a per-guest limit was reached (pools, ...)
     CONFLICT = 7  # the guest name is in use by another connection
     SHUTDOWN = 8  # the daemon is going away (notice, req_id 0)
+    NOT_FOUND = 9  # admin: no such guest or grant
 
 
 _STATUS_ERRORS: Final[dict[int, type[TmemError]]] = {
@@ -94,6 +96,7 @@ _STATUS_ERRORS: Final[dict[int, type[TmemError]]] = {
     Status.LIMIT: LimitExceeded,
     Status.CONFLICT: GuestConflict,
     Status.SHUTDOWN: DaemonShuttingDown,
+    Status.NOT_FOUND: NotFound,
 }
 _ERROR_STATUS: Final[dict[type[TmemError], Status]] = {
     v: Status(k) for k, v in _STATUS_ERRORS.items()

@@ -7,44 +7,44 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
 from tmemclient.units import format_size, parse_size
 from tmemd import logs
-from tmemd.config import Limits, Settings
-from tmemd.listen import SocketInUse, bind_unix, unlink_quietly
+from tmemd.admin import AdminServer, admin_gid
+from tmemd.config import ConfigError, Settings, load_config, settings_from_doc
+from tmemd.host import Host
+from tmemd.listen import SocketInUse, bind_unix, check_private_dir, unlink_quietly
 from tmemd.server import GuestServer
 from tmemd.store import Store
 
 log = structlog.get_logger("tmemd")
 
 
-def guest_name(uid: int, name: str) -> str:
-    """With no policy configured, guests are namespaced by uid so users cannot impersonate each
-    other's guests."""
-    return f"{uid}/{name}"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The daemon's options."""
+    """The daemon's options; each one given overrides the config file."""
     p = argparse.ArgumentParser(
         prog="tmemd", description="Transcendent memory daemon: lends a memory budget to guests."
     )
-    p.add_argument("--socket", type=Path, required=True, help="guest socket path")
+    p.add_argument("--config", type=Path, help="TOML config (see systemd/tmemd.toml)")
+    p.add_argument("--socket", type=Path, help="guest socket path")
     p.add_argument(
-        "--memory", type=_size, default=256 << 20, help="page budget, e.g. 256MiB (default 256MiB)"
+        "--admin-socket", type=Path, help="admin socket path (0600, or 0660 with --admin-group)"
     )
+    p.add_argument("--admin-group", help="group whose members may administer (name or gid)")
     p.add_argument(
-        "--socket-mode", type=lambda s: int(s, 8), default=0o660, help="octal, default 660"
+        "--memory", type=_size, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
-    p.add_argument("--log-format", choices=("json", "console", "auto"), default="auto")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--max-region-frames", type=int, default=Limits.max_region_frames)
-    p.add_argument("--max-pools", type=int, default=Limits.max_pools)
-    p.add_argument("--max-batch", type=int, default=Limits.max_batch)
-    p.add_argument("--handshake-timeout", type=float, default=Limits.handshake_timeout)
+    p.add_argument("--socket-mode", type=lambda s: int(s, 8), help="octal, default 660")
+    p.add_argument("--log-format", choices=("json", "console", "auto"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--max-region-frames", type=int)
+    p.add_argument("--max-pools", type=int)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--handshake-timeout", type=float)
     return p
 
 
@@ -56,21 +56,24 @@ def _size(text: str) -> int:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Validated settings; ValueError says what is wrong."""
-    limits = Limits(
-        max_region_frames=args.max_region_frames,
-        max_pools=args.max_pools,
-        max_batch=args.max_batch,
-        handshake_timeout=args.handshake_timeout,
-    )
-    return Settings(
-        socket=args.socket,
-        budget=args.memory,
-        socket_mode=args.socket_mode,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        limits=limits,
-    )
+    """Validated settings from the config file (if any) and the command line."""
+    limit_keys = ("max_region_frames", "max_pools", "max_batch", "handshake_timeout")
+    overrides: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in (
+            "socket",
+            "admin_socket",
+            "admin_group",
+            "budget",
+            "socket_mode",
+            "log_format",
+            "log_level",
+        )
+    }
+    overrides["limits"] = {k: getattr(args, k) for k in limit_keys if getattr(args, k) is not None}
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    return settings_from_doc({}, overrides)
 
 
 def physical_memory() -> int:
@@ -80,18 +83,28 @@ def physical_memory() -> int:
 
 async def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    gid = admin_gid(settings.admin_group)
     store = Store(settings.budget, capacity=max(settings.budget, physical_memory()))
+    host = Host(store, settings)
     listener = await bind_unix(settings.socket, settings.socket_mode)
-    server = GuestServer(store, settings.limits, name_for=guest_name)
+    admin_listener = None
     try:
+        if settings.admin_socket is not None:
+            check_private_dir(settings.admin_socket.parent, gid is not None)
+            mode = 0o660 if gid is not None else 0o600
+            admin_listener = await bind_unix(settings.admin_socket, mode, gid=gid)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.run, listener)
+                await nursery.start(GuestServer(host, settings.limits).run, listener)
+                if admin_listener is not None:
+                    await nursery.start(AdminServer(host, gid=gid).run, admin_listener)
                 log.info(
                     "daemon_ready",
                     socket=str(settings.socket),
+                    admin_socket=str(settings.admin_socket) if settings.admin_socket else None,
                     budget=settings.budget,
                     budget_human=format_size(settings.budget),
+                    guests_configured=len(settings.guests),
                     pid=os.getpid(),
                 )
                 async for signum in signals:
@@ -101,7 +114,10 @@ async def serve(settings: Settings) -> None:
     finally:
         listener.close()
         unlink_quietly(settings.socket)
-        log.info("daemon_stopped", guests=len(store.guests), used=store.used)
+        if admin_listener is not None and settings.admin_socket is not None:
+            admin_listener.close()
+            unlink_quietly(settings.admin_socket)
+        log.info("daemon_stopped", guests=len(host.sessions), used=store.used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         logs.configure(settings.log_format, settings.log_level)
-    except ValueError as exc:
+        admin_gid(settings.admin_group)
+    except (ConfigError, ValueError) as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
     try:

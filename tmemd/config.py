@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME
+from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME, valid_guest_name
+from tmemclient.units import parse_size
+from tmemd.policy import DEFAULT_WEIGHT, validate_weight
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -34,18 +42,145 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class GuestPolicy:
+    """What the config says of one guest name: who may be it, and its share of memory."""
+
+    uids: frozenset[int] | None = None  # None: any uid (only for unlisted, namespaced names)
+    weight: int = DEFAULT_WEIGHT
+    cap: int | None = None  # bytes
+    sessions: int = 1  # connections of this name allowed at once
+
+
+UNLISTED = ("namespaced", "deny")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything tmemd needs to start."""
 
     socket: Path
     budget: int
+    admin_socket: Path | None = None
+    admin_group: str | None = None
     socket_mode: int = 0o660
     log_format: str = "auto"  # json | console | auto (console on a tty)
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    guests: dict[str, GuestPolicy] = field(default_factory=dict)
+    # Names not in [guests]: "namespaced" serves them as UID/NAME (the embedded default, so no
+    # user can impersonate another's guest); "deny" refuses them.
+    unlisted_guests: str = "namespaced"
 
     def __post_init__(self) -> None:
         if self.budget < FRAME_SIZE:
             raise ValueError(f"memory budget must be at least {FRAME_SIZE} bytes (one page)")
         if self.log_format not in ("json", "console", "auto"):
             raise ValueError("log format must be json, console or auto")
+        if self.unlisted_guests not in UNLISTED:
+            raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
+
+
+_DAEMON_KEYS = {
+    "socket": str,
+    "admin_socket": str,
+    "admin_group": str,
+    "memory": (str, int),
+    "socket_mode": (str, int),
+    "log_format": str,
+    "log_level": str,
+    "unlisted_guests": str,
+}
+_GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
+
+
+def _check_keys(table: Any, allowed: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key {key!r} in [{where}]; known: {', '.join(sorted(allowed))}"
+            )
+        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} has the wrong type ({type(value).__name__})")
+    return table
+
+
+def _size(value: str | int, where: str) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def parse_guest(name: str, table: Any) -> GuestPolicy:
+    """One [guests.NAME] table."""
+    where = f"guests.{name}"
+    if not valid_guest_name(name):
+        raise ConfigError(f"[{where}]: guest names are 1..64 characters of A-Z a-z 0-9 . _ -")
+    t = _check_keys(table, _GUEST_KEYS, where)
+    if "uids" not in t:
+        raise ConfigError(f"[{where}] needs uids = [...]: the users allowed to act as this guest")
+    uids = t["uids"]
+    if not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 1 << 32 for u in uids):
+        raise ConfigError(f"{where}.uids must be a list of numeric uids")
+    try:
+        weight = validate_weight(t.get("weight", DEFAULT_WEIGHT))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    cap = None if "cap" not in t else _size(t["cap"], f"{where}.cap")
+    if cap is not None and cap < 0:
+        raise ConfigError(f"{where}.cap must not be negative")
+    sessions = t.get("sessions", 1)
+    if not 1 <= sessions <= 1024:
+        raise ConfigError(f"{where}.sessions must be 1..1024")
+    return GuestPolicy(frozenset(uids), weight, cap, sessions)
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from a TOML file; ``overrides`` (from the command line) win over the file."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    return settings_from_doc(doc, overrides or {})
+
+
+def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """Settings from a parsed config document plus command-line overrides."""
+    for key in doc:
+        if key not in ("daemon", "limits", "guests"):
+            raise ConfigError(f"unknown table [{key}]; known: [daemon], [limits], [guests.NAME]")
+    daemon = _check_keys(doc.get("daemon", {}), _DAEMON_KEYS, "daemon")
+    limit_types = {f.name: (int, float) if f.type == "float" else int for f in fields(Limits)}
+    limits_table = _check_keys(doc.get("limits", {}), limit_types, "limits")
+    guests_table = doc.get("guests", {})
+    if not isinstance(guests_table, dict):
+        raise ConfigError("[guests] must hold one table per guest: [guests.NAME]")
+    guests = {name: parse_guest(name, t) for name, t in guests_table.items()}
+    values: dict[str, Any] = {}
+    for key in ("socket", "admin_socket"):
+        if key in daemon:
+            values[key] = Path(daemon[key])
+    if "memory" in daemon:
+        values["budget"] = _size(daemon["memory"], "daemon.memory")
+    if "socket_mode" in daemon:
+        mode = daemon["socket_mode"]
+        values["socket_mode"] = int(mode, 8) if isinstance(mode, str) else mode
+    for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
+        if key in daemon:
+            values[key] = daemon[key]
+    values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})
+    limit_values = {**limits_table, **(overrides.get("limits") or {})}
+    if "socket" not in values:
+        raise ConfigError("no guest socket: set daemon.socket in the config or pass --socket")
+    values.setdefault("budget", 256 << 20)
+    try:
+        return Settings(limits=Limits(**limit_values), guests=guests, **values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc

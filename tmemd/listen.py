@@ -38,7 +38,9 @@ def remove_stale_socket(path: Path) -> None:
     raise SocketInUse(f"another daemon is listening on {path}; stop it or choose another path")
 
 
-async def bind_unix(path: Path, mode: int, backlog: int = 128) -> trio.socket.SocketType:
+async def bind_unix(
+    path: Path, mode: int, backlog: int = 128, *, gid: int | None = None
+) -> trio.socket.SocketType:
     """A listening socket at ``path`` with permissions ``mode`` from the start (no window in which
     the socket exists with wider permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,9 +54,27 @@ async def bind_unix(path: Path, mode: int, backlog: int = 128) -> trio.socket.So
         raise
     finally:
         os.umask(old_umask)
+    if gid is not None:
+        os.chown(path, -1, gid)
     os.chmod(path, mode)
     sock.listen(backlog)
     return sock
+
+
+def check_private_dir(path: Path, group: bool) -> None:
+    """Make sure ``path`` exists and only we (and our group, if ``group``) can write in it: the
+    admin socket must not sit where another user could replace it."""
+    path.mkdir(mode=0o750 if group else 0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid not in (0, os.getuid()):
+        raise SocketInUse(
+            f"admin socket directory {path} belongs to uid {st.st_uid}; use a directory of ours"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SocketInUse(
+            f"admin socket directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "use a directory only tmemd writes, e.g. /run/tmemd"
+        )
 
 
 def unlink_quietly(path: Path) -> None:

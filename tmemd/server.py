@@ -14,13 +14,12 @@ import mmap
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import structlog
 import trio
 
-from tmemclient.errors import GuestConflict, ProtocolError, TmemError, VersionMismatch
+from tmemclient.errors import ProtocolError, TmemError, VersionMismatch
 from tmemclient.protocol import (
     HEADER,
     HELLO_MAX_FRAME,
@@ -36,9 +35,10 @@ from tmemclient.protocol import (
     Limits as WireLimits,
 )
 from tmemd.config import Limits
+from tmemd.host import Host
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
-from tmemd.store import Store
+from tmemd.store import Guest
 
 log = structlog.get_logger("tmemd.server")
 
@@ -60,12 +60,10 @@ async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> No
 class GuestServer:
     """Accepts guest connections on a listening Unix socket and serves them against a Store."""
 
-    def __init__(
-        self, store: Store, limits: Limits, *, name_for: Callable[[int, str], str]
-    ) -> None:
-        self.store = store
+    def __init__(self, host: Host, limits: Limits) -> None:
+        self.host = host
+        self.store = host.store
         self.limits = limits
-        self.name_for = name_for  # (uid, asked name) -> guest name
         self.connections = 0
         self._per_uid: Counter[int] = Counter()
 
@@ -129,7 +127,7 @@ class GuestServer:
                 await send_all(sock, protocol_error_reply(exc, 1))
             return
         try:
-            region, guest_name = self._open_region(hello, region_fd, uid)
+            region, guest = self._open_region(hello, region_fd, uid)
         except TmemError as exc:
             log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
             with trio.move_on_after(1), _quiet():
@@ -138,12 +136,12 @@ class GuestServer:
         finally:
             os.close(region_fd)
         try:
-            await self._run_session(sock, pid, uid, guest_name, hello, region, leftover)
+            await self._run_session(sock, pid, uid, guest, hello, region, leftover)
         finally:
             try:
                 region.close()
             except BufferError:  # pragma: no cover - a view escaped; the mmap is freed with it
-                log.error("region_still_referenced", guest=guest_name)
+                log.error("region_still_referenced", guest=guest.name)
 
     async def _read_hello(self, sock: trio.socket.SocketType) -> tuple[Hello, int, bytes]:
         """The HELLO frame and the one fd that came with its first byte."""
@@ -173,30 +171,34 @@ class GuestServer:
             raise
         return hello, fds[0], bytes(buf[4 + length :])
 
-    def _open_region(self, hello: Hello, fd: int, uid: int) -> tuple[mmap.mmap, str]:
+    def _open_region(self, hello: Hello, fd: int, uid: int) -> tuple[mmap.mmap, Guest]:
         if hello.version != PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"protocol version {hello.version} is not supported; this tmemd speaks "
                 f"{PROTOCOL_VERSION}"
             )
-        name = self.name_for(uid, hello.name)
-        if name in self.store.guests:
-            raise GuestConflict(f"guest {name!r} is already connected; one session per name")
-        return map_region(fd, hello.frames, self.limits.max_region_frames), name
+        name, policy = self.host.guest_name(uid, hello.name)
+        region = map_region(fd, hello.frames, self.limits.max_region_frames)
+        try:
+            return region, self.host.attach(name, policy)
+        except BaseException:
+            region.close()
+            raise
 
     async def _run_session(
         self,
         sock: trio.socket.SocketType,
         pid: int,
         uid: int,
-        name: str,
+        guest: Guest,
         hello: Hello,
         region: mmap.mmap,
         leftover: bytes,
     ) -> None:
-        guest = self.store.add_guest(name)
+        name = guest.name
         view = memoryview(region)
-        session = Session(self.store, guest, view, self.limits)
+        session = Session(self.host, guest, view, self.limits)
+        self.host.join(session)
         clog = log.bind(guest=name, pid=pid, uid=uid)
         clog.info("guest_connected", frames=hello.frames)
         reason = "closed by guest"

@@ -15,7 +15,6 @@ from typing import Any
 from tmemclient.errors import (
     InvalidArgument,
     LimitExceeded,
-    PermissionDenied,
     ProtocolError,
     TmemError,
     UnknownPool,
@@ -33,7 +32,8 @@ from tmemclient.protocol import (
     status_for_error,
 )
 from tmemd.config import Limits
-from tmemd.store import Guest, Pool, Store
+from tmemd.host import Host
+from tmemd.store import Guest, Pool
 
 _ARGS: dict[int, tuple[str, ...]] = {
     Op.NEW_POOL: ("flags", "uuid"),
@@ -55,8 +55,9 @@ _ARGS: dict[int, tuple[str, ...]] = {
 class Session:
     """The daemon's side of one guest connection."""
 
-    def __init__(self, store: Store, guest: Guest, region: memoryview, limits: Limits) -> None:
-        self.store = store
+    def __init__(self, host: Host, guest: Guest, region: memoryview, limits: Limits) -> None:
+        self.host = host
+        self.store = host.store
         self.guest = guest
         self.region = region
         self.frames = len(region) // FRAME_SIZE
@@ -110,9 +111,20 @@ class Session:
         return encode_reply(req_id, Status.OK, result)
 
     def close(self) -> int:
-        """Free every page of this guest's pools; return pages freed."""
+        """Free every page of this connection's private pools, leave its shared pools, and
+        leave the host; return private pages freed."""
+        freed = 0
+        for pool in self.pools.values():
+            if not pool.shared:
+                freed += self.store.destroy_pool(pool)
         self.pools.clear()
-        return self.store.remove_guest(self.guest)
+        self.host.detach(self)
+        return freed
+
+    def detach_pool(self, pool: Pool) -> None:
+        """Forget every handle of ``pool`` (its shared-pool grant was revoked)."""
+        for handle in [h for h, p in self.pools.items() if p is pool]:
+            del self.pools[handle]
 
     # ------------------------------------------------------------------ argument checks
 
@@ -166,18 +178,17 @@ class Session:
         spec = PoolSpec.decode(m[2], m[3])
         if spec.shared and spec.persistent:
             raise InvalidArgument("shared persistent pools are not supported (as in Xen)")
-        if spec.shared:
-            raise PermissionDenied(
-                "shared pools need an administrator's grant for this (uuid, guest) pair, and "
-                "this tmemd has no grants; use a private pool"
-            )
         if len(self.pools) >= self.limits.max_pools:
             raise LimitExceeded(f"guest already has max_pools={self.limits.max_pools} pools")
         if (FRAME_SIZE << spec.order) > len(self.region):
             raise InvalidArgument(
                 f"page size {spec.page_size} does not fit the region ({len(self.region)} bytes)"
             )
-        pool = self.store.new_pool(self.guest, persistent=spec.persistent, order=spec.order)
+        if spec.shared:
+            assert spec.uuid is not None
+            pool = self.host.open_shared(self, spec.uuid, spec.order)
+        else:
+            pool = self.store.new_pool(self.guest, persistent=spec.persistent, order=spec.order)
         self._pools_made += 1
         handle = (self._pools_made * self._handle_mul + self._handle_add) & 0xFFFFFFFF
         self.pools[handle] = pool
@@ -186,13 +197,18 @@ class Session:
     def _destroy_pool(self, m: list[Any]) -> None:
         pool = self._pool(m[2])
         del self.pools[m[2]]
-        self.store.destroy_pool(pool)
+        if pool.shared:
+            if pool not in self.pools.values():  # the last handle of it on this connection
+                self.host.leave_shared(self, pool)
+        else:
+            self.store.destroy_pool(pool)
 
     def _put(self, m: list[Any]) -> bool:
         pool = self._pool(m[2])
         oid = decode_oid(m[3])
         index = check_uint(m[4], INDEX_BITS, "index")
-        return self.store.put(pool, oid, index, self._page_frames(m[5], pool))
+        frozen = self.guest.frozen
+        return self.store.put(pool, oid, index, self._page_frames(m[5], pool), frozen=frozen)
 
     def _get(self, m: list[Any]) -> bool:
         pool = self._pool(m[2])
@@ -240,7 +256,8 @@ class Session:
     def _put_many(self, m: list[Any]) -> list[bool]:
         pool, batch = self._page_batch(m)
         put = self.store.put
-        return [put(pool, oid, index, view) for oid, index, view in batch]
+        frozen = self.guest.frozen
+        return [put(pool, oid, index, view, frozen=frozen) for oid, index, view in batch]
 
     def _get_many(self, m: list[Any]) -> list[bool]:
         pool, batch = self._page_batch(m)

@@ -103,12 +103,15 @@ class Guest:
 class Pool:
     """A pool of pages of one size, ephemeral or persistent, owned by (billed to) one guest."""
 
-    __slots__ = ("guest", "objects", "order", "pages", "persistent", "pool_id", "stats")
+    __slots__ = ("guest", "objects", "order", "pages", "persistent", "pool_id", "shared", "stats")
 
-    def __init__(self, pool_id: int, guest: Guest, persistent: bool, order: int) -> None:
+    def __init__(
+        self, pool_id: int, guest: Guest, persistent: bool, order: int, shared: bool = False
+    ) -> None:
         self.pool_id = pool_id
         self.guest = guest
         self.persistent = persistent
+        self.shared = shared  # shared pools: get leaves the page; billed to a shared account
         self.order = order
         self.objects: dict[int, dict[int, int]] = {}
         self.pages = 0
@@ -172,9 +175,11 @@ class Store:
         self.guests.pop(guest.name, None)
         return freed
 
-    def new_pool(self, guest: Guest, *, persistent: bool, order: int) -> Pool:
+    def new_pool(self, guest: Guest, *, persistent: bool, order: int, shared: bool = False) -> Pool:
         """Create an empty pool billed to ``guest``."""
-        pool = Pool(self._next_pool_id, guest, persistent, order)
+        if shared and persistent:
+            raise StoreError("shared persistent pools are not supported")
+        pool = Pool(self._next_pool_id, guest, persistent, order, shared)
         self._next_pool_id += 1
         guest.pools.add(pool)
         return pool
@@ -203,18 +208,65 @@ class Store:
         """Bytes occupied by pages."""
         return self.used_slots << SLOT_SHIFT
 
+    def set_budget(self, budget: int) -> int:
+        """Change the budget at run time; evict ephemeral pages down to it at once. Persistent
+        pages are never dropped: if they alone exceed the budget, new puts are refused until
+        they fit. Returns pages evicted."""
+        if not SLOT_SIZE <= budget <= self.capacity:
+            raise ValueError(f"budget must be between {SLOT_SIZE} and {self.capacity} bytes")
+        self.budget_slots = budget >> SLOT_SHIFT
+        return self._shrink_to(self.budget_slots)
+
+    def set_cap(self, guest: Guest, cap: int | None) -> int:
+        """Change a guest's cap (bytes, None for no cap); evict its own ephemeral pages down to
+        it at once. Returns pages evicted."""
+        guest.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        evicted = 0
+        if guest.cap_slots is not None:
+            while guest.held_slots > guest.cap_slots and guest.lru_head != NIL:
+                self._evict(guest.lru_head)
+                evicted += 1
+        return evicted
+
+    def drop_ephemeral(self, guest: Guest) -> int:
+        """Evict every ephemeral page billed to ``guest`` (an administrator's flush)."""
+        evicted = 0
+        while guest.lru_head != NIL:
+            self._evict(guest.lru_head)
+            evicted += 1
+        return evicted
+
+    def _shrink_to(self, slots: int) -> int:
+        evicted = 0
+        while self.used_slots > slots:
+            victim = choose_victim(self.guests.values(), self.clock)
+            if victim is None:
+                break
+            self._evict(victim.lru_head)
+            evicted += 1
+        return evicted
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of address space reserved: the most the budget can grow to."""
+        return self.capacity_slots << SLOT_SHIFT
+
     # ---------------------------------------------------------------- page operations
 
-    def put(self, pool: Pool, oid: int, index: int, src: memoryview) -> bool:
+    def put(
+        self, pool: Pool, oid: int, index: int, src: memoryview, *, frozen: bool = False
+    ) -> bool:
         """Store ``src`` (exactly one page) at (oid, index); False if the daemon declines.
 
-        A refused put of an existing handle flushes the old copy, so stale data is never read.
+        ``frozen`` refuses on behalf of the putting guest when the pool is billed to another
+        account (a shared pool). A refused put of an existing handle flushes the old copy, so
+        stale data is never read.
         """
         self.clock += 1
         guest = pool.guest
         pages_of_oid = pool.objects.get(oid)
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
-        if guest.frozen:
+        if frozen or guest.frozen:
             return self._refuse(pool, oid, index, head)
         if head != NIL:
             self._copy_in(head, pool.order, src)
@@ -258,8 +310,10 @@ class Store:
         self._copy_out(head, pool.order, dst)
         pool.stats.gets_hit += 1
         guest.stats.gets_hit += 1
-        if not pool.persistent:
-            # Exclusive get: the guest now holds the only copy. (Shared pools touch instead.)
+        if pool.shared:
+            self._touch(guest, head)  # other members may still want it
+        elif not pool.persistent:
+            # Exclusive get: the guest now holds the only copy.
             self._release(self._remove(pool, oid, index))
         return True
 

@@ -1,0 +1,382 @@
+"""The host: who may be which guest, who is connected, shared-pool grants, and every admin
+decision. Synchronous and free of I/O, like the store it drives; the guest and admin servers are
+thin adapters around it.
+
+Identity: a connection's uid comes from SO_PEERCRED, never from a frame. A name listed in the
+config's [guests] may be used only by its uids; other names are served as ``UID/NAME``
+(namespaced, the embedded default) or refused (``unlisted_guests = "deny"``).
+
+Sessions: each connection has its own private pools; connections of one guest name share that
+guest's account (weight, cap, statistics, what it holds). A name may be connected as many times at
+once as its policy's ``sessions`` (default 1), so a second process cannot silently share, or
+steal, a guest's memory account.
+
+Shared pools: deny by default. A guest may open shared pool UUID only with an administrator's
+grant for (UUID, guest name); pages are billed to an account of the pool's own (``shared:UUID``)
+so members coming and going never moves them; the pool goes with its last member.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuid_module
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from tmemclient.errors import (
+    GuestConflict,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from tmemclient.units import format_size
+from tmemd.config import GuestPolicy, Settings
+from tmemd.policy import validate_weight
+from tmemd.store import SLOT_SHIFT, Guest, Pool, Store
+
+log = structlog.get_logger("tmemd.host")
+audit = structlog.get_logger("tmemd.audit")
+
+
+class Member(Protocol):
+    """What the host needs of a guest connection (a Session)."""
+
+    guest: Guest
+
+    def detach_pool(self, pool: Pool) -> None:
+        """Forget a pool handle at once (its grant was revoked)."""
+
+
+@dataclass
+class SharedPool:
+    """One shared pool, by uuid: its pool, its billing account, its member connections."""
+
+    uuid: bytes
+    pool: Pool
+    members: set[Member] = field(default_factory=set)
+
+
+@dataclass
+class Override:
+    """Admin changes to a guest's policy; they outlive the guest's connections."""
+
+    weight: int | None = None
+    cap: int | None = None
+    cap_set: bool = False
+    frozen: bool = False
+
+
+class Host:
+    """Policy and bookkeeping around one Store."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.sessions: dict[str, set[Member]] = {}
+        self.grants: set[tuple[bytes, str]] = set()
+        self.shared: dict[bytes, SharedPool] = {}
+        self.overrides: dict[str, Override] = {}
+        self.frozen_all = False
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ guests
+
+    def guest_name(self, uid: int, asked: str) -> tuple[str, GuestPolicy]:
+        """The guest name and policy for ``uid`` asking to be ``asked``; PermissionDenied if
+        the config does not allow it."""
+        policy = self.settings.guests.get(asked)
+        if policy is not None:
+            if policy.uids is not None and uid not in policy.uids:
+                audit.warning("guest_name_refused", uid=uid, name=asked, reason="uid not allowed")
+                raise PermissionDenied(
+                    f"uid {uid} may not connect as guest {asked!r} (see [guests.{asked}] uids "
+                    "in the tmemd config)"
+                )
+            return asked, policy
+        if self.settings.unlisted_guests == "deny":
+            audit.warning("guest_name_refused", uid=uid, name=asked, reason="not in config")
+            raise PermissionDenied(
+                f"guest {asked!r} is not in the tmemd config and unlisted guests are denied"
+            )
+        return f"{uid}/{asked}", GuestPolicy()
+
+    def attach(self, name: str, policy: GuestPolicy, member: Member | None = None) -> Guest:
+        """Account for a new connection of guest ``name``; GuestConflict past its sessions."""
+        live = self.sessions.get(name, set())
+        if len(live) >= policy.sessions:
+            raise GuestConflict(
+                f"guest {name!r} is already connected ({len(live)} of {policy.sessions} sessions "
+                "allowed); close the other connection or raise sessions in the config"
+            )
+        guest = self.store.guests.get(name)
+        if guest is None:
+            over = self.overrides.get(name, Override())
+            weight = over.weight if over.weight is not None else policy.weight
+            cap = over.cap if over.cap_set else policy.cap
+            guest = self.store.add_guest(name, weight=weight, cap=cap)
+            guest.frozen = over.frozen or self.frozen_all
+        if member is not None:
+            self.sessions.setdefault(name, set()).add(member)
+        return guest
+
+    def join(self, member: Member) -> None:
+        """Record a connection that ``attach`` accounted for before it existed."""
+        self.sessions.setdefault(member.guest.name, set()).add(member)
+
+    def detach(self, member: Member) -> None:
+        """A connection ended (its private pools already destroyed): leave its shared pools;
+        drop the guest's account with its last connection."""
+        for entry in list(self.shared.values()):
+            if member in entry.members:
+                self._leave(entry, member)
+        name = member.guest.name
+        live = self.sessions.get(name)
+        if live is not None:
+            live.discard(member)
+            if not live:
+                del self.sessions[name]
+                self.store.remove_guest(member.guest)
+
+    # ------------------------------------------------------------------ shared pools
+
+    def open_shared(self, member: Member, uuid: bytes, order: int) -> Pool:
+        """Join (or create) shared ephemeral pool ``uuid``; only with a grant."""
+        name = member.guest.name
+        if (uuid, name) not in self.grants:
+            audit.warning("shared_pool_refused", guest=name, uuid=str(uuid_module.UUID(bytes=uuid)))
+            raise PermissionDenied(
+                f"guest {name!r} has no grant for shared pool {uuid_module.UUID(bytes=uuid)}; an "
+                "administrator must run: tmemctl share grant UUID GUEST"
+            )
+        entry = self.shared.get(uuid)
+        if entry is None:
+            account = self.store.add_guest(f"shared:{uuid_module.UUID(bytes=uuid)}")
+            pool = self.store.new_pool(account, persistent=False, order=order, shared=True)
+            entry = self.shared[uuid] = SharedPool(uuid, pool)
+        elif entry.pool.order != order:
+            raise InvalidArgument(
+                f"shared pool {uuid_module.UUID(bytes=uuid)} has {entry.pool.page_size}-byte pages"
+            )
+        entry.members.add(member)
+        return entry.pool
+
+    def leave_shared(self, member: Member, pool: Pool) -> None:
+        """A member destroyed its handle of a shared pool."""
+        for entry in list(self.shared.values()):
+            if entry.pool is pool and member in entry.members:
+                self._leave(entry, member)
+
+    def _leave(self, entry: SharedPool, member: Member) -> None:
+        entry.members.discard(member)
+        if not entry.members:
+            del self.shared[entry.uuid]
+            self.store.remove_guest(entry.pool.guest)
+
+    # ------------------------------------------------------------------ admin operations
+
+    def status(self) -> dict[str, Any]:
+        """Global figures."""
+        store = self.store
+        return {
+            "budget": store.budget,
+            "used": store.used,
+            "free": max(0, store.budget - store.used),
+            "capacity": store.capacity,
+            "guests": len(self.sessions),
+            "sessions": sum(len(s) for s in self.sessions.values()),
+            "shared_pools": len(self.shared),
+            "evictions": store.evictions,
+            "frozen_all": self.frozen_all,
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+    def guests(self) -> list[dict[str, Any]]:
+        """One row per account: connected guests and shared pools."""
+        return [
+            self._guest_row(g) for g in sorted(self.store.guests.values(), key=lambda g: g.name)
+        ]
+
+    def _guest_row(self, g: Guest) -> dict[str, Any]:
+        pages = sum(p.pages for p in g.pools)
+        return {
+            "name": g.name,
+            "kind": "shared" if g.name.startswith("shared:") else "guest",
+            "sessions": len(self.sessions.get(g.name, ())),
+            "weight": g.weight,
+            "cap": None if g.cap_slots is None else g.cap_slots << SLOT_SHIFT,
+            "frozen": g.frozen,
+            "ephemeral_bytes": g.eph_slots << SLOT_SHIFT,
+            "persistent_bytes": g.pers_slots << SLOT_SHIFT,
+            "pages": pages,
+            "pools": len(g.pools),
+            **g.stats.as_dict(),
+        }
+
+    def pools(self, guest: str | None = None) -> list[dict[str, Any]]:
+        """One row per pool, of one guest or of all."""
+        if guest is not None:
+            self._known_guest(guest)
+        rows = []
+        uuids = {id(e.pool): e for e in self.shared.values()}
+        for g in sorted(self.store.guests.values(), key=lambda g: g.name):
+            for p in sorted(g.pools, key=lambda p: p.pool_id):
+                entry = uuids.get(id(p))
+                members = sorted(m.guest.name for m in entry.members) if entry else [g.name]
+                if guest is not None and guest not in members:
+                    continue
+                rows.append(
+                    {
+                        "pool": p.pool_id,
+                        "guest": g.name,
+                        "kind": "persistent" if p.persistent else "ephemeral",
+                        "shared": p.shared,
+                        "uuid": str(uuid_module.UUID(bytes=entry.uuid)) if entry else None,
+                        "members": members,
+                        "page_size": p.page_size,
+                        "pages": p.pages,
+                        "bytes": p.pages * p.page_size,
+                        **p.stats.as_dict(),
+                    }
+                )
+        return rows
+
+    def _known_guest(self, name: str) -> Guest | None:
+        if name in self.store.guests or name in self.settings.guests or name in self.overrides:
+            return self.store.guests.get(name)
+        raise NotFound(
+            f"unknown guest {name!r}: not connected and not in the config (tmemctl guests lists them)"
+        )
+
+    def set_guest(self, name: str, *, weight: Any = None, cap: Any = ...) -> dict[str, Any]:
+        """Change weight and/or cap (``cap=None`` removes it). Applies now and on reconnect."""
+        if name.startswith("shared:"):
+            raise InvalidArgument("weights and caps apply to guests, not shared pools")
+        guest = self._known_guest(name)
+        if weight is not None:
+            try:
+                weight = validate_weight(weight)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
+        if (
+            cap is not ...
+            and cap is not None
+            and (
+                isinstance(cap, bool)
+                or not isinstance(cap, int)
+                or not 0 <= cap <= self.store.capacity
+            )
+        ):
+            raise InvalidArgument(f"cap must be 0..{self.store.capacity} bytes, or none")
+        over = self.overrides.setdefault(name, Override())
+        evicted = 0
+        if weight is not None:
+            over.weight = weight
+            if guest is not None:
+                guest.weight = weight
+        if cap is not ...:
+            over.cap, over.cap_set = cap, True
+            if guest is not None:
+                evicted = self.store.set_cap(guest, cap)
+        log.info(
+            "guest_policy_set",
+            guest=name,
+            weight=weight,
+            cap=None if cap is ... else cap,
+            evicted=evicted,
+        )
+        if guest is None:
+            return {"name": name, "connected": False, "weight": over.weight, "cap": over.cap}
+        return {**self._guest_row(guest), "evicted": evicted}
+
+    def freeze(self, name: str | None, frozen: bool) -> list[str]:
+        """Freeze (puts refused) or thaw one guest or, with None, every guest."""
+        if name is None:
+            self.frozen_all = frozen
+            for over in self.overrides.values():
+                over.frozen = frozen
+            names = [g.name for g in self.store.guests.values() if not g.name.startswith("shared:")]
+        else:
+            self._known_guest(name)
+            self.overrides.setdefault(name, Override()).frozen = frozen
+            names = [name]
+        for n in names:
+            g = self.store.guests.get(n)
+            if g is not None:
+                g.frozen = frozen
+        log.info("guests_frozen" if frozen else "guests_thawed", guests=names if name else "all")
+        return names
+
+    def flush(self, name: str) -> int:
+        """Drop every ephemeral page of a guest (persistent pages are never touched)."""
+        guest = self._known_guest(name)
+        evicted = 0 if guest is None else self.store.drop_ephemeral(guest)
+        log.info("guest_flushed", guest=name, pages=evicted)
+        return evicted
+
+    def set_budget(self, budget: Any) -> dict[str, Any]:
+        """Change the budget now; see Store.set_budget."""
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise InvalidArgument("budget must be an integer number of bytes")
+        try:
+            evicted = self.store.set_budget(budget)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"{exc} (the address space reserved at start; restart tmemd to go beyond it)"
+            ) from exc
+        persistent = sum(g.pers_slots for g in self.store.guests.values()) << SLOT_SHIFT
+        result: dict[str, Any] = {
+            "budget": self.store.budget,
+            "used": self.store.used,
+            "evicted": evicted,
+        }
+        if persistent > self.store.budget:
+            result["warning"] = (
+                f"persistent pages alone hold {format_size(persistent)}, more than the new budget; "
+                "they are kept, and new puts are refused until they fit"
+            )
+        log.info(
+            "budget_set", budget=self.store.budget, evicted=evicted, warning=result.get("warning")
+        )
+        return result
+
+    def grant(self, uuid: bytes, name: str) -> None:
+        """Allow guest ``name`` (connected or not) to open shared pool ``uuid``."""
+        if not name or name.startswith("shared:"):
+            raise InvalidArgument(f"{name!r} is not a guest name")
+        self.grants.add((uuid, name))
+        audit.info("share_granted", uuid=str(uuid_module.UUID(bytes=uuid)), guest=name)
+
+    def revoke(self, uuid: bytes, name: str) -> int:
+        """Withdraw a grant and detach the guest's connections from the pool at once."""
+        if (uuid, name) not in self.grants:
+            raise NotFound(f"no grant of shared pool {uuid_module.UUID(bytes=uuid)} to {name!r}")
+        self.grants.discard((uuid, name))
+        detached = 0
+        entry = self.shared.get(uuid)
+        if entry is not None:
+            for member in [m for m in entry.members if m.guest.name == name]:
+                member.detach_pool(entry.pool)
+                self._leave(entry, member)
+                detached += 1
+        audit.info(
+            "share_revoked", uuid=str(uuid_module.UUID(bytes=uuid)), guest=name, detached=detached
+        )
+        return detached
+
+    def shares(self) -> dict[str, Any]:
+        """Grants and live shared pools."""
+        return {
+            "grants": [
+                {"uuid": str(uuid_module.UUID(bytes=u)), "guest": g} for u, g in sorted(self.grants)
+            ],
+            "pools": [
+                {
+                    "uuid": str(uuid_module.UUID(bytes=e.uuid)),
+                    "members": sorted(m.guest.name for m in e.members),
+                    "pages": e.pool.pages,
+                }
+                for e in self.shared.values()
+            ],
+        }
