@@ -66,7 +66,13 @@ def map_region(fd: int, frames: int, max_frames: int) -> mmap.mmap:
         raise InvalidArgument(
             f"region memfd is {st.st_size} bytes, HELLO announced {frames} frames = {size} bytes"
         )
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:  # F_SEAL_WRITE/F_SEAL_FUTURE_WRITE, an O_RDONLY fd, hugetlb, ...
+        raise InvalidArgument(
+            f"region memfd cannot be mapped shared read-write ({exc.strerror}): send a "
+            "read-write memfd without write seals"
+        ) from exc
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
