@@ -8,6 +8,7 @@ ops and their fields; the daemon checks the peer's credentials on every connecti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any, Final
@@ -66,7 +67,9 @@ class AdminClient:
         """One admin request; raises the TmemError subclass for an error reply."""
         self._req_id += 1
         try:
-            self._sock.sendall(encode_frame([op, self._req_id, args]))
+            # The daemon may have answered (a refusal) and closed first: read that answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._sock.sendall(encode_frame([op, self._req_id, args]))
             while (message := self._decoder.next_message()) is NEED_DATA:
                 data = self._sock.recv(1 << 16)
                 if not data:
@@ -77,7 +80,7 @@ class AdminClient:
         except OSError as exc:
             raise DaemonGone(f"admin connection to {self.path} failed: {exc}") from exc
         req_id, status, result = split_reply(message)
-        if status != Status.OK:
+        if status != Status.OK:  # also a refusal sent with req_id 0 before any request
             raise error_for_status(status, result)
         if req_id != self._req_id:
             raise ProtocolError(f"admin reply for req_id {req_id}, want {self._req_id}")

@@ -65,7 +65,7 @@ class Override:
     weight: int | None = None
     cap: int | None = None
     cap_set: bool = False
-    frozen: bool = False
+    frozen: bool | None = None  # None: follow the freeze-all state
 
 
 class Host:
@@ -116,7 +116,7 @@ class Host:
             weight = over.weight if over.weight is not None else policy.weight
             cap = over.cap if over.cap_set else policy.cap
             guest = self.store.add_guest(name, weight=weight, cap=cap)
-            guest.frozen = over.frozen or self.frozen_all
+            guest.frozen = self.frozen_all if over.frozen is None else over.frozen
         if member is not None:
             self.sessions.setdefault(name, set()).add(member)
         return guest
@@ -293,9 +293,11 @@ class Host:
     def freeze(self, name: str | None, frozen: bool) -> list[str]:
         """Freeze (puts refused) or thaw one guest or, with None, every guest."""
         if name is None:
+            # Freeze-all or thaw-all overrides every per-guest choice made before it; a guest
+            # thawed (or frozen) by name afterwards keeps that choice across reconnects.
             self.frozen_all = frozen
             for over in self.overrides.values():
-                over.frozen = frozen
+                over.frozen = None
             names = [g.name for g in self.store.guests.values() if not g.name.startswith("shared:")]
         else:
             self._known_guest(name)
