@@ -10,6 +10,7 @@ the lot.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -121,10 +122,10 @@ class GuestServer:
             with trio.move_on_after(1), _quiet():
                 await send_all(sock, protocol_error_reply(ProtocolError("no HELLO in time")))
             return
-        except ProtocolError as exc:
+        except TmemError as exc:  # ProtocolError, or InvalidArgument from Hello.decode
             log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
             with trio.move_on_after(1), _quiet():
-                await send_all(sock, protocol_error_reply(exc, 1))
+                await send_all(sock, encode_reply(1, status_for_error(exc), str(exc)))
             return
         try:
             region, guest = self._open_region(hello, region_fd, uid)
@@ -250,7 +251,18 @@ class GuestServer:
             if replies:
                 with trio.fail_after(self.limits.send_timeout):
                     await send_all(sock, b"".join(replies) if len(replies) > 1 else replies[0])
-            n = await sock.recv_into(buf)
+            # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
+            # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
+            n, ancdata, msg_flags, _ = await sock.recvmsg_into(
+                [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+            )
+            if ancdata or msg_flags & socket.MSG_CTRUNC:
+                with contextlib.suppress(ProtocolError):
+                    close_all(fds_from_ancillary(ancdata, msg_flags))
+                fd_error = ProtocolError("fds are accepted only with HELLO (one region memfd)")
+                with trio.move_on_after(1), _quiet():
+                    await send_all(sock, protocol_error_reply(fd_error))
+                return f"protocol error: {fd_error}"
             if not n:
                 return "closed by guest" if not decoder.buffered else "closed mid-frame"
             decoder.feed(memoryview(buf)[:n])
