@@ -131,17 +131,20 @@ class Session:
     def _pool(self, handle: Any) -> Pool:
         pool = self.pools.get(handle) if type(handle) is int else None
         if pool is None:
+            # Never repr() the guest's value: a 1 MiB bin or 1000-deep array would bloat the
+            # reply or raise RecursionError.
+            shown = handle if type(handle) is int else f"handle of type {type(handle).__name__}"
             raise UnknownPool(
-                f"pool {handle!r} is unknown to this connection (never made or destroyed)"
+                f"pool {shown} is unknown to this connection (never made or destroyed)"
             )
         return pool
 
-    def _page_frames(self, frame: Any, pool: Pool) -> memoryview:
-        frame = check_uint(frame, 32, "frame")
+    def _page_frames(self, frame: Any, pool: Pool, what: str = "frame") -> memoryview:
+        frame = check_uint(frame, 32, what)
         n = 1 << pool.order
         if frame + n > self.frames:
             raise InvalidArgument(
-                f"frame {frame} (+{n} for a {pool.page_size}-byte page) is outside the "
+                f"{what} {frame} (+{n} for a {pool.page_size}-byte page) is outside the "
                 f"region's {self.frames} frames"
             )
         return self.region[frame * FRAME_SIZE : (frame + n) * FRAME_SIZE]
@@ -248,7 +251,7 @@ class Session:
                 (
                     decode_oid(entries[i], f"entry {i // 3} oid"),
                     check_uint(entries[i + 1], INDEX_BITS, f"entry {i // 3} index"),
-                    self._page_frames(entries[i + 2], pool),
+                    self._page_frames(entries[i + 2], pool, f"entry {i // 3} frame"),
                 )
             )
         return pool, batch
