@@ -220,12 +220,6 @@ def test_config_errors_name_the_key(doc: dict[str, Any], names: list[str]) -> No
         assert name in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tmemd/config.py:174 settings_from_doc: daemon.socket_mode is never validated; "
-    "int(mode, 8) on a bad string raises a bare ValueError naming no key, and an out-of-range "
-    "int (-1, 0o10000) is accepted",
-)
 @pytest.mark.parametrize("mode", ["rw-rw----", "0o999", -1, 0o10000])
 def test_config_bad_socket_mode_names_the_key(mode: str | int) -> None:
     with pytest.raises(ConfigError, match="socket_mode"):

@@ -15,7 +15,7 @@ import trio
 from tmemclient.units import format_size, parse_size
 from tmemd import logs
 from tmemd.admin import AdminServer, admin_gid
-from tmemd.config import ConfigError, Settings, load_config, settings_from_doc
+from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
 from tmemd.host import Host
 from tmemd.listen import SocketInUse, bind_unix, check_private_dir, unlink_quietly
 from tmemd.server import GuestServer
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory", type=_size, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
-    p.add_argument("--socket-mode", type=lambda s: int(s, 8), help="octal, default 660")
+    p.add_argument("--socket-mode", type=_mode, help="octal, default 660")
     p.add_argument("--log-format", choices=("json", "console", "auto"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--max-region-frames", type=int)
@@ -52,6 +52,13 @@ def _size(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _mode(text: str) -> int:
+    try:
+        return parse_mode(text, "--socket-mode")
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 

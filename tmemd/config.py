@@ -115,6 +115,17 @@ def _size(value: str | int, where: str) -> int:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def parse_mode(value: str | int, where: str) -> int:
+    """Socket permissions: an octal string ("0660") or an integer, 0..0o777."""
+    try:
+        mode = int(value, 8) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise ConfigError(f'{where} must be octal permissions like "0660", got {value!r}') from exc
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where} must be between 0000 and 0777, got {value!r}")
+    return mode
+
+
 def parse_guest(name: str, table: Any) -> GuestPolicy:
     """One [guests.NAME] table."""
     where = f"guests.{name}"
@@ -170,8 +181,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
     if "memory" in daemon:
         values["budget"] = _size(daemon["memory"], "daemon.memory")
     if "socket_mode" in daemon:
-        mode = daemon["socket_mode"]
-        values["socket_mode"] = int(mode, 8) if isinstance(mode, str) else mode
+        values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
     for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
         if key in daemon:
             values[key] = daemon[key]

@@ -34,7 +34,7 @@ from tmemclient.errors import (
 from tmemclient.units import format_size
 from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
-from tmemd.store import SLOT_SHIFT, Guest, Pool, Store
+from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -321,12 +321,14 @@ class Host:
         """Change the budget now; see Store.set_budget."""
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise InvalidArgument("budget must be an integer number of bytes")
-        try:
-            evicted = self.store.set_budget(budget)
-        except ValueError as exc:
+        if budget < SLOT_SIZE:
+            raise InvalidArgument(f"budget must be at least {SLOT_SIZE} bytes (one page)")
+        if budget > self.store.capacity:
             raise InvalidArgument(
-                f"{exc} (the address space reserved at start; restart tmemd to go beyond it)"
-            ) from exc
+                f"budget {format_size(budget)} exceeds the {format_size(self.store.capacity)} of "
+                "address space reserved at start (physical memory); restart tmemd to go beyond it"
+            )
+        evicted = self.store.set_budget(budget)
         persistent = sum(g.pers_slots for g in self.store.guests.values()) << SLOT_SHIFT
         result: dict[str, Any] = {
             "budget": self.store.budget,
