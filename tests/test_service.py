@@ -978,11 +978,6 @@ async def test_trio_cancelled_requests_never_mix_up_staged_pages(shared_daemon: 
                     ), f"page {key} holds bytes that were never put there"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrameRun.release() gives frames back to the allocator without notifying "
-    "AsyncClient._frames_freed, so a task waiting for staging frames is never woken",
-)
 async def test_trio_task_waiting_for_frames_wakes_when_reserved_frames_are_released(
     shared_daemon: Daemon,
 ) -> None:

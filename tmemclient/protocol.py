@@ -111,7 +111,12 @@ def error_for_status(status: int, message: str) -> TmemError:
 
 def status_for_error(exc: TmemError) -> Status:
     """The status a daemon answers for an exception raised while serving a request."""
-    return _ERROR_STATUS.get(type(exc), Status.PROTOCOL)
+    # Walk the class hierarchy so a subclass of a known error keeps its parent's status.
+    for cls in type(exc).__mro__:
+        status = _ERROR_STATUS.get(cls)
+        if status is not None:
+            return status
+    return Status.PROTOCOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,8 +316,15 @@ class Hello:
     @classmethod
     def decode(cls, message: Any) -> Hello:
         """Validate a decoded HELLO request; raise ProtocolError if it is not one."""
-        if type(message) is not list or len(message) != 5 or message[0] != Op.HELLO:
-            raise ProtocolError("the first frame must be HELLO [30, req_id, version, name, frames]")
+        if (
+            type(message) is not list
+            or len(message) != 5
+            or type(message[0]) is not int
+            or message[0] != Op.HELLO
+            or type(message[1]) is not int
+            or message[1] != 1
+        ):
+            raise ProtocolError("the first frame must be HELLO [30, 1, version, name, frames]")
         _, _, version, name, frames = message
         version = check_uint(version, 32, "protocol version")
         if type(name) is not str or not valid_guest_name(name):
@@ -361,7 +373,7 @@ class Limits:
         try:
             return cls(
                 version=check_uint(value["version"], 32, "version"),
-                guest=str(value["guest"]),
+                guest=_str(value["guest"], "guest"),
                 frames=check_uint(value["frames"], 32, "frames"),
                 max_frame=check_uint(value["max_frame"], 32, "max_frame"),
                 max_batch=check_uint(value["max_batch"], 32, "max_batch"),
@@ -369,6 +381,12 @@ class Limits:
             )
         except (KeyError, InvalidArgument) as exc:
             raise ProtocolError(f"bad HELLO reply: {exc}") from exc
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise InvalidArgument(f"{what} must be a string")
+    return value
 
 
 def split_reply(message: Any) -> tuple[int, int, Any]:
@@ -384,7 +402,7 @@ def split_reply(message: Any) -> tuple[int, int, Any]:
 
 
 def split_request(message: Any) -> tuple[int, int, list[Any]]:
-    """Check a request's outer shape and return (op, req_id, args).
+    """Check a request's outer shape and return (op, req_id, the whole message).
 
     A request that is not an array starting with two unsigned integers is a ProtocolError: we
     could not even say which request a reply belongs to. Everything past that (unknown ops,
@@ -393,8 +411,10 @@ def split_request(message: Any) -> tuple[int, int, list[Any]]:
     if type(message) is not list or len(message) < 2:
         raise ProtocolError("a request must be an array [op, req_id, *args]")
     op, req_id = message[0], message[1]
-    if type(op) is not int or type(req_id) is not int or not 0 <= req_id < 1 << 32 or op < 0:
-        raise ProtocolError("request op and req_id must be unsigned integers (req_id 32-bit)")
+    if type(op) is not int or type(req_id) is not int or not 0 < req_id < 1 << 32 or op < 0:
+        raise ProtocolError(
+            "request op and req_id must be unsigned integers (req_id 1..2**32-1; 0 is for notices)"
+        )
     return op, req_id, message
 
 

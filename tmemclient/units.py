@@ -18,11 +18,17 @@ def parse_size(text: str) -> int:
             f"cannot read size {text!r}: give bytes, or a number with K, M, G, T "
             "(or KiB, MiB, GiB, TiB), e.g. 256MiB"
         )
-    number, unit = match.groups()
-    value = float(number) * (1 << (10 * _UNITS[unit.upper()]))
-    if "." in number and value != int(value):
+    number: str = match.group(1)
+    unit: str = match.group(2)
+    scale: int = 1 << (10 * _UNITS[str(unit).upper()])
+    if "." not in number:
+        return int(number) * scale  # exact, however large
+    whole, frac = number.split(".")
+    numerator = int(whole + frac) * scale
+    denominator: int = 10 ** len(frac)
+    if numerator % denominator:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
+    return numerator // denominator
 
 
 def format_size(n: int) -> str:
