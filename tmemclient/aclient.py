@@ -24,7 +24,13 @@ import trio
 from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
 from tmemclient.client import _GONE, DEFAULT_FRAMES, FrameRun, hello_message, hello_reply
-from tmemclient.errors import DaemonGone, LimitExceeded, ProtocolError, TmemError
+from tmemclient.errors import (
+    DaemonGone,
+    DaemonShuttingDown,
+    LimitExceeded,
+    ProtocolError,
+    TmemError,
+)
 from tmemclient.protocol import (
     FRAME_SIZE,
     NEED_DATA,
@@ -149,7 +155,15 @@ class AsyncClient:
             raise LimitExceeded(
                 f"no run of {count} free frames in the region ({self.limits.frames})"
             )
-        return FrameRun(self._alloc, self._view, start, count)
+        return FrameRun(self._alloc, self._view, start, count, self._wake_frame_waiters)
+
+    def _wake_frame_waiters(self) -> None:
+        # Called from sync code (FrameRun.release): wake tasks waiting for staging frames.
+        trio.lowlevel.spawn_system_task(self._notify_frames_freed)
+
+    async def _notify_frames_freed(self) -> None:
+        async with self._frames_freed:
+            self._frames_freed.notify_all()
 
     async def new_pool(
         self,
@@ -266,7 +280,7 @@ class AsyncClient:
                     req_id, status, result = split_reply(message)
                     if req_id == 0:
                         if status == Status.SHUTDOWN:
-                            self.notice = f"tmemd is shutting down: {result}"
+                            self.notice = str(result)
                             continue
                         raise error_for_status(status, f"tmemd dropped the connection: {result}")
                     waiter = self._waiting.pop(req_id, None)
@@ -277,8 +291,10 @@ class AsyncClient:
                     if waiter.release is not None:
                         await self._release(waiter.release)
                 n = await self._sock.recv_into(buf)
+                if not n and self.notice:
+                    raise DaemonShuttingDown(f"{self.notice}; the connection is closed")
                 if not n:
-                    raise DaemonGone(self.notice or _GONE)
+                    raise DaemonGone(_GONE)
                 self._decoder.feed(memoryview(buf)[:n])
         except TmemError as exc:
             self._fail(exc)

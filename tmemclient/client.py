@@ -7,13 +7,14 @@ import mmap
 import os
 import socket
 import uuid as uuid_module
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
 from tmemclient.errors import (
     DaemonGone,
+    DaemonShuttingDown,
     InvalidArgument,
     LimitExceeded,
     ProtocolError,
@@ -67,9 +68,15 @@ class FrameRun:
     """
 
     def __init__(
-        self, allocator: FrameAllocator, region: memoryview, start: int, count: int
+        self,
+        allocator: FrameAllocator,
+        region: memoryview,
+        start: int,
+        count: int,
+        on_release: Callable[[], None] | None = None,
     ) -> None:
         self._allocator = allocator
+        self._on_release = on_release
         self.start = start
         self.count = count
         self.view = region[start * FRAME_SIZE : (start + count) * FRAME_SIZE]
@@ -86,6 +93,8 @@ class FrameRun:
             self.view.release()
             self._allocator.release(self.start, self.count)
             self.count = 0
+            if self._on_release is not None:
+                self._on_release()
 
     def __enter__(self) -> FrameRun:
         return self
@@ -273,6 +282,8 @@ class Client:
                 if req_id == 0:
                     self._notice(status, result)
                     continue
+                if req_id not in ids:
+                    raise ProtocolError(f"tmemd answered req_id {req_id}, which was not asked")
                 replies[req_id] = (status, result)
         except (OSError, ProtocolError) as exc:
             self._fail(exc)
@@ -295,15 +306,17 @@ class Client:
 
     def _notice(self, status: int, message: Any) -> None:
         if status == Status.SHUTDOWN:
-            self.notice = f"tmemd is shutting down: {message}"
+            self.notice = str(message)
         else:
             raise error_for_status(status, f"tmemd dropped the connection: {message}")
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, ProtocolError):
             self._closed = exc
+        elif self.notice:
+            self._closed = DaemonShuttingDown(f"{self.notice}; the connection is closed")
         else:
-            self._closed = DaemonGone(self.notice or f"{_GONE} ({exc})")
+            self._closed = DaemonGone(f"{_GONE} ({exc})")
         self._sock.close()
 
 

@@ -1,11 +1,24 @@
-"""``tmemd``: the host daemon's command line."""
+"""``tmemd``: the host daemon's command line, and its life as a service.
+
+    tmemd --socket PATH [--admin-socket PATH] [--memory SIZE] [--config FILE] ...
+    tmemd check-config FILE
+
+Under systemd the sockets come from socket activation (LISTEN_FDS, names ``guest`` and
+``admin``), readiness and status go to NOTIFY_SOCKET, and the watchdog is petted from the event
+loop. SIGTERM stops accepting, sends every guest a SHUTDOWN notice and drains for at most
+``shutdown_grace`` seconds; SIGHUP reloads the config (weights, caps, guest policy, log level)
+and keeps the old one if the new one is invalid.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import socket
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +33,7 @@ from tmemd.host import Host
 from tmemd.listen import SocketInUse, bind_unix, check_private_dir, unlink_quietly
 from tmemd.server import GuestServer
 from tmemd.store import Store
+from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
 
 log = structlog.get_logger("tmemd")
 
@@ -27,10 +41,14 @@ log = structlog.get_logger("tmemd")
 def build_parser() -> argparse.ArgumentParser:
     """The daemon's options; each one given overrides the config file."""
     p = argparse.ArgumentParser(
-        prog="tmemd", description="Transcendent memory daemon: lends a memory budget to guests."
+        prog="tmemd",
+        description="Transcendent memory daemon: lends a memory budget to guests. "
+        "`tmemd check-config FILE` validates a config and prints the effective settings.",
     )
     p.add_argument("--config", type=Path, help="TOML config (see systemd/tmemd.toml)")
-    p.add_argument("--socket", type=Path, help="guest socket path")
+    p.add_argument(
+        "--socket", type=Path, help="guest socket path (not needed when socket-activated)"
+    )
     p.add_argument(
         "--admin-socket", type=Path, help="admin socket path (0600, or 0660 with --admin-group)"
     )
@@ -45,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pools", type=int)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--handshake-timeout", type=float)
+    p.add_argument(
+        "--shutdown-grace", type=float, help="seconds guests are served after SIGTERM (5)"
+    )
     return p
 
 
@@ -62,22 +83,32 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+LIMIT_OPTIONS = (
+    "max_region_frames",
+    "max_pools",
+    "max_batch",
+    "handshake_timeout",
+    "shutdown_grace",
+)
+SETTING_OPTIONS = (
+    "socket",
+    "admin_socket",
+    "admin_group",
+    "budget",
+    "socket_mode",
+    "log_format",
+    "log_level",
+)
+
+
+def settings_from_args(args: argparse.Namespace, *, activated: bool = False) -> Settings:
     """Validated settings from the config file (if any) and the command line."""
-    limit_keys = ("max_region_frames", "max_pools", "max_batch", "handshake_timeout")
-    overrides: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in (
-            "socket",
-            "admin_socket",
-            "admin_group",
-            "budget",
-            "socket_mode",
-            "log_format",
-            "log_level",
-        )
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in SETTING_OPTIONS}
+    overrides["limits"] = {
+        k: getattr(args, k) for k in LIMIT_OPTIONS if getattr(args, k) is not None
     }
-    overrides["limits"] = {k: getattr(args, k) for k in limit_keys if getattr(args, k) is not None}
+    if activated and overrides["socket"] is None:
+        overrides["socket"] = Path("(socket-activated)")
     if args.config is not None:
         return load_config(args.config, overrides)
     return settings_from_doc({}, overrides)
@@ -88,57 +119,208 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-async def serve(settings: Settings) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
-    gid = admin_gid(settings.admin_group)
-    store = Store(settings.budget, capacity=max(settings.budget, physical_memory()))
-    host = Host(store, settings)
-    listener = await bind_unix(settings.socket, settings.socket_mode)
-    admin_listener = None
-    try:
-        if settings.admin_socket is not None:
-            check_private_dir(settings.admin_socket.parent, gid is not None)
-            mode = 0o660 if gid is not None else 0o600
-            admin_listener = await bind_unix(settings.admin_socket, mode, gid=gid)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(GuestServer(host, settings.limits).run, listener)
-                if admin_listener is not None:
-                    await nursery.start(AdminServer(host, gid=gid).run, admin_listener)
-                log.info(
-                    "daemon_ready",
-                    socket=str(settings.socket),
-                    admin_socket=str(settings.admin_socket) if settings.admin_socket else None,
-                    budget=settings.budget,
-                    budget_human=format_size(settings.budget),
-                    guests_configured=len(settings.guests),
-                    pid=os.getpid(),
-                )
-                async for signum in signals:
-                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
+def status_line(host: Host) -> str:
+    """The one-line summary systemd shows (STATUS=)."""
+    store = host.store
+    return f"{len(host.sessions)} guests, {format_size(store.used)} of {format_size(store.budget)} used"
+
+
+class Daemon:
+    """The daemon's lifetime: sockets, servers, signals, systemd notifications."""
+
+    def __init__(
+        self, settings: Settings, args: argparse.Namespace, activated: dict[str, int]
+    ) -> None:
+        self.settings = settings
+        self.args = args
+        self.activated = activated
+        self.notifier = Notifier()
+        self.store = Store(settings.budget, capacity=max(settings.budget, physical_memory()))
+        self.host = Host(self.store, settings)
+        self.guest_server = GuestServer(self.host, settings.limits)
+        self._owned: list[Path] = []  # socket files we created (and remove at exit)
+
+    async def _listener(
+        self, role: str, path: Path | None, mode: int, gid: int | None
+    ) -> trio.socket.SocketType | None:
+        fd = self.activated.get(role)
+        if fd is not None:
+            return trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        if path is None:
+            return None
+        if role == "admin":
+            check_private_dir(path.parent, gid is not None)
+        sock = await bind_unix(path, mode, gid=gid)
+        self._owned.append(path)
+        return sock
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and return."""
+        settings = self.settings
+        gid = admin_gid(settings.admin_group)
+        signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals_wanted) as signals:
+            listener = await self._listener("guest", settings.socket, settings.socket_mode, None)
+            admin_path = settings.admin_socket
+            admin_listener = await self._listener(
+                "admin", admin_path, 0o660 if gid is not None else 0o600, gid
+            )
+            assert listener is not None
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.guest_server.run, listener)
+                    admin_scope = trio.CancelScope()
+                    if admin_listener is not None:
+                        nursery.start_soon(
+                            self._admin,
+                            AdminServer(self.host, gid=gid),
+                            admin_listener,
+                            admin_scope,
+                        )
+                    log.info(
+                        "daemon_ready",
+                        socket=str(settings.socket)
+                        if "guest" not in self.activated
+                        else "activated",
+                        admin_socket=str(admin_path)
+                        if "admin" not in self.activated
+                        else "activated",
+                        budget=settings.budget,
+                        budget_human=format_size(settings.budget),
+                        guests_configured=len(settings.guests),
+                        pid=os.getpid(),
+                    )
+                    self.notifier.ready(status_line(self.host))
+                    nursery.start_soon(self._report_status)
+                    if self.notifier.watchdog_interval:
+                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            self.reload()
+                            continue
+                        self._stop(signal.Signals(signum).name, admin_scope)
+                        break
+                    # The guest server returns once every connection drained; then we go.
+                    with trio.move_on_after(settings.limits.shutdown_grace + 2):
+                        while self.guest_server.connections:
+                            await trio.sleep(0.05)
                     nursery.cancel_scope.cancel()
-                    break
-    finally:
-        listener.close()
-        unlink_quietly(settings.socket)
-        if admin_listener is not None and settings.admin_socket is not None:
-            admin_listener.close()
-            unlink_quietly(settings.admin_socket)
-        log.info("daemon_stopped", guests=len(host.sessions), used=store.used)
+            finally:
+                listener.close()
+                if admin_listener is not None:
+                    admin_listener.close()
+                for path in self._owned:
+                    unlink_quietly(path)
+                self.notifier.close()
+                log.info("daemon_stopped", guests=len(self.host.sessions), used=self.store.used)
+
+    async def _admin(
+        self, server: AdminServer, listener: trio.socket.SocketType, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            await server.run(listener)
+
+    def _stop(self, signame: str, admin_scope: trio.CancelScope) -> None:
+        grace = self.settings.limits.shutdown_grace
+        log.info("daemon_stopping", signal=signame, guests=len(self.host.sessions), grace=grace)
+        self.notifier.stopping()
+        admin_scope.cancel()
+        self.guest_server.shutdown(grace)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        if self.args.config is None:
+            log.warning("config_reload_skipped", reason="tmemd was started without --config")
+            return
+        self.notifier.reloading()
+        try:
+            new = settings_from_args(self.args, activated=bool(self.activated))
+            logs.configure(new.log_format, new.log_level)
+        except (ConfigError, ValueError) as exc:
+            log.error(
+                "config_reload_failed",
+                config=str(self.args.config),
+                error=str(exc),
+                kept="old config",
+            )
+            self.notifier.ready(status_line(self.host))
+            return
+        restart_needed = [
+            key
+            for key in ("socket", "admin_socket", "admin_group", "socket_mode", "budget")
+            if getattr(new, key) != getattr(self.settings, key)
+        ]
+        changed = self.host.reload(new)
+        self.settings = new
+        log.info(
+            "config_reloaded",
+            config=str(self.args.config),
+            guests_changed=changed,
+            needs_restart=restart_needed or None,
+        )
+        self.notifier.ready(status_line(self.host))
+
+    async def _report_status(self) -> None:
+        last = ""
+        while True:
+            line = status_line(self.host)
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await trio.sleep(1)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+
+def check_config(path: Path) -> int:
+    """``tmemd check-config FILE``: validate and print the effective settings."""
+    try:
+        settings = load_config(path, {"limits": {}})
+        admin_gid(settings.admin_group)
+    except (ConfigError, ValueError) as exc:
+        print(f"tmemd: {path}: {exc}", file=sys.stderr)
+        return 2
+    effective = asdict(settings)
+    effective["budget_human"] = format_size(settings.budget)
+    effective["socket_mode"] = f"{settings.socket_mode:04o}"
+    for policy in effective["guests"].values():
+        policy["uids"] = sorted(policy["uids"])
+    print(json.dumps(effective, indent=2, default=str))
+    print(f"tmemd: {path} is valid", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tmemd`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"]:
+        if len(argv) != 2:
+            print("usage: tmemd check-config FILE", file=sys.stderr)
+            return 2
+        return check_config(Path(argv[1]))
     args = build_parser().parse_args(argv)
     try:
-        settings = settings_from_args(args)
+        guest_fd, admin_fd = activated_sockets(listen_fds())
+    except ActivationError as exc:
+        print(f"tmemd: socket activation: {exc}", file=sys.stderr)
+        return 2
+    activated = {k: v for k, v in (("guest", guest_fd), ("admin", admin_fd)) if v is not None}
+    try:
+        if "guest" not in activated and args.socket is None and args.config is None:
+            raise ConfigError(
+                "no guest socket: pass --socket PATH, --config FILE, or start via tmemd.socket"
+            )
+        settings = settings_from_args(args, activated="guest" in activated)
         logs.configure(settings.log_format, settings.log_level)
         admin_gid(settings.admin_group)
     except (ConfigError, ValueError) as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(serve, settings)
+        trio.run(Daemon(settings, args, activated).run)
     except SocketInUse as exc:
         log.error("socket_in_use", error=str(exc))
         return 1

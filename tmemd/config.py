@@ -28,6 +28,8 @@ class Limits:
     max_connections_per_uid: int = 256
     handshake_timeout: float = 5.0  # seconds to complete HELLO after connecting
     send_timeout: float = 30.0  # seconds a guest may leave replies unread before it is dropped
+    shutdown_grace: float = 5.0  # seconds guests are served after SIGTERM, at most
+    drain_idle: float = 0.5  # ...and a guest silent this long after the notice is closed
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -37,8 +39,10 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_connections_per_uid < 1:
             raise ValueError("max_connections_per_uid must be at least 1")
-        if self.handshake_timeout <= 0 or self.send_timeout <= 0:
+        if min(self.handshake_timeout, self.send_timeout, self.drain_idle) <= 0:
             raise ValueError("timeouts must be positive")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown_grace must not be negative")
 
 
 @dataclass(frozen=True)

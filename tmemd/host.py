@@ -139,6 +139,41 @@ class Host:
                 del self.sessions[name]
                 self.store.remove_guest(member.guest)
 
+    def reload(self, settings: Settings) -> list[str]:
+        """Adopt a reloaded config: guest policies, weights and caps. The new config is the
+        administrator's new baseline, so it replaces weights and caps set live with tmemctl
+        (freezes stay). Connected guests keep their connections. Returns what changed."""
+        changed = []
+        old = self.settings
+        self.settings = settings
+        for name, policy in settings.guests.items():
+            if old.guests.get(name) == policy:
+                continue
+            changed.append(name)
+            over = self.overrides.get(name)
+            if over is not None:
+                over.weight, over.cap, over.cap_set = None, None, False
+            guest = self.store.guests.get(name)
+            if guest is not None:
+                guest.weight = policy.weight
+                evicted = self.store.set_cap(guest, policy.cap)
+                log.info(
+                    "guest_policy_reloaded",
+                    guest=name,
+                    weight=policy.weight,
+                    cap=policy.cap,
+                    evicted=evicted,
+                )
+        for name in set(old.guests) - set(settings.guests):
+            changed.append(name)
+            if name in self.sessions:
+                log.warning(
+                    "guest_unlisted_while_connected",
+                    guest=name,
+                    hint="it keeps its connection; it cannot reconnect under this name",
+                )
+        return sorted(changed)
+
     # ------------------------------------------------------------------ shared pools
 
     def open_shared(self, member: Member, uuid: bytes, order: int) -> Pool:

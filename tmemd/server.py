@@ -46,8 +46,7 @@ log = structlog.get_logger("tmemd.server")
 RECV_SIZE = 256 * 1024
 
 
-class HandshakeFailed(Exception):
-    """The connection ended before a session could start (already answered and logged)."""
+SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
@@ -67,16 +66,31 @@ class GuestServer:
         self.limits = limits
         self.connections = 0
         self._per_uid: Counter[int] = Counter()
+        self._accepting = trio.CancelScope()
+        self._waiting: set[trio.CancelScope] = set()  # connections blocked in recv
+        self.stopping = False
+        self._grace_deadline = float("inf")
 
     async def run(
         self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept connections until cancelled."""
+        """Accept connections until ``shutdown``; return when every connection has ended."""
         async with trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(self._serve, sock)
+            with self._accepting:
+                while True:
+                    sock, _ = await listener.accept()
+                    nursery.start_soon(self._serve, sock)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting; tell every guest the daemon is going away (a SHUTDOWN notice, req_id
+        0); keep serving what they send for at most ``grace`` seconds, closing each connection
+        once its guest goes quiet (``drain_idle``) or closes it."""
+        self.stopping = True
+        self._grace_deadline = trio.current_time() + grace
+        self._accepting.cancel()
+        for scope in list(self._waiting):
+            scope.cancel()  # wake connections idle in recv so they send the notice now
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
         try:
@@ -238,6 +252,7 @@ class GuestServer:
         decoder.feed(leftover)
         buf = bytearray(RECV_SIZE)
         handle = session.handle
+        notified = False
         while True:
             replies: list[bytes] = []
             try:
@@ -253,9 +268,25 @@ class GuestServer:
                     await send_all(sock, b"".join(replies) if len(replies) > 1 else replies[0])
             # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
             # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
-            n, ancdata, msg_flags, _ = await sock.recvmsg_into(
-                [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
-            )
+            if self.stopping and not notified:
+                notified = True
+                with trio.move_on_after(1), _quiet():
+                    await send_all(sock, SHUTDOWN_NOTICE)
+            deadline = float("inf")
+            if self.stopping:
+                deadline = min(self._grace_deadline, trio.current_time() + self.limits.drain_idle)
+            with trio.CancelScope(deadline=deadline) as waiting:
+                self._waiting.add(waiting)
+                try:
+                    n, ancdata, msg_flags, _ = await sock.recvmsg_into(
+                        [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                    )
+                finally:
+                    self._waiting.discard(waiting)
+            if waiting.cancelled_caught:
+                if notified:
+                    return "daemon shutting down"
+                continue  # shutdown began while we waited: send the notice first
             if ancdata or msg_flags & socket.MSG_CTRUNC:
                 with contextlib.suppress(ProtocolError):
                     close_all(fds_from_ancillary(ancdata, msg_flags))
