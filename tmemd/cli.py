@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -117,6 +118,22 @@ def settings_from_args(args: argparse.Namespace, *, activated: bool = False) -> 
 def physical_memory() -> int:
     """Bytes of RAM, so the arena's address space lets the budget grow to it at run time."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each guest costs two fds (its socket and
+    mmap's copy of its region memfd). Returns (soft, hard) as they are afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:  # the kernel caps NOFILE at fs.nr_open anyway
+        target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, hard
+    return target, hard
 
 
 def status_line(host: Host) -> str:
@@ -319,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
+    soft, hard = raise_fd_limit()
+    log.info("fd_limit", soft=soft, hard=hard, fds_per_guest=2)
     try:
         trio.run(Daemon(settings, args, activated).run)
     except SocketInUse as exc:

@@ -1,0 +1,1002 @@
+"""tmemd as a systemd service: sd_notify, socket activation, reload, graceful stop.
+
+Unit tests of tmemd/systemd.py, then integration tests that start tmemd the way systemd does:
+the test binds both listening sockets itself, hands them over as fds 3 and 4 (LISTEN_FDS=2,
+LISTEN_PID, LISTEN_FDNAMES=guest:admin) and reads a fake NOTIFY_SOCKET. A small launcher puts
+the fds in place and sets LISTEN_PID to its own pid before it execs tmemd, so the pid is exactly
+the daemon's. Every socket has a timeout, every wait a bound, every process is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, Daemon
+
+import tmemclient
+from tmemclient import Client, DaemonGone
+from tmemclient.admin import AdminClient
+from tmemd import cli
+from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
+
+IO_TIMEOUT = 20.0
+PAGE = 4096
+
+# ---------------------------------------------------------------------------------------------
+# Notifier
+
+
+@pytest.fixture
+def notify_reader(tmp_path: Path) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's notify socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(IO_TIMEOUT)
+    yield sock
+    sock.close()
+
+
+def test_notifier_sends_fields_in_one_datagram(
+    tmp_path: Path, notify_reader: socket.socket
+) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        assert notifier.enabled
+        assert notifier.ready("0 guests")
+        assert notify_reader.recv(4096) == b"READY=1\nSTATUS=0 guests"
+        assert notifier.status("two\nlines")
+        assert notify_reader.recv(4096) == b"STATUS=two lines"  # a newline would split fields
+        for method, expected in (
+            (notifier.watchdog, b"WATCHDOG=1"),
+            (notifier.stopping, b"STOPPING=1"),
+            (notifier.reloading, b"RELOADING=1"),
+        ):
+            assert method()
+            assert notify_reader.recv(4096) == expected
+        notifier.close()
+        assert notifier.watchdog()  # reopens after close
+        assert notify_reader.recv(4096) == b"WATCHDOG=1"
+    finally:
+        notifier.close()
+
+
+def test_notifier_speaks_to_an_abstract_socket() -> None:
+    name = f"tmem-test-{uuid.uuid4().hex}"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.settimeout(IO_TIMEOUT)
+    notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+    try:
+        reader.bind("\0" + name)
+        assert notifier.address == "\0" + name
+        assert notifier.stopping()
+        assert reader.recv(4096) == b"STOPPING=1"
+    finally:
+        notifier.close()
+        reader.close()
+
+
+@pytest.mark.parametrize("env", [{}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "relative/path"}])
+def test_notifier_without_a_notify_socket_does_nothing(env: dict[str, str]) -> None:
+    notifier = Notifier(env)
+    assert not notifier.enabled
+    assert not notifier.ready("x")
+    assert not notifier.watchdog()
+    notifier.close()
+
+
+def test_notifier_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    notifier = Notifier()
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+
+
+def test_notifier_to_a_missing_socket_fails_quietly(tmp_path: Path) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    try:
+        assert notifier.enabled
+        assert notifier.ready("x") is False
+    finally:
+        notifier.close()
+
+
+def test_notifier_never_blocks_when_the_reader_falls_behind(
+    tmp_path: Path, notify_reader: socket.socket
+) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    results: list[bool] = []
+
+    def flood() -> None:
+        for i in range(2000):  # the reader never reads: its queue fills after a few datagrams
+            results.append(notifier.status(f"line {i}"))
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    thread.join(IO_TIMEOUT)
+    try:
+        assert not thread.is_alive(), "Notifier.send blocked on a full notify socket"
+        assert results[0] is True
+        assert False in results, "the queue never filled: the test proves nothing"
+        notify_reader.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(len(results)):
+                notify_reader.recv(4096)
+        assert notifier.status("after") is True  # the reader caught up: messages flow again
+    finally:
+        notifier.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "interval"),
+    [
+        ({"WATCHDOG_USEC": "200000"}, 0.1),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": ""}, None),
+        ({}, None),
+    ],
+)
+def test_watchdog_interval_is_half_of_watchdog_usec(
+    env: dict[str, str], interval: float | None
+) -> None:
+    assert Notifier(env).watchdog_interval == interval
+
+
+# ---------------------------------------------------------------------------------------------
+# listen_fds / activated_sockets, in this process (nothing here touches an fd)
+
+ME = str(os.getpid())
+
+
+def test_listen_fds_without_variables_is_empty() -> None:
+    assert listen_fds({}) == {}
+    assert listen_fds({"LISTEN_FDS": "2"}) == {}  # no LISTEN_PID: not for us
+
+
+def test_listen_fds_for_another_pid_is_empty_and_unset() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "guest:admin", "PATH": "/x"}
+    assert listen_fds(env) == {}
+    assert env == {"PATH": "/x"}  # children must not inherit them either way
+
+
+def test_listen_fds_can_leave_the_variables_set() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    assert listen_fds(env, unset=False) == {}
+    assert env == {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+
+
+@pytest.mark.parametrize(
+    ("count", "names", "message"),
+    [
+        ("two", None, "not a number"),
+        ("0", None, "out of range"),
+        ("-1", None, "out of range"),
+        ("65", None, "out of range"),
+        ("2", "guest", "1 names for 2 fds"),
+        ("1", "guest:admin", "2 names for 1 fds"),
+    ],
+)
+def test_listen_fds_refuses_inconsistent_variables(
+    count: str, names: str | None, message: str
+) -> None:
+    env = {"LISTEN_PID": ME, "LISTEN_FDS": count}
+    if names is not None:
+        env["LISTEN_FDNAMES"] = names
+    with pytest.raises(ActivationError, match=message):
+        listen_fds(env)
+    assert env == {}
+
+
+@pytest.fixture
+def unix_listener(tmp_path: Path) -> Iterator[Callable[..., socket.socket]]:
+    """Unix sockets bound in tmp_path (listening unless told otherwise); closed at teardown."""
+    made: list[socket.socket] = []
+
+    def make(listen: bool = True, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        made.append(sock)
+        sock.bind(str(tmp_path / f"s{len(made)}.sock"))
+        if listen:
+            sock.listen()
+        return sock
+
+    yield make
+    for sock in made:
+        sock.close()
+
+
+def test_activated_sockets_by_name(unix_listener: Callable[..., socket.socket]) -> None:
+    g, a = unix_listener().fileno(), unix_listener().fileno()
+    assert activated_sockets({"guest": [g], "admin": [a]}) == (g, a)
+    assert activated_sockets({"tmemd.socket": [g], "tmemd-admin.socket": [a]}) == (g, a)
+    assert activated_sockets({"guest": [g]}) == (g, None)
+    assert activated_sockets({"admin": [a]}) == (None, a)
+    assert activated_sockets({"unknown": [g]}) == (g, None)  # one unnamed socket: the guests'
+    assert activated_sockets({}) == (None, None)
+    os.fstat(g)  # still open: activated_sockets closes nothing
+    os.fstat(a)
+
+
+def test_activated_sockets_refuses_names_that_are_not_ours(
+    unix_listener: Callable[..., socket.socket],
+) -> None:
+    g, a = unix_listener().fileno(), unix_listener().fileno()
+    with pytest.raises(ActivationError, match="'http' is not ours"):
+        activated_sockets({"guest": [g], "http": [a]})
+    with pytest.raises(ActivationError, match="not ours"):
+        activated_sockets({"unknown": [g, a]})  # unnamed but two of them: which is which?
+    with pytest.raises(ActivationError, match="2 sockets named 'guest'"):
+        activated_sockets({"guest": [g, a]})
+
+
+def test_activated_sockets_refuses_a_socket_that_does_not_listen(
+    unix_listener: Callable[..., socket.socket],
+) -> None:
+    bound = unix_listener(listen=False).fileno()
+    with pytest.raises(ActivationError, match=f"fd {bound} is not a listening Unix stream"):
+        activated_sockets({"guest": [bound]})
+    dgram = unix_listener(listen=False, kind=socket.SOCK_DGRAM).fileno()
+    with pytest.raises(ActivationError, match="not a listening Unix stream"):
+        activated_sockets({"admin": [dgram]})
+
+
+def test_activated_sockets_refuses_an_internet_socket() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        with pytest.raises(ActivationError, match="not a listening Unix stream"):
+            activated_sockets({"guest": [tcp.fileno()]})
+
+
+def test_activated_sockets_refuses_an_fd_that_is_not_a_socket() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ActivationError, match=f"fd {r} is not a socket"):
+            activated_sockets({"guest": [r]})
+        os.fstat(r)  # not closed by the check
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching a process the way systemd does
+
+# argv: SLOTS SOFT_NOFILE COMMAND...; SLOTS is a comma-separated list of this process's fd
+# numbers to become fds 3, 4, ... ("-" leaves that one closed); SOFT_NOFILE lowers the soft fd
+# limit ("-" keeps it). LISTEN_PID is set to our pid (which exec keeps) unless already given.
+LAUNCHER = r"""
+import fcntl, os, resource, sys
+slots = [s for s in sys.argv[1].split(",") if s]
+held = []
+for s in slots:
+    if s == "-":
+        held.append(None)
+        continue
+    held.append(fcntl.fcntl(int(s), fcntl.F_DUPFD, 200))
+    os.close(int(s))
+for i, fd in enumerate(held):
+    if fd is None:
+        try:
+            os.close(3 + i)
+        except OSError:
+            pass
+    else:
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+os.closerange(3 + len(held), 1024)
+if sys.argv[2] != "-":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), hard))
+os.environ.setdefault("LISTEN_PID", str(os.getpid()))
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def launch(
+    fds: list[int | None],
+    command: list[str],
+    env: dict[str, str],
+    *,
+    soft_nofile: int | None = None,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start ``command`` with ``fds`` as its fds 3, 4, ... (None: that one closed)."""
+    slots = ",".join("-" if fd is None else str(fd) for fd in fds)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    full_env.pop("WATCHDOG_USEC", None)
+    full_env.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            slots,
+            "-" if soft_nofile is None else str(soft_nofile),
+            *command,
+        ],
+        pass_fds=[fd for fd in fds if fd is not None],
+        env=full_env,
+        cwd=ROOT,
+        **popen,
+    )
+
+
+ACTIVATION_CHILD = r"""
+import json, os
+from tmemd.systemd import ActivationError, activated_sockets, listen_fds
+out = {}
+try:
+    fds = listen_fds()
+    out["fds"] = fds
+    out["cloexec"] = [not os.get_inheritable(fd) for v in fds.values() for fd in v]
+    out["sockets"] = list(activated_sockets(fds))
+except ActivationError as exc:
+    out["error"] = str(exc)
+out["env"] = sorted(k for k in os.environ if k.startswith("LISTEN_"))
+print(json.dumps(out))
+"""
+
+
+def activation_child(fds: list[int | None], **env: str) -> dict[str, Any]:
+    """What listen_fds/activated_sockets make of ``fds`` passed as 3, 4, ... with ``env``."""
+    proc = launch(
+        fds, [sys.executable, "-c", ACTIVATION_CHILD], env, stdout=subprocess.PIPE, text=True
+    )
+    out, _ = proc.communicate(timeout=IO_TIMEOUT)
+    assert proc.returncode == 0, out
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_listen_fds_takes_the_passed_sockets(unix_listener: Callable[..., socket.socket]) -> None:
+    g, a = unix_listener(), unix_listener()
+    out = activation_child([g.fileno(), a.fileno()], LISTEN_FDS="2", LISTEN_FDNAMES="guest:admin")
+    assert out == {
+        "fds": {"guest": [3], "admin": [4]},
+        "cloexec": [True, True],  # not leaked to anything tmemd might start
+        "sockets": [3, 4],
+        "env": [],
+    }
+
+
+def test_listen_fds_refuses_fds_that_are_not_open(
+    unix_listener: Callable[..., socket.socket],
+) -> None:
+    out = activation_child(
+        [unix_listener().fileno(), None], LISTEN_FDS="2", LISTEN_FDNAMES="guest:admin"
+    )
+    assert out == {"error": "LISTEN_FDS=2 but fd 4 is not open", "env": []}
+
+
+def test_listen_fds_ignores_sockets_meant_for_another_pid(
+    unix_listener: Callable[..., socket.socket],
+) -> None:
+    out = activation_child([unix_listener().fileno()], LISTEN_FDS="1", LISTEN_PID="1")
+    assert out == {"fds": {}, "cloexec": [], "sockets": [None, None], "env": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# tmemd, socket-activated
+
+
+def parse_notify(data: bytes) -> dict[str, str]:
+    """One sd_notify datagram as a dict of its fields."""
+    return dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+
+
+class NotifyReader:
+    """The fake NOTIFY_SOCKET: a thread reads it promptly, as systemd does (a reader that falls
+    behind makes tmemd drop messages, by design), and keeps every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[dict[str, str]] = []
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closing:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._changed:
+                self.messages.append(parse_notify(data))
+                self._changed.notify_all()
+
+    def wait(
+        self, pred: Callable[[dict[str, str]], bool], start: int = 0, timeout: float = 10.0
+    ) -> int:
+        """Index of the first message from ``start`` on that ``pred`` accepts (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._changed:
+            while True:
+                while i < len(self.messages):
+                    if pred(self.messages[i]):
+                        return i
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no such notify message within {timeout}s: {self.messages}"
+                    )
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self._closing = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+def has(key: str, value: str = "1") -> Callable[[dict[str, str]], bool]:
+    """A predicate: the message sets ``key`` to ``value``."""
+    return lambda m: m.get(key) == value
+
+
+def status_starts(prefix: str) -> Callable[[dict[str, str]], bool]:
+    """A predicate: the message's STATUS= starts with ``prefix``."""
+    return lambda m: m.get("STATUS", "").startswith(prefix)
+
+
+class ActivatedDaemon(Daemon):
+    """A tmemd started with the service's sockets (conftest's Daemon, launched differently)."""
+
+    def __init__(self, service: Service, *args: str, soft_nofile: int | None = None) -> None:
+        self.workdir = service.dir
+        self.socket = service.guest_path
+        self.log_path = service.dir / f"tmemd-{len(service.daemons)}.log"
+        self._log = self.log_path.open("wb")
+        self.args = ["--config", str(service.config), *args]
+        self.proc = launch(
+            [service.guest.fileno(), service.admin.fileno()],
+            [sys.executable, "-m", "tmemd", *self.args],
+            {
+                "LISTEN_FDS": "2",
+                "LISTEN_FDNAMES": "guest:admin",
+                "NOTIFY_SOCKET": str(service.notify.path),
+                "WATCHDOG_USEC": "200000",
+            },
+            soft_nofile=soft_nofile,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_text(self) -> str:
+        """Everything the daemon wrote, also after ``stop``."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+class Service:
+    """What systemd holds for tmemd: its two listening sockets, a notify socket, the config."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base
+        self.guest_path = base / "tmemd.sock"
+        admin_dir = base / "admin"
+        admin_dir.mkdir(mode=0o700)
+        self.admin_path = admin_dir / "admin.sock"
+        self.guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.guest.bind(str(self.guest_path))
+        self.guest.listen(16)
+        self.admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.admin.bind(str(self.admin_path))
+        self.admin.listen(16)
+        self.notify = NotifyReader(base / "notify")
+        self.config = base / "tmemd.toml"
+        # The config's own socket paths: with socket activation tmemd must not create them.
+        self.unused_paths = [base / "unused.sock", admin_dir / "unused-admin.sock"]
+        self.write_config()
+        self.daemons: list[ActivatedDaemon] = []
+        self.clients: list[Client] = []
+
+    def write_config(self, weight: int | str = 200, limits: str = "") -> None:
+        self.config.write_text(
+            "[daemon]\n"
+            f'socket = "{self.unused_paths[0]}"\n'
+            f'admin_socket = "{self.unused_paths[1]}"\n'
+            'memory = "64MiB"\n'
+            'log_format = "json"\n'
+            f"[limits]\n{limits}\n"
+            "[guests.vm1]\n"
+            f"uids = [{os.getuid()}]\n"
+            f"weight = {weight}\n"
+        )
+
+    def start(self, *args: str, soft_nofile: int | None = None) -> ActivatedDaemon:
+        """Start tmemd on these sockets and wait for its READY=1 (bounded)."""
+        start = len(self.notify.messages)
+        daemon = ActivatedDaemon(self, *args, soft_nofile=soft_nofile)
+        self.daemons.append(daemon)
+        try:
+            self.notify.wait(has("READY"), start, timeout=15)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\ntmemd's log:\n{daemon.log_text()}") from None
+        return daemon
+
+    def connect(self, name: str, frames: int = 64) -> Client:
+        client = tmemclient.connect(self.guest_path, name=name, frames=frames, timeout=IO_TIMEOUT)
+        client._sock.settimeout(IO_TIMEOUT)
+        self.clients.append(client)
+        return client
+
+    def admin_call(self, op: str, **args: Any) -> Any:
+        with AdminClient(self.admin_path, timeout=IO_TIMEOUT) as admin:
+            return admin.call(op, **args)
+
+    def account(self, name: str) -> dict[str, Any]:
+        rows = [r for r in self.admin_call("guests") if r["name"] == name]
+        assert len(rows) == 1, rows
+        row: dict[str, Any] = rows[0]
+        return row
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for daemon in self.daemons:
+            daemon.stop()
+        self.guest.close()
+        self.admin.close()
+        self.notify.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    s = Service(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def page(name: str, idx: int, tag: int = 0) -> bytes:
+    """A page no other (name, idx, tag) produces."""
+    return (f"{name}:{idx}:{tag}|".encode() * PAGE)[:PAGE]
+
+
+def test_activated_daemon_reports_ready_status_and_watchdog(service: Service) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft = 256 if hard > 256 else None
+    daemon = service.start("--log-level", "info", soft_nofile=soft)
+    ready = service.notify.messages[service.notify.wait(has("READY"))]
+    assert ready["STATUS"] == "0 guests, 0B of 64.0MiB used"
+    event = daemon.wait_event("daemon_ready")[0]
+    assert (event["socket"], event["admin_socket"]) == ("activated", "activated")
+    fd_limit = daemon.wait_event("fd_limit")[0]
+    assert fd_limit["hard"] == hard
+    assert fd_limit["soft"] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+
+    client = service.connect("vm1")
+    pool = client.new_pool()
+    assert pool.put(1, 1, page("vm1", 1))
+    service.notify.wait(status_starts("1 guests, 4.0KiB of 64.0MiB"), timeout=10)
+    row = service.account("vm1")
+    assert (row["weight"], row["pages"]) == (200, 1)
+    assert pool.get(1, 1) == page("vm1", 1)
+
+    first = service.notify.wait(has("WATCHDOG"))
+    later = service.notify.wait(has("WATCHDOG"), first + 1)
+    service.notify.wait(has("WATCHDOG"), later + 1)
+
+    client.close()
+    assert daemon.stop() == 0
+    service.notify.wait(has("STOPPING"))
+    # Sockets systemd made are systemd's: tmemd leaves them in place, and creates none of its own.
+    assert service.guest_path.is_socket()
+    assert service.admin_path.is_socket()
+    assert not any(p.exists() for p in service.unused_paths)
+    assert daemon.events("daemon_stopped")
+
+
+def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one(
+    service: Service,
+) -> None:
+    daemon = service.start()
+    client = service.connect("vm1")
+    pool = client.new_pool(persistent=True)
+    assert pool.put(1, 1, page("vm1", 1))
+    assert service.account("vm1")["weight"] == 200
+
+    service.write_config(weight=300)
+    start = len(service.notify.messages)
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloading = service.notify.wait(has("RELOADING"), start)
+    service.notify.wait(has("READY"), reloading + 1)
+    assert daemon.wait_event("config_reloaded")[0]["guests_changed"] == ["vm1"]
+    assert service.account("vm1")["weight"] == 300
+
+    bad = [("[daemon\n", "not valid TOML"), (None, "guests.vm1")]
+    for n, (text, error) in enumerate(bad, 1):
+        if text is None:
+            service.write_config(weight=0)  # out of range: the key is named
+        else:
+            service.config.write_text(text)
+        start = len(service.notify.messages)
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloading = service.notify.wait(has("RELOADING"), start)
+        service.notify.wait(has("READY"), reloading + 1)
+        failed = daemon.wait_event("config_reload_failed", count=n)[-1]
+        assert error in failed["error"], failed
+        assert failed["kept"] == "old config"
+        assert service.account("vm1")["weight"] == 300  # the old config still rules
+        assert pool.get(1, 1) == page("vm1", 1)  # and the daemon still serves
+        assert service.connect(f"other{n}").new_pool().put(1, 1, page("o", n))
+    assert len(daemon.events("config_reloaded")) == 1
+    assert daemon.alive
+
+
+DRAIN_GUEST = r"""
+import json, sys, time
+import tmemclient
+
+path, name = sys.argv[1], sys.argv[2]
+
+def page(idx, tag):
+    return (f"{name}:{idx}:{tag}|".encode() * 4096)[:4096]
+
+report = {"batches": 0, "verified": 0, "bad": [], "notice": None, "outcome": None}
+try:
+    client = tmemclient.connect(path, name=name, frames=128, timeout=20)
+    client._sock.settimeout(20)
+    pool = client.new_pool(persistent=True)
+    expected = {}  # index -> tag of every page whose put returned True
+    for tag in range(1, 100000):  # bounded; the daemon's shutdown ends it long before
+        if client.notice is not None and report["notice"] is None:
+            report["notice"] = client.notice
+            keys = sorted(expected)
+            got = pool.get_many([(1, idx) for idx in keys])
+            report["bad"] = [i for i, d in zip(keys, got) if d != page(i, expected[i])][:10]
+            report["verified"] = len(keys) - len(report["bad"])
+            time.sleep(3.0)  # silent for longer than drain_idle: the daemon closes
+        batch = [(1, (tag * 32 + k) % 2048, None) for k in range(32)]
+        batch = [(oid, idx, page(idx, tag)) for oid, idx, _ in batch]
+        for (_, idx, _), ok in zip(batch, pool.put_many(batch)):
+            if ok:
+                expected[idx] = tag
+            else:
+                expected.pop(idx, None)  # a refused put drops the older copy too
+        report["batches"] += 1
+        if report["batches"] == 4:
+            print("running", flush=True)
+    report["outcome"] = "never stopped"
+except tmemclient.DaemonGone as exc:  # DaemonShuttingDown is a DaemonGone
+    report["outcome"] = type(exc).__name__
+    report["error"] = str(exc)
+except BaseException as exc:
+    report["outcome"] = f"unexpected {type(exc).__name__}: {exc}"
+print(json.dumps(report), flush=True)
+"""
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One line of a guest's stdout, or '' if none came in time or it ended."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return proc.stdout.readline()
+
+
+def test_sigterm_drains_guests_mid_batch_and_exits_cleanly(service: Service) -> None:
+    service.write_config(limits="drain_idle = 1.5")
+    daemon = service.start("--shutdown-grace", "10")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    guests = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRAIN_GUEST, str(service.guest_path), f"w{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(4)
+    ]
+    try:
+        for guest in guests:
+            assert read_line(guest, 20) == "running\n", guest.communicate(timeout=IO_TIMEOUT)
+        start = len(service.notify.messages)
+        stopped_at = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        reports = []
+        for guest in guests:
+            out, err = guest.communicate(timeout=30)
+            assert guest.returncode == 0, err
+            reports.append(json.loads(out.splitlines()[-1]))
+        assert daemon.proc.wait(timeout=30) == 0
+        assert time.monotonic() - stopped_at < 25
+    finally:
+        for guest in guests:
+            if guest.poll() is None:
+                guest.kill()
+                guest.wait(timeout=IO_TIMEOUT)
+    service.notify.wait(has("STOPPING"), start)
+    for report in reports:
+        assert report["outcome"] == "DaemonShuttingDown", report
+        assert report["notice"] == "tmemd is shutting down; reconnect later", report
+        assert report["bad"] == [], report
+        assert report["verified"] > 0, report
+    assert len(daemon.events("guest_disconnected")) == 4
+    assert {e["reason"] for e in daemon.events("guest_disconnected")} == {"daemon shutting down"}
+    assert daemon.events("daemon_stopping")[0]["signal"] == "SIGTERM"
+
+
+def test_guest_reconnects_after_a_restart_and_finds_its_pages_gone(service: Service) -> None:
+    first = service.start()
+    client = service.connect("vm1")
+    eph, per = client.new_pool(), client.new_pool(persistent=True)
+    assert eph.put(1, 1, page("vm1", 1))
+    assert per.put(1, 2, page("vm1", 2))
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=15) == 0  # the idle guest is closed after drain_idle
+    # The notice sits unread in the socket of this idle guest, and the send hits the closed
+    # connection first: the client says DaemonGone (DaemonShuttingDown when it saw the notice).
+    with pytest.raises(DaemonGone):
+        per.get(1, 2)
+
+    # Meanwhile systemd keeps the socket: a guest connecting now waits in its backlog until the
+    # next tmemd accepts it.
+    result: list[Client | BaseException] = []
+
+    def reconnect() -> None:
+        try:
+            result.append(tmemclient.connect(service.guest_path, name="vm1", timeout=IO_TIMEOUT))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=reconnect, daemon=True)
+    thread.start()
+    second = service.start()
+    thread.join(IO_TIMEOUT)
+    assert not thread.is_alive()
+    again = result[0]
+    assert isinstance(again, Client), again
+    service.clients.append(again)
+    again._sock.settimeout(IO_TIMEOUT)
+    eph2, per2 = again.new_pool(), again.new_pool(persistent=True)
+    assert eph2.get(1, 1) is None  # ephemeral data simply missing
+    assert per2.get(1, 2) is None  # persistent pages went with the old daemon (today)
+    assert per2.put(1, 2, page("vm1", 2, tag=1))
+    assert per2.get(1, 2) == page("vm1", 2, tag=1)
+    assert service.account("vm1")["persistent_bytes"] == PAGE
+    assert second.alive
+
+
+def test_activation_with_a_socket_that_is_not_ours_exits_2(
+    unix_listener: Callable[..., socket.socket],
+) -> None:
+    proc = launch(
+        [unix_listener().fileno(), unix_listener().fileno()],
+        [sys.executable, "-m", "tmemd", "--memory", "16MiB"],
+        {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "guest:metrics"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=IO_TIMEOUT)
+    assert proc.returncode == 2
+    assert "socket activation: socket named 'metrics' is not ours" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Started by hand; check-config
+
+
+def test_started_by_hand_it_binds_and_removes_its_own_sockets(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    admin_path = tmp_path / "d" / "adm" / "admin.sock"
+    daemon = start_daemon("--memory", "16MiB", "--admin-socket", str(admin_path))
+    assert daemon.socket.is_socket()
+    assert admin_path.is_socket()
+    event = daemon.wait_event("daemon_ready")[0]
+    assert (event["socket"], event["admin_socket"]) == (str(daemon.socket), str(admin_path))
+    client = tmemclient.connect(daemon.socket, name="vm1", frames=16, timeout=IO_TIMEOUT)
+    try:
+        client._sock.settimeout(IO_TIMEOUT)
+        assert client.new_pool().put(1, 1, page("vm1", 1))
+        with AdminClient(admin_path, timeout=IO_TIMEOUT) as admin:
+            assert admin.call("status")["used"] == PAGE
+    finally:
+        client.close()
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert not admin_path.exists()
+
+
+def run_tmemd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "tmemd", *args],
+        capture_output=True,
+        text=True,
+        timeout=IO_TIMEOUT,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def test_check_config_of_the_example_prints_its_settings(tmp_path: Path) -> None:
+    example = ROOT / "systemd" / "tmemd.toml"
+    # The example names admin_group "tmem-admin", which the install steps create; a host
+    # without it gets a copy that names the root group instead.
+    copy = tmp_path / "tmemd.toml"
+    copy.write_text(example.read_text().replace('admin_group = "tmem-admin"', 'admin_group = "0"'))
+    result = run_tmemd("check-config", str(copy))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["budget"] == 4 << 30
+    assert settings["budget_human"] == "4.0GiB"
+    assert settings["socket"] == "/run/tmemd/tmemd.sock"
+    assert settings["admin_socket"] == "/run/tmemd/admin.sock"
+    assert settings["socket_mode"] == "0660"
+    assert settings["guests"]["db"] == {
+        "uids": [1001],
+        "weight": 300,
+        "cap": 2 << 30,
+        "sessions": 1,
+    }
+    assert settings["limits"]["shutdown_grace"] == 5.0
+    assert f"{copy} is valid" in result.stderr
+
+    result = run_tmemd("check-config", str(example))
+    if group_exists("tmem-admin"):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["admin_group"] == "tmem-admin"
+    else:
+        assert result.returncode == 2
+        assert "admin group 'tmem-admin' does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[daemon]\nsokcet = "/run/x.sock"\n', "'sokcet'"),
+        ('[daemon]\nsocket = "/x"\nmemory = "lots"\n', "daemon.memory"),
+        ('[daemon]\nsocket = "/x"\n[guests.db]\nuids = [1]\nweight = 0\n', "guests.db"),
+        ('[daemon]\nsocket = "/x"\n[limits]\nshutdown_grace = "long"\n', "limits.shutdown_grace"),
+        ("[daemon\n", "not valid TOML"),
+        ("[daemon]\n", "no guest socket"),
+    ],
+)
+def test_check_config_of_a_bad_file_exits_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert cli.main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert named in err
+    assert err.startswith(f"tmemd: {path}: ")
+
+
+def test_check_config_usage_and_missing_file(tmp_path: Path) -> None:
+    assert run_tmemd("check-config").returncode == 2
+    missing = run_tmemd("check-config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2
+    assert "cannot read config" in missing.stderr
+
+
+def test_daemon_refuses_to_start_with_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[daemon]\nsocket = "{tmp_path / "s.sock"}"\n[guests.db]\nuids = "root"\n')
+    result = run_tmemd("--config", str(path))
+    assert result.returncode == 2
+    assert "guests.db.uids" in result.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Under a real systemd
+
+
+def test_under_real_systemd_with_systemd_run(tmp_path: Path) -> None:
+    comm = Path("/proc/1/comm").read_text().strip()
+    if comm != "systemd":
+        pytest.skip(f"PID 1 is {comm!r}, not systemd: no real systemd-run test here")
+    if os.geteuid() != 0 or shutil.which("systemd-run") is None:
+        pytest.skip("a system unit needs root and systemd-run")
+    unit = f"tmemd-test-{uuid.uuid4().hex[:8]}"
+    sock = Path("/run") / unit / "tmemd.sock"
+    subprocess.run(
+        [
+            "systemd-run",
+            f"--unit={unit}",
+            "--collect",
+            "--quiet",
+            f"--socket-property=ListenStream={sock}",
+            "--socket-property=FileDescriptorName=guest",
+            "--property=Type=notify",
+            "--property=NotifyAccess=main",
+            "--property=WatchdogSec=10s",
+            "--property=TimeoutStopSec=20s",
+            f"--property=WorkingDirectory={ROOT}",
+            f"--setenv=PYTHONPATH={ROOT}",
+            sys.executable,
+            "-m",
+            "tmemd",
+            "--log-format",
+            "json",
+            "--memory",
+            "16MiB",
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+
+    def show(prop: str) -> str:
+        return subprocess.run(
+            ["systemctl", "show", "--value", "-p", prop, f"{unit}.service"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        client = tmemclient.connect(sock, name="vm1", frames=16, timeout=IO_TIMEOUT)
+        try:
+            client._sock.settimeout(IO_TIMEOUT)
+            pool = client.new_pool()
+            assert pool.put(1, 1, page("vm1", 1))
+            assert pool.get(1, 1) == page("vm1", 1)
+            deadline = time.monotonic() + 15
+            while not show("StatusText").startswith("1 guests") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert show("StatusText").startswith("1 guests")
+            assert show("ActiveState") == "active"
+            subprocess.run(["systemctl", "stop", f"{unit}.service"], timeout=60, check=True)
+            with pytest.raises(DaemonGone):
+                pool.get(1, 1)
+        finally:
+            client.close()
+    finally:
+        subprocess.run(
+            ["systemctl", "stop", f"{unit}.socket", f"{unit}.service"],
+            timeout=60,
+            check=False,
+            capture_output=True,
+        )
