@@ -16,6 +16,7 @@ from tmemclient.errors import InvalidArgument
 from tmemclient.protocol import (
     FRAME_SIZE,
     INDEX_BITS,
+    OID_BITS,
     OID_BYTES,
     Limits,
     Op,
@@ -163,48 +164,91 @@ def write(
 # ------------------------------------------------------------------------------- batches
 
 
-def check_items(items: Sequence[Any], width: int) -> list[tuple[Any, ...]]:
-    """Validate every (oid, index[, data]) before any request goes out."""
-    checked = []
+@dataclass
+class Batch:
+    """A batch validated whole: wire-ready object ids, indexes, and (for puts) page data."""
+
+    oids: Sequence[int | bytes]
+    idxs: Sequence[int]
+    datas: Sequence[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.idxs)
+
+
+def _uints(values: Sequence[Any], bits: int) -> bool:
+    """True if every value is an int (not a bool) in 0 .. 2**bits - 1 (checked in C)."""
+    return not values or (
+        set(map(type, values)) == {int} and min(values) >= 0 and max(values) >> bits == 0
+    )
+
+
+def check_batch(items: Sequence[Any], width: int, page_size: int = 0) -> Batch:
+    """Validate every (oid, index[, data]) before any request goes out.
+
+    Column-wise with C-level builtins first; a batch that fails is walked item by item so the
+    error names the bad item.
+    """
+    try:
+        fast = set(map(len, items)) == {width}
+    except TypeError:
+        fast = False
+    if fast:
+        cols = list(zip(*items, strict=True))
+        oids, idxs = cols[0], cols[1]
+        datas = cols[2] if width == 3 else None
+        fast = _uints(oids, OID_BITS) and _uints(idxs, INDEX_BITS)
+        if fast and datas is not None:
+            fast = set(map(type, datas)) <= {bytes, bytearray} and set(map(len, datas)) == {
+                page_size
+            }
+        if fast:
+            if max(oids) >> 64:
+                oids = tuple(encode_oid(o) for o in oids)
+            return Batch(oids, idxs, datas)
+    checked_oids: list[int | bytes] = []
+    checked_idxs: list[int] = []
+    views: list[memoryview] = []
     for n, item in enumerate(items):
         try:
             if len(item) != width:
                 raise InvalidArgument(f"expected a {width}-tuple")
-            checked.append((check_oid(item[0]), check_index(item[1]), *item[2:]))
+            checked_oids.append(encode_oid(check_oid(item[0])))
+            checked_idxs.append(check_index(item[1]))
+            if width == 3:
+                views.append(page_view(item[2], page_size))
         except (TypeError, InvalidArgument) as exc:
             raise InvalidArgument(f"batch item {n}: {exc}") from exc
-    return checked
+    return Batch(checked_oids, checked_idxs, views if width == 3 else None)
+
+
+def _entries(batch: Batch, part: range, first_frame: int | None, fpp: int) -> list[Any]:
+    """The flat entry array of one request, built with slice assignments (no per-item loop)."""
+    width = 2 if first_frame is None else 3
+    entries: list[Any] = [None] * (width * len(part))
+    entries[0::width] = batch.oids[part.start : part.stop]
+    entries[1::width] = batch.idxs[part.start : part.stop]
+    if first_frame is not None:
+        entries[2::3] = range(first_frame, first_frame + len(part) * fpp, fpp)
+    return entries
 
 
 def put_many(
-    region: memoryview,
-    pool: PoolInfo,
-    limits: Limits,
-    start: int,
-    count: int,
-    items: Sequence[tuple[int, int, Any]],
+    region: memoryview, pool: PoolInfo, limits: Limits, start: int, count: int, batch: Batch
 ) -> Plan[list[bool]]:
     """PUT_MANY: as many pages per pipeline round as the staging run holds."""
-    checked = check_items(items, 3)
-    views = [page_view(data, pool.page_size) for _, _, data in checked]
     flags: list[bool] = yield from _page_batch(
-        region, pool, limits, start, count, Op.PUT_MANY, checked, views
+        region, pool, limits, start, count, Op.PUT_MANY, batch
     )
     return flags
 
 
 def get_many(
-    region: memoryview,
-    pool: PoolInfo,
-    limits: Limits,
-    start: int,
-    count: int,
-    items: Sequence[tuple[int, int]],
+    region: memoryview, pool: PoolInfo, limits: Limits, start: int, count: int, batch: Batch
 ) -> Plan[list[bytes | None]]:
     """GET_MANY, returning data or None per item."""
-    checked = check_items(items, 2)
     pages: list[bytes | None] = yield from _page_batch(
-        region, pool, limits, start, count, Op.GET_MANY, checked, None
+        region, pool, limits, start, count, Op.GET_MANY, batch
     )
     return pages
 
@@ -216,48 +260,40 @@ def _page_batch(
     start: int,
     count: int,
     op: Op,
-    items: list[tuple[Any, ...]],
-    views: list[memoryview] | None,
+    batch: Batch,
 ) -> Plan[Any]:
     fpp = pool.frames_per_page
     ps = pool.page_size
     per_round = count // fpp
     per_request = pages_per_request(limits)
     results: list[Any] = []
-    for rnd in _chunks(len(items), per_round):
+    datas = batch.datas
+    for rnd in _chunks(len(batch), per_round):
+        base = start * FRAME_SIZE
+        if datas is not None:
+            # Staging frames are contiguous: one join and one copy for the whole round.
+            chunk = datas[rnd.start : rnd.stop]
+            region[base : base + len(rnd) * ps] = b"".join(chunk)
         requests = []
-        slots: list[int] = []
         for sub in _chunks(len(rnd), per_request):
-            entries: list[Any] = []
-            for k in sub:
-                i = rnd[k]
-                frame = start + k * fpp
-                if views is not None:
-                    base = frame * FRAME_SIZE
-                    region[base : base + ps] = views[i]
-                entries += (encode_oid(items[i][0]), items[i][1], frame)
-                slots.append(frame)
-            requests.append([op, pool.handle, entries])
+            part = range(rnd.start + sub.start, rnd.start + sub.stop)
+            requests.append([op, pool.handle, _entries(batch, part, start + sub.start * fpp, fpp)])
         replies = yield requests
         flags = [flag for reply in replies for flag in reply]
-        if views is not None:
-            results.extend(bool(f) for f in flags)
+        if datas is not None:
+            results.extend(map(bool, flags))
         else:
-            for frame, hit in zip(slots, flags, strict=True):
-                base = frame * FRAME_SIZE
-                results.append(bytes(region[base : base + ps]) if hit else None)
+            for k, hit in enumerate(flags):
+                results.append(bytes(region[base + k * ps : base + (k + 1) * ps]) if hit else None)
     return results
 
 
-def flush_many(pool: PoolInfo, limits: Limits, items: Sequence[tuple[int, int]]) -> Plan[None]:
+def flush_many(pool: PoolInfo, limits: Limits, batch: Batch) -> Plan[None]:
     """FLUSH_MANY, all requests in one pipeline round."""
-    checked = check_items(items, 2)
     per_request = pages_per_request(limits)
-    requests = []
-    for sub in _chunks(len(checked), per_request):
-        entries: list[Any] = []
-        for i in sub:
-            entries += (encode_oid(checked[i][0]), checked[i][1])
-        requests.append([Op.FLUSH_MANY, pool.handle, entries])
+    requests = [
+        [Op.FLUSH_MANY, pool.handle, _entries(batch, part, None, 0)]
+        for part in _chunks(len(batch), per_request)
+    ]
     if requests:
         yield requests

@@ -135,33 +135,33 @@ class PoolOps:
 
     def _put_many(self, items: Sequence[tuple[int, int, Any]]) -> Job | list[bool]:
         info = self._alive()
-        items = list(items)
+        items = items if isinstance(items, (list, tuple)) else list(items)
         if not items:
             return []
-        _plans.check_items(items, 3)
+        batch = _plans.check_batch(items, 3, info.page_size)
         return Job(
-            len(items) * info.frames_per_page,
-            lambda start, n: _plans.put_many(self._region, info, self._limits, start, n, items),
+            len(batch) * info.frames_per_page,
+            lambda start, n: _plans.put_many(self._region, info, self._limits, start, n, batch),
             unit=info.frames_per_page,
         )
 
     def _get_many(self, items: Sequence[tuple[int, int]]) -> Job | list[bytes | None]:
         info = self._alive()
-        items = list(items)
+        items = items if isinstance(items, (list, tuple)) else list(items)
         if not items:
             return []
-        _plans.check_items(items, 2)
+        batch = _plans.check_batch(items, 2)
         return Job(
-            len(items) * info.frames_per_page,
-            lambda start, n: _plans.get_many(self._region, info, self._limits, start, n, items),
+            len(batch) * info.frames_per_page,
+            lambda start, n: _plans.get_many(self._region, info, self._limits, start, n, batch),
             unit=info.frames_per_page,
         )
 
     def _flush_many(self, items: Sequence[tuple[int, int]]) -> Job:
         info = self._alive()
-        items = list(items)
-        _plans.check_items(items, 2)
-        return Job(0, lambda _s, _n: _plans.flush_many(info, self._limits, items))
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        batch = _plans.check_batch(items, 2)
+        return Job(0, lambda _s, _n: _plans.flush_many(info, self._limits, batch))
 
     def _destroy(self) -> Job:
         info = self._alive()

@@ -242,43 +242,51 @@ class Session:
         oid, index, offset, view = self._sub_range(pool, m)
         return self.store.xchg(pool, oid, index, offset, view)
 
-    def _page_batch(self, m: list[Any]) -> tuple[Pool, list[tuple[int, int, memoryview]]]:
+    def _columns(self, entries: list[Any], width: int) -> tuple[list[int], list[int]]:
+        """Object ids and indexes of a batch, validated whole.
+
+        The fast path checks a column at once with C-level builtins (the set of types, min and
+        max); only a batch that fails it is walked entry by entry, to name the bad entry.
+        """
+        oids, idxs = entries[0::width], entries[1::width]
+        if not (_plain_uints(oids, 64)):
+            oids = [decode_oid(o, f"entry {i} oid") for i, o in enumerate(oids)]
+        if not _plain_uints(idxs, INDEX_BITS):
+            idxs = [check_uint(x, INDEX_BITS, f"entry {i} index") for i, x in enumerate(idxs)]
+        return oids, idxs
+
+    def _page_batch(self, m: list[Any]) -> tuple[Pool, list[int], list[int], list[int]]:
         pool = self._pool(m[2])
         entries = self._entries(m[3], 3)
-        batch = []
-        for i in range(0, len(entries), 3):
-            batch.append(
-                (
-                    decode_oid(entries[i], f"entry {i // 3} oid"),
-                    check_uint(entries[i + 1], INDEX_BITS, f"entry {i // 3} index"),
-                    self._page_frames(entries[i + 2], pool, f"entry {i // 3} frame"),
-                )
-            )
-        return pool, batch
+        oids, idxs = self._columns(entries, 3)
+        frames = entries[2::3]
+        span = 1 << pool.order
+        if not (_plain_uints(frames, 32) and (not frames or max(frames) + span <= self.frames)):
+            for i, frame in enumerate(frames):
+                self._page_frames(frame, pool, f"entry {i} frame")
+        return pool, oids, idxs, frames
 
     def _put_many(self, m: list[Any]) -> list[bool]:
-        pool, batch = self._page_batch(m)
-        put = self.store.put
-        frozen = self.guest.frozen
-        return [put(pool, oid, index, view, frozen=frozen) for oid, index, view in batch]
+        pool, oids, idxs, frames = self._page_batch(m)
+        return self.store.put_many(pool, oids, idxs, frames, self.region, frozen=self.guest.frozen)
 
     def _get_many(self, m: list[Any]) -> list[bool]:
-        pool, batch = self._page_batch(m)
-        get = self.store.get
-        return [get(pool, oid, index, view) for oid, index, view in batch]
+        pool, oids, idxs, frames = self._page_batch(m)
+        return self.store.get_many(pool, oids, idxs, frames, self.region)
 
     def _flush_many(self, m: list[Any]) -> None:
         pool = self._pool(m[2])
-        entries = self._entries(m[3], 2)
-        pairs = [
-            (
-                decode_oid(entries[i], f"entry {i // 2} oid"),
-                check_uint(entries[i + 1], INDEX_BITS, f"entry {i // 2} index"),
-            )
-            for i in range(0, len(entries), 2)
-        ]
-        for oid, index in pairs:
-            self.store.flush(pool, oid, index)
+        oids, idxs = self._columns(self._entries(m[3], 2), 2)
+        flush = self.store.flush
+        for oid, index in zip(oids, idxs, strict=True):
+            flush(pool, oid, index)
+
+
+def _plain_uints(values: list[Any], bits: int) -> bool:
+    """True if every value is an int (not a bool) in 0 .. 2**bits - 1."""
+    return not values or (
+        set(map(type, values)) == {int} and min(values) >= 0 and max(values) >> bits == 0
+    )
 
 
 def protocol_error_reply(exc: ProtocolError, req_id: int = 0) -> bytes:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim
@@ -262,24 +262,97 @@ class Store:
         account (a shared pool). A refused put of an existing handle flushes the old copy, so
         stale data is never read.
         """
+        ok = self._put(pool, oid, index, src, frozen)
+        self._count_puts(pool, 1, ok)
+        return ok
+
+    def get(self, pool: Pool, oid: int, index: int, dst: memoryview) -> bool:
+        """Copy the page into ``dst``; ephemeral pages of a private pool leave the store."""
+        hit = self._get(pool, oid, index, dst)
+        self._count_gets(pool, 1, hit)
+        return hit
+
+    def put_many(
+        self,
+        pool: Pool,
+        oids: Sequence[int],
+        idxs: Sequence[int],
+        frames: Sequence[int],
+        region: memoryview,
+        *,
+        frozen: bool = False,
+    ) -> list[bool]:
+        """``put`` of each (oid, index) from region frame ``frames[i]``, in order."""
+        put = self._put
+        size = SLOT_SIZE << pool.order
+        flags = [
+            put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen)
+            for oid, index, f in zip(oids, idxs, frames, strict=True)
+        ]
+        self._count_puts(pool, len(flags), sum(flags))
+        return flags
+
+    def get_many(
+        self,
+        pool: Pool,
+        oids: Sequence[int],
+        idxs: Sequence[int],
+        frames: Sequence[int],
+        region: memoryview,
+    ) -> list[bool]:
+        """``get`` of each (oid, index) into region frame ``frames[i]``, in order."""
+        get = self._get
+        size = SLOT_SIZE << pool.order
+        flags = [
+            get(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size])
+            for oid, index, f in zip(oids, idxs, frames, strict=True)
+        ]
+        self._count_gets(pool, len(flags), sum(flags))
+        return flags
+
+    @staticmethod
+    def _count_puts(pool: Pool, n: int, ok: int) -> None:
+        # Counted once per request, not per page: the counters sit off the per-page path.
+        ps, gs = pool.stats, pool.guest.stats
+        if ok:
+            ps.puts_ok += ok
+            gs.puts_ok += ok
+        if ok != n:
+            ps.puts_refused += n - ok
+            gs.puts_refused += n - ok
+
+    @staticmethod
+    def _count_gets(pool: Pool, n: int, hits: int) -> None:
+        ps, gs = pool.stats, pool.guest.stats
+        if hits:
+            ps.gets_hit += hits
+            gs.gets_hit += hits
+        if hits != n:
+            ps.gets_miss += n - hits
+            gs.gets_miss += n - hits
+
+    def _put(self, pool: Pool, oid: int, index: int, src: memoryview, frozen: bool) -> bool:
         self.clock += 1
         guest = pool.guest
         pages_of_oid = pool.objects.get(oid)
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if frozen or guest.frozen:
             return self._refuse(pool, oid, index, head)
+        order = pool.order
         if head != NIL:
-            self._copy_in(head, pool.order, src)
+            if order:
+                self._copy_in(head, order, src)
+            else:
+                off = head << SLOT_SHIFT
+                self._mem[off : off + SLOT_SIZE] = src
             if not pool.persistent:
                 self._touch(guest, head)
-            pool.stats.puts_ok += 1
-            guest.stats.puts_ok += 1
             return True
-        need = 1 << pool.order
+        need = 1 << order
         if not self._make_room(guest, need, pool.persistent):
             return self._refuse(pool, oid, index, NIL)
-        head = self._alloc(need, pool.order)
-        self._copy_in(head, pool.order, src)
+        head = self._alloc(need, order)
+        self._copy_in(head, order, src)
         # Re-fetch: making room may have evicted this object's last page and dropped its dict.
         pages_of_oid = pool.objects.get(oid)
         if pages_of_oid is None:
@@ -294,24 +367,21 @@ class Store:
         else:
             guest.eph_slots += need
             self._lru_append(guest, head)
-        pool.stats.puts_ok += 1
-        guest.stats.puts_ok += 1
         return True
 
-    def get(self, pool: Pool, oid: int, index: int, dst: memoryview) -> bool:
-        """Copy the page into ``dst``; ephemeral pages of a private pool leave the store."""
+    def _get(self, pool: Pool, oid: int, index: int, dst: memoryview) -> bool:
         self.clock += 1
-        head = self._lookup(pool, oid, index)
-        guest = pool.guest
+        pages_of_oid = pool.objects.get(oid)
+        head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if head == NIL:
-            pool.stats.gets_miss += 1
-            guest.stats.gets_miss += 1
             return False
-        self._copy_out(head, pool.order, dst)
-        pool.stats.gets_hit += 1
-        guest.stats.gets_hit += 1
+        if pool.order:
+            self._copy_out(head, pool.order, dst)
+        else:
+            off = head << SLOT_SHIFT
+            dst[:] = self._mem[off : off + SLOT_SIZE]
         if pool.shared:
-            self._touch(guest, head)  # other members may still want it
+            self._touch(pool.guest, head)  # other members may still want it
         elif not pool.persistent:
             # Exclusive get: the guest now holds the only copy.
             self._release(self._remove(pool, oid, index))
@@ -396,8 +466,6 @@ class Store:
     def _refuse(self, pool: Pool, oid: int, index: int, head: int) -> bool:
         if head != NIL:
             self._release(self._remove(pool, oid, index))
-        pool.stats.puts_refused += 1
-        pool.guest.stats.puts_refused += 1
         return False
 
     def _make_room(self, guest: Guest, need: int, persistent: bool) -> bool:
