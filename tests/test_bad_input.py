@@ -607,13 +607,14 @@ def test_deep_nesting_within_the_stack_is_a_clear_error(
     echoing it back (a repr of 1000 nested arrays raises RecursionError)."""
     g = env.guest()
     pool = g.ok(Op.NEW_POOL, make_pool_flags(persistent=True, shared=False, order=0), None)[0]
-    args: list[Any] = {
+    args_for: dict[int, list[Any]] = {
         Op.DESTROY_POOL: [pool],
         Op.PUT: [pool, 1, 0, 0],
         Op.PUT_MANY: [pool, [1, 0, 0]],
         Op.NEW_POOL: [0, None],
         Op.PING: [None],
-    }[op]
+    }
+    args = args_for[op]
     args[position] = nested(1020, kind)
     g.send(frame_of(pack([op, 77, *args])))
     if kind == "map" and status == INVALID and op != Op.PING:

@@ -286,6 +286,8 @@ class Client:
                     raise ProtocolError(f"tmemd answered req_id {req_id}, which was not asked")
                 replies[req_id] = (status, result)
         except (OSError, ProtocolError) as exc:
+            if isinstance(exc, OSError):
+                self._read_last_words()
             self._fail(exc)
             raise self._closed from exc  # type: ignore[misc]
         results = []
@@ -295,6 +297,20 @@ class Client:
                 raise error_for_status(status, result)
             results.append(result)
         return results
+
+    def _read_last_words(self) -> None:
+        """After a failed send: a notice the daemon sent before closing may still be waiting
+        in our socket (an idle guest learns of a shutdown only now); read it if so."""
+        try:
+            self._sock.settimeout(0)
+            while data := self._sock.recv(1 << 16):
+                self._decoder.feed(data)
+                while (message := self._decoder.next_message()) is not NEED_DATA:
+                    req_id, status, result = split_reply(message)
+                    if req_id == 0 and status == Status.SHUTDOWN:
+                        self.notice = str(result)
+        except (OSError, ProtocolError):
+            pass
 
     def _next_message(self) -> Any:
         while (message := self._decoder.next_message()) is NEED_DATA:

@@ -218,7 +218,8 @@ class Daemon:
                         self._stop(signal.Signals(signum).name, admin_scope)
                         break
                     # The guest server returns once every connection drained; then we go.
-                    with trio.move_on_after(settings.limits.shutdown_grace + 2):
+                    # self.settings, not settings: a reload may have changed the grace.
+                    with trio.move_on_after(self.settings.limits.shutdown_grace + 2):
                         while self.guest_server.connections:
                             await trio.sleep(0.05)
                     nursery.cancel_scope.cancel()
@@ -267,6 +268,9 @@ class Daemon:
             for key in ("socket", "admin_socket", "admin_group", "socket_mode", "budget")
             if getattr(new, key) != getattr(self.settings, key)
         ]
+        if new.limits != self.settings.limits:
+            # Connections keep the limits they were served under; shutdown_grace applies now.
+            restart_needed.append("limits (for connections made before the reload)")
         changed = self.host.reload(new)
         self.settings = new
         log.info(
