@@ -273,6 +273,7 @@ class Daemon:
             restart_needed.append("limits (for connections made before the reload)")
         changed = self.host.reload(new)
         self.settings = new
+        self.guest_server.limits = new.limits  # new connections get the new limits
         log.info(
             "config_reloaded",
             config=str(self.args.config),
