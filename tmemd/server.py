@@ -44,6 +44,8 @@ from tmemd.store import Guest
 log = structlog.get_logger("tmemd.server")
 
 RECV_SIZE = 256 * 1024
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's __and__ is Python code on the hot path
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
@@ -67,7 +69,7 @@ class GuestServer:
         self.connections = 0
         self._per_uid: Counter[int] = Counter()
         self._accepting = trio.CancelScope()
-        self._waiting: set[trio.CancelScope] = set()  # connections blocked in recv
+        self._raw: set[socket.socket] = set()  # connections in their frame loop
         self.stopping = False
         self._grace_deadline = float("inf")
 
@@ -89,8 +91,10 @@ class GuestServer:
         self.stopping = True
         self._grace_deadline = trio.current_time() + grace
         self._accepting.cancel()
-        for scope in list(self._waiting):
-            scope.cancel()  # wake connections idle in recv so they send the notice now
+        for raw in list(self._raw):
+            # Wake connections idle in wait_readable so they send the notice now; the socket
+            # stays open (the woken task sees ClosedResourceError and carries on).
+            trio.lowlevel.notify_closing(raw)
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
         try:
@@ -248,10 +252,25 @@ class GuestServer:
     async def _serve_frames(
         self, sock: trio.socket.SocketType, session: Session, leftover: bytes
     ) -> str:
+        # The hot loop talks to the plain socket and waits with trio.lowlevel.wait_readable:
+        # half the per-request overhead of trio's socket wrappers and a cancel scope per
+        # read, measured on a ping-pong (40 us against 74 us, both pinned to one core).
+        raw = socket.socket(fileno=sock.detach())
+        raw.setblocking(False)
+        self._raw.add(raw)
+        try:
+            return await self._frame_loop(raw, session, leftover)
+        finally:
+            self._raw.discard(raw)
+            raw.close()
+
+    async def _frame_loop(self, raw: socket.socket, session: Session, leftover: bytes) -> str:
         decoder = FrameDecoder(self.limits.max_frame)
         decoder.feed(leftover)
         buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
         handle = session.handle
+        anc_size = socket.CMSG_SPACE(4)
         notified = False
         while True:
             replies: list[bytes] = []
@@ -260,43 +279,73 @@ class GuestServer:
                     replies.append(handle(message))
             except ProtocolError as exc:
                 replies.append(protocol_error_reply(exc))
-                with trio.move_on_after(1), _quiet():
-                    await send_all(sock, b"".join(replies))
+                await self._last_word(raw, b"".join(replies))
                 return f"protocol error: {exc}"
             if replies:
-                with trio.fail_after(self.limits.send_timeout):
-                    await send_all(sock, b"".join(replies) if len(replies) > 1 else replies[0])
-            # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
-            # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
+                await self._send(raw, b"".join(replies) if len(replies) > 1 else replies[0])
             if self.stopping and not notified:
                 notified = True
-                with trio.move_on_after(1), _quiet():
-                    await send_all(sock, SHUTDOWN_NOTICE)
-            deadline = float("inf")
-            if self.stopping:
-                deadline = min(self._grace_deadline, trio.current_time() + self.limits.drain_idle)
-            with trio.CancelScope(deadline=deadline) as waiting:
-                self._waiting.add(waiting)
-                try:
-                    n, ancdata, msg_flags, _ = await sock.recvmsg_into(
-                        [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
-                    )
-                finally:
-                    self._waiting.discard(waiting)
-            if waiting.cancelled_caught:
-                if notified:
+                await self._last_word(raw, SHUTDOWN_NOTICE)
+            # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
+            # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
+            try:
+                n, ancdata, msg_flags, _ = raw.recvmsg_into([buf], anc_size, _CMSG_CLOEXEC)
+            except BlockingIOError:
+                if not await self._wait_readable(raw, notified):
                     return "daemon shutting down"
-                continue  # shutdown began while we waited: send the notice first
-            if ancdata or msg_flags & socket.MSG_CTRUNC:
+                continue
+            if ancdata or msg_flags & _CTRUNC:
                 with contextlib.suppress(ProtocolError):
                     close_all(fds_from_ancillary(ancdata, msg_flags))
                 fd_error = ProtocolError("fds are accepted only with HELLO (one region memfd)")
-                with trio.move_on_after(1), _quiet():
-                    await send_all(sock, protocol_error_reply(fd_error))
+                await self._last_word(raw, protocol_error_reply(fd_error))
                 return f"protocol error: {fd_error}"
             if not n:
                 return "closed by guest" if not decoder.buffered else "closed mid-frame"
-            decoder.feed(memoryview(buf)[:n])
+            decoder.feed(view[:n])
+            # Data was there without waiting (a pipelining guest): let the others run too.
+            await trio.lowlevel.checkpoint()
+
+    async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
+        """Wait for the guest; False when, after the shutdown notice, it stayed silent for
+        drain_idle or the grace period ended. ``shutdown`` wakes every waiting connection."""
+        try:
+            if not self.stopping:
+                await trio.lowlevel.wait_readable(raw)
+                return True
+            deadline = min(self._grace_deadline, trio.current_time() + self.limits.drain_idle)
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(raw)
+                return True
+            return not notified
+        except trio.ClosedResourceError:  # woken by shutdown(): loop round to send the notice
+            return True
+
+    async def _send(self, raw: socket.socket, data: bytes) -> None:
+        """Write all of ``data``: at once if the socket takes it (the usual case), else wait,
+        shielded so a shutdown never cuts a reply in half, for at most send_timeout."""
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        rest = memoryview(data)[sent:]
+        with trio.CancelScope(shield=True), trio.fail_after(self.limits.send_timeout):
+            while rest:
+                try:
+                    await trio.lowlevel.wait_writable(raw)
+                except trio.ClosedResourceError:
+                    continue  # shutdown() woke us; the socket is still ours
+                try:
+                    rest = rest[raw.send(rest) :]
+                except BlockingIOError:
+                    continue
+
+    async def _last_word(self, raw: socket.socket, data: bytes) -> None:
+        """Best effort, briefly: the peer may be gone or not reading."""
+        with trio.move_on_after(1), contextlib.suppress(OSError, trio.TooSlowError):
+            await self._send(raw, data)
 
 
 class _quiet:
