@@ -60,6 +60,34 @@ def hello_message(name: str, frames: int) -> bytes:
     return Hello(PROTOCOL_VERSION, name, frames).encode()
 
 
+class DeferredStats:
+    """What the answers to ``put_many_nowait`` said, counted as they arrive."""
+
+    def __init__(self) -> None:
+        self.sent = 0  # batches sent
+        self.stored = 0  # pages the daemon took
+        self.refused = 0  # pages it declined (no room, frozen, over cap): not an error
+        self.errors = 0  # requests answered with an error (e.g. the pool was destroyed)
+        self.last_error: str | None = None
+
+    def count(self, status: int, result: Any) -> None:
+        """Count one answer."""
+        if status != Status.OK:
+            self.errors += 1
+            self.last_error = str(result)
+            return
+        flags = result if isinstance(result, list) else [result]
+        ok = sum(1 for flag in flags if flag)
+        self.stored += ok
+        self.refused += len(flags) - ok
+
+    def __repr__(self) -> str:
+        return (
+            f"DeferredStats(sent={self.sent}, stored={self.stored}, refused={self.refused}, "
+            f"errors={self.errors})"
+        )
+
+
 class FrameRun:
     """Frames of the region reserved for the caller's own use with put_frame/get_frame.
 
@@ -154,6 +182,23 @@ class Pool(PoolOps):
         job = self._put_many(items)
         return job if isinstance(job, list) else list(self._client._run(job))
 
+    def put_many_nowait(self, items: Sequence[tuple[int, int, Any]]) -> None:
+        """Send puts of many pages without waiting for the answer (the cleancache case: a
+        clean page leaving the guest's cache may be dropped, so nobody needs the result).
+
+        The daemon serves requests in order, so a later get of the same handle sees the put.
+        Answers are read, counted in ``client.deferred`` and their staging frames freed
+        whenever the client next talks to the daemon (or in ``wait_deferred``).
+        """
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        # Half the region per request at most, so one batch can be staged while the answer
+        # to the previous one is still on its way.
+        step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
+        for i in range(0, len(items), step):
+            job = self._put_many(items[i : i + step])
+            if not isinstance(job, list):
+                self._client._run(job, wait=False)
+
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
         job = self._get_many(items)
@@ -184,6 +229,9 @@ class Client:
         self._req_id = 1
         self._closed: TmemError | None = None
         self.notice: str | None = None
+        # put_many_nowait: req_id -> its staging run (released with the last reply of a run)
+        self._deferred: dict[int, tuple[int, int] | None] = {}
+        self.deferred = DeferredStats()
 
     @property
     def frames(self) -> memoryview:
@@ -239,22 +287,88 @@ class Client:
 
     # ------------------------------------------------------------------ driving plans
 
-    def _run(self, job: Job) -> Any:
+    def wait_deferred(self) -> DeferredStats:
+        """Wait for the answers to every put_many_nowait sent so far; the running counts."""
+        while self._deferred:
+            self._read_one_reply({})
+        return self.deferred
+
+    def _run(self, job: Job, *, wait: bool = True) -> Any:
         if not job.need:
             return self._drive(job.factory(0, 0))
-        count = job.need
-        if job.unit:
-            count = min(count, self._alloc.largest() // job.unit * job.unit)
+        while True:
+            count = job.need
+            if job.unit:
+                count = min(count, self._alloc.largest() // job.unit * job.unit)
+                fits = count == job.need or (wait and count > 0)
+            else:
+                fits = self._alloc.largest() >= count
+            if fits or not self._deferred:
+                break
+            self._read_one_reply({})  # frames held by no-wait puts come back with answers
+        wait = wait or count < job.need  # no room to stage it whole: send it the slow way
         start = self._alloc.alloc(count) if count else None
         if start is None:
             raise LimitExceeded(
                 f"no {job.unit or job.need} free frames in the region to stage data; release "
                 "reserved frames or connect with more frames"
             )
+        if not wait:
+            return self._send_nowait(job, start, count)
         try:
             return self._drive(job.factory(start, count))
         finally:
             self._alloc.release(start, count)
+
+    def _send_nowait(self, job: Job, start: int, count: int) -> None:
+        """Send a batch plan that fits its staging run in one round, and leave its answer to
+        be read later (``_read_one_reply``), which frees the run."""
+        plan = job.factory(start, count)
+        requests = next(plan)
+        plan.close()
+        ids = self._send(requests)
+        for req_id in ids[:-1]:
+            self._deferred[req_id] = None
+        self._deferred[ids[-1]] = (start, count)
+        self.deferred.sent += 1
+        return None
+
+    def _send(self, requests: list[list[Any]]) -> list[int]:
+        ids = []
+        frames = []
+        for request in requests:
+            self._req_id = self._req_id % 0xFFFFFFFF + 1
+            ids.append(self._req_id)
+            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
+        try:
+            self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+        except OSError as exc:
+            self._read_last_words()
+            self._fail(exc)
+            raise self._closed from exc  # type: ignore[misc]
+        return ids
+
+    def _read_one_reply(self, replies: dict[int, tuple[int, Any]]) -> None:
+        """Read one reply: a notice, the answer to a no-wait put (counted and released), or
+        one of the answers ``replies`` waits for."""
+        try:
+            req_id, status, result = split_reply(self._next_message())
+            if req_id == 0:
+                self._notice(status, result)
+            elif req_id in self._deferred:
+                run = self._deferred.pop(req_id)
+                self.deferred.count(status, result)
+                if run is not None:
+                    self._alloc.release(*run)
+            elif req_id in replies:
+                raise ProtocolError(f"tmemd answered req_id {req_id} twice")
+            else:
+                replies[req_id] = (status, result)
+        except (OSError, ProtocolError) as exc:
+            if isinstance(exc, OSError):
+                self._read_last_words()
+            self._fail(exc)
+            raise self._closed from exc  # type: ignore[misc]
 
     def _drive(self, plan: _plans.Plan[Any]) -> Any:
         try:
@@ -268,28 +382,14 @@ class Client:
         """Send requests together, wait for all their replies; raise the first error reply."""
         if self._closed is not None:
             raise self._closed
-        ids = []
-        frames = []
-        for request in requests:
-            self._req_id = self._req_id % 0xFFFFFFFF + 1
-            ids.append(self._req_id)
-            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
-        try:
-            self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
-            replies: dict[int, tuple[int, Any]] = {}
-            while len(replies) < len(ids):
-                req_id, status, result = split_reply(self._next_message())
-                if req_id == 0:
-                    self._notice(status, result)
-                    continue
-                if req_id not in ids:
-                    raise ProtocolError(f"tmemd answered req_id {req_id}, which was not asked")
-                replies[req_id] = (status, result)
-        except (OSError, ProtocolError) as exc:
-            if isinstance(exc, OSError):
-                self._read_last_words()
-            self._fail(exc)
-            raise self._closed from exc  # type: ignore[misc]
+        ids = self._send(requests)
+        replies: dict[int, tuple[int, Any]] = {}
+        while len(replies) < len(ids):
+            self._read_one_reply(replies)
+        if replies.keys() != set(ids):
+            unasked = sorted(set(replies) - set(ids))
+            self._fail(ProtocolError(f"tmemd answered req_id {unasked}, which was not asked"))
+            raise self._closed  # type: ignore[misc]
         results = []
         for req_id in ids:
             status, result = replies[req_id]

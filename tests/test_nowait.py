@@ -1,0 +1,55 @@
+"""put_many_nowait: batched puts whose answers nobody waits for (the cleancache case)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tmemclient
+import tmemclient.protocol
+
+
+def page(i: int) -> bytes:
+    return i.to_bytes(4, "big") * 1024
+
+
+def test_nowait_puts_are_seen_by_later_gets_in_order(daemon: Any) -> None:
+    with tmemclient.connect(daemon.socket, name="nw1", frames=16) as client:
+        pool = client.new_pool(persistent=True)
+        pool.put_many_nowait([(1, i, page(i)) for i in range(100)])
+        # No answer read yet is fine: the daemon serves requests in order.
+        assert pool.get(1, 99) == page(99)
+        assert client.wait_deferred().stored == 100
+        assert [
+            d == page(i) for i, d in enumerate(pool.get_many([(1, i) for i in range(100)]))
+        ] == [True] * 100
+
+
+def test_nowait_batches_larger_than_the_region_are_all_sent(daemon: Any) -> None:
+    with tmemclient.connect(daemon.socket, name="nw2", frames=8) as client:
+        pool = client.new_pool(persistent=True)
+        pool.put_many_nowait([(2, i, page(i)) for i in range(500)])
+        stats = client.wait_deferred()
+        assert (stats.stored, stats.refused, stats.errors) == (500, 0, 0)
+        assert client._alloc.free == 8, "every staging frame came back with its answer"
+
+
+def test_nowait_refusals_are_counted_not_raised(start_daemon: Any) -> None:
+    small = start_daemon("--memory", "64KiB")
+    with tmemclient.connect(small.socket, name="nw3", frames=8) as client:
+        pool = client.new_pool(persistent=True)
+        pool.put_many_nowait([(3, i, page(i)) for i in range(40)])
+        stats = client.wait_deferred()
+        assert stats.stored == 16  # 64 KiB of 4 KiB pages
+        assert stats.refused == 24
+
+
+def test_nowait_error_answers_are_recorded(daemon: Any) -> None:
+    with tmemclient.connect(daemon.socket, name="nw4", frames=8) as client:
+        pool = client.new_pool()
+        other = client.new_pool()
+        # Destroy the pool behind the client's back: the deferred put gets UnknownPool.
+        client._exchange([[tmemclient.protocol.Op.DESTROY_POOL, pool.handle]])
+        pool.put_many_nowait([(4, 0, page(0))])
+        other.put(5, 0, page(5))  # reading this answer also reads the deferred one
+        assert client.deferred.errors == 1
+        assert "unknown" in (client.deferred.last_error or "")
