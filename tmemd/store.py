@@ -31,6 +31,7 @@ SLOT_SHIFT: Final = 12
 SLOT_SIZE: Final = 1 << SLOT_SHIFT
 NIL: Final = -1
 _GROW: Final = 4096  # metadata arrays grow by this many slots at a time
+_INTERNED_INDEXES: Final = 1 << 16  # page indexes below this share their int objects
 
 
 class StoreError(Exception):
@@ -155,6 +156,7 @@ class Store:
         self._next = array("i")
         self._stamp = array("Q")
         self._tails: dict[int, tuple[int, ...]] = {}  # head -> other slots of an order>0 page
+        self._index_ints = list(range(_INTERNED_INDEXES))  # 2.3 MiB, once
         self.evictions = 0
 
     # ---------------------------------------------------------------- guests and pools
@@ -357,7 +359,10 @@ class Store:
         pages_of_oid = pool.objects.get(oid)
         if pages_of_oid is None:
             pages_of_oid = pool.objects[oid] = {}
-        pages_of_oid[index] = head
+        # Share one int object per small index across every object and pool: each stored
+        # page then carries no key object of its own (28 bytes fewer per page).
+        ints = self._index_ints
+        pages_of_oid[ints[index] if index < _INTERNED_INDEXES else index] = head
         self._pool[head] = pool
         self._oid[head] = oid
         self._index[head] = index
