@@ -22,7 +22,7 @@ from typing import Any, Final, TextIO
 
 from tmemclient.admin import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
 from tmemclient.errors import DaemonGone, PermissionDenied, TmemError
-from tmemclient.units import format_size, parse_size
+from tmemclient.units import format_size, size_arg
 
 PROG: Final = "tmemctl"
 EXIT_OK: Final = 0
@@ -57,17 +57,10 @@ def _weight_arg(text: str) -> int:
     return weight
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cap_arg(text: str) -> int | None:
     if text.strip().lower() == "none":
         return None
-    return _size_arg(text)
+    return size_arg(text)
 
 
 def _positive_float(text: str) -> float:
@@ -138,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("flush", "drop every ephemeral page of a guest (persistent pages stay)")
     p.add_argument("guest", type=_guest_arg, metavar="GUEST")
     p = command("budget", "change the daemon's page budget now")
-    p.add_argument("size", type=_size_arg, metavar="SIZE", help="bytes or K/M/G (KiB/MiB/GiB)")
+    p.add_argument("size", type=size_arg, metavar="SIZE", help="bytes or K/M/G (KiB/MiB/GiB)")
 
     share = command("share", "grants of shared pools")
     share_sub = share.add_subparsers(dest="share_command", required=True, metavar="ACTION")

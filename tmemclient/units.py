@@ -3,6 +3,7 @@ as systemd's MemoryMax= reads them: K = KiB = 1024."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Final
 
@@ -29,6 +30,14 @@ def parse_size(text: str) -> int:
     if numerator % denominator:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
     return numerator // denominator
+
+
+def size_arg(text: str) -> int:
+    """``parse_size`` for argparse ``type=``: a bad size is a usage error naming the value."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(n: int) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import trio
 
-from tmemclient.units import format_size, parse_size
+from tmemclient.units import format_size, size_arg
 from tmemd import logs
 from tmemd.admin import AdminServer, admin_gid
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--admin-group", help="group whose members may administer (name or gid)")
     p.add_argument(
-        "--memory", type=_size, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
+        "--memory", type=size_arg, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
     p.add_argument("--socket-mode", type=_mode, help="octal, default 660")
     p.add_argument("--log-format", choices=("json", "console", "auto"))
@@ -68,13 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace", type=float, help="seconds guests are served after SIGTERM (5)"
     )
     return p
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _mode(text: str) -> int:
