@@ -272,6 +272,7 @@ class GuestServer:
         handle = session.handle
         anc_size = socket.CMSG_SPACE(4)
         notified = False
+        waited = True  # did this round of reading wait (and so let other tasks run)?
         while True:
             replies: list[bytes] = []
             try:
@@ -293,6 +294,7 @@ class GuestServer:
             except BlockingIOError:
                 if not await self._wait_readable(raw, notified):
                     return "daemon shutting down"
+                waited = True
                 continue
             if ancdata or msg_flags & _CTRUNC:
                 with contextlib.suppress(ProtocolError):
@@ -303,8 +305,10 @@ class GuestServer:
             if not n:
                 return "closed by guest" if not decoder.buffered else "closed mid-frame"
             decoder.feed(view[:n])
-            # Data was there without waiting (a pipelining guest): let the others run too.
-            await trio.lowlevel.checkpoint()
+            if not waited:
+                # Data was there without waiting (a pipelining guest): let the others run too.
+                await trio.lowlevel.checkpoint()
+            waited = False
 
     async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
         """Wait for the guest; False when, after the shutdown notice, it stayed silent for
