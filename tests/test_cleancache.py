@@ -1,0 +1,277 @@
+"""The page cache (tmemclient.cleancache) against a real tmemd: what it reads is always the file's
+current content, whatever tmem holds, and it stops bothering tmem when tmem does not pay."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import Daemon
+
+import tmemclient
+from tmemclient.cleancache import AsyncPageCache, CachedFile, PageCache, object_id
+
+PAGE = 4096
+IO_TIMEOUT = 30.0
+
+
+def content(tag: int, pages: int) -> bytes:
+    """File content that no other tag produces."""
+    return random.Random(tag).randbytes(pages * PAGE)
+
+
+def make_file(path: Path, tag: int, pages: int) -> bytes:
+    """Write a file of ``pages`` pages; its bytes."""
+    data = content(tag, pages)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[tmemclient.Client]:
+    """A guest of the 16 MiB daemon, every call bounded in time."""
+    c = tmemclient.connect(daemon.socket, name="cache", frames=512, timeout=IO_TIMEOUT)
+    c._sock.settimeout(IO_TIMEOUT)
+    yield c
+    c.close()
+
+
+def slow_pread(fd: int, length: int, offset: int) -> bytes:
+    """A file read as slow as a device's: tmem lookups pay, so the cache makes them."""
+    time.sleep(300e-6)
+    return os.pread(fd, length, offset)
+
+
+def read_all(cache: PageCache, f: CachedFile, pages: int, run: int = 4) -> bytes:
+    """Read a file through the cache, ``run`` pages at a time."""
+    return b"".join(cache.read(f, i * PAGE, run * PAGE) for i in range(0, pages, run))
+
+
+def counts_add_up(cache: PageCache | AsyncPageCache) -> bool:
+    """Every page read was a local hit, a tmem hit or a disk read."""
+    s = cache.stats
+    return s.local_hits + s.tmem_hits + s.disk_reads == s.pages_read
+
+
+@pytest.mark.parametrize("block_pages", [1, 8])
+def test_pages_evicted_to_tmem_come_back_byte_exact(
+    client: tmemclient.Client, tmp_path: Path, block_pages: int
+) -> None:
+    data = make_file(tmp_path / "f", 1, 256)
+    pool = client.new_pool(page_size=block_pages * PAGE)
+    with PageCache(pool, capacity=48, put_batch=16, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f")
+        assert read_all(cache, f, 256) == data
+        assert cache.stats.disk_reads == 256 and cache.stats.tmem_gets == 0  # cold: no lookups
+        assert read_all(cache, f, 256) == data
+        # Everything came back from the local cache and tmem (directly, or read ahead).
+        assert cache.stats.disk_reads == 256
+        assert cache.stats.tmem_hits > 0 and cache.stats.readahead > 0
+        assert counts_add_up(cache)
+        assert cache.cached_pages <= 48 + 4  # a read may overshoot by its own pages
+
+
+def test_unaligned_reads_and_the_end_of_the_file(client: tmemclient.Client, tmp_path: Path) -> None:
+    data = content(2, 10)[: 10 * PAGE - 100]  # the last page is partial
+    (tmp_path / "f").write_bytes(data)
+    with PageCache(
+        client.new_pool(page_size=4 * PAGE), capacity=16, put_batch=4, disk_read=slow_pread
+    ) as cache:
+        f = cache.open(tmp_path / "f")
+        for _ in range(3):
+            for offset, length in [
+                (0, 1),
+                (4000, 300),
+                (5 * PAGE + 7, 9000),
+                (len(data) - 50, 999),
+            ]:
+                assert cache.read(f, offset, length) == data[offset : offset + length]
+        assert cache.read(f, len(data), 10) == b""
+        assert counts_add_up(cache)
+
+
+def test_a_write_after_a_put_is_what_reads_return(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    make_file(tmp_path / "f", 3, 64)
+    pool = client.new_pool()
+    with PageCache(pool, capacity=16, put_batch=8, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f", writable=True)
+        read_all(cache, f, 64)
+        cache.put_pending()
+        client.wait_deferred()
+        assert pool.get(f.oid, 0) is not None or pool.get(f.oid, 1) is not None  # tmem had them
+        new = content(30, 64)
+        assert cache.write(f, 0, new) == len(new)
+        for index in range(64):  # the write flushed every page it touched from tmem
+            assert pool.get(f.oid, index) is None
+        assert read_all(cache, f, 64) == new
+        assert (tmp_path / "f").read_bytes() == new
+
+
+def test_a_partial_write_keeps_the_rest_of_the_page(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    data = bytearray(make_file(tmp_path / "f", 4, 32))
+    with PageCache(
+        client.new_pool(page_size=8 * PAGE), capacity=24, put_batch=8, disk_read=slow_pread
+    ) as cache:
+        f = cache.open(tmp_path / "f", writable=True)
+        read_all(cache, f, 32)
+        cache.write(f, 3 * PAGE + 10, b"new bytes")
+        data[3 * PAGE + 10 : 3 * PAGE + 19] = b"new bytes"
+        assert read_all(cache, f, 32) == bytes(data)
+        assert read_all(cache, f, 32) == bytes(data)
+
+
+def test_truncate_flushes_the_object(client: tmemclient.Client, tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 5, 64)
+    pool = client.new_pool()
+    with PageCache(pool, capacity=16, put_batch=8, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f", writable=True)
+        read_all(cache, f, 64)
+        cache.put_pending()
+        cache.truncate(f, 10)
+        assert f.size == 10
+        client.wait_deferred()
+        assert all(pool.get(f.oid, i) is None for i in range(64))
+        assert cache.read(f, 0, 64 * PAGE) == content(5, 1)[:10]
+        cache.truncate(f, 2 * PAGE)  # extending reads zeros past the old end
+        assert cache.read(f, 0, 2 * PAGE) == content(5, 1)[:10] + bytes(2 * PAGE - 10)
+
+
+def test_a_file_replaced_under_the_same_name_is_never_read_stale(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "f"
+    old = make_file(path, 6, 64)
+    with PageCache(client.new_pool(), capacity=16, put_batch=8, disk_read=slow_pread) as cache:
+        f = cache.open(path)
+        assert read_all(cache, f, 64) == old
+        read_all(cache, f, 64)  # now tmem holds most of it
+        cache.close_file(f)
+        new = make_file(tmp_path / "f.new", 7, 64)
+        os.replace(tmp_path / "f.new", path)
+        g = cache.open(path)
+        assert g.oid != f.oid  # a new inode, a new object
+        assert read_all(cache, g, 64) == new
+
+
+def test_a_file_recreated_or_changed_behind_the_cache_is_revalidated(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "f"
+    make_file(path, 8, 32)
+    with PageCache(client.new_pool(), capacity=8, put_batch=4, disk_read=slow_pread) as cache:
+        f = cache.open(path)
+        read_all(cache, f, 32)
+        read_all(cache, f, 32)
+        cache.close_file(f)
+        # Deleted and created again: the inode number may well be reused.
+        path.unlink()
+        new = make_file(path, 9, 32)
+        g = cache.open(path)
+        assert read_all(cache, g, 32) == new
+        cache.close_file(g)
+        # Changed in place by someone else, size unchanged: mtime and ctime tell.
+        fd = os.open(path, os.O_WRONLY)
+        os.pwrite(fd, b"X" * PAGE, 5 * PAGE)
+        os.close(fd)
+        h = cache.open(path)
+        assert h.oid == g.oid
+        assert cache.read(h, 5 * PAGE, PAGE) == b"X" * PAGE
+        assert read_all(cache, h, 32) == new[: 5 * PAGE] + b"X" * PAGE + new[6 * PAGE :]
+
+
+def test_object_ids_carry_device_and_inode(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    st = os.stat(tmp_path / "f")
+    oid = object_id(st, 7)
+    assert oid >> 128 == st.st_dev and (oid >> 64) & (2**64 - 1) == st.st_ino
+    assert oid & (2**64 - 1) == 7 and oid < 2**192
+
+
+def test_a_guest_that_tmem_does_not_pay_backs_off(start_daemon: Any, tmp_path: Path) -> None:
+    # A scan of 1024 pages through 16 local pages and 32 pages of tmem: nothing comes back.
+    daemon = start_daemon("--memory", "128KiB")
+    data = make_file(tmp_path / "f", 10, 1024)
+    with tmemclient.connect(daemon.socket, name="scanner", timeout=IO_TIMEOUT) as client:
+        client._sock.settimeout(IO_TIMEOUT)
+        with PageCache(
+            client.new_pool(), capacity=16, put_batch=8, window=32, disk_read=slow_pread
+        ) as cache:
+            f = cache.open(tmp_path / "f")
+            for _ in range(3):
+                assert read_all(cache, f, 1024, run=8) == data
+            assert cache.sampling and cache.stats.backoffs == 1
+            puts_before = cache.stats.pages_put
+            assert read_all(cache, f, 1024, run=8) == data
+            # Sampling: about 1 page in 16 is offered to tmem any more.
+            assert cache.stats.pages_put - puts_before < 1024 // 4
+            assert counts_add_up(cache)
+            # A working set tmem can hold: the sample pays again, the cache goes back.
+            for _ in range(40):
+                read_all(cache, f, 40, run=8)
+                if not cache.sampling:
+                    break
+            assert not cache.sampling and cache.stats.resumes == 1
+            assert read_all(cache, f, 1024, run=8) == data
+
+
+def test_the_cache_carries_on_when_the_daemon_goes_away(start_daemon: Any, tmp_path: Path) -> None:
+    daemon = start_daemon("--memory", "4MiB")
+    data = make_file(tmp_path / "f", 11, 128)
+    with tmemclient.connect(daemon.socket, name="orphan", timeout=IO_TIMEOUT) as client:
+        client._sock.settimeout(IO_TIMEOUT)
+        with PageCache(client.new_pool(), capacity=16, put_batch=8, disk_read=slow_pread) as cache:
+            f = cache.open(tmp_path / "f", writable=True)
+            read_all(cache, f, 128)
+            daemon.stop()
+            assert read_all(cache, f, 128) == data
+            assert read_all(cache, f, 128) == data
+            assert not cache.tmem
+            cache.write(f, 0, b"still writable")
+            assert cache.read(f, 0, 14) == b"still writable"
+            assert counts_add_up(cache)
+
+
+def test_pages_read_ahead_on_a_sequential_scan(client: tmemclient.Client, tmp_path: Path) -> None:
+    data = make_file(tmp_path / "f", 12, 512)
+    with PageCache(
+        client.new_pool(page_size=8 * PAGE), capacity=64, put_batch=16, readahead=32
+    ) as cache:
+        f = cache.open(tmp_path / "f")
+        read_all(cache, f, 512, run=8)
+        gets_before = cache.stats.tmem_gets
+        assert read_all(cache, f, 512, run=8) == data
+        assert cache.stats.readahead > 0
+        # Each lookup brings the read's block and the blocks ahead: far fewer round trips than
+        # reads.
+        assert cache.stats.tmem_gets - gets_before < 512 // 8 // 2
+
+
+async def test_the_trio_cache_has_the_same_semantics(daemon: Daemon, tmp_path: Path) -> None:
+    data = make_file(tmp_path / "f", 13, 128)
+    with trio.fail_after(IO_TIMEOUT):
+        async with tmemclient.open_client(daemon.socket, name="trio-cache") as client:
+            pool = await client.new_pool(page_size=2 * PAGE)
+            cache = AsyncPageCache(pool, capacity=16, put_batch=8, disk_read=slow_pread)
+            f = await cache.open(tmp_path / "f", writable=True)
+            for _ in range(2):
+                got = b"".join([await cache.read(f, i * PAGE, 4 * PAGE) for i in range(0, 128, 4)])
+                assert got == data
+            assert cache.stats.tmem_hits > 0 and counts_add_up(cache)
+            await cache.write(f, PAGE, b"Z" * PAGE)
+            assert (
+                await cache.read(f, 0, 3 * PAGE)
+                == data[:PAGE] + b"Z" * PAGE + data[2 * PAGE : 3 * PAGE]
+            )
+            await cache.truncate(f, PAGE)
+            assert await cache.read(f, 0, 3 * PAGE) == data[:PAGE]
+            cache.close()

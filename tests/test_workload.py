@@ -1,0 +1,89 @@
+"""The evidence benchmark (python -m tmemclient.workload), run small: its counts add up and every
+page it read was right. No timing assertions: the machine decides those."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tmemclient import workload
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    *("--guests", "2", "--memory", "512KiB", "--local-pages", "48", "--files", "2"),
+    *("--file-pages", "64", "--run", "4", "--block-pages", "4", "--put-batch", "16"),
+    *("--phase-reads", "96", "--rounds", "2", "--busy-reads", "96", "--disk-latency-us", "20"),
+    *("--swap-ram", "16", "--swap-pages", "64", "--swap-reads", "60"),
+]
+
+
+def test_a_small_run_adds_up(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "tmemclient.workload", *SMALL),
+            *("--scenarios", "phases,uniform,zipf,scan", "--out", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| phases | static | total |" in proc.stdout and "| file + tmem |" in proc.stdout
+    assert "phase 4/4 (vm1 busy)" in proc.stderr  # progress goes to stderr
+    result = json.loads((tmp_path / "workload.json").read_text())
+    runs = {(r["scenario"], r["setup"]): r for r in result["cache"]}
+    assert set(runs) == {(s, setup) for s in workload.SCENARIOS for setup in ("static", "tmem")}
+    for (scenario, setup), run in runs.items():
+        assert run["problems"] == [], (scenario, setup)
+        for row in [*run["rows"], run["total"]]:
+            assert row["local_hits"] + row["tmem_hits"] + row["disk_reads"] == row["pages_read"]
+            assert row["bad_pages"] == 0
+        total = run["total"]
+        assert total["pages_read"] == sum(r["pages_read"] for r in run["rows"])
+        # 2 guests; phases: 2 rounds of 96 reads each, the others: 96 reads at once; 4 pages a read.
+        reads = 2 * 2 * 96 * 4 if scenario == "phases" else 2 * 96 * 4
+        assert total["pages_read"] == reads
+        if setup == "static":
+            assert total["tmem_hits"] == total["puts"] == total["tmem_gets"] == 0
+        assert run["timeline"][-1][1] == total["disk_reads"]
+    # Both setups read the same pages: the same accesses, only the memory differs.
+    for scenario in workload.SCENARIOS:
+        assert (
+            runs[scenario, "static"]["total"]["pages_read"]
+            == runs[scenario, "tmem"]["total"]["pages_read"]
+        )
+    swaps = {s["setup"]: s for s in result["swap"]}
+    assert swaps["file only"]["tmem_gets"] == 0 and swaps["file + tmem"]["tmem_gets"] > 0
+    for s in swaps.values():
+        assert s["bad_pages"] == 0
+        assert s["loads"] == s["queue_hits"] + s["tmem_gets"] + s["swap_reads"]
+    assert swaps["file + tmem"]["swap_reads"] < swaps["file only"]["swap_reads"]
+
+
+def test_access_patterns_stay_inside_the_files() -> None:
+    for pattern in workload.PATTERNS:
+        reads = list(workload.accesses(pattern, 7, files=3, pages=40, run=4, count=500))
+        assert len(reads) == 500
+        assert all(0 <= f < 3 and 0 <= first <= 36 for f, first in reads)
+    scan = list(workload.accesses("scan", 1, files=2, pages=16, run=4, count=8))
+    assert len(set(scan)) == 8  # a scan visits every run once before it repeats
+
+
+def test_the_latency_disk_reads_what_is_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"a" * 4096 + b"b" * 4096)
+    fd = os.open(tmp_path / "f", os.O_RDWR)
+    try:
+        disk = workload.LatencyDisk(50)
+        assert disk.read(fd, 4096, 4096) == b"b" * 4096
+        disk.write(fd, [(0, b"c" * 4096), (4096, b"d" * 4096)])
+        assert os.pread(fd, 8192, 0) == b"c" * 4096 + b"d" * 4096
+        assert disk.requests == 2
+    finally:
+        os.close(fd)

@@ -1,0 +1,762 @@
+"""Cleancache: a file page cache for a guest process, with tmem as its second chance.
+
+    with tmemclient.connect(path, name="vm1") as client:
+        cache = PageCache(client.new_pool(page_size=32768), capacity=1024)   # 1024 local pages
+        f = cache.open("data.bin")
+        cache.read(f, offset, length)
+
+The cache holds up to ``capacity`` 4 KiB file pages, grouped in *blocks* of consecutive pages of a
+file (like a kernel's large folios): one block is one page of the tmem pool, so the pool's page
+size sets the block (4096 << order; a 4096-byte pool caches single pages). A block is the unit of
+the local LRU and of tmem traffic, and may be partly filled: only the pages that were read are
+held, and the cache remembers which ones a block put to tmem carried.
+
+A clean block that leaves the local LRU is offered to an ephemeral pool, gathered in batches of
+``put_batch`` pages sent without waiting for the answer (``put_many_nowait``). Blocks gathering for
+a batch still serve hits and count in ``capacity``: with a pool the LRU holds ``capacity -
+put_batch`` pages, so a guest uses the same memory with tmem or without (a read may overshoot by
+its own pages until its end). A local miss asks the pool before the file: the blocks of all the
+missing pages of one read, plus, when the file is read sequentially, ``readahead`` pages beyond, in
+one ``get_many``. Exclusive gets move blocks back into the local cache: a block lives in one place
+at a time.
+
+Hiding the round trip. Asking tmem costs a round trip even when it misses, so the cache asks only
+for blocks it has put and believes still there: it keeps a *shadow* of its puts in put order. The
+daemon evicts a guest's ephemeral pages least recently used first and a get removes the page, so
+our blocks leave tmem in the order we put them: when a lookup misses, every block put before it is
+gone too and leaves the shadow. A block never put (a cold miss) goes straight to the file. A lookup
+that could return k pages costs about one round trip and saves k times the hit rate times a file
+read; the cache measures both (from recent samples) and reads the file directly when asking would
+cost more (asking anyway 1 in 4 times, to keep measuring).
+
+Back-off. Each block put has an outcome once it is wanted again: tmem returns it (a hit; a block
+read ahead counts when it is read), or it does not have it any more or asking would not have paid
+(a miss); a block not wanted while ``shadow_limit`` newer blocks were put (8 times the capacity)
+counts as a miss too (a scan). When the hit rate of a ``window`` of outcomes stays near zero (below
+1 in 8, two windows in a row), the cache *samples*: only blocks of a fixed 1 in ``sample`` subset
+(by hash of the handle) are put and looked up, in batches and a reserve 1/``sample`` the size, so
+tmem traffic falls to 1/sample while the sample keeps measuring; at 1 in 4 again it goes back to
+full use. Outcomes, not recent misses, are judged, so a cold start (puts whose pages are not wanted
+yet) is not mistaken for waste.
+
+Coherency. One object id per file, from st_dev, st_ino and (where the filesystem has one) the
+inode generation; a file replaced under the same name is a new inode, so a new object. ``open``
+revalidates what the cache knew of the inode (ctime, mtime, size): a file changed behind the
+cache's back, or a recycled inode, loses its cached pages here and in tmem. ``write`` goes to the
+file, drops the cached blocks it touches and flushes them from tmem; ``truncate`` flushes the
+object. If the daemon goes away (``DaemonGone``) the cache carries on with its local pages and the
+file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from tmemclient.aclient import AsyncPool
+from tmemclient.client import Pool
+from tmemclient.errors import DaemonGone, InvalidArgument
+from tmemclient.protocol import FRAME_SIZE
+
+PAGE = FRAME_SIZE  # a file page
+Key = tuple[int, int]  # (object id, block index): a tmem handle
+Page = bytes | memoryview  # a page read from the file, or a view of a block tmem returned
+DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
+
+_FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode generation, where supported
+
+
+@dataclass
+class CacheStats:
+    """What a page cache did, in file pages unless said otherwise. Every page read is a local
+    hit, a tmem hit or a disk read."""
+
+    pages_read: int = 0  # pages asked for by read()
+    local_hits: int = 0
+    tmem_hits: int = 0  # pages of a read served by a block tmem returned
+    disk_reads: int = 0
+    tmem_gets: int = 0  # get_many round trips
+    blocks_got: int = 0  # blocks tmem returned (its gets_hit)
+    tmem_misses: int = 0  # blocks asked for that tmem no longer held
+    readahead: int = 0  # blocks fetched beyond a read
+    puts: int = 0  # blocks put (tmem pages)
+    puts_refused: int = 0  # known refused; puts sent without waiting are counted by the client
+    pages_put: int = 0  # file pages those blocks carried
+    put_batches: int = 0
+    lookups_skipped: int = 0  # blocks read from the file because asking would not pay
+    backoffs: int = 0
+    resumes: int = 0
+    tmem_seconds: float = 0.0  # waiting for tmem
+    disk_seconds: float = 0.0  # reading the file
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+@dataclass
+class CachedFile:
+    """A file opened through a page cache. ``oid`` is its tmem object id."""
+
+    path: str
+    fd: int
+    oid: int
+    size: int
+    writable: bool
+    next_page: int = -1  # where the last read ended: a read starting here is sequential
+    closed: bool = False
+
+
+@dataclass
+class _Known:
+    ctime_ns: int
+    mtime_ns: int
+    size: int
+
+
+class _Recent:
+    """The last few measurements of a cost, read as a quantile: one slow outlier (a page fault, a
+    preempted daemon) must not stop the cache from asking tmem for long."""
+
+    def __init__(self, quantile: float, size: int = 15) -> None:
+        self._quantile = quantile
+        self._recent: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._recent.append(value)
+
+    @property
+    def value(self) -> float | None:
+        if len(self._recent) < 3:
+            return None
+        return sorted(self._recent)[int(len(self._recent) * self._quantile)]
+
+
+@dataclass
+class _Costs:
+    """Measured costs, in seconds."""
+
+    # One page read from the file: the median.
+    disk: _Recent = field(default_factory=lambda: _Recent(0.5))
+    # One lookup: a low quantile, since a lookup may also wait for the daemon to finish puts
+    # sent before it, which is the puts' cost, not the lookup's.
+    lookup: _Recent = field(default_factory=lambda: _Recent(0.25))
+    hit_rate: float = 1.0  # of blocks asked of tmem, the fraction it returned (weighted average)
+
+
+def object_id(st: os.stat_result, generation: int = 0) -> int:
+    """The tmem object id of a file: st_dev, st_ino and the inode generation, 192 bits."""
+    return ((st.st_dev & (2**64 - 1)) << 128) | ((st.st_ino & (2**64 - 1)) << 64) | generation
+
+
+def _generation(fd: int) -> int:
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETVERSION, b"\0" * 8)
+    except OSError:
+        return 0  # the filesystem has no generation: revalidation at open covers inode reuse
+    return int(struct.unpack("q", raw)[0]) & (2**64 - 1)
+
+
+class _Block:
+    """The pages of one block that the cache holds (None where it holds none)."""
+
+    __slots__ = ("held", "mask", "pages")
+
+    def __init__(self, pages: list[Page | None]) -> None:
+        self.pages = pages
+        self.mask = sum(1 << i for i, page in enumerate(pages) if page is not None)
+        self.held = self.mask.bit_count()
+
+    def add(self, slot: int, page: Page) -> None:
+        """Hold one more page."""
+        self.pages[slot] = page
+        self.mask |= 1 << slot
+        self.held += 1
+
+
+# An I/O request of a plan: ("get", keys) -> list[bytes | None]; ("put", items) -> list[bool] or
+# None when the answers are not known; ("flush", keys) and ("flush_object", oid) -> None.
+Request = tuple[str, Any]
+Plan = Generator[Request, Any, Any]
+
+
+class _CacheCore:
+    """The page cache's logic as sans-I/O plans; the sync and the trio cache drive them."""
+
+    _pool_type: ClassVar[type[Pool] | type[AsyncPool]]
+    _pool: Pool | AsyncPool | None
+
+    def __init__(
+        self,
+        pool: Pool | AsyncPool | None,
+        capacity: int,
+        *,
+        block_pages: int | None = None,
+        readahead: int = 16,
+        put_batch: int = 64,
+        sample: int = 16,
+        window: int = 256,
+        disk_read: DiskRead | None = None,
+    ) -> None:
+        if pool is not None and not isinstance(pool, self._pool_type):
+            raise InvalidArgument(f"{type(self).__name__} needs a {self._pool_type.__name__}")
+        block_size = _check_pool(pool, block_pages)
+        tmem = pool is not None
+        self._pool = pool
+        for name, value, low in (
+            ("capacity", capacity, 1),
+            ("readahead", readahead, 0),
+            ("put_batch", put_batch, 1),
+            ("sample", sample, 1),
+            ("window", window, 4),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+        self.block_pages = block_size // PAGE
+        if tmem and put_batch + self.block_pages > capacity:
+            raise InvalidArgument("capacity must hold put_batch pages and a block more")
+        self.capacity = capacity
+        self.readahead = readahead
+        self.put_batch = put_batch
+        self.sample = sample
+        self.window = window
+        self.shadow_limit = max(1, 8 * capacity // self.block_pages)  # blocks
+        self.stats = CacheStats()
+        self.tmem = tmem  # False without a pool, or once the daemon is gone
+        self.sampling = False
+        self._disk_read: DiskRead = disk_read or os.pread
+        self._zero = bytes(PAGE)
+        self._local: OrderedDict[Key, _Block] = OrderedDict()
+        self._local_pages = 0
+        self._pending: dict[Key, _Block] = {}  # evicted, gathering for a put batch
+        self._pending_pages = 0
+        self._shadow: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # put: (seq, page mask)
+        self._ghost: OrderedDict[Key, None] = OrderedDict()  # put, then dropped by tmem
+        self._readahead: set[Key] = set()  # fetched ahead, not read yet
+        self._seq = 0
+        self._hits = self._misses = self._bad_windows = self._skipped = 0
+        self._costs = _Costs()
+        self._known: dict[int, _Known] = {}
+        self._files: dict[int, CachedFile] = {}
+
+    @property
+    def cached_pages(self) -> int:
+        """File pages held locally (including blocks gathering for a put batch)."""
+        return self._local_pages + self._pending_pages
+
+    # ------------------------------------------------------------------ plans
+
+    def _open_plan(self, path: str | os.PathLike[str], writable: bool) -> Plan:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            oid = object_id(st, _generation(fd))
+            now = _Known(st.st_ctime_ns, st.st_mtime_ns, st.st_size)
+            known = self._known.get(oid)
+            if known is not None and known != now:
+                yield from self._invalidate_object(oid)  # changed behind our back, or reused
+            self._known[oid] = now
+        except BaseException:
+            os.close(fd)
+            raise
+        f = CachedFile(os.fspath(path), fd, oid, st.st_size, writable)
+        self._files[fd] = f
+        return f
+
+    def _read_plan(self, f: CachedFile, offset: int, length: int) -> Plan:
+        if f.closed:
+            raise InvalidArgument(f"{f.path} is closed")
+        if offset < 0 or length < 0:
+            raise InvalidArgument("offset and length must be >= 0")
+        end = min(offset + length, f.size)
+        if offset >= end:
+            return b""
+        first, last = offset // PAGE, (end - 1) // PAGE
+        bp = self.block_pages
+        pages: dict[int, Page] = {}
+        missing: list[int] = []
+        for index in range(first, last + 1):
+            block = self._local_block((f.oid, index // bp))
+            data = None if block is None else block.pages[index % bp]
+            if data is None:
+                missing.append(index)
+            else:
+                pages[index] = data
+        self.stats.pages_read += last - first + 1
+        self.stats.local_hits += len(pages)
+        if missing:
+            yield from self._fill(f, missing, first == f.next_page, pages)
+        f.next_page = last + 1
+        data = b"".join(pages[i] for i in range(first, last + 1))
+        skip = offset - first * PAGE
+        return data[skip : skip + end - offset]
+
+    def _fill(
+        self, f: CachedFile, missing: list[int], sequential: bool, pages: dict[int, Page]
+    ) -> Plan:
+        """Bring the missing pages of a read in: tmem first (one batch), then the file."""
+        oid, bp = f.oid, self.block_pages
+        if self.tmem:
+            wanted: dict[int, int] = {}  # block -> mask of the pages we miss
+            for index in missing:
+                wanted[index // bp] = wanted.get(index // bp, 0) | 1 << index % bp
+            asked: list[Key] = []
+            useful = 0
+            for b, need in wanted.items():
+                key = (oid, b)
+                entry = self._shadow.get(key)
+                if entry is not None and key not in self._local:
+                    if self._eligible(key):
+                        asked.append(key)
+                        useful += (entry[1] & need).bit_count()
+                elif key in self._ghost:  # put once, dropped by tmem before we came back
+                    del self._ghost[key]
+                    self._outcome(hit=False)
+            if asked and not self._worth_asking(useful):
+                self.stats.lookups_skipped += len(asked)
+                for _ in asked:  # their puts did not pay
+                    self._outcome(hit=False)
+                asked = []
+            demand = len(asked)
+            if asked and sequential:
+                after = missing[-1] // bp + 1
+                for b in range(after, after + -(-self.readahead // bp)):
+                    key = (oid, b)
+                    if key in self._local or key in self._pending:
+                        continue
+                    if key not in self._shadow or not self._eligible(key):
+                        break
+                    asked.append(key)
+            if asked:
+                yield from self._get(asked, demand)
+        for index in missing:
+            key = (oid, index // bp)
+            block = self._local.get(key)
+            data = None if block is None else block.pages[index % bp]
+            if data is not None:
+                self.stats.tmem_hits += 1
+            else:
+                data = self._read_disk(f, index)
+                if block is None:
+                    block = self._local[key] = _Block([None] * bp)
+                block.add(index % bp, data)
+                self._local_pages += 1
+            pages[index] = data
+        self._evict()
+        yield from self._put_pending(force=False)
+
+    def _get(self, asked: list[Key], demand: int) -> Plan:
+        started = time.perf_counter()
+        found = yield ("get", asked)
+        took = time.perf_counter() - started
+        self.stats.tmem_seconds += took
+        self.stats.tmem_gets += 1
+        costs = self._costs
+        costs.lookup.add(took)
+        returned = sum(data is not None for data in found)
+        costs.hit_rate = 0.9 * costs.hit_rate + 0.1 * returned / len(asked)
+        self.stats.blocks_got += returned
+        bp = self.block_pages
+        for n, (key, data) in enumerate(zip(asked, found, strict=True)):
+            if data is None:
+                self.stats.tmem_misses += 1
+                self._trim_through(key)
+                if n < demand:
+                    self._outcome(hit=False)
+                continue
+            _, mask = self._shadow.pop(key)
+            view = memoryview(data)  # pages are views of the block: no copy
+            block = _Block(
+                [view[i * PAGE : (i + 1) * PAGE] if mask >> i & 1 else None for i in range(bp)]
+            )
+            self._local[key] = block
+            self._local_pages += block.held
+            if n < demand:
+                self._outcome(hit=True)
+            else:
+                self.stats.readahead += 1
+                self._readahead.add(key)
+
+    def _write_plan(self, f: CachedFile, offset: int, data: Any) -> Plan:
+        if f.closed or not f.writable:
+            raise InvalidArgument(f"{f.path} is not open for writing through this cache")
+        if offset < 0:
+            raise InvalidArgument("offset must be >= 0")
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(f.fd, view[done:], offset + done)
+        if not view:
+            return 0
+        bp = PAGE * self.block_pages
+        keys = [(f.oid, b) for b in range(offset // bp, (offset + len(view) - 1) // bp + 1)]
+        for key in keys:
+            self._forget(key)
+        self._refresh(f)
+        if self.tmem:
+            yield ("flush", keys)  # whatever the shadow believes: stale data is never read
+        return len(view)
+
+    def _truncate_plan(self, f: CachedFile, size: int) -> Plan:
+        if f.closed or not f.writable:
+            raise InvalidArgument(f"{f.path} is not open for writing through this cache")
+        if size < 0:
+            raise InvalidArgument("size must be >= 0")
+        os.ftruncate(f.fd, size)
+        yield from self._invalidate_object(f.oid)
+        self._refresh(f)
+
+    def _put_pending(self, *, force: bool) -> Plan:
+        if not self._pending or (not force and self._pending_pages < self._batch_pages()):
+            return
+        batch = list(self._pending.items())
+        self._pending.clear()
+        self._pending_pages = 0
+        if not self.tmem:
+            return
+        zero = self._zero
+        items = [(k[0], k[1], b"".join(p or zero for p in block.pages)) for k, block in batch]
+        started = time.perf_counter()
+        flags = yield ("put", items)
+        took = time.perf_counter() - started
+        self.stats.tmem_seconds += took
+        self.stats.put_batches += 1
+        self.stats.puts += len(items)
+        shadow = self._shadow
+        for n, (key, block) in enumerate(batch):
+            self.stats.pages_put += block.held
+            shadow.pop(key, None)
+            self._ghost.pop(key, None)
+            if flags is None or flags[n]:
+                self._seq += 1
+                shadow[key] = (self._seq, block.mask)
+            else:
+                self.stats.puts_refused += 1
+                self._outcome(hit=False)
+        limit = self.shadow_limit // self.sample if self.sampling else self.shadow_limit
+        while len(shadow) > limit:  # not wanted while this many newer blocks were put: a scan
+            shadow.popitem(last=False)
+            self._outcome(hit=False)
+
+    def _invalidate_object(self, oid: int) -> Plan:
+        for table in (self._local, self._pending, self._shadow, self._ghost):
+            for key in [k for k in table if k[0] == oid]:
+                self._forget(key)
+        if self.tmem:
+            yield ("flush_object", oid)
+
+    # ------------------------------------------------------------------ local blocks
+
+    def _local_block(self, key: Key) -> _Block | None:
+        block = self._local.get(key)
+        if block is not None:
+            self._local.move_to_end(key)
+        else:
+            block = self._pending.pop(key, None)  # not put yet: still ours
+            if block is None:
+                return None
+            self._pending_pages -= block.held
+            self._local_pages += block.held
+            self._local[key] = block
+        if key in self._readahead:
+            self._readahead.discard(key)
+            self._outcome(hit=True)
+        return block
+
+    def _evict(self) -> None:
+        # With tmem, a batch's worth of the capacity is kept for the batch being gathered.
+        limit = self.capacity - self._batch_pages() if self.tmem else self.capacity
+        while self._local_pages > limit and self._local:
+            key, block = self._local.popitem(last=False)
+            self._local_pages -= block.held
+            self._readahead.discard(key)
+            if self.tmem and self._eligible(key):
+                self._pending[key] = block
+                self._pending_pages += block.held
+
+    def _forget(self, key: Key) -> None:
+        block = self._local.pop(key, None)
+        if block is not None:
+            self._local_pages -= block.held
+        block = self._pending.pop(key, None)
+        if block is not None:
+            self._pending_pages -= block.held
+        self._shadow.pop(key, None)
+        self._ghost.pop(key, None)
+        self._readahead.discard(key)
+
+    def _read_disk(self, f: CachedFile, index: int) -> Page:
+        started = time.perf_counter()
+        data = self._disk_read(f.fd, PAGE, index * PAGE)
+        took = time.perf_counter() - started
+        self.stats.disk_reads += 1
+        self.stats.disk_seconds += took
+        self._costs.disk.add(took)
+        return data if len(data) == PAGE else bytes(data).ljust(PAGE, b"\0")
+
+    def _refresh(self, f: CachedFile) -> None:
+        """After our own write: remember the inode as it is now, in every handle of the file."""
+        st = os.fstat(f.fd)
+        self._known[f.oid] = _Known(st.st_ctime_ns, st.st_mtime_ns, st.st_size)
+        for other in self._files.values():
+            if other.oid == f.oid:
+                other.size = st.st_size
+
+    # ------------------------------------------------------------------ shadow and back-off
+
+    def _trim_through(self, key: Key) -> None:
+        """``key`` was evicted from tmem: so was everything we put before it."""
+        entry = self._shadow.pop(key, None)
+        if entry is None:
+            return
+        shadow, ghost = self._shadow, self._ghost
+        while shadow:
+            old, old_entry = shadow.popitem(last=False)
+            if old_entry[0] > entry[0]:
+                shadow[old] = old_entry
+                shadow.move_to_end(old, last=False)
+                break
+            ghost[old] = None
+        while len(ghost) > self.shadow_limit:
+            ghost.popitem(last=False)
+
+    def _batch_pages(self) -> int:
+        """Pages gathered before a put: fewer while sampling, as fewer blocks go to tmem."""
+        if self.sampling:
+            return max(self.block_pages, self.put_batch // self.sample)
+        return self.put_batch
+
+    def _eligible(self, key: Key) -> bool:
+        return not self.sampling or hash(key) % self.sample == 0
+
+    def _worth_asking(self, pages: int) -> bool:
+        """Would asking for these pages save more file reading than the lookup costs?"""
+        costs = self._costs
+        disk, lookup = costs.disk.value, costs.lookup.value
+        if disk is None or lookup is None or pages * costs.hit_rate * disk >= lookup:
+            return True
+        self._skipped += 1
+        return self._skipped % 4 == 0  # now and then, to keep measuring
+
+    def _outcome(self, *, hit: bool) -> None:
+        """A put block's fate is known; judge the window when it is full."""
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
+        seen = self._hits + self._misses
+        if seen < (self.window // 4 if self.sampling else self.window):
+            return
+        rate = self._hits / seen
+        self._hits = self._misses = 0
+        if not self.sampling:
+            self._bad_windows = self._bad_windows + 1 if rate < 1 / 8 else 0
+            if self._bad_windows >= 2:
+                self._bad_windows = 0
+                self.sampling = True
+                self.stats.backoffs += 1
+                # Only the sample is put and looked up from now on; forget the rest unjudged.
+                for key in [k for k in self._pending if not self._eligible(k)]:
+                    self._pending_pages -= self._pending.pop(key).held
+                for key in [k for k in self._shadow if not self._eligible(k)]:
+                    del self._shadow[key]
+                self._ghost.clear()
+        elif rate >= 1 / 4:
+            self.sampling = False
+            self.stats.resumes += 1
+
+    # ------------------------------------------------------------------ the drivers' helpers
+
+    def _daemon_gone(self) -> None:
+        """The daemon went away: carry on with local pages and the file."""
+        self.tmem = False
+        self._pending.clear()
+        self._pending_pages = 0
+        self._shadow.clear()
+        self._ghost.clear()
+
+    @staticmethod
+    def _failed(request: Request) -> Any:
+        """The answer a request gets when tmem is not there: every get misses, no put lands."""
+        kind, arg = request
+        if kind == "get":
+            return [None] * len(arg)
+        if kind == "put":
+            return [False] * len(arg)
+        return None
+
+    def close_file(self, f: CachedFile) -> None:
+        """Close the file; its pages stay cached (until evicted) for the next ``open``."""
+        if not f.closed:
+            f.closed = True
+            self._files.pop(f.fd, None)
+            os.close(f.fd)
+
+    def close(self) -> None:
+        """Close every file opened through the cache (the pool is the caller's)."""
+        for f in list(self._files.values()):
+            self.close_file(f)
+
+
+def _check_pool(pool: Pool | AsyncPool | None, block_pages: int | None) -> int:
+    """The block size in bytes: the pool's page size (``block_pages`` must agree), else
+    ``block_pages`` pages (default 1)."""
+    if block_pages is not None and (
+        isinstance(block_pages, bool)
+        or not isinstance(block_pages, int)
+        or block_pages < 1
+        or block_pages & (block_pages - 1)
+    ):
+        raise InvalidArgument(f"block_pages must be a power of two, got {block_pages!r}")
+    if pool is None:
+        return (block_pages or 1) * PAGE
+    if pool.persistent:
+        raise InvalidArgument("a page cache needs an ephemeral pool")
+    if block_pages is not None and block_pages * PAGE != pool.page_size:
+        raise InvalidArgument(f"block_pages {block_pages} does not match the pool's page size")
+    return pool.page_size
+
+
+def _put_batch(pool: Pool, items: list[tuple[int, int, bytes]]) -> list[bool] | None:
+    """Put one batch of evicted blocks without waiting for the answer (None: not known).
+
+    A clean block may be dropped, so nothing waits for its put: the daemon serves requests in
+    order, so a later get sees it, and the client counts the answers (``client.deferred``). The
+    cache assumes the blocks landed; if one was refused, a later lookup misses and trims the
+    shadow. To wait for the answers instead, ``return pool.put_many(items)``.
+    """
+    pool.put_many_nowait(items)
+    return None
+
+
+class PageCache(_CacheCore):
+    """A synchronous file page cache backed by an ephemeral tmem pool, whose page size sets the
+    block; ``pool=None`` makes it a plain local cache of ``block_pages``-page blocks (the static
+    partition to compare with).
+
+    ``capacity`` is in file pages; ``readahead`` pages are fetched beyond a sequential read;
+    ``put_batch`` pages are gathered per put; while backed off 1 in ``sample`` blocks is used;
+    ``window`` outcomes are judged at a time (see the module docstring); ``disk_read`` replaces
+    ``os.pread`` for file reads (the benchmark adds a device's latency there). ``stats`` counts
+    what the cache did, ``sampling`` is True while it has backed off, and ``tmem`` turns False
+    once the daemon went away. Not thread-safe.
+    """
+
+    _pool_type = Pool
+    _pool: Pool | None
+
+    def _drive(self, plan: Plan) -> Any:
+        try:
+            request = next(plan)
+            while True:
+                request = plan.send(self._do(request))
+        except StopIteration as stop:
+            return stop.value
+
+    def _do(self, request: Request) -> Any:
+        pool = self._pool
+        if pool is None or not self.tmem:
+            return self._failed(request)
+        kind, arg = request
+        try:
+            if kind == "get":
+                return pool.get_many(arg)
+            if kind == "put":
+                return _put_batch(pool, arg)
+            if kind == "flush":
+                return pool.flush_many(arg)
+            return pool.flush_object(arg)
+        except DaemonGone:
+            self._daemon_gone()
+            return self._failed(request)
+
+    def open(self, path: str | os.PathLike[str], *, writable: bool = False) -> CachedFile:
+        """Open a file through the cache (read-only unless ``writable``)."""
+        result: CachedFile = self._drive(self._open_plan(path, writable))
+        return result
+
+    def read(self, f: CachedFile, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
+        result: bytes = self._drive(self._read_plan(f, offset, length))
+        return result
+
+    def write(self, f: CachedFile, offset: int, data: Any) -> int:
+        """Write through to the file; the cached blocks it touches are dropped."""
+        result: int = self._drive(self._write_plan(f, offset, data))
+        return result
+
+    def truncate(self, f: CachedFile, size: int) -> None:
+        """Truncate (or extend) the file; its cached pages are dropped here and in tmem."""
+        self._drive(self._truncate_plan(f, size))
+
+    def put_pending(self) -> None:
+        """Send the evicted blocks gathering for a batch now."""
+        self._drive(self._put_pending(force=True))
+
+    def __enter__(self) -> PageCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPageCache(_CacheCore):
+    """The trio page cache: ``PageCache``'s logic over an ``AsyncPool``. File reads are short
+    blocking calls made from the task, as a page cache's would be."""
+
+    _pool_type = AsyncPool
+    _pool: AsyncPool | None
+
+    async def _drive(self, plan: Plan) -> Any:
+        try:
+            request = next(plan)
+            while True:
+                request = plan.send(await self._do(request))
+        except StopIteration as stop:
+            return stop.value
+
+    async def _do(self, request: Request) -> Any:
+        pool = self._pool
+        if pool is None or not self.tmem:
+            return self._failed(request)
+        kind, arg = request
+        try:
+            if kind == "get":
+                return await pool.get_many(arg)
+            if kind == "put":
+                return await pool.put_many(arg)
+            if kind == "flush":
+                return await pool.flush_many(arg)
+            return await pool.flush_object(arg)
+        except DaemonGone:
+            self._daemon_gone()
+            return self._failed(request)
+
+    async def open(self, path: str | os.PathLike[str], *, writable: bool = False) -> CachedFile:
+        """Open a file through the cache (read-only unless ``writable``)."""
+        result: CachedFile = await self._drive(self._open_plan(path, writable))
+        return result
+
+    async def read(self, f: CachedFile, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
+        result: bytes = await self._drive(self._read_plan(f, offset, length))
+        return result
+
+    async def write(self, f: CachedFile, offset: int, data: Any) -> int:
+        """Write through to the file; the cached blocks it touches are dropped."""
+        result: int = await self._drive(self._write_plan(f, offset, data))
+        return result
+
+    async def truncate(self, f: CachedFile, size: int) -> None:
+        """Truncate (or extend) the file; its cached pages are dropped here and in tmem."""
+        await self._drive(self._truncate_plan(f, size))
+
+    async def put_pending(self) -> None:
+        """Send the evicted blocks gathering for a batch now."""
+        await self._drive(self._put_pending(force=True))
