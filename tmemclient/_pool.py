@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tmemclient import _plans
 from tmemclient.errors import InvalidArgument, UnknownPool
@@ -26,8 +25,7 @@ from tmemclient.protocol import (
 )
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     """Staging needs and plan of one operation.
 
     ``need`` frames are wanted; a batch (``unit`` > 0) may run with fewer, in multiples of

@@ -231,6 +231,7 @@ class Client:
         self.notice: str | None = None
         # put_many_nowait: req_id -> its staging run (released with the last reply of a run)
         self._deferred: dict[int, tuple[int, int] | None] = {}
+        self._single: tuple[int, int] = (0, 0)  # (start, frames) kept for single-page ops
         self.deferred = DeferredStats()
 
     @property
@@ -242,6 +243,8 @@ class Client:
     def reserve_frames(self, count: int = 1) -> FrameRun:
         """Take ``count`` contiguous frames out of the staging pool for your own use."""
         start = self._alloc.alloc(count)
+        if start is None and self._reclaim_single():
+            start = self._alloc.alloc(count)
         if start is None:
             raise LimitExceeded(
                 f"no run of {count} free frames in the region ({self.limits.frames})"
@@ -296,6 +299,11 @@ class Client:
     def _run(self, job: Job, *, wait: bool = True) -> Any:
         if not job.need:
             return self._drive(job.factory(0, 0))
+        if not job.unit and wait:
+            # Single-page operations stage in a run kept for them: no allocation per call.
+            start = self._single_run(job.need)
+            if start is not None:
+                return self._drive(job.factory(start, job.need))
         while True:
             count = job.need
             if job.unit:
@@ -307,6 +315,8 @@ class Client:
                 break
             self._read_one_reply({})  # frames held by no-wait puts come back with answers
         wait = wait or count < job.need  # no room to stage it whole: send it the slow way
+        if not count and self._reclaim_single():
+            return self._run(job, wait=wait)
         start = self._alloc.alloc(count) if count else None
         if start is None:
             raise LimitExceeded(
@@ -319,6 +329,29 @@ class Client:
             return self._drive(job.factory(start, count))
         finally:
             self._alloc.release(start, count)
+
+    def _reclaim_single(self) -> bool:
+        """Give back the single-op staging run (the caller's needs come first)."""
+        if not self._single[1]:
+            return False
+        self._alloc.release(*self._single)
+        self._single = (0, 0)
+        return True
+
+    def _single_run(self, need: int) -> int | None:
+        """Start of the staging run kept for single-page operations, grown to ``need``
+        frames if it can be; None if the region has no room (then the caller allocates)."""
+        start, count = self._single
+        if need <= count:
+            return start
+        if count:
+            self._alloc.release(start, count)
+        new = self._alloc.alloc(need)
+        if new is None:
+            self._single = (0, 0)
+            return None
+        self._single = (new, need)
+        return new
 
     def _send_nowait(self, job: Job, start: int, count: int) -> None:
         """Send a batch plan that fits its staging run in one round, and leave its answer to

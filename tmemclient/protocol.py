@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -123,9 +124,18 @@ def status_for_error(exc: TmemError) -> Status:
 # Framing
 
 
+_local = threading.local()
+
+
 def encode_frame(message: Any) -> bytes:
     """One length-prefixed msgpack frame."""
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    # msgpack.packb builds a Packer per call (3.5x the cost of packing a small request); keep
+    # one per thread instead.
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    body: bytes = packer.pack(message)
     return HEADER.pack(len(body)) + body
 
 
