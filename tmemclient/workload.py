@@ -372,6 +372,7 @@ def run_scenario(
     take turns (static, then tmem, with the same accesses), so a machine that slows down or
     speeds up during the run affects both alike. Returns each setup's summary."""
     with running_tmemd(workdir, args.memory) as (sock, admin):
+        progress(f"  watch memory follow demand: tmemctl --admin-socket {admin} top")
         guests: dict[str, list[Guest]] = {}
         try:
             for setup in setups:
