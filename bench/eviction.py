@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import tmemclient
-from bench.throughput import rate, start_daemon
+from bench.throughput import rate
+from tmemclient.workload import running_tmemd
 from tmemd.store import SLOT_SIZE, Store
 
 PAGE = memoryview(bytes(SLOT_SIZE))
@@ -48,22 +49,20 @@ def store_put_ns(pages: int, guests: int, full: bool) -> float:
 
 def daemon_put_rate(budget: int, seconds: float) -> float:
     """put_many(64) pages/s from one guest."""
-    with tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp:
-        proc, sock = start_daemon(Path(tmp), budget)
-        try:
-            with tmemclient.connect(sock, name="bench") as client:
-                pool = client.new_pool()
-                data = bytes(4096)
+    with (
+        tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp,
+        running_tmemd(Path(tmp), budget) as (sock, _admin),
+        tmemclient.connect(sock, name="bench") as client,
+    ):
+        pool = client.new_pool()
+        data = bytes(4096)
 
-                def put64(i: int) -> int:
-                    pool.put_many([(i, k, data) for k in range(64)])
-                    return 64
+        def put64(i: int) -> int:
+            pool.put_many([(i, k, data) for k in range(64)])
+            return 64
 
-                rate(put64, 0.3)  # warm up: fills the small budget so every later put evicts
-                return rate(put64, seconds)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+        rate(put64, 0.3)  # warm up: fills the small budget so every later put evicts
+        return rate(put64, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

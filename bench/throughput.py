@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,34 +20,9 @@ from pathlib import Path
 
 import tmemclient
 from tmemclient.units import parse_size
+from tmemclient.workload import running_tmemd
 
 PAGE = bytes(range(256)) * 16
-
-
-def start_daemon(tmp: Path, memory: int) -> tuple[subprocess.Popen[bytes], Path]:
-    """tmemd on a fresh socket; waits until it accepts."""
-    sock = tmp / "tmemd.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tmemd",
-            "--socket",
-            str(sock),
-            "--memory",
-            str(memory),
-            "--log-format",
-            "json",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("tmemd did not start")
-        time.sleep(0.02)
-    return proc, sock
 
 
 def rate(op: Callable[[int], int], seconds: float) -> float:
@@ -109,17 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=parse_size, default=1 << 30)
     parser.add_argument("--json", type=Path, help="also write results here")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp:
-        proc, sock = start_daemon(Path(tmp), args.memory)
-        try:
-            print(
-                f"tmemd pid {proc.pid}, {os.cpu_count()} cpus, median of {args.repeats}",
-                file=sys.stderr,
-            )
-            results = measure(sock, args.seconds, args.repeats, args.batch)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+    with (
+        tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp,
+        running_tmemd(Path(tmp), args.memory) as (sock, _admin),
+    ):
+        print(f"{os.cpu_count()} cpus, median of {args.repeats}", file=sys.stderr)
+        results = measure(sock, args.seconds, args.repeats, args.batch)
     print(f"{'row':<12} {'pages/s':>12}")
     for name, value in results.items():
         print(f"{name:<12} {value:>12,.0f}")

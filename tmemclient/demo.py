@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 
 import tmemclient
 from tmemclient.units import format_size, parse_size
+from tmemclient.workload import running_tmemd
 
 
 def page(guest: str, kind: str, oid: int, index: int) -> bytes:
@@ -91,34 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with tempfile.TemporaryDirectory(prefix="tmem-demo-") as tmp:
-        sock = Path(tmp) / "tmemd.sock"
-        log_path = Path(tmp) / "tmemd.log"
+        log_path = Path(tmp) / "tmemd.log"  # written by running_tmemd
         budget = args.memory
-        print(f"starting tmemd: budget {format_size(budget)}, socket {sock}", flush=True)
-        with log_path.open("wb") as log:
-            daemon = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tmemd",
-                    "--socket",
-                    str(sock),
-                    "--memory",
-                    str(budget),
-                    "--log-format",
-                    "json",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            deadline = time.monotonic() + 15
-            while not sock.exists():
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    print(log_path.read_text(), file=sys.stderr)
-                    print("tmemd did not start; see its log above", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
+        print(f"starting tmemd: budget {format_size(budget)}, in {tmp}", flush=True)
+        with running_tmemd(Path(tmp), budget) as (sock, _admin):
             total = args.guests * (args.pages + args.pages // 4) * 4096
             print(
                 f"{args.guests} guests, each {args.pages} ephemeral + {args.pages // 4} persistent pages "
@@ -153,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 results.append(json.loads(out))
             elapsed = time.monotonic() - started
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=15)
         events = [
             json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
         ]
