@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 import tmemclient
 import tmemclient.protocol
 
@@ -53,3 +55,16 @@ def test_nowait_error_answers_are_recorded(daemon: Any) -> None:
         other.put(5, 0, page(5))  # reading this answer also reads the deferred one
         assert client.deferred.errors == 1
         assert "unknown" in (client.deferred.last_error or "")
+
+
+async def test_trio_nowait_puts_are_counted_and_free_their_frames(daemon: Any) -> None:
+    with trio.fail_after(30):
+        async with tmemclient.open_client(daemon.socket, name="nw5", frames=8) as client:
+            pool = await client.new_pool(persistent=True)
+            await pool.put_many_nowait([(6, i, page(i)) for i in range(300)])
+            assert await pool.get(6, 299) == page(299)  # served in order after the puts
+            stats = await client.wait_deferred()
+            assert (stats.stored, stats.refused, stats.errors) == (300, 0, 0)
+            assert client._alloc.free == 8
+            got = await pool.get_many([(6, i) for i in range(300)])
+            assert all(d == page(i) for i, d in enumerate(got))

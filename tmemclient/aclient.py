@@ -23,7 +23,14 @@ import trio
 
 from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
-from tmemclient.client import _GONE, DEFAULT_FRAMES, FrameRun, hello_message, hello_reply
+from tmemclient.client import (
+    _GONE,
+    DEFAULT_FRAMES,
+    DeferredStats,
+    FrameRun,
+    hello_message,
+    hello_reply,
+)
 from tmemclient.errors import (
     DaemonGone,
     DaemonShuttingDown,
@@ -48,13 +55,14 @@ _RECV = 256 * 1024
 
 
 class _Waiter:
-    __slots__ = ("event", "release", "status", "value")
+    __slots__ = ("deferred", "event", "release", "status", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
         self.event = trio.Event()
         self.status = -1
         self.value: Any = None
         self.release: tuple[int, int] | None = None  # staging run freed on arrival if abandoned
+        self.deferred = deferred  # put_many_nowait: nobody awaits it; the reader counts it
 
 
 class AsyncPool(PoolOps):
@@ -110,6 +118,16 @@ class AsyncPool(PoolOps):
         job = self._put_many(items)
         return job if isinstance(job, list) else list(await self._client._run(job))
 
+    async def put_many_nowait(self, items: Sequence[tuple[int, int, Any]]) -> None:
+        """Send puts of many pages and return once they are sent, not answered (see the sync
+        ``Pool.put_many_nowait``); answers are counted in ``client.deferred`` as they arrive."""
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
+        for i in range(0, len(items), step):
+            job = self._put_many(items[i : i + step])
+            if not isinstance(job, list):
+                await self._client._run(job, wait=False)
+
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
         job = self._get_many(items)
@@ -142,6 +160,7 @@ class AsyncClient:
         self._req_id = 1
         self._closed: TmemError | None = None
         self.notice: str | None = None
+        self.deferred = DeferredStats()
 
     @property
     def frames(self) -> memoryview:
@@ -187,7 +206,13 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ driving plans
 
-    async def _run(self, job: Job) -> Any:
+    async def wait_deferred(self) -> DeferredStats:
+        """Wait for the answers to every put_many_nowait sent so far; the running counts."""
+        for waiter in [w for w in self._waiting.values() if w.deferred]:
+            await waiter.event.wait()
+        return self.deferred
+
+    async def _run(self, job: Job, *, wait: bool = True) -> Any:
         if not job.need:
             return await self._drive(job.factory(0, 0), None)
         if job.need > self.limits.frames and (not job.unit or job.unit > self.limits.frames):
@@ -197,13 +222,22 @@ class AsyncClient:
                 count = job.need
                 if job.unit:
                     count = min(count, self._alloc.largest() // job.unit * job.unit)
-                start = self._alloc.alloc(count) if count else None
+                # A no-wait batch is staged whole (its answer frees the run); while answers are
+                # still due, frames come back, so wait for them rather than split it.
+                whole = count == job.need or not any(w.release for w in self._waiting.values())
+                start = self._alloc.alloc(count) if count and (wait or whole) else None
                 if start is not None:
                     break
                 if self._closed is not None:
                     raise self._closed
                 await self._frames_freed.wait()
         run = (start, count)
+        if not wait and count == job.need:
+            plan = job.factory(start, count)
+            requests = next(plan)
+            plan.close()
+            await self._send_requests(requests, run, deferred=True)
+            return None
         try:
             return await self._drive(job.factory(start, count), run)
         finally:
@@ -229,29 +263,7 @@ class AsyncClient:
             return stop.value
 
     async def _exchange(self, requests: list[list[Any]], run: tuple[int, int] | None) -> list[Any]:
-        if self._closed is not None:
-            raise self._closed
-        waiters = []
-        frames = []
-        for request in requests:
-            self._req_id = self._req_id % 0xFFFFFFFF + 1
-            waiter = _Waiter()
-            self._waiting[self._req_id] = waiter
-            waiters.append(waiter)
-            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        try:
-            # A frame half-written would desynchronise the stream: never cancel a send midway.
-            with trio.CancelScope(shield=True):
-                async with self._send_lock:
-                    if self._closed is not None:
-                        raise self._closed
-                    view = memoryview(data)
-                    while view:
-                        view = view[await self._sock.send(view) :]
-        except OSError as exc:
-            self._fail(DaemonGone(f"{_GONE} ({exc})"))
-            raise self._closed from exc  # type: ignore[misc]
+        waiters = await self._send_requests(requests, None, deferred=False)
         try:
             for waiter in waiters:
                 await waiter.event.wait()
@@ -271,6 +283,37 @@ class AsyncClient:
             results.append(waiter.value)
         return results
 
+    async def _send_requests(
+        self, requests: list[list[Any]], run: tuple[int, int] | None, *, deferred: bool
+    ) -> list[_Waiter]:
+        """Register a waiter per request and send them together; ``run`` (if any) is freed by
+        the reader when the last of them is answered."""
+        if self._closed is not None:
+            raise self._closed
+        waiters = []
+        frames = []
+        for request in requests:
+            self._req_id = self._req_id % 0xFFFFFFFF + 1
+            waiter = _Waiter(deferred)
+            self._waiting[self._req_id] = waiter
+            waiters.append(waiter)
+            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
+        waiters[-1].release = run
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            # A frame half-written would desynchronise the stream: never cancel a send midway.
+            with trio.CancelScope(shield=True):
+                async with self._send_lock:
+                    if self._closed is not None:
+                        raise self._closed
+                    view = memoryview(data)
+                    while view:
+                        view = view[await self._sock.send(view) :]
+        except OSError as exc:
+            self._fail(DaemonGone(f"{_GONE} ({exc})"))
+            raise self._closed from exc  # type: ignore[misc]
+        return waiters
+
     async def _read_replies(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         buf = bytearray(_RECV)
         task_status.started()
@@ -287,9 +330,11 @@ class AsyncClient:
                     if waiter is None:
                         raise ProtocolError(f"reply to unknown req_id {req_id}")
                     waiter.status, waiter.value = status, result
-                    waiter.event.set()
-                    if waiter.release is not None:
+                    if waiter.deferred:
+                        self.deferred.count(status, result)
+                    if waiter.release is not None:  # free the frames before anyone wakes
                         await self._release(waiter.release)
+                    waiter.event.set()
                 n = await self._sock.recv_into(buf)
                 if not n and self.notice:
                     raise DaemonShuttingDown(f"{self.notice}; the connection is closed")

@@ -729,8 +729,9 @@ class AsyncPageCache(_CacheCore):
         try:
             if kind == "get":
                 return await pool.get_many(arg)
-            if kind == "put":
-                return await pool.put_many(arg)
+            if kind == "put":  # as the sync cache: a clean block's put needs no answer
+                await pool.put_many_nowait(arg)
+                return None
             if kind == "flush":
                 return await pool.flush_many(arg)
             return await pool.flush_object(arg)
