@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+
+from tmemclient.protocol import HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
@@ -136,3 +139,34 @@ def run_guest(script: str, *args: str, timeout: float = 60.0) -> subprocess.Comp
         env=env,
         check=False,
     )
+
+
+EOF: Any = type("EOF", (), {"__repr__": lambda self: "EOF"})()
+
+
+def read_raw_frame(sock: socket.socket, buf: bytearray, timeout: float) -> Any:
+    """The next frame the daemon sent on a raw socket, decoded, or EOF once it closed the
+    connection; ``buf`` keeps what was read past that frame. Bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if len(buf) >= 4:
+            (n,) = HEADER.unpack_from(buf)
+            assert 0 < n <= 8 << 20, f"daemon sent a frame header of {n} bytes"
+            if len(buf) >= 4 + n:
+                body = bytes(buf[4 : 4 + n])
+                del buf[: 4 + n]
+                return msgpack.unpackb(body, raw=False)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"tmemd sent no complete frame within {timeout}s")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:  # it closed with our bytes unread: still a close
+            chunk = b""
+        except TimeoutError:
+            raise AssertionError(f"tmemd sent no complete frame within {timeout}s") from None
+        if not chunk:
+            assert not buf, f"connection closed in the middle of a frame: {buf!r}"
+            return EOF
+        buf += chunk

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import ROOT, Daemon
+from conftest import EOF, ROOT, Daemon, read_raw_frame
 
 import tmemclient
 from tmemclient.protocol import (
@@ -62,7 +62,6 @@ GUEST_FRAMES = 16  # region of the raw bad guests
 OK, INVALID, NO_POOL, PERMISSION = Status.OK, Status.INVALID, Status.NO_POOL, Status.PERMISSION
 PROTOCOL, VERSION, LIMIT, CONFLICT = Status.PROTOCOL, Status.VERSION, Status.LIMIT, Status.CONFLICT
 
-EOF: Any = type("EOF", (), {"__repr__": lambda self: "EOF"})()
 _names = itertools.count()
 
 
@@ -166,29 +165,7 @@ class Raw:
 
     def read(self, timeout: float = TIMEOUT) -> Any:
         """The next frame from the daemon, decoded, or EOF once it closed the connection."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = HEADER.unpack_from(self.buf)
-                assert 0 < n <= 8 << 20, f"daemon sent a frame header of {n} bytes"
-                if len(self.buf) >= 4 + n:
-                    body = bytes(self.buf[4 : 4 + n])
-                    del self.buf[: 4 + n]
-                    return msgpack.unpackb(body, raw=False)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"tmemd sent no complete frame within {timeout}s")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except ConnectionResetError:  # it closed with our bytes unread: still a close
-                chunk = b""
-            except TimeoutError:
-                raise AssertionError(f"tmemd sent no complete frame within {timeout}s") from None
-            if not chunk:
-                assert not self.buf, f"connection closed in the middle of a frame: {self.buf!r}"
-                return EOF
-            self.buf += chunk
+        return read_raw_frame(self.sock, self.buf, timeout)
 
     def expect(self, req_id: int, status: int, *needles: str) -> Any:
         """The next frame must be the reply [req_id, status, ...]; error messages must contain

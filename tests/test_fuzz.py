@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from conftest import EOF, read_raw_frame
 
 import tmemclient
 from tmemclient.errors import ProtocolError
@@ -48,7 +49,6 @@ TIMEOUT = 10.0  # bound on any one reply; nothing here asserts speed
 MAX_FRAME = 1 << 20
 SYNC = 0xFFFF_FFF0  # req_id of the PING that closes each case on a live connection
 REPLY_STATUSES = {Status.OK, Status.INVALID, Status.NO_POOL, Status.PERMISSION, Status.LIMIT}
-EOF: Any = type("EOF", (), {"__repr__": lambda self: "EOF"})()
 
 INTERESTING_BYTES = [0x00, 0x01, 0x7F, 0x80, 0xC0, 0xC1, 0xC6, 0xCF, 0xD3, 0xDB, 0xDD, 0xDF, 0xFF]
 INTERESTING_VALUES: list[Any] = [
@@ -138,28 +138,7 @@ class FuzzGuest:
 
     def read(self) -> Any:
         """The next frame from the daemon, decoded, or EOF once it closed the connection."""
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = HEADER.unpack_from(self.buf)
-                assert 0 < n <= 8 << 20, f"daemon sent a frame header of {n} bytes"
-                if len(self.buf) >= 4 + n:
-                    body = bytes(self.buf[4 : 4 + n])
-                    del self.buf[: 4 + n]
-                    return msgpack.unpackb(body, raw=False)
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"tmemd sent no complete frame within {TIMEOUT}s"
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except ConnectionResetError:
-                chunk = b""
-            except TimeoutError:
-                raise AssertionError(f"tmemd sent no complete frame within {TIMEOUT}s") from None
-            if not chunk:
-                assert not self.buf, f"connection closed in the middle of a frame: {self.buf!r}"
-                return EOF
-            self.buf += chunk
+        return read_raw_frame(self.sock, self.buf, TIMEOUT)
 
     def close(self) -> None:
         self.open = False
