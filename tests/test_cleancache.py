@@ -275,3 +275,76 @@ async def test_the_trio_cache_has_the_same_semantics(daemon: Daemon, tmp_path: P
             await cache.truncate(f, PAGE)
             assert await cache.read(f, 0, 3 * PAGE) == data[:PAGE]
             cache.close()
+
+
+def test_tmem_pages_smaller_than_a_block_carry_only_the_pages_held(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    # Blocks of 8 pages locally, 4 KiB pages in tmem: a block read in part costs tmem only the
+    # pages it holds, and every page comes back byte-exact.
+    data = make_file(tmp_path / "f", 14, 256)
+    pool = client.new_pool()
+    with PageCache(pool, capacity=48, block_pages=8, put_batch=16, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f", writable=True)
+        rng = random.Random(3)
+        for _ in range(3):
+            for _ in range(100):
+                first = rng.randrange(256 - 3)
+                assert (
+                    cache.read(f, first * PAGE, 3 * PAGE) == data[first * PAGE : (first + 3) * PAGE]
+                )
+        assert cache.stats.tmem_hits > 0 and counts_add_up(cache)
+        assert cache.stats.puts == cache.stats.pages_put  # one tmem page per page held
+        cache.put_pending()
+        client.wait_deferred()
+        # A write drops the block it touches here and in tmem, whichever tmem pages it had.
+        new = content(15, 16)
+        cache.write(f, 8 * PAGE, new)
+        for index in range(8, 24):
+            assert pool.get(f.oid, index) is None
+        expected = data[: 8 * PAGE] + new + data[24 * PAGE :]
+        assert read_all(cache, f, 256) == expected
+        assert read_all(cache, f, 256) == expected
+
+
+def test_a_pool_page_larger_than_the_block_is_refused(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    with pytest.raises(tmemclient.InvalidArgument):
+        PageCache(client.new_pool(page_size=4 * PAGE), capacity=64, block_pages=2)
+
+
+def test_files_are_read_while_a_lookup_is_on_its_way(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    # Random reads: most need pages from tmem and from the file at once; the file is read while
+    # tmem answers (a helper thread waits for the answer), and nothing changes in what is read.
+    data = make_file(tmp_path / "f", 16, 256)
+    pool = client.new_pool(page_size=4 * PAGE)
+    with PageCache(pool, capacity=32, put_batch=8, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f")
+        rng = random.Random(5)
+        for _ in range(400):
+            first = rng.randrange(256 - 6)
+            assert cache.read(f, first * PAGE, 6 * PAGE) == data[first * PAGE : (first + 6) * PAGE]
+        assert cache.stats.overlapped_gets > 0 and cache.stats.tmem_hits > 0
+        assert counts_add_up(cache)
+    assert cache._fetcher is None  # closing the cache ended the thread
+
+
+def test_lookups_skipped_for_their_cost_are_not_judged_as_misses(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    # Whether a lookup pays is the cost model's call (a fast disk, a slow daemon); a lookup it
+    # skips says nothing of tmem's hit rate, so it must not make the cache back off.
+    data = make_file(tmp_path / "f", 17, 128)
+    with PageCache(client.new_pool(), capacity=16, put_batch=8, window=16) as cache:
+        cache._worth_asking = lambda pages, hidden: False  # type: ignore[method-assign]
+        f = cache.open(tmp_path / "f")
+        rng = random.Random(7)
+        for _ in range(600):
+            first = rng.randrange(128 - 4)
+            assert cache.read(f, first * PAGE, 4 * PAGE) == data[first * PAGE : (first + 4) * PAGE]
+        assert cache.stats.lookups_skipped > 16 * 4
+        assert not cache.sampling and cache.stats.backoffs == 0
+        assert counts_add_up(cache)

@@ -1,43 +1,50 @@
 """Cleancache: a file page cache for a guest process, with tmem as its second chance.
 
     with tmemclient.connect(path, name="vm1") as client:
-        cache = PageCache(client.new_pool(page_size=32768), capacity=1024)   # 1024 local pages
+        cache = PageCache(client.new_pool(), capacity=1024, block_pages=8)   # 1024 local pages
         f = cache.open("data.bin")
         cache.read(f, offset, length)
 
 The cache holds up to ``capacity`` 4 KiB file pages, grouped in *blocks* of consecutive pages of a
-file (like a kernel's large folios): one block is one page of the tmem pool, so the pool's page
-size sets the block (4096 << order; a 4096-byte pool caches single pages). A block is the unit of
-the local LRU and of tmem traffic, and may be partly filled: only the pages that were read are
-held, and the cache remembers which ones a block put to tmem carried.
+file (like a kernel's large folios): ``block_pages`` pages, by default the pool's page size. A
+block is the unit of the local LRU, and may be partly filled: only the pages that were read are
+held. In tmem a block is stored as pages of the pool's page size (4096 << order, at most the
+block): a block read in part costs tmem only the pool pages that hold something, so a pool of
+4 KiB pages stores exactly the pages the block held (with 32 KiB pool pages, random reads leave
+blocks two-thirds full and a third of tmem holds zeros). The cache remembers which file pages each
+tmem page carried.
 
 A clean block that leaves the local LRU is offered to an ephemeral pool, gathered in batches of
 ``put_batch`` pages sent without waiting for the answer (``put_many_nowait``). Blocks gathering for
 a batch still serve hits and count in ``capacity``: with a pool the LRU holds ``capacity -
 put_batch`` pages, so a guest uses the same memory with tmem or without (a read may overshoot by
-its own pages until its end). A local miss asks the pool before the file: the blocks of all the
-missing pages of one read, plus, when the file is read sequentially, ``readahead`` pages beyond, in
-one ``get_many``. Exclusive gets move blocks back into the local cache: a block lives in one place
-at a time.
+its own pages until its end). A local miss asks the pool before the file: the tmem pages of all
+the missing pages of one read, plus, when the file is read sequentially, ``readahead`` pages
+beyond, in one ``get_many``. Exclusive gets move pages back into the local cache: a page lives in
+one place at a time.
 
 Hiding the round trip. Asking tmem costs a round trip even when it misses, so the cache asks only
-for blocks it has put and believes still there: it keeps a *shadow* of its puts in put order. The
-daemon evicts a guest's ephemeral pages least recently used first and a get removes the page, so
-our blocks leave tmem in the order we put them: when a lookup misses, every block put before it is
-gone too and leaves the shadow. A block never put (a cold miss) goes straight to the file. A lookup
-that could return k pages costs about one round trip and saves k times the hit rate times a file
-read; the cache measures both (from recent samples) and reads the file directly when asking would
-cost more (asking anyway 1 in 4 times, to keep measuring).
+for tmem pages it has put and believes still there: it keeps a *shadow* of its puts in put order.
+The daemon evicts a guest's ephemeral pages least recently used first and a get removes the page,
+so our pages leave tmem in the order we put them: when a lookup misses, every page put before it
+is gone too and leaves the shadow. A page never put (a cold miss) goes straight to the file. When
+a read needs pages from both, the sync cache reads the file while the lookup is on its way (a
+helper thread waits for tmem's answer, as a kernel would have both I/Os in flight; ``overlap``),
+so the round trip costs only what the file reads do not cover. A lookup that could return k pages
+saves k times the hit rate times a file read; the cache measures both costs (from recent samples)
+and reads the file directly when asking would cost more than it saves (asking anyway 1 in 4
+times, to keep measuring).
 
-Back-off. Each block put has an outcome once it is wanted again: tmem returns it (a hit; a block
-read ahead counts when it is read), or it does not have it any more or asking would not have paid
-(a miss); a block not wanted while ``shadow_limit`` newer blocks were put (8 times the capacity)
-counts as a miss too (a scan). When the hit rate of a ``window`` of outcomes stays near zero (below
-1 in 8, two windows in a row), the cache *samples*: only blocks of a fixed 1 in ``sample`` subset
-(by hash of the handle) are put and looked up, in batches and a reserve 1/``sample`` the size, so
-tmem traffic falls to 1/sample while the sample keeps measuring; at 1 in 4 again it goes back to
-full use. Outcomes, not recent misses, are judged, so a cold start (puts whose pages are not wanted
-yet) is not mistaken for waste.
+Back-off. Each tmem page put has an outcome once it is wanted again: tmem returns it (a hit; a
+page read ahead counts when it is read), or it does not have it any more (a miss); a page not
+wanted while ``shadow_limit`` newer pages were put (8 times the capacity) counts as a miss too (a
+scan). A lookup skipped for its cost is no outcome: it says what a round trip costs now, not
+whether tmem keeps what we put. When the hit rate of a ``window`` of outcomes (``window`` blocks'
+worth) stays near zero (below 1 in 8, two windows in a row), the cache *samples*: only blocks of a
+fixed 1 in ``sample`` subset (by hash of the block) are put and looked up, in batches and a
+reserve 1/``sample`` the size, so tmem traffic falls to 1/sample while the sample keeps measuring;
+at 1 in 4 again it goes back to full use. Outcomes, not recent misses, are judged, so a cold start
+(puts whose pages are not wanted yet) is not mistaken for waste.
 
 Coherency. One object id per file, from st_dev, st_ino and (where the filesystem has one) the
 inode generation; a file replaced under the same name is a new inode, so a new object. ``open``
@@ -52,7 +59,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import struct
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
@@ -89,10 +98,12 @@ class CacheStats:
     puts_refused: int = 0  # known refused; puts sent without waiting are counted by the client
     pages_put: int = 0  # file pages those blocks carried
     put_batches: int = 0
-    lookups_skipped: int = 0  # blocks read from the file because asking would not pay
+    lookups_skipped: int = 0  # tmem pages read from the file because asking would not pay
+    overlapped_gets: int = 0  # lookups answered while the file was being read
     backoffs: int = 0
     resumes: int = 0
-    tmem_seconds: float = 0.0  # waiting for tmem
+    tmem_seconds: float = 0.0  # waiting for tmem (gets and puts)
+    put_seconds: float = 0.0  # of which sending puts
     disk_seconds: float = 0.0  # reading the file
 
     def as_dict(self) -> dict[str, Any]:
@@ -180,8 +191,10 @@ class _Block:
         self.held += 1
 
 
-# An I/O request of a plan: ("get", keys) -> list[bytes | None]; ("put", items) -> list[bool] or
-# None when the answers are not known; ("flush", keys) and ("flush_object", oid) -> None.
+# An I/O request of a plan: ("get", keys) -> list[bytes | None]; ("get_start", keys) -> None, then
+# ("get_wait", keys) -> (list[bytes | None], seconds the round trip took or None): the same get,
+# with the caller reading the file in between; ("put", items) -> list[bool] or None when the
+# answers are not known; ("flush", keys) and ("flush_object", oid) -> None.
 Request = tuple[str, Any]
 Plan = Generator[Request, Any, Any]
 
@@ -190,6 +203,7 @@ class _CacheCore:
     """The page cache's logic as sans-I/O plans; the sync and the trio cache drive them."""
 
     _pool_type: ClassVar[type[Pool] | type[AsyncPool]]
+    _overlap: ClassVar[bool] = False  # read the file while a lookup is on its way
     _pool: Pool | AsyncPool | None
 
     def __init__(
@@ -203,10 +217,11 @@ class _CacheCore:
         sample: int = 16,
         window: int = 256,
         disk_read: DiskRead | None = None,
+        overlap: bool = True,
     ) -> None:
         if pool is not None and not isinstance(pool, self._pool_type):
             raise InvalidArgument(f"{type(self).__name__} needs a {self._pool_type.__name__}")
-        block_size = _check_pool(pool, block_pages)
+        block_size, part_size = _check_pool(pool, block_pages)
         tmem = pool is not None
         self._pool = pool
         for name, value, low in (
@@ -219,6 +234,8 @@ class _CacheCore:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
         self.block_pages = block_size // PAGE
+        self.part_pages = part_size // PAGE  # file pages per tmem page
+        self._parts = self.block_pages // self.part_pages  # tmem pages per block
         if tmem and put_batch + self.block_pages > capacity:
             raise InvalidArgument("capacity must hold put_batch pages and a block more")
         self.capacity = capacity
@@ -226,7 +243,8 @@ class _CacheCore:
         self.put_batch = put_batch
         self.sample = sample
         self.window = window
-        self.shadow_limit = max(1, 8 * capacity // self.block_pages)  # blocks
+        self.overlap = overlap and self._overlap
+        self.shadow_limit = max(1, 8 * capacity // self.part_pages)  # tmem pages
         self.stats = CacheStats()
         self.tmem = tmem  # False without a pool, or once the daemon is gone
         self.sampling = False
@@ -236,6 +254,7 @@ class _CacheCore:
         self._local_pages = 0
         self._pending: dict[Key, _Block] = {}  # evicted, gathering for a put batch
         self._pending_pages = 0
+        # Keyed by tmem handle (object id, file page // part_pages), not by block:
         self._shadow: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # put: (seq, page mask)
         self._ghost: OrderedDict[Key, None] = OrderedDict()  # put, then dropped by tmem
         self._readahead: set[Key] = set()  # fetched ahead, not read yet
@@ -278,9 +297,10 @@ class _CacheCore:
         if offset >= end:
             return b""
         first, last = offset // PAGE, (end - 1) // PAGE
-        bp = self.block_pages
+        bp, pp = self.block_pages, self.part_pages
         pages: dict[int, Page] = {}
         missing: list[int] = []
+        ahead = self._readahead
         for index in range(first, last + 1):
             block = self._local_block((f.oid, index // bp))
             data = None if block is None else block.pages[index % bp]
@@ -288,6 +308,9 @@ class _CacheCore:
                 missing.append(index)
             else:
                 pages[index] = data
+                if ahead and (f.oid, index // pp) in ahead:
+                    ahead.discard((f.oid, index // pp))
+                    self._outcome(hit=True)
         self.stats.pages_read += last - first + 1
         self.stats.local_hits += len(pages)
         if missing:
@@ -301,68 +324,92 @@ class _CacheCore:
         self, f: CachedFile, missing: list[int], sequential: bool, pages: dict[int, Page]
     ) -> Plan:
         """Bring the missing pages of a read in: tmem first (one batch), then the file."""
-        oid, bp = f.oid, self.block_pages
+        oid, bp, pp = f.oid, self.block_pages, self.part_pages
         if self.tmem:
-            wanted: dict[int, int] = {}  # block -> mask of the pages we miss
+            wanted: dict[int, int] = {}  # tmem page -> mask of the pages we miss
             for index in missing:
-                wanted[index // bp] = wanted.get(index // bp, 0) | 1 << index % bp
+                wanted[index // pp] = wanted.get(index // pp, 0) | 1 << index % pp
             asked: list[Key] = []
             useful = 0
-            for b, need in wanted.items():
-                key = (oid, b)
+            for part, need in wanted.items():
+                key = (oid, part)
                 entry = self._shadow.get(key)
-                if entry is not None and key not in self._local:
+                if entry is not None:
                     if self._eligible(key):
                         asked.append(key)
                         useful += (entry[1] & need).bit_count()
                 elif key in self._ghost:  # put once, dropped by tmem before we came back
                     del self._ghost[key]
                     self._outcome(hit=False)
-            if asked and not self._worth_asking(useful):
+            # Pages that must come from the file anyway: read while the lookup is on its way.
+            parts = {key[1] for key in asked}
+            early = [i for i in missing if i // pp not in parts] if self.overlap else []
+            if asked and not self._worth_asking(useful, len(early)):
+                # Not a verdict on tmem: the lookup costs more than it would save right now.
                 self.stats.lookups_skipped += len(asked)
-                for _ in asked:  # their puts did not pay
-                    self._outcome(hit=False)
-                asked = []
+                asked, early = [], []
             demand = len(asked)
             if asked and sequential:
-                after = missing[-1] // bp + 1
-                for b in range(after, after + -(-self.readahead // bp)):
-                    key = (oid, b)
-                    if key in self._local or key in self._pending:
-                        continue
+                after = missing[-1] // pp + 1
+                for part in range(after, after + -(-self.readahead // pp)):
+                    key = (oid, part)
                     if key not in self._shadow or not self._eligible(key):
                         break
                     asked.append(key)
             if asked:
-                yield from self._get(asked, demand)
+                yield from self._get(f, asked, demand, early, pages)
         for index in missing:
+            if index in pages:
+                continue  # read from the file while the lookup was on its way
             key = (oid, index // bp)
             block = self._local.get(key)
             data = None if block is None else block.pages[index % bp]
             if data is not None:
                 self.stats.tmem_hits += 1
+                pages[index] = data
             else:
-                data = self._read_disk(f, index)
-                if block is None:
-                    block = self._local[key] = _Block([None] * bp)
-                block.add(index % bp, data)
-                self._local_pages += 1
-            pages[index] = data
+                pages[index] = self._disk_page(f, index)
         self._evict()
         yield from self._put_pending(force=False)
 
-    def _get(self, asked: list[Key], demand: int) -> Plan:
+    def _disk_page(self, f: CachedFile, index: int) -> Page:
+        """Read a page from the file into its local block."""
+        bp = self.block_pages
+        data = self._read_disk(f, index)
+        key = (f.oid, index // bp)
+        block = self._local.get(key)
+        if block is None:
+            block = self._local[key] = _Block([None] * bp)
+        block.add(index % bp, data)
+        self._local_pages += 1
+        return data
+
+    def _get(
+        self, f: CachedFile, asked: list[Key], demand: int, early: list[int], pages: dict[int, Page]
+    ) -> Plan:
+        """Ask tmem for ``asked`` (the first ``demand`` for this read, the rest read ahead); the
+        ``early`` pages are read from the file while the answer is on its way."""
         started = time.perf_counter()
-        found = yield ("get", asked)
-        took = time.perf_counter() - started
-        self.stats.tmem_seconds += took
+        if early:
+            yield ("get_start", asked)
+            for index in early:
+                pages[index] = self._disk_page(f, index)
+            waiting = time.perf_counter()
+            found, took = yield ("get_wait", asked)
+            self.stats.tmem_seconds += time.perf_counter() - waiting
+            self.stats.overlapped_gets += 1
+        else:
+            found = yield ("get", asked)
+            took = time.perf_counter() - started
+            self.stats.tmem_seconds += took
         self.stats.tmem_gets += 1
         costs = self._costs
-        costs.lookup.add(took)
+        if took is not None:
+            costs.lookup.add(took)
         returned = sum(data is not None for data in found)
         costs.hit_rate = 0.9 * costs.hit_rate + 0.1 * returned / len(asked)
         self.stats.blocks_got += returned
-        bp = self.block_pages
+        pp, parts = self.part_pages, self._parts
         for n, (key, data) in enumerate(zip(asked, found, strict=True)):
             if data is None:
                 self.stats.tmem_misses += 1
@@ -371,12 +418,13 @@ class _CacheCore:
                     self._outcome(hit=False)
                 continue
             _, mask = self._shadow.pop(key)
-            view = memoryview(data)  # pages are views of the block: no copy
-            block = _Block(
-                [view[i * PAGE : (i + 1) * PAGE] if mask >> i & 1 else None for i in range(bp)]
-            )
-            self._local[key] = block
-            self._local_pages += block.held
+            view = memoryview(data)  # pages are views of the tmem page: no copy
+            block = self._block_for((key[0], key[1] // parts))
+            base = key[1] % parts * pp
+            for i in range(pp):
+                if mask >> i & 1 and block.pages[base + i] is None:
+                    block.add(base + i, view[i * PAGE : (i + 1) * PAGE])
+                    self._local_pages += 1
             if n < demand:
                 self._outcome(hit=True)
             else:
@@ -395,12 +443,12 @@ class _CacheCore:
         if not view:
             return 0
         bp = PAGE * self.block_pages
-        keys = [(f.oid, b) for b in range(offset // bp, (offset + len(view) - 1) // bp + 1)]
-        for key in keys:
+        blocks = [(f.oid, b) for b in range(offset // bp, (offset + len(view) - 1) // bp + 1)]
+        for key in blocks:
             self._forget(key)
         self._refresh(f)
-        if self.tmem:
-            yield ("flush", keys)  # whatever the shadow believes: stale data is never read
+        if self.tmem:  # whatever the shadow believes: stale data is never read
+            yield ("flush", [part for key in blocks for part in self._parts_of(key)])
         return len(view)
 
     def _truncate_plan(self, f: CachedFile, size: int) -> Plan:
@@ -420,22 +468,38 @@ class _CacheCore:
         self._pending_pages = 0
         if not self.tmem:
             return
-        zero = self._zero
-        items = [(k[0], k[1], b"".join(p or zero for p in block.pages)) for k, block in batch]
+        zero, pp, parts = self._zero, self.part_pages, self._parts
+        full = (1 << pp) - 1
+        items: list[tuple[int, int, Page]] = []
+        masks: list[int] = []
+        for (oid, b), block in batch:
+            self.stats.pages_put += block.held
+            for p in range(parts):
+                mask = block.mask >> p * pp & full
+                if not mask:
+                    continue  # only the pages held go to tmem: no memory spent on holes
+                group = block.pages[p * pp : (p + 1) * pp]
+                one = group[0]
+                data = one if pp == 1 and one is not None else b"".join(x or zero for x in group)
+                items.append((oid, b * parts + p, data))
+                masks.append(mask)
+        if not items:
+            return
         started = time.perf_counter()
         flags = yield ("put", items)
         took = time.perf_counter() - started
         self.stats.tmem_seconds += took
+        self.stats.put_seconds += took
         self.stats.put_batches += 1
         self.stats.puts += len(items)
         shadow = self._shadow
-        for n, (key, block) in enumerate(batch):
-            self.stats.pages_put += block.held
+        for n, (oid, index, _) in enumerate(items):
+            key = (oid, index)
             shadow.pop(key, None)
             self._ghost.pop(key, None)
             if flags is None or flags[n]:
                 self._seq += 1
-                shadow[key] = (self._seq, block.mask)
+                shadow[key] = (self._seq, masks[n])
             else:
                 self.stats.puts_refused += 1
                 self._outcome(hit=False)
@@ -445,9 +509,12 @@ class _CacheCore:
             self._outcome(hit=False)
 
     def _invalidate_object(self, oid: int) -> Plan:
-        for table in (self._local, self._pending, self._shadow, self._ghost):
+        for key in [k for k in (*self._local, *self._pending) if k[0] == oid]:
+            self._forget(key)  # a block
+        for table in (self._shadow, self._ghost):
             for key in [k for k in table if k[0] == oid]:
-                self._forget(key)
+                del table[key]  # a tmem page
+        self._readahead = {k for k in self._readahead if k[0] != oid}
         if self.tmem:
             yield ("flush_object", oid)
 
@@ -464,10 +531,19 @@ class _CacheCore:
             self._pending_pages -= block.held
             self._local_pages += block.held
             self._local[key] = block
-        if key in self._readahead:
-            self._readahead.discard(key)
-            self._outcome(hit=True)
         return block
+
+    def _block_for(self, key: Key) -> _Block:
+        """The block ``key``, held locally: found, taken back from the put batch, or new."""
+        block = self._local_block(key)
+        if block is None:
+            block = self._local[key] = _Block([None] * self.block_pages)
+        return block
+
+    def _parts_of(self, key: Key) -> list[Key]:
+        """The tmem handles of a block's pages."""
+        oid, b = key
+        return [(oid, b * self._parts + p) for p in range(self._parts)]
 
     def _evict(self) -> None:
         # With tmem, a batch's worth of the capacity is kept for the batch being gathered.
@@ -475,8 +551,9 @@ class _CacheCore:
         while self._local_pages > limit and self._local:
             key, block = self._local.popitem(last=False)
             self._local_pages -= block.held
-            self._readahead.discard(key)
-            if self.tmem and self._eligible(key):
+            if self._readahead:
+                self._readahead.difference_update(self._parts_of(key))
+            if self.tmem and self._eligible(key, block=True):
                 self._pending[key] = block
                 self._pending_pages += block.held
 
@@ -487,9 +564,10 @@ class _CacheCore:
         block = self._pending.pop(key, None)
         if block is not None:
             self._pending_pages -= block.held
-        self._shadow.pop(key, None)
-        self._ghost.pop(key, None)
-        self._readahead.discard(key)
+        for part in self._parts_of(key):
+            self._shadow.pop(part, None)
+            self._ghost.pop(part, None)
+            self._readahead.discard(part)
 
     def _read_disk(self, f: CachedFile, index: int) -> Page:
         started = time.perf_counter()
@@ -532,14 +610,23 @@ class _CacheCore:
             return max(self.block_pages, self.put_batch // self.sample)
         return self.put_batch
 
-    def _eligible(self, key: Key) -> bool:
-        return not self.sampling or hash(key) % self.sample == 0
+    def _eligible(self, key: Key, *, block: bool = False) -> bool:
+        """Is this tmem page (or block) in the sample? Whole blocks are in or out."""
+        if not self.sampling:
+            return True
+        oid, index = key
+        return hash((oid, index if block else index // self._parts)) % self.sample == 0
 
-    def _worth_asking(self, pages: int) -> bool:
-        """Would asking for these pages save more file reading than the lookup costs?"""
+    def _worth_asking(self, pages: int, hidden: int) -> bool:
+        """Would asking for these pages save more file reading than the lookup costs? The
+        lookup's time is hidden behind ``hidden`` page reads made meanwhile."""
         costs = self._costs
         disk, lookup = costs.disk.value, costs.lookup.value
-        if disk is None or lookup is None or pages * costs.hit_rate * disk >= lookup:
+        if (
+            disk is None
+            or lookup is None
+            or pages * costs.hit_rate * disk >= lookup - hidden * disk
+        ):
             return True
         self._skipped += 1
         return self._skipped % 4 == 0  # now and then, to keep measuring
@@ -551,7 +638,8 @@ class _CacheCore:
         else:
             self._misses += 1
         seen = self._hits + self._misses
-        if seen < (self.window // 4 if self.sampling else self.window):
+        window = self.window * self._parts  # a window is ``window`` blocks' worth
+        if seen < (window // 4 if self.sampling else window):
             return
         rate = self._hits / seen
         self._hits = self._misses = 0
@@ -562,7 +650,7 @@ class _CacheCore:
                 self.sampling = True
                 self.stats.backoffs += 1
                 # Only the sample is put and looked up from now on; forget the rest unjudged.
-                for key in [k for k in self._pending if not self._eligible(k)]:
+                for key in [k for k in self._pending if not self._eligible(k, block=True)]:
                     self._pending_pages -= self._pending.pop(key).held
                 for key in [k for k in self._shadow if not self._eligible(k)]:
                     del self._shadow[key]
@@ -587,6 +675,8 @@ class _CacheCore:
         kind, arg = request
         if kind == "get":
             return [None] * len(arg)
+        if kind == "get_wait":
+            return [None] * len(arg), None
         if kind == "put":
             return [False] * len(arg)
         return None
@@ -604,9 +694,10 @@ class _CacheCore:
             self.close_file(f)
 
 
-def _check_pool(pool: Pool | AsyncPool | None, block_pages: int | None) -> int:
-    """The block size in bytes: the pool's page size (``block_pages`` must agree), else
-    ``block_pages`` pages (default 1)."""
+def _check_pool(pool: Pool | AsyncPool | None, block_pages: int | None) -> tuple[int, int]:
+    """The block size and the tmem page size in bytes. The block is ``block_pages`` pages, by
+    default the pool's page size; a pool's page may be smaller than a block (a power of two
+    fraction of it), never larger."""
     if block_pages is not None and (
         isinstance(block_pages, bool)
         or not isinstance(block_pages, int)
@@ -615,12 +706,16 @@ def _check_pool(pool: Pool | AsyncPool | None, block_pages: int | None) -> int:
     ):
         raise InvalidArgument(f"block_pages must be a power of two, got {block_pages!r}")
     if pool is None:
-        return (block_pages or 1) * PAGE
+        return (block_pages or 1) * PAGE, (block_pages or 1) * PAGE
     if pool.persistent:
         raise InvalidArgument("a page cache needs an ephemeral pool")
-    if block_pages is not None and block_pages * PAGE != pool.page_size:
-        raise InvalidArgument(f"block_pages {block_pages} does not match the pool's page size")
-    return pool.page_size
+    if block_pages is None:
+        return pool.page_size, pool.page_size
+    if pool.page_size > block_pages * PAGE:
+        raise InvalidArgument(
+            f"the pool's page size {pool.page_size} is larger than a block of {block_pages} pages"
+        )
+    return block_pages * PAGE, pool.page_size
 
 
 def _put_batch(pool: Pool, items: list[tuple[int, int, bytes]]) -> list[bool] | None:
@@ -635,21 +730,70 @@ def _put_batch(pool: Pool, items: list[tuple[int, int, bytes]]) -> list[bool] | 
     return None
 
 
-class PageCache(_CacheCore):
-    """A synchronous file page cache backed by an ephemeral tmem pool, whose page size sets the
-    block; ``pool=None`` makes it a plain local cache of ``block_pages``-page blocks (the static
-    partition to compare with).
+class _Fetcher:
+    """A thread that makes one ``get_many`` at a time for a cache, so that the cache can read the
+    file while the answer is on its way (a kernel would have both I/Os in flight at once). The
+    pool's client is used by this thread only between ``start`` and ``wait``, and by the cache
+    only outside that window: one user at a time."""
 
-    ``capacity`` is in file pages; ``readahead`` pages are fetched beyond a sequential read;
-    ``put_batch`` pages are gathered per put; while backed off 1 in ``sample`` blocks is used;
-    ``window`` outcomes are judged at a time (see the module docstring); ``disk_read`` replaces
-    ``os.pread`` for file reads (the benchmark adds a device's latency there). ``stats`` counts
-    what the cache did, ``sampling`` is True while it has backed off, and ``tmem`` turns False
-    once the daemon went away. Not thread-safe.
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._requests: queue.SimpleQueue[list[Key] | None] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[tuple[Any, float | None, BaseException | None]] = (
+            queue.SimpleQueue()
+        )
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="tmem-get", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (keys := self._requests.get()) is not None:
+            started = time.perf_counter()
+            try:
+                found = self._pool.get_many(keys)
+            except BaseException as exc:  # handed to the cache's thread, raised there
+                self._answers.put((None, None, exc))
+            else:
+                self._answers.put((found, time.perf_counter() - started, None))
+
+    def start(self, keys: list[Key]) -> None:
+        """Send the get (from the thread)."""
+        self.busy = True
+        self._requests.put(keys)
+
+    def wait(self) -> tuple[list[bytes | None], float | None]:
+        """The get's answer and how long its round trip took."""
+        found, took, exc = self._answers.get()
+        self.busy = False
+        if exc is not None:
+            raise exc
+        return found, took
+
+    def stop(self) -> None:
+        """End the thread."""
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+
+class PageCache(_CacheCore):
+    """A synchronous file page cache backed by an ephemeral tmem pool; ``pool=None`` makes it a
+    plain local cache (the static partition to compare with).
+
+    ``capacity`` is in file pages; ``block_pages`` pages make a block (default: the pool's page
+    size, which may be smaller than a block but not larger); ``readahead`` pages are fetched
+    beyond a sequential read; ``put_batch`` pages are gathered per put; while backed off 1 in
+    ``sample`` blocks is used; ``window`` blocks' worth of outcomes are judged at a time (see the
+    module docstring); ``disk_read`` replaces ``os.pread`` for file reads (the benchmark adds a
+    device's latency there); ``overlap`` reads the file while a lookup is on its way (a helper
+    thread makes the get; ``close`` ends it). ``stats`` counts what the cache did, ``sampling`` is
+    True while it has backed off, and ``tmem`` turns False once the daemon went away. Not
+    thread-safe.
     """
 
     _pool_type = Pool
     _pool: Pool | None
+    _overlap = True
+    _fetcher: _Fetcher | None = None
 
     def _drive(self, plan: Plan) -> Any:
         try:
@@ -661,10 +805,20 @@ class PageCache(_CacheCore):
 
     def _do(self, request: Request) -> Any:
         pool = self._pool
-        if pool is None or not self.tmem:
-            return self._failed(request)
         kind, arg = request
+        if kind == "get_wait" and self._fetcher is not None and self._fetcher.busy:
+            try:
+                return self._fetcher.wait()
+            except DaemonGone:
+                self._daemon_gone()
+                return self._failed(request)
+        if pool is None or not self.tmem or kind == "get_wait":
+            return self._failed(request)
         try:
+            if kind == "get_start":
+                if self._fetcher is None:
+                    self._fetcher = _Fetcher(pool)
+                return self._fetcher.start(arg)
             if kind == "get":
                 return pool.get_many(arg)
             if kind == "put":
@@ -699,6 +853,13 @@ class PageCache(_CacheCore):
         """Send the evicted blocks gathering for a batch now."""
         self._drive(self._put_pending(force=True))
 
+    def close(self) -> None:
+        """Close every file opened through the cache (the pool is the caller's)."""
+        super().close()
+        if self._fetcher is not None:
+            self._fetcher.stop()
+            self._fetcher = None
+
     def __enter__(self) -> PageCache:
         return self
 
@@ -729,6 +890,12 @@ class AsyncPageCache(_CacheCore):
         try:
             if kind == "get":
                 return await pool.get_many(arg)
+            if kind == "get_start":  # not overlapped: the get is made at get_wait
+                return None
+            if kind == "get_wait":
+                started = time.perf_counter()
+                found = await pool.get_many(arg)
+                return found, time.perf_counter() - started
             if kind == "put":  # as the sync cache: a clean block's put needs no answer
                 await pool.put_many_nowait(arg)
                 return None
