@@ -172,7 +172,7 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
     pool = None
     if cfg["socket"]:
         client = tmemclient.connect(cfg["socket"], name=cfg["name"], frames=cfg["frames"])
-        pool = client.new_pool(page_size=cfg["block_pages"] * PAGE)
+        pool = client.new_pool(page_size=cfg["tmem_page_pages"] * PAGE)
     cache = PageCache(
         pool,
         cfg["capacity"],
@@ -180,6 +180,7 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
         readahead=cfg["readahead"],
         put_batch=cfg["put_batch"],
         disk_read=disk.read,
+        overlap=cfg["overlap"],
     )
     handles = [cache.open(path) for path in cfg["files"]]
     send(stdout, {"ready": True})
@@ -223,6 +224,7 @@ def run_reads(
     before = counters(cache, client)
     bad = 0
     samples = []
+    cpu = time.process_time()
     started = time.monotonic()
     reads = accesses(cmd["pattern"], cmd["seed"], len(handles), cfg["pages"], run, cmd["reads"])
     for n, (f, first) in enumerate(reads):
@@ -234,8 +236,10 @@ def run_reads(
             samples.append((time.monotonic(), cache.stats.disk_reads))
     samples.append((time.monotonic(), cache.stats.disk_reads))
     seconds = time.monotonic() - started
+    cpu = time.process_time() - cpu
     after = counters(cache, client)
     delta = {k: after[k] - before[k] for k in after}
+    delta["cpu_seconds"] = cpu
     return {
         "stats": delta,
         "seconds": seconds,
@@ -352,8 +356,10 @@ def guest_config(
         "frames": 1024,
         "capacity": setup.capacity,
         "block_pages": args.block_pages,
+        "tmem_page_pages": min(args.tmem_page_pages, args.block_pages),
         "readahead": args.readahead,
         "put_batch": args.put_batch,
+        "overlap": args.overlap,
         "files": data,
         "pages": args.file_pages,
         "run": args.run,
@@ -452,7 +458,9 @@ COUNTERS = (
     "backoffs",
     "lookups_skipped",
     "tmem_seconds",
+    "put_seconds",
     "disk_seconds",
+    "cpu_seconds",
 )
 
 
@@ -708,8 +716,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rounds", type=int, default=2, help="phases: times each guest gets busy")
     add("--busy-reads", type=int, default=1536, help="reads per guest in the other scenarios")
     add("--block-pages", type=int, default=8, help="pages per cache block (= tmem page)")
+    add(
+        "--tmem-page-pages",
+        type=int,
+        default=8,
+        help="pages per tmem page, at most --block-pages (a block goes to tmem in such pages)",
+    )
     add("--readahead", type=int, default=16, help="tmem readahead pages for sequential reads")
     add("--put-batch", type=int, default=64, help="evicted pages per put_many")
+    add(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the file while a tmem lookup is on its way",
+    )
     add("--disk-latency-us", type=float, default=80.0, help="added latency per disk read")
     add("--swap", action=argparse.BooleanOptionalAction, default=True, help="frontswap scenario")
     add("--swap-ram", type=int, default=256, help="frontswap: RAM pages")
@@ -726,8 +746,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("guests", "local_pages", "files", "file_pages", "run", "rounds", "put_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.block_pages not in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-        parser.error("--block-pages must be a power of two (a tmem page is 4096 << order)")
+    powers = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    if args.block_pages not in powers or args.tmem_page_pages not in powers:
+        parser.error("--block-pages and --tmem-page-pages must be powers of two (4096 << order)")
     if args.run > args.file_pages or args.put_batch + args.block_pages > args.local_pages:
         parser.error("--run must fit a file, and --put-batch plus a block the local cache")
     if args.memory < args.guests * PAGE:
