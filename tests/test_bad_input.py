@@ -16,6 +16,7 @@ Every socket read has a deadline and every loop is bounded.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -39,16 +40,20 @@ import pytest
 from conftest import EOF, ROOT, Daemon, read_raw_frame
 
 import tmemclient
+from tmemclient import ring
 from tmemclient.protocol import (
     FRAME_SIZE,
     HEADER,
+    NEED_DATA,
     PROTOCOL_VERSION,
+    FrameDecoder,
     Op,
     Status,
     encode_frame,
     make_pool_flags,
 )
 from tmemclient.region import create_region
+from tmemclient.ring import Rings
 
 TIMEOUT = 10.0  # generous bound on any one reply; nothing here asserts speed
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -155,6 +160,7 @@ class Raw:
         self.region: Any = None
         self.fd = -1
         self.handles: dict[str, int] = {}
+        self.rings: Rings | None = None
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """One sendmsg carrying ``fds`` with the first byte of ``data``."""
@@ -219,6 +225,9 @@ class Raw:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.rings is not None:
+            self.rings.release()
+            self.rings = None
         if self.region is not None:
             self.region.close()
             self.region = None
@@ -423,7 +432,13 @@ NEEDS_FD = [
     pytest.param(encode_frame([Op.PING, 1]), [1], "first frame must be HELLO", id="ping-first"),
     pytest.param(encode_frame([Op.HELLO, 1, 1, "x"]), [1], "must be HELLO", id="hello-4-fields"),
     pytest.param(
-        encode_frame([Op.HELLO, 1, 1, "x", 16, 0]), [1], "must be HELLO", id="hello-6-fields"
+        encode_frame([Op.HELLO, 1, 1, "x", 16, 0]),
+        [1],
+        "HELLO options must be a map",
+        id="hello-options-not-a-map",
+    ),
+    pytest.param(
+        encode_frame([Op.HELLO, 1, 1, "x", 16, {}, 0]), [1], "must be HELLO", id="hello-7-fields"
     ),
     pytest.param(encode_frame({"op": 30}), [1], "must be HELLO", id="hello-as-map"),
     pytest.param(
@@ -616,7 +631,7 @@ def test_huge_bin_pool_handle_gets_a_short_reply(env: Env) -> None:
 # Unknown ops, argument counts and types
 
 
-@pytest.mark.parametrize("op", [0, 3, 11, 19, 23, 29, Op.HELLO, 32, 127, 255, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("op", [0, 3, 11, 19, 23, 29, Op.HELLO, 33, 127, 255, 2**32, 2**64 - 1])
 def test_unknown_op(env: Env, op: int) -> None:
     """An op the daemon does not serve (HELLO included, once past the handshake) is answered
     INVALID for that request; the connection goes on."""
@@ -1441,4 +1456,115 @@ def test_same_guest_name_twice(env: Env) -> None:
     wait_guest_disconnected(env.daemon, name)
     again = env.guest(name=name)
     again.ok(Op.PING)
+    env.check()
+
+
+# ================================================================================================
+# Request rings (PROTOCOL.md §4.6): the guest writes its rings' bytes and counters as it likes
+
+needs_rings = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
+
+
+def ring_guest(env: Env, ring_frames: int = 1) -> tuple[Raw, Rings]:
+    """A raw guest granted rings of ``ring_frames`` frames, and its side of them."""
+    fd, region = create_region(GUEST_FRAMES, ring.ring_bytes(ring_frames))
+    raw = env.connect()
+    raw.fd, raw.region = fd, region
+    hello = [Op.HELLO, 1, PROTOCOL_VERSION, unique("ring"), GUEST_FRAMES, {"ring": ring_frames}]
+    raw.send(encode_frame(hello), [fd])
+    assert raw.expect(1, OK)["ring"] == ring_frames
+    raw.rings = Rings(memoryview(region)[GUEST_FRAMES * FRAME_SIZE :], ring_frames, "guest")
+    return raw, raw.rings
+
+
+def ring_reply(rings: Rings, decoder: FrameDecoder) -> Any:
+    """The next reply in the reply ring (bounded wait)."""
+    deadline = time.monotonic() + TIMEOUT
+    while (message := decoder.next_message()) is NEED_DATA:
+        assert time.monotonic() < deadline, "no reply in the ring"
+        decoder.feed(rings.take())
+        time.sleep(0.001)
+    return message
+
+
+@needs_rings
+def test_ring_requests_are_checked_like_socket_requests(env: Env) -> None:
+    """A bad argument through the ring is answered INVALID in the ring; the connection goes on."""
+    g, rings = ring_guest(env)
+    decoder = FrameDecoder(MAX_FRAME)
+    assert rings.write(encode_frame([Op.PING, 7, "extra"]) + encode_frame([Op.PING, 8]))
+    g.send(encode_frame([Op.DOORBELL, 1]))
+    req_id, status, result = ring_reply(rings, decoder)
+    assert (req_id, status) == (7, INVALID) and "PING takes 0 arguments" in result
+    assert ring_reply(rings, decoder) == [8, OK, None]
+    g.ok(Op.PING)  # the socket still works too
+    env.check()
+
+
+def _garbage(rings: Rings) -> None:
+    rings.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+
+
+def _oversize(rings: Rings) -> None:
+    rings.write(HEADER.pack(MAX_FRAME + 1) + b"x" * 100)
+
+
+def _not_a_request(rings: Rings) -> None:
+    rings.write(encode_frame({"op": 31}))
+
+
+def _tail_beyond_the_ring(rings: Rings) -> None:
+    rings.words[ring.SQ_TAIL] = rings.size + 1
+
+
+def _tail_backwards(rings: Rings) -> None:
+    rings.write(encode_frame([Op.PING, 5]))
+    rings.words[ring.SQ_TAIL] = 2**64 - 1
+
+
+def _reply_head_ahead(rings: Rings) -> None:
+    rings.words[ring.CQ_HEAD] = 4096 * 9  # claims to have read replies never written
+    rings.write(encode_frame([Op.PING, 5]))
+
+
+@needs_rings
+@pytest.mark.parametrize(
+    "spoil, needle",
+    [
+        (_garbage, "not valid msgpack"),
+        (_oversize, "outside 1..1048576"),
+        (_not_a_request, "a request must be an array"),
+        (_tail_beyond_the_ring, "corrupt"),
+        (_tail_backwards, "corrupt"),
+        (_reply_head_ahead, "corrupt"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[1:] or None,
+)
+def test_bad_ring_contents_end_only_that_connection(
+    env: Env, spoil: Callable[[Rings], None], needle: str
+) -> None:
+    g, rings = ring_guest(env)
+    spoil(rings)
+    g.send(encode_frame([Op.DOORBELL, 1]))
+    notice = g.read()
+    assert notice is not EOF and notice[:2] == [0, PROTOCOL], notice
+    assert needle in notice[2]
+    g.expect_closed()
+    env.check()
+
+
+@needs_rings
+def test_ring_writes_while_the_daemon_reads_only_garble_that_guest(env: Env) -> None:
+    """The guest keeps rewriting its request ring while the daemon serves it: whatever the
+    daemon makes of the bytes, it answers or drops that guest, and nobody else notices."""
+    g, rings = ring_guest(env)
+    rng = random.Random(11)
+    for i in range(200):
+        if not rings.write(encode_frame([Op.PING, i + 1])):
+            break
+        start = rng.randrange(rings.size)
+        rings._out[start : start + 4] = rng.randbytes(min(4, rings.size - start))
+        with contextlib.suppress(OSError):
+            g.send(encode_frame([Op.DOORBELL, 1]))
+    g.close()
     env.check()

@@ -122,7 +122,7 @@ class FuzzGuest:
     driven by hand."""
 
     def __init__(self, path: Path, name: str, rng: random.Random) -> None:
-        self.client = tmemclient.connect(path, name=name, frames=32)
+        self.client = tmemclient.connect(path, name=name, frames=32, ring_frames=0)
         recorder = Recorder(self.client._sock)
         setattr(self.client, "_sock", recorder)  # noqa: B010 - a test double, deliberately
         workload(self.client, rng)

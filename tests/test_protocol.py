@@ -549,6 +549,7 @@ WIRE_LIMITS = {
     "max_frame": 1 << 20,
     "max_batch": 4096,
     "max_pools": 64,
+    "ring": 0,
 }
 
 
@@ -569,7 +570,13 @@ def test_limits_ignore_unknown_keys() -> None:
         None,
         [],
         [1, 0, WIRE_LIMITS],
-        *({k: v for k, v in WIRE_LIMITS.items() if k != key} for key in WIRE_LIMITS),
+        # Every key is required but "ring" (a daemon from before rings grants none).
+        *(
+            {k: v for k, v in WIRE_LIMITS.items() if k != key}
+            for key in WIRE_LIMITS
+            if key != "ring"
+        ),
+        {**WIRE_LIMITS, "ring": -1},
         {**WIRE_LIMITS, "max_frame": -1},
         {**WIRE_LIMITS, "max_batch": True},
         {**WIRE_LIMITS, "max_pools": "64"},
@@ -700,6 +707,7 @@ def test_op_and_status_numbers_are_the_spec_tables() -> None:
         "FLUSH_MANY": 22,
         "HELLO": 30,
         "PING": 31,
+        "DOORBELL": 32,
     }
     assert {s.name: int(s) for s in Status} == {
         "OK": 0,

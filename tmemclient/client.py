@@ -6,11 +6,12 @@ import array
 import mmap
 import os
 import socket
+import time
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tmemclient import _plans
+from tmemclient import _plans, ring
 from tmemclient._pool import Job, PoolOps, new_pool_request
 from tmemclient.errors import (
     DaemonGone,
@@ -35,10 +36,13 @@ from tmemclient.protocol import (
     valid_guest_name,
 )
 from tmemclient.region import FrameAllocator, create_region
+from tmemclient.ring import Rings, fence
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
 _RECV = 256 * 1024
 _GONE = "tmemd closed the connection (the daemon stopped or dropped it); reconnect to go on"
+_DOORBELL = encode_frame([Op.DOORBELL, 1])
+DEFAULT_SPIN_US = 100
 
 
 def hello_reply(message: Any) -> Limits:
@@ -51,13 +55,18 @@ def hello_reply(message: Any) -> Limits:
     return Limits.from_wire(result)
 
 
-def hello_message(name: str, frames: int) -> bytes:
+def hello_message(name: str, frames: int, ring_frames: int = 0) -> bytes:
     """The HELLO frame, after local checks of its arguments."""
     if not isinstance(name, str) or not valid_guest_name(name):
         raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
-    return Hello(PROTOCOL_VERSION, name, frames).encode()
+    if not isinstance(ring_frames, int) or not ring.valid_ring_frames(ring_frames):
+        raise InvalidArgument(
+            f"ring must be 0 or a power of two up to {ring.MAX_RING_FRAMES} frames, "
+            f"got {ring_frames!r}"
+        )
+    return Hello(PROTOCOL_VERSION, name, frames, ring_frames).encode()
 
 
 class DeferredStats:
@@ -217,11 +226,28 @@ class Pool(PoolOps):
 class Client:
     """A synchronous connection to tmemd. Not thread-safe: use one per thread."""
 
-    def __init__(self, sock: socket.socket, region: mmap.mmap, limits: Limits) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        region: mmap.mmap,
+        limits: Limits,
+        *,
+        spin_us: int = DEFAULT_SPIN_US,
+    ) -> None:
         self._sock = sock
         self._region = region
-        self._view = memoryview(region)
+        self._whole = memoryview(region)
+        self._view = self._whole[: limits.frames * FRAME_SIZE]
         self.limits = limits
+        # Request/reply rings (PROTOCOL.md §4.6), if the daemon granted them: requests that fit
+        # go there, and the replies come back there, with no syscall while both sides are busy.
+        self._rings: Rings | None = None
+        if limits.ring:
+            self._rings = Rings(self._whole[len(self._view) :], limits.ring, "guest")
+        self._ring_decoder = FrameDecoder(1 << 26)
+        self._spin = spin_us / 1e6
+        self._on_ring: set[int] = set()  # req_ids sent through the ring, not yet answered
+        self._on_socket: set[int] = set()  # ...and through the socket
         self.name = limits.guest
         self._alloc = FrameAllocator(limits.frames)
         self._decoder = FrameDecoder(1 << 26)
@@ -233,6 +259,11 @@ class Client:
         self._deferred: dict[int, tuple[int, int] | None] = {}
         self._single: tuple[int, int] = (0, 0)  # (start, frames) kept for single-page ops
         self.deferred = DeferredStats()
+
+    @property
+    def rings(self) -> bool:
+        """Do requests go through shared-memory rings (else the socket alone)?"""
+        return self._rings is not None
 
     @property
     def frames(self) -> memoryview:
@@ -277,7 +308,10 @@ class Client:
             self._closed = DaemonGone("this client is closed")
         self._sock.close()
         try:
+            if self._rings is not None:
+                self._rings.release()
             self._view.release()
+            self._whole.release()
             self._region.close()
         except BufferError:
             pass  # a caller still holds a view of the region; it is unmapped when that goes
@@ -373,8 +407,27 @@ class Client:
             self._req_id = self._req_id % 0xFFFFFFFF + 1
             ids.append(self._req_id)
             frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        rings = self._rings
         try:
-            self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+            if rings is not None and len(data) <= rings.size // 2:
+                # The daemon serves each channel in order, not the two against each other: one
+                # channel at a time carries requests (nothing is in flight on the other).
+                while self._on_socket:
+                    self._read_one_reply({})
+                if not rings.write(data):
+                    while self._on_ring:  # all answered: the daemon has taken every byte
+                        self._read_one_reply({})
+                    rings.write(data)
+                self._on_ring.update(ids)
+                if rings.peer_sleeping():
+                    self._sock.sendall(_DOORBELL)
+                return ids
+            while self._on_ring:
+                self._read_one_reply({})
+            self._sock.sendall(data)
+            if rings is not None:
+                self._on_socket.update(ids)
         except OSError as exc:
             self._read_last_words()
             self._fail(exc)
@@ -388,7 +441,11 @@ class Client:
             req_id, status, result = split_reply(self._next_message())
             if req_id == 0:
                 self._notice(status, result)
-            elif req_id in self._deferred:
+                return
+            if self._rings is not None:
+                self._on_ring.discard(req_id)
+                self._on_socket.discard(req_id)
+            if req_id in self._deferred:
                 run = self._deferred.pop(req_id)
                 self.deferred.count(status, result)
                 if run is not None:
@@ -446,14 +503,47 @@ class Client:
             pass
 
     def _next_message(self) -> Any:
-        while (message := self._decoder.next_message()) is NEED_DATA:
+        rings = self._rings
+        while True:
+            if rings is not None:
+                message = self._ring_decoder.next_message()
+                if message is not NEED_DATA:
+                    return message
+            message = self._decoder.next_message()
+            if message is not NEED_DATA:
+                return message
+            if rings is not None:
+                if rings.pending() or (self._on_ring and self._spin_for_reply(rings)):
+                    self._ring_decoder.feed(rings.take())
+                    continue
+                rings.sleeping(True)
+                fence()  # the daemon stores its reply tail then loads our word; we the reverse
+                if rings.pending():
+                    rings.sleeping(False)
+                    continue
+                if self._on_ring and rings.peer_sleeping():
+                    self._sock.sendall(_DOORBELL)
             n = self._sock.recv_into(self._rbuf)
+            if rings is not None:
+                rings.sleeping(False)
             if not n:
                 raise ConnectionResetError(self.notice or _GONE)
             self._decoder.feed(memoryview(self._rbuf)[:n])
-        return message
+
+    def _spin_for_reply(self, rings: Rings) -> bool:
+        """Watch the reply ring a short while (yielding the CPU each round, so a daemon on our
+        core runs) before sleeping on the socket: True if a reply came."""
+        clock = time.perf_counter
+        deadline = clock() + self._spin
+        while clock() < deadline:
+            os.sched_yield()
+            if rings.pending():
+                return True
+        return False
 
     def _notice(self, status: int, message: Any) -> None:
+        if status == Status.OK:
+            return  # a doorbell: replies are in the ring
         if status == Status.SHUTDOWN:
             self.notice = str(message)
         else:
@@ -475,14 +565,21 @@ def connect(
     *,
     frames: int = DEFAULT_FRAMES,
     timeout: float | None = 10.0,
+    ring_frames: int | None = None,
+    spin_us: int = DEFAULT_SPIN_US,
 ) -> Client:
     """Connect to tmemd as guest ``name`` with a shared region of ``frames`` 4 KiB frames.
 
     ``timeout`` bounds the connect and handshake; later calls block until answered.
+    ``ring_frames`` asks for request/reply rings of that many frames each in the region
+    (default 16 where rings work, x86-64; 0 for the socket alone); the daemon may decline.
+    ``spin_us``: how long to watch the reply ring before sleeping on the socket.
     Raises DaemonGone if no daemon answers at ``path``, and the daemon's refusal otherwise.
     """
-    hello = hello_message(name, frames)
-    fd, region = create_region(frames)
+    if ring_frames is None:
+        ring_frames = ring.DEFAULT_RING_FRAMES if ring.supported() else 0
+    hello = hello_message(name, frames, ring_frames)
+    fd, region = create_region(frames, ring.ring_bytes(ring_frames))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
@@ -501,8 +598,10 @@ def connect(
                 raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
             decoder.feed(memoryview(buf)[:n])
         limits = hello_reply(message)
+        if limits.ring not in (0, ring_frames) or limits.frames != frames:
+            raise ProtocolError(f"tmemd granted a region other than the one asked: {limits}")
         sock.settimeout(None)
-        client = Client(sock, region, limits)
+        client = Client(sock, region, limits, spin_us=spin_us)
         client._decoder.feed(decoder._buf[decoder._pos :])
         return client
     except BaseException as exc:

@@ -44,6 +44,8 @@ UUID_BYTES: Final = 16
 MAX_NAME_LEN: Final = 64
 HEADER: Final = struct.Struct(">I")
 HELLO_MAX_FRAME: Final = 4096  # the handshake must fit in this before limits are negotiated
+MAX_HELLO_OPTIONS: Final = 16
+MAX_RING_FRAMES: Final = 256  # frames per request/reply ring (1 MiB each way)
 
 # Pool flags, laid out as in Xen's public/tmem.h.
 FLAG_PERSISTENT: Final = 1 << 0
@@ -71,6 +73,7 @@ class Op(enum.IntEnum):
     FLUSH_MANY = 22
     HELLO = 30
     PING = 31
+    DOORBELL = 32  # "look at the request ring"; never answered (PROTOCOL.md §4.6)
 
 
 class Status(enum.IntEnum):
@@ -313,36 +316,58 @@ class PoolSpec:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """The handshake request: protocol version, the guest name asked for, region size in frames."""
+    """The handshake request: protocol version, the guest name asked for, region size in frames,
+    and options (only ``ring``: frames per request/reply ring, 0 for none; PROTOCOL.md §4.6)."""
 
     version: int
     name: str
     frames: int
+    ring: int = 0
 
     def encode(self) -> bytes:
         """The HELLO frame (req_id 1); the region fd travels with it as SCM_RIGHTS."""
-        return encode_frame([Op.HELLO, 1, self.version, self.name, self.frames])
+        message: list[Any] = [Op.HELLO, 1, self.version, self.name, self.frames]
+        if self.ring:
+            message.append({"ring": self.ring})
+        return encode_frame(message)
 
     @classmethod
     def decode(cls, message: Any) -> Hello:
         """Validate a decoded HELLO request; raise ProtocolError if it is not one."""
         if (
             type(message) is not list
-            or len(message) != 5
+            or len(message) not in (5, 6)
             or type(message[0]) is not int
             or message[0] != Op.HELLO
             or type(message[1]) is not int
             or message[1] != 1
         ):
-            raise ProtocolError("the first frame must be HELLO [30, 1, version, name, frames]")
-        _, _, version, name, frames = message
+            raise ProtocolError(
+                "the first frame must be HELLO [30, 1, version, name, frames] or "
+                "[30, 1, version, name, frames, options]"
+            )
+        _, _, version, name, frames, *rest = message
         version = check_uint(version, 32, "protocol version")
         if type(name) is not str or not valid_guest_name(name):
             raise InvalidArgument(
                 f"guest name must be 1..{MAX_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
             )
         frames = check_uint(frames, 32, "region frames")
-        return cls(version, name, frames)
+        ring = 0
+        if rest:
+            options = rest[0]
+            if type(options) is not dict or len(options) > MAX_HELLO_OPTIONS:
+                raise ProtocolError(
+                    f"HELLO options must be a map of at most {MAX_HELLO_OPTIONS} entries"
+                )
+            # Unknown options are ignored (a newer guest may offer more); the reply says what
+            # was granted.
+            ring = check_uint(options.get("ring", 0), 32, "ring")
+            if not (ring == 0 or (ring <= MAX_RING_FRAMES and ring & (ring - 1) == 0)):
+                raise InvalidArgument(
+                    f"ring must be 0 or a power of two up to {MAX_RING_FRAMES} frames, got {ring}"
+                )
+        return cls(version, name, frames, ring)
 
 
 _NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -363,6 +388,7 @@ class Limits:
     max_frame: int
     max_batch: int
     max_pools: int
+    ring: int = 0  # frames per ring granted; 0: requests go over the socket only
 
     def to_wire(self) -> dict[str, Any]:
         """The HELLO reply's result map."""
@@ -373,6 +399,7 @@ class Limits:
             "max_frame": self.max_frame,
             "max_batch": self.max_batch,
             "max_pools": self.max_pools,
+            "ring": self.ring,
         }
 
     @classmethod
@@ -388,6 +415,7 @@ class Limits:
                 max_frame=check_uint(value["max_frame"], 32, "max_frame"),
                 max_batch=check_uint(value["max_batch"], 32, "max_batch"),
                 max_pools=check_uint(value["max_pools"], 32, "max_pools"),
+                ring=check_uint(value.get("ring", 0), 32, "ring"),
             )
         except (KeyError, InvalidArgument) as exc:
             raise ProtocolError(f"bad HELLO reply: {exc}") from exc

@@ -13,8 +13,9 @@ from tmemclient.protocol import FRAME_SIZE
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-def create_region(frames: int) -> tuple[int, mmap.mmap]:
-    """A memfd of ``frames`` frames, sealed against resizing, and our shared mapping of it.
+def create_region(frames: int, extra: int = 0) -> tuple[int, mmap.mmap]:
+    """A memfd of ``frames`` frames (and ``extra`` bytes after them, for the rings), sealed
+    against resizing, and our shared mapping of it.
 
     MFD_ALLOW_SEALING is required: without it the memfd is born with F_SEAL_SEAL and can never
     get the seals the daemon insists on.
@@ -23,9 +24,9 @@ def create_region(frames: int) -> tuple[int, mmap.mmap]:
         raise InvalidArgument("a region needs at least one frame")
     fd = os.memfd_create("tmem-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, frames * FRAME_SIZE)
+        os.ftruncate(fd, frames * FRAME_SIZE + extra)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        region = mmap.mmap(fd, frames * FRAME_SIZE, flags=mmap.MAP_SHARED)
+        region = mmap.mmap(fd, frames * FRAME_SIZE + extra, flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)
         raise

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown-grace", type=float, help="seconds guests are served after SIGTERM (5)"
     )
+    p.add_argument(
+        "--max-ring-frames",
+        type=int,
+        help="largest request/reply ring a guest may have, in frames (64; 0: sockets only)",
+    )
+    p.add_argument(
+        "--ring-poll-us",
+        type=int,
+        help="microseconds to watch a busy guest's ring before sleeping (50; 0: never)",
+    )
     return p
 
 
@@ -83,6 +93,8 @@ LIMIT_OPTIONS = (
     "max_batch",
     "handshake_timeout",
     "shutdown_grace",
+    "max_ring_frames",
+    "ring_poll_us",
 )
 SETTING_OPTIONS = (
     "socket",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME, valid_guest_name
+from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME, MAX_RING_FRAMES, valid_guest_name
 from tmemclient.units import parse_size
 from tmemd.policy import DEFAULT_WEIGHT, validate_weight
 
@@ -30,6 +30,8 @@ class Limits:
     send_timeout: float = 30.0  # seconds a guest may leave replies unread before it is dropped
     shutdown_grace: float = 5.0  # seconds guests are served after SIGTERM, at most
     drain_idle: float = 0.5  # ...and a guest silent this long after the notice is closed
+    max_ring_frames: int = 64  # request/reply rings in the region (PROTOCOL.md §4.6); 0: none
+    ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -43,6 +45,10 @@ class Limits:
             raise ValueError("timeouts must be positive")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown_grace must not be negative")
+        if not 0 <= self.max_ring_frames <= MAX_RING_FRAMES:
+            raise ValueError(f"max_ring_frames must be 0..{MAX_RING_FRAMES}")
+        if not 0 <= self.ring_poll_us <= 10_000:
+            raise ValueError("ring_poll_us must be 0..10000 (microseconds)")
 
 
 @dataclass(frozen=True)

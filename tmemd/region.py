@@ -44,8 +44,9 @@ def close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def map_region(fd: int, frames: int, max_frames: int) -> mmap.mmap:
-    """Check the guest's memfd and map it shared; the caller still owns (and closes) ``fd``."""
+def map_region(fd: int, frames: int, max_frames: int, extra: int = 0) -> mmap.mmap:
+    """Check the guest's memfd and map it shared; the caller still owns (and closes) ``fd``.
+    ``extra`` bytes follow the page frames (the rings, PROTOCOL.md §4.6)."""
     if not 1 <= frames <= max_frames:
         raise LimitExceeded(
             f"region of {frames} frames is outside 1..{max_frames} (max_region_frames)"
@@ -61,10 +62,12 @@ def map_region(fd: int, frames: int, max_frames: int) -> mmap.mmap:
         ) from exc
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise InvalidArgument("region memfd must have F_SEAL_SHRINK and F_SEAL_GROW set")
-    size = frames * FRAME_SIZE
+    size = frames * FRAME_SIZE + extra
     if st.st_size != size:
+        rings = f" and {extra} bytes of rings" if extra else ""
         raise InvalidArgument(
-            f"region memfd is {st.st_size} bytes, HELLO announced {frames} frames = {size} bytes"
+            f"region memfd is {st.st_size} bytes, HELLO announced {frames} frames{rings} = "
+            f"{size} bytes"
         )
     try:
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -13,15 +13,19 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import socket
+import time
 from collections import Counter
 from typing import Any
 
 import structlog
 import trio
 
+from tmemclient import ring as rings_mod
 from tmemclient.errors import ProtocolError, TmemError, VersionMismatch
 from tmemclient.protocol import (
+    FRAME_SIZE,
     HEADER,
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -35,6 +39,7 @@ from tmemclient.protocol import (
 from tmemclient.protocol import (
     Limits as WireLimits,
 )
+from tmemclient.ring import Rings, fence, ring_bytes
 from tmemd.config import Limits
 from tmemd.host import Host
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
@@ -49,6 +54,7 @@ _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
+DOORBELL_NOTICE = encode_reply(0, Status.OK, None)  # "replies are in your ring" (§4.6)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
@@ -197,7 +203,9 @@ class GuestServer:
                 f"{PROTOCOL_VERSION}"
             )
         name, policy = self.host.guest_name(uid, hello.name)
-        region = map_region(fd, hello.frames, self.limits.max_region_frames)
+        region = map_region(
+            fd, hello.frames, self.limits.max_region_frames, extra=ring_bytes(hello.ring)
+        )
         try:
             return region, self.host.attach(name, policy)
         except BaseException:
@@ -216,7 +224,10 @@ class GuestServer:
     ) -> None:
         name = guest.name
         view = memoryview(region)
-        session = Session(self.host, guest, view, self.limits)
+        pages = view[: hello.frames * FRAME_SIZE]
+        session = Session(self.host, guest, pages, self.limits)
+        granted = self._ring_grant(hello.ring)
+        rings = Rings(view[len(pages) :], granted, "host") if granted else None
         self.host.join(session)
         clog = log.bind(guest=name, pid=pid, uid=uid)
         clog.info("guest_connected", frames=hello.frames)
@@ -229,9 +240,10 @@ class GuestServer:
                 max_frame=self.limits.max_frame,
                 max_batch=self.limits.max_batch,
                 max_pools=self.limits.max_pools,
+                ring=granted,
             )
             await send_all(sock, encode_reply(1, Status.OK, reply.to_wire()))
-            reason = await self._serve_frames(sock, session, leftover)
+            reason = await self._serve_frames(sock, session, leftover, rings)
         except (OSError, trio.BrokenResourceError) as exc:
             reason = f"connection error: {exc}"
         except trio.TooSlowError:
@@ -239,6 +251,9 @@ class GuestServer:
         finally:
             pools = len(session.pools)
             freed = session.close()
+            if rings is not None:
+                rings.release()
+            pages.release()
             view.release()
             clog.info(
                 "guest_disconnected",
@@ -249,8 +264,19 @@ class GuestServer:
                 **guest.stats.as_dict(),
             )
 
+    def _ring_grant(self, asked: int) -> int:
+        """The rings a guest gets: what it asked for, if rings are on and this machine keeps
+        their memory order (x86-64); else none, and it uses the socket alone."""
+        if asked and asked <= self.limits.max_ring_frames and rings_mod.supported():
+            return asked
+        return 0
+
     async def _serve_frames(
-        self, sock: trio.socket.SocketType, session: Session, leftover: bytes
+        self,
+        sock: trio.socket.SocketType,
+        session: Session,
+        leftover: bytes,
+        rings: Rings | None = None,
     ) -> str:
         # The hot loop talks to the plain socket and waits with trio.lowlevel.wait_readable:
         # half the per-request overhead of trio's socket wrappers and a cancel scope per
@@ -259,14 +285,17 @@ class GuestServer:
         raw.setblocking(False)
         self._raw.add(raw)
         try:
-            return await self._frame_loop(raw, session, leftover)
+            return await self._frame_loop(raw, session, leftover, rings)
         finally:
             self._raw.discard(raw)
             raw.close()
 
-    async def _frame_loop(self, raw: socket.socket, session: Session, leftover: bytes) -> str:
+    async def _frame_loop(
+        self, raw: socket.socket, session: Session, leftover: bytes, rings: Rings | None
+    ) -> str:
         decoder = FrameDecoder(self.limits.max_frame)
         decoder.feed(leftover)
+        ring_decoder = FrameDecoder(self.limits.max_frame)
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         handle = session.handle
@@ -278,12 +307,18 @@ class GuestServer:
             try:
                 for message in decoder.messages():
                     replies.append(handle(message))
+                if rings is not None and rings.pending():
+                    await self._serve_ring(raw, rings, ring_decoder, handle, replies)
+                    waited = False
+                    replies = []
             except ProtocolError as exc:
                 replies.append(protocol_error_reply(exc))
                 await self._last_word(raw, b"".join(replies))
                 return f"protocol error: {exc}"
             if replies:
-                await self._send(raw, b"".join(replies) if len(replies) > 1 else replies[0])
+                out = b"".join(replies) if len(replies) > 1 else replies[0]
+                if out:  # doorbells are not answered
+                    await self._send(raw, out)
             if self.stopping and not notified:
                 notified = True
                 await self._last_word(raw, SHUTDOWN_NOTICE)
@@ -292,7 +327,18 @@ class GuestServer:
             try:
                 n, ancdata, msg_flags, _ = raw.recvmsg_into([buf], anc_size, _CMSG_CLOEXEC)
             except BlockingIOError:
-                if not await self._wait_readable(raw, notified):
+                if rings is not None:
+                    if rings.pending() or (not self.stopping and await self._poll_ring(raw, rings)):
+                        continue
+                    rings.sleeping(True)
+                    fence()  # the guest stores its tail then loads our word; we the reverse
+                    if rings.pending():
+                        rings.sleeping(False)
+                        continue
+                ready = await self._wait_readable(raw, notified)
+                if rings is not None:
+                    rings.sleeping(False)
+                if not ready:
                     return "daemon shutting down"
                 waited = True
                 continue
@@ -309,6 +355,56 @@ class GuestServer:
                 # Data was there without waiting (a pipelining guest): let the others run too.
                 await trio.lowlevel.checkpoint()
             waited = False
+
+    async def _serve_ring(
+        self,
+        raw: socket.socket,
+        rings: Rings,
+        decoder: FrameDecoder,
+        handle: Any,
+        replies: list[bytes],
+    ) -> None:
+        """Serve the frames in the request ring, after ``replies`` (answers to socket frames,
+        which came first). Replies go into the reply ring; one that does not fit there goes
+        over the socket, as does everything after it (the guest matches replies by req_id), and
+        so does every reply once the daemon is stopping.
+        Raises ProtocolError for a malformed frame or a corrupt ring counter."""
+        decoder.feed(rings.take())
+        answers = replies + [handle(message) for message in decoder.messages()]
+        # Once stopping, every reply takes the socket, behind the SHUTDOWN notice: a busy guest
+        # reads its socket only when its ring is quiet.
+        spill: list[bytes] = [] if not self.stopping else [b""]
+        for reply in answers:
+            if reply and (spill or not rings.write(reply)):
+                spill.append(reply)
+        fence()  # we stored the reply tail; now load the guest's "waiting" word
+        if rings.peer_sleeping():
+            spill.append(DOORBELL_NOTICE)
+        if spill:
+            await self._send(raw, b"".join(spill))
+
+    async def _poll_ring(self, raw: socket.socket, rings: Rings) -> bool:
+        """Watch the request ring for ``ring_poll_us`` before sleeping: a busy guest's next
+        request is then picked up with no syscall and no wakeup on either side. Each round
+        yields the CPU (a guest pinned to our core gets to run) and, when other guests are
+        connected, lets their tasks run. True if a request arrived (in the ring or the
+        socket)."""
+        if not self.limits.ring_poll_us:
+            return False
+        clock = time.perf_counter
+        deadline = clock() + self.limits.ring_poll_us / 1e6
+        rounds = 0
+        while True:
+            if rings.pending():
+                return True
+            if clock() > deadline:
+                return False
+            os.sched_yield()
+            rounds += 1
+            if rounds % 8 == 0 and _readable(raw):
+                return True
+            if self.connections > 1:
+                await trio.lowlevel.checkpoint()
 
     async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
         """Wait for the guest; False when, after the shutdown notice, it stayed silent for
@@ -350,6 +446,13 @@ class GuestServer:
         """Best effort, briefly: the peer may be gone or not reading."""
         with trio.move_on_after(1), contextlib.suppress(OSError, trio.TooSlowError):
             await self._send(raw, data)
+
+
+def _readable(raw: socket.socket) -> bool:
+    """Has the socket data (or EOF) waiting, without reading it?"""
+    poller = select.poll()
+    poller.register(raw, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _quiet:

@@ -49,6 +49,7 @@ _ARGS: dict[int, tuple[str, ...]] = {
     Op.GET_MANY: ("pool", "entries"),
     Op.FLUSH_MANY: ("pool", "entries"),
     Op.PING: (),
+    Op.DOORBELL: (),
 }
 
 
@@ -83,6 +84,7 @@ class Session:
             Op.GET_MANY: self._get_many,
             Op.FLUSH_MANY: self._flush_many,
             Op.PING: lambda m: None,
+            Op.DOORBELL: lambda m: None,  # only reached with arguments: an error
         }
 
     def handle(self, message: Any) -> bytes:
@@ -92,6 +94,8 @@ class Session:
         (``protocol_error_reply``) and closes the connection.
         """
         op, req_id, m = split_request(message)
+        if op == Op.DOORBELL and len(m) == 2:
+            return b""  # "look at the ring": the server does so after every batch of frames
         self.requests += 1
         handler = self._handlers.get(op)
         try:
