@@ -348,3 +348,34 @@ def test_lookups_skipped_for_their_cost_are_not_judged_as_misses(
         assert cache.stats.lookups_skipped > 16 * 4
         assert not cache.sampling and cache.stats.backoffs == 0
         assert counts_add_up(cache)
+
+
+def test_a_file_read_failing_during_a_lookup_leaves_no_answer_behind(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    # A file read fails while a lookup is on its way: the read raises, and the lookup's answer
+    # is collected, never handed to the next read's lookup.
+    data = make_file(tmp_path / "f", 18, 256)
+    calls = 0
+
+    def flaky_pread(fd: int, length: int, offset: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls % 37 == 0:
+            raise OSError("I/O error")
+        return slow_pread(fd, length, offset)
+
+    pool = client.new_pool(page_size=4 * PAGE)
+    with PageCache(pool, capacity=32, put_batch=8, disk_read=flaky_pread) as cache:
+        f = cache.open(tmp_path / "f")
+        rng = random.Random(9)
+        failed = 0
+        for _ in range(500):
+            first = rng.randrange(256 - 6)
+            try:
+                got = cache.read(f, first * PAGE, 6 * PAGE)
+            except OSError:
+                failed += 1
+                continue
+            assert got == data[first * PAGE : (first + 6) * PAGE]
+        assert failed > 0 and cache.stats.overlapped_gets > 0

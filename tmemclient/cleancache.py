@@ -57,6 +57,7 @@ file.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import queue
@@ -392,10 +393,12 @@ class _CacheCore:
         started = time.perf_counter()
         if early:
             yield ("get_start", asked)
-            for index in early:
-                pages[index] = self._disk_page(f, index)
-            waiting = time.perf_counter()
-            found, took = yield ("get_wait", asked)
+            try:
+                for index in early:
+                    pages[index] = self._disk_page(f, index)
+            finally:  # a file read that fails still collects the answer (then raises)
+                waiting = time.perf_counter()
+                found, took = yield ("get_wait", asked)
             self.stats.tmem_seconds += time.perf_counter() - waiting
             self.stats.overlapped_gets += 1
         else:
@@ -758,6 +761,9 @@ class _Fetcher:
 
     def start(self, keys: list[Key]) -> None:
         """Send the get (from the thread)."""
+        if self.busy:  # an answer nobody collected (an interrupted wait): not ours to use
+            with contextlib.suppress(Exception):
+                self.wait()
         self.busy = True
         self._requests.put(keys)
 
