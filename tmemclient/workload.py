@@ -392,6 +392,7 @@ def run_scenario(
                 name: [[] for _ in group] for name, group in guests.items()
             }
             busy = dict.fromkeys(guests, 0.0)  # seconds each setup spent on the scenario
+            daemon_cpu = process_cpu(str(sock))
 
             def turn(name: str, members: list[int], cmd: dict[str, Any]) -> None:
                 started = time.monotonic()
@@ -419,6 +420,8 @@ def run_scenario(
                 for name in guests:
                     turn(name, everyone, command(scenario, args.busy_reads, args.seed, 0))
             daemon_rows = AdminClient(admin).call("guests")  # the tmem guests' accounts
+            if daemon_cpu is not None:  # only the tmem guests talk to it
+                daemon_cpu = (process_cpu(str(sock)) or daemon_cpu) - daemon_cpu
             finals = {name: [guest.stop() for guest in group] for name, group in guests.items()}
         finally:
             for group in guests.values():
@@ -432,9 +435,25 @@ def run_scenario(
             finals[setup.name],
             daemon_rows if setup.tmem else [],
             busy[setup.name],
+            daemon_cpu if setup.tmem else None,
         )
         for setup in setups
     ]
+
+
+def process_cpu(marker: str) -> float | None:
+    """CPU seconds used so far by the tmemd whose command line has ``marker`` (Linux /proc; None
+    where there is none)."""
+    with suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            with suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"tmemd" in cmdline and marker.encode() in cmdline:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
 
 
 def command(pattern: str, reads: int, seed: int, rnd: int) -> dict[str, Any]:
@@ -471,6 +490,7 @@ def summarize(
     finals: list[dict[str, Any]],
     daemon_rows: list[dict[str, Any]],
     wall: float,
+    daemon_cpu: float | None = None,
 ) -> dict[str, Any]:
     """Per-guest and total counters of one scenario run, checked for consistency."""
     rows = []
@@ -485,6 +505,7 @@ def summarize(
     total["guest"] = "total"
     total["seconds"] = wall
     total["bad_pages"] = sum(r["bad_pages"] for r in rows)
+    total["tmemd_cpu_seconds"] = daemon_cpu
     problems = check_counts(rows, finals, daemon_rows)
     return {
         "scenario": scenario,
