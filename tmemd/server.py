@@ -49,6 +49,7 @@ from tmemd.store import Guest
 log = structlog.get_logger("tmemd.server")
 
 RECV_SIZE = 256 * 1024
+_LET_OTHERS_RUN = 20e-6  # seconds a ring poll loop may run before other tasks get a turn
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's __and__ is Python code on the hot path
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
@@ -302,14 +303,17 @@ class GuestServer:
         anc_size = socket.CMSG_SPACE(4)
         notified = False
         waited = True  # did this round of reading wait (and so let other tasks run)?
+        poller = select.poll()
+        poller.register(raw, select.POLLIN)
         while True:
             replies: list[bytes] = []
+            ring_served = False
             try:
                 for message in decoder.messages():
                     replies.append(handle(message))
                 if rings is not None and rings.pending():
                     await self._serve_ring(raw, rings, ring_decoder, handle, replies)
-                    waited = False
+                    ring_served = waited = True  # (_poll_ring lets the others run)
                     replies = []
             except ProtocolError as exc:
                 replies.append(protocol_error_reply(exc))
@@ -322,23 +326,26 @@ class GuestServer:
             if self.stopping and not notified:
                 notified = True
                 await self._last_word(raw, SHUTDOWN_NOTICE)
+            if rings is not None and not self.stopping and (ring_served or rings.pending()):
+                # A guest on its ring: watch the ring, not the socket (a syscall per look);
+                # _poll_ring looks at the socket now and then, and so do we before sleeping.
+                if await self._poll_ring(raw, rings, poller):
+                    continue
+                if not poller.poll(0):
+                    if not await self._sleep(raw, rings, notified):
+                        return "daemon shutting down"
+                    continue
             # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
             # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
             try:
                 n, ancdata, msg_flags, _ = raw.recvmsg_into([buf], anc_size, _CMSG_CLOEXEC)
             except BlockingIOError:
-                if rings is not None:
-                    if rings.pending() or (not self.stopping and await self._poll_ring(raw, rings)):
-                        continue
-                    rings.sleeping(True)
-                    fence()  # the guest stores its tail then loads our word; we the reverse
-                    if rings.pending():
-                        rings.sleeping(False)
-                        continue
-                ready = await self._wait_readable(raw, notified)
-                if rings is not None:
-                    rings.sleeping(False)
-                if not ready:
+                if rings is not None and (
+                    rings.pending()
+                    or (not self.stopping and await self._poll_ring(raw, rings, poller))
+                ):
+                    continue
+                if not await self._sleep(raw, rings, notified):
                     return "daemon shutting down"
                 waited = True
                 continue
@@ -383,7 +390,7 @@ class GuestServer:
         if spill:
             await self._send(raw, b"".join(spill))
 
-    async def _poll_ring(self, raw: socket.socket, rings: Rings) -> bool:
+    async def _poll_ring(self, raw: socket.socket, rings: Rings, poller: select.poll) -> bool:
         """Watch the request ring for ``ring_poll_us`` before sleeping: a busy guest's next
         request is then picked up with no syscall and no wakeup on either side. Each round
         yields the CPU (a guest pinned to our core gets to run) and, when other guests are
@@ -392,19 +399,40 @@ class GuestServer:
         if not self.limits.ring_poll_us:
             return False
         clock = time.perf_counter
-        deadline = clock() + self.limits.ring_poll_us / 1e6
+        now = clock()
+        deadline = now + self.limits.ring_poll_us / 1e6
+        others_at = now + _LET_OTHERS_RUN
         rounds = 0
         while True:
             if rings.pending():
                 return True
-            if clock() > deadline:
+            now = clock()
+            if now > deadline:
                 return False
             os.sched_yield()
             rounds += 1
-            if rounds % 8 == 0 and _readable(raw):
+            if rounds % 8 == 0 and poller.poll(0):
                 return True
-            if self.connections > 1:
+            if now > others_at and self.connections > 1:
+                # A pass of trio's run loop costs more than a round here: take one every
+                # _LET_OTHERS_RUN, so another guest's request waits at most that long.
                 await trio.lowlevel.checkpoint()
+                others_at = clock() + _LET_OTHERS_RUN
+
+    async def _sleep(self, raw: socket.socket, rings: Rings | None, notified: bool) -> bool:
+        """Wait for the guest's next word (``_wait_readable``). A guest with rings is told we
+        sleep, so it rings the doorbell; then the ring is looked at once more, as a request
+        stored before our word was seen needs no doorbell."""
+        if rings is None:
+            return await self._wait_readable(raw, notified)
+        rings.sleeping(True)
+        fence()  # the guest stores its tail then loads our word; we the reverse
+        try:
+            if rings.pending():
+                return True
+            return await self._wait_readable(raw, notified)
+        finally:
+            rings.sleeping(False)
 
     async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
         """Wait for the guest; False when, after the shutdown notice, it stayed silent for
@@ -446,13 +474,6 @@ class GuestServer:
         """Best effort, briefly: the peer may be gone or not reading."""
         with trio.move_on_after(1), contextlib.suppress(OSError, trio.TooSlowError):
             await self._send(raw, data)
-
-
-def _readable(raw: socket.socket) -> bool:
-    """Has the socket data (or EOF) waiting, without reading it?"""
-    poller = select.poll()
-    poller.register(raw, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class _quiet:
