@@ -60,10 +60,13 @@ class Keys:
 
 
 class TmemDriver:
-    """tmemclient: one persistent private pool; pages go through the shared region."""
+    """tmemclient: one persistent private pool; pages go through the shared region, requests
+    through the request rings (PROTOCOL.md §4.6) or, with ``ring_frames=0``, the socket."""
 
-    def __init__(self, sock: str, keys: Keys, guest: int) -> None:
-        self.client = tmemclient.connect(sock, name=f"bench-g{guest}", frames=max(256, keys.batch))
+    def __init__(self, sock: str, keys: Keys, guest: int, ring_frames: int | None = None) -> None:
+        self.client = tmemclient.connect(
+            sock, name=f"bench-g{guest}", frames=max(256, keys.batch), ring_frames=ring_frames
+        )
         self.pool = self.client.new_pool(persistent=True)
         self.size = keys.size
         self.put_items = [[(1, i, PAGE) for i in keys.batch_range(b)] for b in range(keys.batches)]
@@ -151,8 +154,14 @@ class RedisDriver:
         self.client.close()
 
 
+def tmem_socket_driver(sock: str, keys: Keys, guest: int) -> Driver:
+    """tmemclient without rings: every request and reply crosses the socket."""
+    return TmemDriver(sock, keys, guest, ring_frames=0)
+
+
 DRIVERS: dict[str, Callable[[str, Keys, int], Driver]] = {
     "tmemd": TmemDriver,
+    "tmemd-sock": tmem_socket_driver,
     "memcached": MemcachedDriver,
     "redis": RedisDriver,
 }
@@ -160,7 +169,12 @@ DRIVERS: dict[str, Callable[[str, Keys, int], Driver]] = {
 
 def client_problem(system: str) -> str | None:
     """Why the Python client of ``system`` cannot be used here, or None."""
-    module = {"tmemd": "tmemclient", "memcached": "pymemcache", "redis": "redis"}[system]
+    module = {
+        "tmemd": "tmemclient",
+        "tmemd-sock": "tmemclient",
+        "memcached": "pymemcache",
+        "redis": "redis",
+    }[system]
     try:
         importlib.import_module(module)
     except ImportError as exc:

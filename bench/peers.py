@@ -33,7 +33,7 @@ from bench import servers, targets
 from bench.drivers import client_problem, guest_main, redis_parser
 from tmemclient.units import format_size, parse_size
 
-SYSTEMS = ("tmemd", "memcached", "redis")
+SYSTEMS = ("tmemd", "tmemd-sock", "memcached", "redis")  # tmemd-sock: a guest without rings
 PEERS = ("memcached", "redis")
 MODES = ("pinned", "unpinned")
 GUESTS = 4
@@ -135,7 +135,7 @@ def start_servers(
     """Start each system's server; yields them as they come up (the caller stops them)."""
     for system in systems:
         sock = tmp / f"{system}.sock"
-        if system == "tmemd":
+        if system.startswith("tmemd"):
             argv = servers.tmemd_argv(sock, args.memory)
         elif system == "memcached":
             argv = servers.memcached_argv(sock, args.memcached_threads, args.memcached_mb)

@@ -187,10 +187,11 @@ def server_binary(system: str) -> str | None:
 def server_version(system: str) -> str:
     """Version string of an installed server."""
     try:
-        if system == "tmemd":
+        if system.startswith("tmemd"):
             import tmemd
 
-            return f"tmemd {tmemd.__version__} (Python {sys.version.split()[0]})"
+            rings = "rings" if system == "tmemd" else "socket only"
+            return f"tmemd {tmemd.__version__} (Python {sys.version.split()[0]}; guests: {rings})"
         flag = {"memcached": ["memcached", "-V"], "redis": ["redis-server", "--version"]}[system]
         out = subprocess.run(flag, capture_output=True, text=True, timeout=10, check=False)
         return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
