@@ -124,6 +124,13 @@ def test_hello_ignores_unknown_options() -> None:
 # ------------------------------------------------------------------------------ a real tmemd
 
 
+class AlwaysOpen(ring.SpinGate):
+    """A gate that ignores how busy the machine is (the test machine may be)."""
+
+    def open(self) -> bool:
+        return True
+
+
 def workload(client: tmemclient.Client, seed: int) -> None:
     """Every kind of request, each answer checked."""
     rng = random.Random(seed)
@@ -149,9 +156,16 @@ def workload(client: tmemclient.Client, seed: int) -> None:
     pool.destroy()
 
 
+def connect(daemon: Daemon, **kwargs: Any) -> tmemclient.Client:
+    """A client that uses its rings however busy the test machine is."""
+    client = tmemclient.connect(daemon.socket, name="r", **kwargs)
+    client._gate = AlwaysOpen()
+    return client
+
+
 @pytest.mark.parametrize("ring_frames", [0, 1, 16])
 def test_every_op_over_rings_and_without(daemon: Daemon, ring_frames: int) -> None:
-    with tmemclient.connect(daemon.socket, name="r", ring_frames=ring_frames) as client:
+    with connect(daemon, ring_frames=ring_frames) as client:
         assert client.rings == bool(ring_frames)
         assert client.limits.ring == ring_frames
         workload(client, ring_frames)
@@ -164,14 +178,14 @@ def test_rings_are_the_default(daemon: Daemon) -> None:
 
 def test_a_daemon_without_rings_serves_the_socket(start_daemon: Any) -> None:
     daemon = start_daemon("--max-ring-frames", "0")
-    with tmemclient.connect(daemon.socket, name="r") as client:
+    with connect(daemon) as client:
         assert not client.rings and client.limits.ring == 0
         workload(client, 1)
 
 
 def test_asking_for_more_than_the_daemon_allows_gets_the_socket(start_daemon: Any) -> None:
     daemon = start_daemon("--max-ring-frames", "4")
-    with tmemclient.connect(daemon.socket, name="r", ring_frames=8) as client:
+    with connect(daemon, ring_frames=8) as client:
         assert not client.rings
         workload(client, 2)
 
@@ -180,7 +194,7 @@ def test_both_sides_sleep_and_wake_by_doorbell(start_daemon: Any) -> None:
     """No polling on either side: every request must wake a sleeping daemon (DOORBELL) and
     every reply a sleeping guest (the OK notice)."""
     daemon = start_daemon("--ring-poll-us", "0")
-    with tmemclient.connect(daemon.socket, name="r", spin_us=0) as client:
+    with connect(daemon, spin_us=0) as client:
         client._sock.settimeout(10)  # a missed doorbell fails the test instead of hanging it
         assert client.rings
         workload(client, 3)
@@ -190,7 +204,7 @@ def test_both_sides_sleep_and_wake_by_doorbell(start_daemon: Any) -> None:
 
 
 def test_idle_gaps_longer_than_the_poll_window(daemon: Daemon) -> None:
-    with tmemclient.connect(daemon.socket, name="r") as client:
+    with connect(daemon) as client:
         pool = client.new_pool()
         for i in range(5):
             time.sleep(0.02)
@@ -202,7 +216,7 @@ def test_idle_gaps_longer_than_the_poll_window(daemon: Daemon) -> None:
 def test_big_requests_take_the_socket_and_order_holds(daemon: Daemon) -> None:
     """A batch too big for a one-frame ring goes over the socket; puts sent without waiting
     through one channel are seen by gets through the other."""
-    with tmemclient.connect(daemon.socket, name="r", ring_frames=1, frames=1024) as client:
+    with connect(daemon, ring_frames=1, frames=1024) as client:
         pool = client.new_pool(persistent=True)
         rng = random.Random(4)
         for round_ in range(4):
@@ -244,6 +258,7 @@ def test_many_ring_guests_at_once(daemon: Daemon) -> None:
 import random, sys
 import tmemclient
 c = tmemclient.connect({str(daemon.socket)!r}, name=sys.argv[1])
+c._gate.open = lambda: True  # use the ring however busy the machine is
 assert c.rings
 p = c.new_pool(persistent=True)
 rng = random.Random(sys.argv[1])
@@ -262,6 +277,26 @@ print("ok")
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.strip() == "ok"
+
+
+def test_the_spin_gate_follows_the_runnable_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ring.runnable_tasks() >= 1  # this test is running
+    gate = ring.SpinGate(period=0)
+    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus)
+    assert gate.open()
+    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus + 1)
+    assert not gate.open()
+    slow = ring.SpinGate(period=3600)
+    assert not slow.open()  # read once...
+    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
+    assert not slow.open()  # ...and not again within the period
+
+
+def test_a_busy_machine_sends_ring_guests_requests_over_the_socket(daemon: Daemon) -> None:
+    with tmemclient.connect(daemon.socket, name="r") as client:
+        client._gate.open = lambda: False  # type: ignore[method-assign]
+        workload(client, 5)
+        assert client._rings is not None and client._rings.written == 0
 
 
 def test_region_size_includes_the_rings_asked_for(daemon: Daemon) -> None:

@@ -36,7 +36,7 @@ from tmemclient.protocol import (
     valid_guest_name,
 )
 from tmemclient.region import FrameAllocator, create_region
-from tmemclient.ring import Rings, fence
+from tmemclient.ring import Rings, SpinGate, fence
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
 _RECV = 256 * 1024
@@ -246,6 +246,7 @@ class Client:
             self._rings = Rings(self._whole[len(self._view) :], limits.ring, "guest")
         self._ring_decoder = FrameDecoder(1 << 26)
         self._spin = spin_us / 1e6
+        self._gate = SpinGate()
         self._on_ring: set[int] = set()  # req_ids sent through the ring, not yet answered
         self._on_socket: set[int] = set()  # ...and through the socket
         self.name = limits.guest
@@ -410,9 +411,12 @@ class Client:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         rings = self._rings
         try:
-            if rings is not None and len(data) <= rings.size // 2:
+            if rings is not None and len(data) <= rings.size // 2 and self._gate.open():
                 # The daemon serves each channel in order, not the two against each other: one
                 # channel at a time carries requests (nothing is in flight on the other).
+                # With no CPU to spare nobody watches the rings, and a ring request would cost
+                # the socket's syscalls and wakeups (as doorbells) plus the ring's: then the
+                # socket carries it.
                 while self._on_socket:
                     self._read_one_reply({})
                 if not rings.write(data):
@@ -513,7 +517,12 @@ class Client:
             if message is not NEED_DATA:
                 return message
             if rings is not None:
-                if rings.pending() or (self._on_ring and self._spin_for_reply(rings)):
+                if rings.pending() or (
+                    self._on_ring
+                    and self._spin
+                    and self._gate.open()
+                    and self._spin_for_reply(rings)
+                ):
                     self._ring_decoder.feed(rings.take())
                     continue
                 rings.sleeping(True)

@@ -21,8 +21,10 @@ garble its own requests.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
+import time
 from typing import Any, Final
 
 from tmemclient.errors import ProtocolError
@@ -178,3 +180,34 @@ class Rings:
     def peer_sleeping(self) -> bool:
         """Does the other side sleep on the socket (so it needs a doorbell)?"""
         return self.words[self._peer_sleep_word] != 0
+
+
+class SpinGate:
+    """Whether waiting by watching a ring (spinning) is worth it now: only while the machine has
+    a CPU to spare. A spinning side holds a CPU; with more runnable tasks than CPUs it holds it
+    from the very peer it waits for, and sleeping (with a doorbell) is faster for everyone.
+    The number of runnable tasks (/proc/loadavg's 4th field, this moment's, not an average) is
+    read at most every ``period`` seconds."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.cpus = os.cpu_count() or 1
+        self.period = period
+        self._next = 0.0
+        self._open = True
+
+    def open(self) -> bool:
+        """May we spin now?"""
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.period
+            self._open = runnable_tasks() <= self.cpus
+        return self._open
+
+
+def runnable_tasks() -> int:
+    """Tasks running or ready to run on the whole machine right now (0 if unknown)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0

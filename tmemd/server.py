@@ -39,7 +39,7 @@ from tmemclient.protocol import (
 from tmemclient.protocol import (
     Limits as WireLimits,
 )
-from tmemclient.ring import Rings, fence, ring_bytes
+from tmemclient.ring import Rings, SpinGate, fence, ring_bytes
 from tmemd.config import Limits
 from tmemd.host import Host
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
@@ -77,6 +77,7 @@ class GuestServer:
         self._per_uid: Counter[int] = Counter()
         self._accepting = trio.CancelScope()
         self._raw: set[socket.socket] = set()  # connections in their frame loop
+        self._gate = SpinGate()  # watch rings only while the machine has a CPU to spare
         self.stopping = False
         self._grace_deadline = float("inf")
 
@@ -394,9 +395,10 @@ class GuestServer:
         """Watch the request ring for ``ring_poll_us`` before sleeping: a busy guest's next
         request is then picked up with no syscall and no wakeup on either side. Each round
         yields the CPU (a guest pinned to our core gets to run) and, when other guests are
-        connected, lets their tasks run. True if a request arrived (in the ring or the
-        socket)."""
-        if not self.limits.ring_poll_us:
+        connected, lets their tasks run. Not while the machine has more runnable tasks than
+        CPUs (SpinGate): then we would hold a CPU from the guests. True if a request arrived
+        (in the ring or the socket)."""
+        if not self.limits.ring_poll_us or not self._gate.open():
             return False
         clock = time.perf_counter
         now = clock()
