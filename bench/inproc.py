@@ -66,6 +66,7 @@ def pair() -> tuple[Client, Any]:
         return True
 
     client._spin_for_reply = serve  # type: ignore[method-assign,assignment]
+    client._gate.open = lambda: True  # type: ignore[method-assign]  # however busy the machine
     return client, serve
 
 
