@@ -7,7 +7,9 @@ data files on disk and its own page cache (``tmemclient.cleancache``, blocks of 
 pages). The same accesses run in two setups of equal total memory:
 
   static   each guest's cache holds L + M/N pages; no tmem
-  tmem     each guest's cache holds L pages; evicted blocks go to tmemd's shared budget of M
+  tmem     each guest's cache holds L pages; evicted blocks go to tmemd's shared budget of M, as
+           tmem pages of ``--tmem-page-pages`` pages (only those holding something: random
+           reads leave blocks partly read, and tmem is not spent on their holes)
 
 The guests of both setups run side by side and take turns (static, then tmem, with the same
 accesses), so a machine that speeds up or slows down during the run affects both alike. Every page
@@ -740,8 +742,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--tmem-page-pages",
         type=int,
-        default=8,
-        help="pages per tmem page, at most --block-pages (a block goes to tmem in such pages)",
+        default=2,
+        help="pages per tmem page, at most --block-pages: a block goes to tmem as the tmem pages "
+        "holding something (8 KiB: random reads leave blocks partly read)",
     )
     add("--readahead", type=int, default=16, help="tmem readahead pages for sequential reads")
     add("--put-batch", type=int, default=64, help="evicted pages per put_many")
