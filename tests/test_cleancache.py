@@ -321,7 +321,7 @@ def test_files_are_read_while_a_lookup_is_on_its_way(
     # tmem answers (a helper thread waits for the answer), and nothing changes in what is read.
     data = make_file(tmp_path / "f", 16, 256)
     pool = client.new_pool(page_size=4 * PAGE)
-    with PageCache(pool, capacity=32, put_batch=8, disk_read=slow_pread) as cache:
+    with PageCache(pool, capacity=32, put_batch=8, disk_read=slow_pread, overlap=True) as cache:
         f = cache.open(tmp_path / "f")
         rng = random.Random(5)
         for _ in range(400):
@@ -366,7 +366,7 @@ def test_a_file_read_failing_during_a_lookup_leaves_no_answer_behind(
         return slow_pread(fd, length, offset)
 
     pool = client.new_pool(page_size=4 * PAGE)
-    with PageCache(pool, capacity=32, put_batch=8, disk_read=flaky_pread) as cache:
+    with PageCache(pool, capacity=32, put_batch=8, disk_read=flaky_pread, overlap=True) as cache:
         f = cache.open(tmp_path / "f")
         rng = random.Random(9)
         failed = 0
@@ -379,3 +379,37 @@ def test_a_file_read_failing_during_a_lookup_leaves_no_answer_behind(
                 continue
             assert got == data[first * PAGE : (first + 6) * PAGE]
         assert failed > 0 and cache.stats.overlapped_gets > 0
+
+
+def sparse_reads(cache: PageCache, f: CachedFile, data: bytes, pages: int, count: int) -> None:
+    """Random reads of 3 pages: blocks of 8 pages are left partly read."""
+    rng = random.Random(11)
+    for _ in range(count):
+        first = rng.randrange(pages - 3)
+        assert cache.read(f, first * PAGE, 3 * PAGE) == data[first * PAGE : (first + 3) * PAGE]
+
+
+def test_under_pressure_tmem_gets_the_dense_blocks(start_daemon: Any, tmp_path: Path) -> None:
+    # tmem holds 8 blocks of 32 KiB: it drops our pages before we come back for most of them, so
+    # a block that holds little is not worth a whole tmem page and is not put.
+    daemon = start_daemon("--memory", "256KiB")
+    data = make_file(tmp_path / "f", 19, 512)
+    with tmemclient.connect(daemon.socket, name="squeezed", timeout=IO_TIMEOUT) as client:
+        client._sock.settimeout(IO_TIMEOUT)
+        pool = client.new_pool(page_size=8 * PAGE)
+        with PageCache(pool, capacity=48, put_batch=16, disk_read=slow_pread) as cache:
+            f = cache.open(tmp_path / "f")
+            sparse_reads(cache, f, data, 512, 600)
+            assert cache.stats.sparse_dropped > 0 and cache.stats.puts > 0
+            assert counts_add_up(cache)
+
+
+def test_with_room_in_tmem_every_block_is_put(client: tmemclient.Client, tmp_path: Path) -> None:
+    data = make_file(tmp_path / "f", 20, 256)
+    with PageCache(
+        client.new_pool(page_size=8 * PAGE), capacity=48, put_batch=16, disk_read=slow_pread
+    ) as cache:
+        f = cache.open(tmp_path / "f")
+        sparse_reads(cache, f, data, 256, 400)
+        assert cache.stats.sparse_dropped == 0 and cache.stats.tmem_hits > 0
+        assert counts_add_up(cache)

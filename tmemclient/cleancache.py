@@ -11,8 +11,11 @@ block is the unit of the local LRU, and may be partly filled: only the pages tha
 held. In tmem a block is stored as pages of the pool's page size (4096 << order, at most the
 block): a block read in part costs tmem only the pool pages that hold something, so a pool of
 4 KiB pages stores exactly the pages the block held (with 32 KiB pool pages, random reads leave
-blocks two-thirds full and a third of tmem holds zeros). The cache remembers which file pages each
-tmem page carried.
+blocks two-thirds full and a third of tmem holds zeros), at the price of more pages per request
+for the client and the daemon to handle. The cache remembers which file pages each tmem page
+carried. While tmem is under pressure (it dropped our pages before we came back: a lookup hit
+rate below 90%), a tmem page is put only if it carries at least ``DENSE`` of its size, so the
+shared memory goes to the pages that bring the most file pages back.
 
 A clean block that leaves the local LRU is offered to an ephemeral pool, gathered in batches of
 ``put_batch`` pages sent without waiting for the answer (``put_many_nowait``). Blocks gathering for
@@ -27,13 +30,14 @@ Hiding the round trip. Asking tmem costs a round trip even when it misses, so th
 for tmem pages it has put and believes still there: it keeps a *shadow* of its puts in put order.
 The daemon evicts a guest's ephemeral pages least recently used first and a get removes the page,
 so our pages leave tmem in the order we put them: when a lookup misses, every page put before it
-is gone too and leaves the shadow. A page never put (a cold miss) goes straight to the file. When
-a read needs pages from both, the sync cache reads the file while the lookup is on its way (a
-helper thread waits for tmem's answer, as a kernel would have both I/Os in flight; ``overlap``),
-so the round trip costs only what the file reads do not cover. A lookup that could return k pages
-saves k times the hit rate times a file read; the cache measures both costs (from recent samples)
-and reads the file directly when asking would cost more than it saves (asking anyway 1 in 4
-times, to keep measuring).
+is gone too and leaves the shadow. A page never put (a cold miss) goes straight to the file.
+With ``overlap``, when a read needs pages from both, the sync cache reads the file while the
+lookup is on its way (a helper thread waits for tmem's answer, as a kernel would have both I/Os in
+flight), so the round trip costs only what the file reads do not cover; off by default, as on a
+busy 2-core machine the thread's handoffs and its wait for the answer cost the guest more than
+they hide. A lookup that could return k pages saves k times the hit rate times a file read; the
+cache measures both costs (from recent samples) and reads the file directly when asking would
+cost more than it saves (asking anyway 1 in 4 times, to keep measuring).
 
 Back-off. Each tmem page put has an outcome once it is wanted again: tmem returns it (a hit; a
 page read ahead counts when it is read), or it does not have it any more (a miss); a page not
@@ -79,6 +83,7 @@ Key = tuple[int, int]  # (object id, block index): a tmem handle
 Page = bytes | memoryview  # a page read from the file, or a view of a block tmem returned
 DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
 
+DENSE = 0.75  # under pressure, a tmem page is put only if it carries this much of its size
 _FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode generation, where supported
 
 
@@ -97,8 +102,9 @@ class CacheStats:
     readahead: int = 0  # blocks fetched beyond a read
     puts: int = 0  # blocks put (tmem pages)
     puts_refused: int = 0  # known refused; puts sent without waiting are counted by the client
-    pages_put: int = 0  # file pages those blocks carried
+    pages_put: int = 0  # file pages those tmem pages carried
     put_batches: int = 0
+    sparse_dropped: int = 0  # tmem pages not put: too sparse while tmem was under pressure
     lookups_skipped: int = 0  # tmem pages read from the file because asking would not pay
     overlapped_gets: int = 0  # lookups answered while the file was being read
     backoffs: int = 0
@@ -218,7 +224,7 @@ class _CacheCore:
         sample: int = 16,
         window: int = 256,
         disk_read: DiskRead | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
     ) -> None:
         if pool is not None and not isinstance(pool, self._pool_type):
             raise InvalidArgument(f"{type(self).__name__} needs a {self._pool_type.__name__}")
@@ -472,15 +478,19 @@ class _CacheCore:
         if not self.tmem:
             return
         zero, pp, parts = self._zero, self.part_pages, self._parts
+        dense = self._dense_pages()
         full = (1 << pp) - 1
         items: list[tuple[int, int, Page]] = []
         masks: list[int] = []
         for (oid, b), block in batch:
-            self.stats.pages_put += block.held
             for p in range(parts):
                 mask = block.mask >> p * pp & full
                 if not mask:
                     continue  # only the pages held go to tmem: no memory spent on holes
+                if mask.bit_count() < dense:
+                    self.stats.sparse_dropped += 1
+                    continue
+                self.stats.pages_put += mask.bit_count()
                 group = block.pages[p * pp : (p + 1) * pp]
                 one = group[0]
                 data = one if pp == 1 and one is not None else b"".join(x or zero for x in group)
@@ -606,6 +616,14 @@ class _CacheCore:
             ghost[old] = None
         while len(ghost) > self.shadow_limit:
             ghost.popitem(last=False)
+
+    def _dense_pages(self) -> int:
+        """Pages a tmem page must carry to be put. Any while tmem keeps what we put (a lookup
+        hit rate of 90% or more); under pressure, at least ``DENSE`` of it: tmem's memory then
+        goes to the pages that bring the most file pages back."""
+        if self._costs.hit_rate >= 0.9:
+            return 0
+        return int(self.part_pages * DENSE)
 
     def _batch_pages(self) -> int:
         """Pages gathered before a put: fewer while sampling, as fewer blocks go to tmem."""

@@ -478,6 +478,7 @@ COUNTERS = (
     "pages_put",
     "backoffs",
     "lookups_skipped",
+    "sparse_dropped",
     "tmem_seconds",
     "put_seconds",
     "disk_seconds",
@@ -742,17 +743,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--tmem-page-pages",
         type=int,
-        default=2,
+        default=8,
         help="pages per tmem page, at most --block-pages: a block goes to tmem as the tmem pages "
-        "holding something (8 KiB: random reads leave blocks partly read)",
+        "holding something (fewer holes in tmem, more pages per round trip to handle)",
     )
     add("--readahead", type=int, default=16, help="tmem readahead pages for sequential reads")
     add("--put-batch", type=int, default=64, help="evicted pages per put_many")
     add(
         "--overlap",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="read the file while a tmem lookup is on its way",
+        default=False,
+        help="read the file while a tmem lookup is on its way (a helper thread per guest)",
     )
     add("--disk-latency-us", type=float, default=80.0, help="added latency per disk read")
     add("--swap", action=argparse.BooleanOptionalAction, default=True, help="frontswap scenario")
