@@ -348,9 +348,10 @@ class _CacheCore:
                 elif key in self._ghost:  # put once, dropped by tmem before we came back
                     del self._ghost[key]
                     self._outcome(hit=False)
-            # Pages that must come from the file anyway: read while the lookup is on its way.
-            parts = {key[1] for key in asked}
-            early = [i for i in missing if i // pp not in parts] if self.overlap else []
+            early: list[int] = []
+            if asked and self.overlap:  # pages that must come from the file anyway: read
+                parts = {key[1] for key in asked}  # them while the lookup is on its way
+                early = [i for i in missing if i // pp not in parts]
             if asked and not self._worth_asking(useful, len(early)):
                 # Not a verdict on tmem: the lookup costs more than it would save right now.
                 self.stats.lookups_skipped += len(asked)
@@ -365,17 +366,22 @@ class _CacheCore:
                     asked.append(key)
             if asked:
                 yield from self._get(f, asked, demand, early, pages)
+        stats, local = self.stats, self._local
         for index in missing:
             if index in pages:
                 continue  # read from the file while the lookup was on its way
             key = (oid, index // bp)
-            block = self._local.get(key)
+            block = local.get(key)
             data = None if block is None else block.pages[index % bp]
             if data is not None:
-                self.stats.tmem_hits += 1
-                pages[index] = data
+                stats.tmem_hits += 1
             else:
-                pages[index] = self._disk_page(f, index)
+                data = self._read_disk(f, index)
+                if block is None:
+                    block = local[key] = _Block([None] * bp)
+                block.add(index % bp, data)
+                self._local_pages += 1
+            pages[index] = data
         self._evict()
         yield from self._put_pending(force=False)
 
@@ -482,20 +488,32 @@ class _CacheCore:
         full = (1 << pp) - 1
         items: list[tuple[int, int, Page]] = []
         masks: list[int] = []
+        dropped = put = 0
         for (oid, b), block in batch:
+            if parts == 1:  # the block is one tmem page
+                if block.held < dense:
+                    dropped += 1
+                    continue
+                put += block.held
+                items.append((oid, b, b"".join([x or zero for x in block.pages])))
+                masks.append(block.mask)
+                continue
             for p in range(parts):
                 mask = block.mask >> p * pp & full
                 if not mask:
                     continue  # only the pages held go to tmem: no memory spent on holes
-                if mask.bit_count() < dense:
-                    self.stats.sparse_dropped += 1
+                held = mask.bit_count()
+                if held < dense:
+                    dropped += 1
                     continue
-                self.stats.pages_put += mask.bit_count()
+                put += held
                 group = block.pages[p * pp : (p + 1) * pp]
                 one = group[0]
-                data = one if pp == 1 and one is not None else b"".join(x or zero for x in group)
+                data = one if pp == 1 and one is not None else b"".join([x or zero for x in group])
                 items.append((oid, b * parts + p, data))
                 masks.append(mask)
+        self.stats.sparse_dropped += dropped
+        self.stats.pages_put += put
         if not items:
             return
         started = time.perf_counter()
