@@ -413,3 +413,25 @@ def test_with_room_in_tmem_every_block_is_put(client: tmemclient.Client, tmp_pat
         sparse_reads(cache, f, data, 256, 400)
         assert cache.stats.sparse_dropped == 0 and cache.stats.tmem_hits > 0
         assert counts_add_up(cache)
+
+
+def test_tmem_returning_a_page_put_before_one_it_dropped(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    # The shadow assumes tmem drops our pages in put order. Here page 1 is put before page 0,
+    # and page 0 alone leaves tmem: one lookup finds 0 missing (trimming everything put before
+    # it, page 1 included) and 1 there. The read must still be right, and must not crash.
+    data = make_file(tmp_path / "f", 21, 64)
+    pool = client.new_pool()
+    with PageCache(pool, capacity=16, put_batch=8, disk_read=slow_pread) as cache:
+        f = cache.open(tmp_path / "f")
+        cache.read(f, 1 * PAGE, PAGE)
+        cache.read(f, 0, PAGE)
+        for index in range(10, 40):  # pushes 1, then 0, out to tmem
+            cache.read(f, index * PAGE, PAGE)
+        cache.put_pending()
+        client.wait_deferred()
+        pool.flush(f.oid, 0)
+        assert cache.read(f, 0, 2 * PAGE) == data[: 2 * PAGE]
+        assert cache.stats.tmem_misses >= 1 and cache.stats.tmem_hits >= 1
+        assert read_all(cache, f, 64) == data

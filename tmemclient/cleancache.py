@@ -425,6 +425,10 @@ class _CacheCore:
         costs.hit_rate = 0.9 * costs.hit_rate + 0.1 * returned / len(asked)
         self.stats.blocks_got += returned
         pp, parts = self.part_pages, self._parts
+        # What each asked page carries, read before misses trim the shadow: tmem may return a
+        # page put before one it no longer has (its eviction order is not exactly ours).
+        shadow = self._shadow
+        masks = [shadow[key][1] for key in asked]
         for n, (key, data) in enumerate(zip(asked, found, strict=True)):
             if data is None:
                 self.stats.tmem_misses += 1
@@ -432,7 +436,9 @@ class _CacheCore:
                 if n < demand:
                     self._outcome(hit=False)
                 continue
-            _, mask = self._shadow.pop(key)
+            mask = masks[n]
+            shadow.pop(key, None)
+            self._ghost.pop(key, None)
             view = memoryview(data)  # pages are views of the tmem page: no copy
             block = self._block_for((key[0], key[1] // parts))
             base = key[1] % parts * pp
