@@ -402,6 +402,9 @@ class _CacheCore:
     ) -> Plan:
         """Ask tmem for ``asked`` (the first ``demand`` for this read, the rest read ahead); the
         ``early`` pages are read from the file while the answer is on its way."""
+        # What each asked page carries, read first: misses trim the shadow, and tmem may return
+        # a page put before one it no longer has (its eviction order is not exactly ours).
+        masks = [self._shadow[key][1] for key in asked]
         started = time.perf_counter()
         if early:
             yield ("get_start", asked)
@@ -425,10 +428,7 @@ class _CacheCore:
         costs.hit_rate = 0.9 * costs.hit_rate + 0.1 * returned / len(asked)
         self.stats.blocks_got += returned
         pp, parts = self.part_pages, self._parts
-        # What each asked page carries, read before misses trim the shadow: tmem may return a
-        # page put before one it no longer has (its eviction order is not exactly ours).
         shadow = self._shadow
-        masks = [shadow[key][1] for key in asked]
         for n, (key, data) in enumerate(zip(asked, found, strict=True)):
             if data is None:
                 self.stats.tmem_misses += 1
