@@ -292,6 +292,21 @@ def test_the_spin_gate_follows_the_runnable_count(monkeypatch: pytest.MonkeyPatc
     assert not slow.open()  # ...and not again within the period
 
 
+def test_a_missed_spin_shuts_the_gate_longer_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
+    gate = ring.SpinGate(period=0.01)
+    assert gate.open()
+    gate.missed()
+    assert not gate.open()
+    first = gate._shut_until
+    gate.missed()
+    assert gate._shut_until - time.monotonic() > first - time.monotonic()  # doubled
+    gate._shut_until = gate._next = 0.0  # the back-off is over
+    assert gate.open()
+    gate.hit()
+    assert gate._backoff == gate.period
+
+
 def test_a_busy_machine_sends_ring_guests_requests_over_the_socket(daemon: Daemon) -> None:
     with tmemclient.connect(daemon.socket, name="r") as client:
         client._gate.open = lambda: False  # type: ignore[method-assign]

@@ -547,7 +547,9 @@ class Client:
         while clock() < deadline:
             os.sched_yield()
             if rings.pending():
+                self._gate.hit()
                 return True
+        self._gate.missed()
         return False
 
     def _notice(self, status: int, message: Any) -> None:
