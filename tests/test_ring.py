@@ -176,6 +176,19 @@ def test_rings_are_the_default(daemon: Daemon) -> None:
         assert client.rings and client.limits.ring == ring.DEFAULT_RING_FRAMES
 
 
+def test_the_log_says_how_much_went_through_the_rings(daemon: Daemon) -> None:
+    with connect(daemon, ring_frames=4) as client:
+        workload(client, 6)
+    with tmemclient.connect(daemon.socket, name="s", ring_frames=0) as plain:
+        plain.ping()
+    daemon.wait_event("guest_disconnected", 2)
+    records = {r["guest"].split("/", 1)[1]: r for r in daemon.events("guest_disconnected")}
+    connected = {r["guest"].split("/", 1)[1]: r for r in daemon.events("guest_connected")}
+    assert connected["r"]["ring"] == 4 and connected["s"]["ring"] == 0
+    assert records["r"]["ring_request_bytes"] > 1000 and records["r"]["ring_reply_bytes"] > 100
+    assert "ring_request_bytes" not in records["s"]
+
+
 def test_a_daemon_without_rings_serves_the_socket(start_daemon: Any) -> None:
     daemon = start_daemon("--max-ring-frames", "0")
     with connect(daemon) as client:

@@ -232,7 +232,7 @@ class GuestServer:
         rings = Rings(view[len(pages) :], granted, "host") if granted else None
         self.host.join(session)
         clog = log.bind(guest=name, pid=pid, uid=uid)
-        clog.info("guest_connected", frames=hello.frames)
+        clog.info("guest_connected", frames=hello.frames, ring=granted)
         reason = "closed by guest"
         try:
             reply = WireLimits(
@@ -253,7 +253,9 @@ class GuestServer:
         finally:
             pools = len(session.pools)
             freed = session.close()
-            if rings is not None:
+            traffic: dict[str, int] = {}
+            if rings is not None:  # how much went through the rings rather than the socket
+                traffic = {"ring_request_bytes": rings.read, "ring_reply_bytes": rings.written}
                 rings.release()
             pages.release()
             view.release()
@@ -263,6 +265,7 @@ class GuestServer:
                 requests=session.requests,
                 pools=pools,
                 pages_freed=freed,
+                **traffic,
                 **guest.stats.as_dict(),
             )
 
