@@ -30,6 +30,7 @@ from tmemclient.protocol import (
     Limits,
     Op,
     Status,
+    check_ring_frames,
     encode_frame,
     error_for_status,
     split_reply,
@@ -62,12 +63,7 @@ def hello_message(name: str, frames: int, ring_frames: int = 0) -> bytes:
         raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
-    if not isinstance(ring_frames, int) or not ring.valid_ring_frames(ring_frames):
-        raise InvalidArgument(
-            f"ring must be 0 or a power of two up to {ring.MAX_RING_FRAMES} frames, "
-            f"got {ring_frames!r}"
-        )
-    return Hello(PROTOCOL_VERSION, name, frames, ring_frames).encode()
+    return Hello(PROTOCOL_VERSION, name, frames, check_ring_frames(ring_frames)).encode()
 
 
 class DeferredStats:

@@ -264,6 +264,21 @@ def check_uint(value: Any, bits: int, what: str) -> int:
     return value
 
 
+def valid_ring_frames(value: int) -> bool:
+    """0 (no rings) or a power of two up to MAX_RING_FRAMES."""
+    return value == 0 or (0 < value <= MAX_RING_FRAMES and value & (value - 1) == 0)
+
+
+def check_ring_frames(value: Any) -> int:
+    """HELLO's ``ring`` option: frames per ring, 0 or a power of two up to MAX_RING_FRAMES."""
+    ring = check_uint(value, 32, "ring")
+    if not valid_ring_frames(ring):
+        raise InvalidArgument(
+            f"ring must be 0 or a power of two up to {MAX_RING_FRAMES} frames, got {ring}"
+        )
+    return ring
+
+
 def make_pool_flags(*, persistent: bool, shared: bool, order: int) -> int:
     """Pack NEW_POOL flags."""
     if not 0 <= order <= MAX_ORDER:
@@ -362,11 +377,7 @@ class Hello:
                 )
             # Unknown options are ignored (a newer guest may offer more); the reply says what
             # was granted.
-            ring = check_uint(options.get("ring", 0), 32, "ring")
-            if not (ring == 0 or (ring <= MAX_RING_FRAMES and ring & (ring - 1) == 0)):
-                raise InvalidArgument(
-                    f"ring must be 0 or a power of two up to {MAX_RING_FRAMES} frames, got {ring}"
-                )
+            ring = check_ring_frames(options.get("ring", 0))
         return cls(version, name, frames, ring)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Final
 from tmemclient.errors import ProtocolError
 from tmemclient.protocol import FRAME_SIZE as FRAME
 from tmemclient.protocol import MAX_RING_FRAMES as MAX_RING_FRAMES
+from tmemclient.protocol import valid_ring_frames as valid_ring_frames
 
 DEFAULT_RING_FRAMES: Final = 16  # 64 KiB each way
 
@@ -55,11 +56,6 @@ def supported() -> bool:
 def ring_bytes(ring_frames: int) -> int:
     """Bytes of region the rings take after the page frames (header + both rings)."""
     return (1 + 2 * ring_frames) * FRAME if ring_frames else 0
-
-
-def valid_ring_frames(value: int) -> bool:
-    """0 (no rings) or a power of two up to MAX_RING_FRAMES."""
-    return value == 0 or (0 < value <= MAX_RING_FRAMES and value & (value - 1) == 0)
 
 
 def _make_fence() -> tuple[Any, int, ctypes.c_int] | None:

@@ -384,9 +384,11 @@ class GuestServer:
         answers = replies + [handle(message) for message in decoder.messages()]
         # Once stopping, every reply takes the socket, behind the SHUTDOWN notice: a busy guest
         # reads its socket only when its ring is quiet.
-        spill: list[bytes] = [] if not self.stopping else [b""]
+        spilling = self.stopping
+        spill: list[bytes] = []
         for reply in answers:
-            if reply and (spill or not rings.write(reply)):
+            if reply and (spilling or not rings.write(reply)):
+                spilling = True
                 spill.append(reply)
         fence()  # we stored the reply tail; now load the guest's "waiting" word
         if rings.peer_sleeping():
