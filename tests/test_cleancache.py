@@ -435,3 +435,49 @@ def test_tmem_returning_a_page_put_before_one_it_dropped(
         assert cache.read(f, 0, 2 * PAGE) == data[: 2 * PAGE]
         assert cache.stats.tmem_misses >= 1 and cache.stats.tmem_hits >= 1
         assert read_all(cache, f, 64) == data
+
+
+class RecordingCache(PageCache):
+    """A page cache that logs the kind of every request it makes of tmem."""
+
+    log: list[str]
+
+    def _do(self, request: Any) -> Any:
+        self.log.append(request[0])
+        return super()._do(request)
+
+
+def test_evicted_blocks_go_behind_a_lookup_not_before_the_next(
+    client: tmemclient.Client, tmp_path: Path
+) -> None:
+    """A read that asks tmem sends the blocks gathered for a put right after its lookup, so
+    tmemd stores them while the file is read, and the next read's lookup does not wait behind
+    them; a read that asks nothing sends them at its end, as before."""
+    data = make_file(tmp_path / "f", 9, 256)
+    log: list[str] = []
+
+    def logged_pread(fd: int, length: int, offset: int) -> bytes:
+        log.append("disk")
+        return slow_pread(fd, length, offset)
+
+    cache = RecordingCache(client.new_pool(), capacity=32, put_batch=8, disk_read=logged_pread)
+    cache.log = log
+    with cache:
+        f = cache.open(tmp_path / "f")
+        rng = random.Random(3)
+        lookups = puts_behind = 0
+        for _ in range(150):
+            start = rng.randrange(0, 256 - 4)
+            log.clear()
+            assert cache.read(f, start * PAGE, 4 * PAGE) == data[start * PAGE : (start + 4) * PAGE]
+            io = [kind for kind in log if kind != "disk"]
+            if "get" in io:
+                lookups += 1
+                assert io in (["get"], ["get", "put"]), log  # one lookup, any put behind it
+                if "put" in io:
+                    assert log[1] == "put", log  # before the file is read
+                    puts_behind += 1
+            else:
+                assert io in ([], ["put"]) and log[-1:] != ["get"], log
+        assert lookups > 10 and puts_behind > 5 and cache.stats.tmem_hits > 0
+        assert counts_add_up(cache)

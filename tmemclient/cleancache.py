@@ -332,11 +332,11 @@ class _CacheCore:
     ) -> Plan:
         """Bring the missing pages of a read in: tmem first (one batch), then the file."""
         oid, bp, pp = f.oid, self.block_pages, self.part_pages
+        asked: list[Key] = []
         if self.tmem:
             wanted: dict[int, int] = {}  # tmem page -> mask of the pages we miss
             for index in missing:
                 wanted[index // pp] = wanted.get(index // pp, 0) | 1 << index % pp
-            asked: list[Key] = []
             useful = 0
             for part, need in wanted.items():
                 key = (oid, part)
@@ -366,6 +366,9 @@ class _CacheCore:
                     asked.append(key)
             if asked:
                 yield from self._get(f, asked, demand, early, pages)
+                # The blocks evicted by earlier reads go now, behind the lookup: tmemd stores
+                # them while we read the file, and our next lookup does not queue behind them.
+                yield from self._put_pending(force=False)
         stats, local = self.stats, self._local
         for index in missing:
             if index in pages:
@@ -383,7 +386,8 @@ class _CacheCore:
                 self._local_pages += 1
             pages[index] = data
         self._evict()
-        yield from self._put_pending(force=False)
+        if not asked:  # else they go behind the next lookup
+            yield from self._put_pending(force=False)
 
     def _disk_page(self, f: CachedFile, index: int) -> Page:
         """Read a page from the file into its local block."""
