@@ -209,6 +209,8 @@ def doc_with(**tables: Any) -> dict[str, Any]:
         (doc_with(limits={"max_frame": 16}), ["max_frame"]),
         (doc_with(limits={"max_pools": 0}), ["max_pools"]),
         (doc_with(limits={"handshake_timeout": 0}), ["timeouts"]),
+        (doc_with(limits={"ring_poll_us": -1}), ["ring_poll_us"]),
+        (doc_with(limits={"ring_poll_max_us": 10_001}), ["ring_poll_max_us"]),
         # no socket at all
         ({}, ["daemon.socket", "--socket"]),
     ],

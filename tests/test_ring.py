@@ -320,6 +320,52 @@ def test_a_missed_spin_shuts_the_gate_longer_each_time(monkeypatch: pytest.Monke
     assert gate._backoff == gate.period
 
 
+def test_the_poll_window_grows_to_cover_short_gaps_and_drops_after_long_ones() -> None:
+    watch = ring.PollWindow(50e-6, 1e-3)
+    assert watch.window == 50e-6
+    watch.woke(1.0)  # no watch began: nothing learnt
+    assert watch.window == 50e-6
+    watch.started = 1.0
+    watch.woke(1.0 + 300e-6)  # a 300 us gap: a longer watch would have caught it
+    assert watch.window == pytest.approx(375e-6)
+    assert watch.started is None
+    watch.started = 2.0
+    watch.woke(2.0 + 400e-6)  # at least doubling
+    assert watch.window == pytest.approx(750e-6)
+    watch.started = 3.0
+    watch.woke(3.0 + 900e-6)
+    assert watch.window == pytest.approx(1e-3)  # never past the most
+    watch.started = 4.0
+    watch.woke(4.0 + 0.5)  # idle: watching was wasted
+    assert watch.window == 50e-6
+    watch.started = 5.0
+    watch.woke(5.0 + 20e-6)  # inside the window: stays
+    assert watch.window == 50e-6
+    assert ring.PollWindow(2e-3, 1e-3).most == 2e-3  # the most is never below the base
+
+
+def test_a_guest_with_short_gaps_is_served_with_and_without_the_grown_watch(
+    start_daemon: Any,
+) -> None:
+    """Gaps a bit longer than the base watch: the watch grows, and every answer is right
+    whichever way the request was picked up (ring watched, or doorbell after a sleep)."""
+    for poll_max in ("1000", "0"):
+        daemon = start_daemon(
+            "--ring-poll-us", "20", "--ring-poll-max-us", poll_max, name=f"d{poll_max}"
+        )
+        with connect(daemon, spin_us=0) as client:
+            client._sock.settimeout(10)  # a lost request fails the test instead of hanging it
+            assert client.rings
+            pool = client.new_pool(persistent=True)
+            for i in range(60):
+                deadline = time.perf_counter() + 150e-6
+                while time.perf_counter() < deadline:
+                    pass
+                assert pool.put(1, i, bytes([i]) * FRAME_SIZE)
+                assert pool.get(1, i // 2) == bytes([i // 2]) * FRAME_SIZE
+        assert daemon.stop() == 0
+
+
 def test_a_busy_machine_sends_ring_guests_requests_over_the_socket(daemon: Daemon) -> None:
     with tmemclient.connect(daemon.socket, name="r") as client:
         client._gate.open = lambda: False  # type: ignore[method-assign]

@@ -215,6 +215,35 @@ class SpinGate:
         self._backoff = self.period
 
 
+class PollWindow:
+    """How long the daemon watches a guest's ring before it sleeps: adaptive, as KVM's halt
+    polling (``halt_poll_ns``, grown and shrunk per vCPU in virt/kvm/kvm_main.c).
+
+    A request that came while the daemon slept, but less than ``most`` seconds after it began
+    watching, would have been caught by a longer watch: the window grows to cover that gap
+    (doubling at least). A guest that stayed away longer than ``most`` is idle or thinking, and
+    watching it was wasted: the window drops back to ``base``. So a guest with short gaps (a
+    page cache between file reads) gets its answers with no wakeup on either side, and an idle
+    one costs no more CPU than ``base``. Seconds throughout."""
+
+    def __init__(self, base: float, most: float) -> None:
+        self.base = base
+        self.most = max(base, most)
+        self.window = base
+        self.started: float | None = None  # when the current watch began
+
+    def woke(self, now: float) -> None:
+        """The guest's next word came at ``now``, after a watch and then a sleep."""
+        if self.started is None:
+            return  # no watch before this sleep (not allowed, or not needed): nothing learnt
+        idle = now - self.started
+        self.started = None
+        if idle > self.most:
+            self.window = self.base
+        elif idle > self.window:
+            self.window = min(self.most, max(2 * self.window, 1.25 * idle))
+
+
 def runnable_tasks() -> int:
     """Tasks running or ready to run on the whole machine right now (0 if unknown)."""
     try:

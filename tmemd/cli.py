@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="microseconds to watch a busy guest's ring before sleeping (50; 0: never)",
     )
+    p.add_argument(
+        "--ring-poll-max-us",
+        type=int,
+        help="microseconds that watch may grow to for a guest whose requests come in short "
+        "gaps (1000; as KVM's halt polling)",
+    )
     return p
 
 
@@ -95,6 +101,7 @@ LIMIT_OPTIONS = (
     "shutdown_grace",
     "max_ring_frames",
     "ring_poll_us",
+    "ring_poll_max_us",
 )
 SETTING_OPTIONS = (
     "socket",

@@ -32,6 +32,7 @@ class Limits:
     drain_idle: float = 0.5  # ...and a guest silent this long after the notice is closed
     max_ring_frames: int = 64  # request/reply rings in the region (PROTOCOL.md §4.6); 0: none
     ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
+    ring_poll_max_us: int = 1000  # ...growing to this for a guest whose gaps are short
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -47,8 +48,9 @@ class Limits:
             raise ValueError("shutdown_grace must not be negative")
         if not 0 <= self.max_ring_frames <= MAX_RING_FRAMES:
             raise ValueError(f"max_ring_frames must be 0..{MAX_RING_FRAMES}")
-        if not 0 <= self.ring_poll_us <= 10_000:
-            raise ValueError("ring_poll_us must be 0..10000 (microseconds)")
+        for name in ("ring_poll_us", "ring_poll_max_us"):
+            if not 0 <= getattr(self, name) <= 10_000:
+                raise ValueError(f"{name} must be 0..10000 (microseconds)")
 
 
 @dataclass(frozen=True)

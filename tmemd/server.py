@@ -39,7 +39,7 @@ from tmemclient.protocol import (
 from tmemclient.protocol import (
     Limits as WireLimits,
 )
-from tmemclient.ring import Rings, SpinGate, fence, ring_bytes
+from tmemclient.ring import PollWindow, Rings, SpinGate, fence, ring_bytes
 from tmemd.config import Limits
 from tmemd.host import Host
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
@@ -309,6 +309,8 @@ class GuestServer:
         waited = True  # did this round of reading wait (and so let other tasks run)?
         poller = select.poll()
         poller.register(raw, select.POLLIN)
+        limits = self.limits
+        watch = PollWindow(limits.ring_poll_us / 1e6, limits.ring_poll_max_us / 1e6)
         while True:
             replies: list[bytes] = []
             ring_served = False
@@ -333,10 +335,10 @@ class GuestServer:
             if rings is not None and not self.stopping and (ring_served or rings.pending()):
                 # A guest on its ring: watch the ring, not the socket (a syscall per look);
                 # _poll_ring looks at the socket now and then, and so do we before sleeping.
-                if await self._poll_ring(raw, rings, poller):
+                if await self._poll_ring(raw, rings, poller, watch):
                     continue
                 if not poller.poll(0):
-                    if not await self._sleep(raw, rings, notified):
+                    if not await self._sleep(raw, rings, notified, watch):
                         return "daemon shutting down"
                     continue
             # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
@@ -346,10 +348,10 @@ class GuestServer:
             except BlockingIOError:
                 if rings is not None and (
                     rings.pending()
-                    or (not self.stopping and await self._poll_ring(raw, rings, poller))
+                    or (not self.stopping and await self._poll_ring(raw, rings, poller, watch))
                 ):
                     continue
-                if not await self._sleep(raw, rings, notified):
+                if not await self._sleep(raw, rings, notified, watch):
                     return "daemon shutting down"
                 waited = True
                 continue
@@ -396,18 +398,22 @@ class GuestServer:
         if spill:
             await self._send(raw, b"".join(spill))
 
-    async def _poll_ring(self, raw: socket.socket, rings: Rings, poller: select.poll) -> bool:
-        """Watch the request ring for ``ring_poll_us`` before sleeping: a busy guest's next
-        request is then picked up with no syscall and no wakeup on either side. Each round
-        yields the CPU (a guest pinned to our core gets to run) and, when other guests are
-        connected, lets their tasks run. Not while the machine has more runnable tasks than
-        CPUs (SpinGate): then we would hold a CPU from the guests. True if a request arrived
-        (in the ring or the socket)."""
-        if not self.limits.ring_poll_us or not self._gate.open():
+    async def _poll_ring(
+        self, raw: socket.socket, rings: Rings, poller: select.poll, watch: PollWindow
+    ) -> bool:
+        """Watch the request ring for a while (``watch``: ``ring_poll_us``, grown towards
+        ``ring_poll_max_us`` for a guest whose requests come in short gaps) before sleeping: a
+        busy guest's next request is then picked up with no syscall and no wakeup on either
+        side. Each round yields the CPU (a guest pinned to our core gets to run) and, when
+        other guests are connected, lets their tasks run. Not while the machine has more
+        runnable tasks than CPUs (SpinGate): then we would hold a CPU from the guests. True if
+        a request arrived (in the ring or the socket)."""
+        if not watch.window or not self._gate.open():
+            watch.started = None
             return False
         clock = time.perf_counter
-        now = clock()
-        deadline = now + self.limits.ring_poll_us / 1e6
+        now = watch.started = clock()
+        deadline = now + watch.window
         others_at = now + _LET_OTHERS_RUN
         rounds = 0
         while True:
@@ -426,10 +432,13 @@ class GuestServer:
                 await trio.lowlevel.checkpoint()
                 others_at = clock() + _LET_OTHERS_RUN
 
-    async def _sleep(self, raw: socket.socket, rings: Rings | None, notified: bool) -> bool:
+    async def _sleep(
+        self, raw: socket.socket, rings: Rings | None, notified: bool, watch: PollWindow
+    ) -> bool:
         """Wait for the guest's next word (``_wait_readable``). A guest with rings is told we
         sleep, so it rings the doorbell; then the ring is looked at once more, as a request
-        stored before our word was seen needs no doorbell."""
+        stored before our word was seen needs no doorbell. How long the guest kept us waiting
+        sizes the next watch of its ring."""
         if rings is None:
             return await self._wait_readable(raw, notified)
         rings.sleeping(True)
@@ -440,6 +449,7 @@ class GuestServer:
             return await self._wait_readable(raw, notified)
         finally:
             rings.sleeping(False)
+            watch.woke(time.perf_counter())
 
     async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
         """Wait for the guest; False when, after the shutdown notice, it stayed silent for
