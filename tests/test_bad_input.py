@@ -1460,6 +1460,38 @@ def test_same_guest_name_twice(env: Env) -> None:
 
 
 # ================================================================================================
+# Mapped pages (PROTOCOL.md §4.7)
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None, [True], {"on": True}])
+def test_hello_with_a_bad_map_option(env: Env, value: Any) -> None:
+    fd, region = create_region(GUEST_FRAMES)
+    g = env.connect()
+    g.fd, g.region = fd, region
+    hello = [Op.HELLO, 1, PROTOCOL_VERSION, unique("map"), GUEST_FRAMES, {"map": value}]
+    g.send(encode_frame(hello), [fd])
+    g.refused(1, INVALID, "map must be true or false")
+    env.check()
+
+
+def test_a_mapped_guest_gets_no_fd_after_the_handshake_and_keeps_its_pages(env: Env) -> None:
+    """A mapped guest that sends an fd later is dropped like any other; its persistent pages
+    go with it, the reference guest loses nothing."""
+    client = tmemclient.connect(env.daemon.socket, name=unique("map"), frames=16, map_pages=True)
+    assert client.mapping is not None
+    pool = client.new_pool(persistent=True)
+    assert pool.put(1, 0, bytes(FRAME_SIZE))
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd()]))]
+    client._sock.sendmsg([encode_frame([Op.PING, 5])], rights)
+    close_fds([rights[0][2][0]])
+    with pytest.raises(tmemclient.TmemError):
+        for _ in range(100):
+            client.ping()
+    client.close()
+    env.check()
+
+
+# ================================================================================================
 # Request rings (PROTOCOL.md §4.6): the guest writes its rings' bytes and counters as it likes
 
 needs_rings = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")

@@ -59,7 +59,7 @@ def peek(store: Store, pool: Pool, index: int) -> bytes | None:
     if head is None:
         return None
     dst = bytearray(PAGE)
-    store._copy_out(head, pool.order, memoryview(dst))
+    store._copy_out(store._mem, head, pool.order, memoryview(dst))
     return bytes(dst)
 
 
@@ -211,6 +211,8 @@ def doc_with(**tables: Any) -> dict[str, Any]:
         (doc_with(limits={"handshake_timeout": 0}), ["timeouts"]),
         (doc_with(limits={"ring_poll_us": -1}), ["ring_poll_us"]),
         (doc_with(limits={"ring_poll_max_us": 10_001}), ["ring_poll_max_us"]),
+        (doc_with(limits={"map_pages": 1}), ["limits.map_pages", "wrong type"]),
+        (doc_with(limits={"max_pools": True}), ["limits.max_pools", "wrong type"]),
         # no socket at all
         ({}, ["daemon.socket", "--socket"]),
     ],

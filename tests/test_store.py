@@ -17,7 +17,7 @@ from tmemclient.errors import InvalidArgument
 from tmemclient.region import FrameAllocator
 from tmemclient.units import format_size, parse_size
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim, validate_weight
-from tmemd.store import NIL, SLOT_SIZE, Pool, Store, StoreError
+from tmemd.store import NIL, SLOT_SIZE, Mirror, Pool, Store, StoreError
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -51,7 +51,8 @@ def peek(store: Store, pool: Pool, oid: int, index: int) -> bytes | None:
     if head is None:
         return None
     dst = bytearray(pool.page_size)
-    store._copy_out(head, pool.order, memoryview(dst))
+    mirror = pool.guest.mirror
+    store._copy_out(store._mem if mirror is None else mirror.mem, head, pool.order, memoryview(dst))
     return bytes(dst)
 
 
@@ -1149,3 +1150,150 @@ def test_format_size_gives_a_short_binary_form(size: int, text: str) -> None:
 @pytest.mark.parametrize("size", [0, 1, 4096, 64 << 10, 256 << 20, 3 << 29, 1 << 40])
 def test_format_size_output_parses_back(size: int) -> None:
     assert parse_size(format_size(size)) == size
+
+
+# ------------------------------------------------------------------------- mapped guests (§4.7)
+
+
+def mapped_read(mirror: Mirror, token: list[int], order: int) -> bytes | None:
+    """What a guest's mapped read of ``token`` sees, done on the daemon's view of the mirror."""
+    head, generation = token
+    if mirror.gen[head] != generation:
+        return None
+    parts, slot = [], head
+    for _ in range(1 << order):
+        parts.append(bytes(mirror.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE]))
+        slot = mirror.link[slot]
+    return b"".join(parts) if mirror.gen[head] == generation else None
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_a_mapped_guests_pages_are_in_its_mirror_under_their_tokens(
+    make_store: MakeStore, order: int
+) -> None:
+    store = make_store(16)
+    guest = store.add_guest("g")
+    mirror = store.map_guest(guest)
+    assert store.map_guest(guest) is mirror  # one per guest
+    pool = store.new_pool(guest, persistent=False, order=order)
+    data = {i: page(i, order) for i in range(3)}
+    for i, d in data.items():
+        assert put(store, pool, 1, i, d)
+    tokens: dict[int, list[int]] = {}
+    for i in data:
+        token = store.token(pool, 1, i)
+        assert token is not None
+        tokens[i] = token
+    for i, token in tokens.items():
+        assert mapped_read(mirror, token, order) == data[i]
+    assert not any(store._mem[: 16 * SLOT_SIZE])  # nothing went to the arena
+    # Replaced: the old token reads nothing, the new one the new page.
+    assert put(store, pool, 1, 0, page(99, order))
+    assert mapped_read(mirror, tokens[0], order) is None
+    new = store.token(pool, 1, 0)
+    assert new is not None and new[1] > tokens[0][1]
+    assert mapped_read(mirror, new, order) == page(99, order)
+    # Flushed, got (exclusive), or changed in place: gone for mapped reads.
+    store.flush(pool, 1, 1)
+    assert mapped_read(mirror, tokens[1], order) is None
+    assert get(store, pool, 1, 2) == data[2]
+    assert mapped_read(mirror, tokens[2], order) is None
+    last = store.token(pool, 1, 0)
+    assert last is not None
+    assert store.write(pool, 1, 0, 10, memoryview(b"xyz"))
+    assert mapped_read(mirror, last, order) is None
+    assert store.read(pool, 1, 0, 10, memoryview(dst := bytearray(3))) and dst == b"xyz"
+
+
+def test_only_an_empty_guest_can_be_mapped(make_store: MakeStore) -> None:
+    store = make_store(8)
+    guest = store.add_guest("g")
+    assert put(store, store.new_pool(guest, persistent=True, order=0), 1, 0, page(1))
+    with pytest.raises(StoreError, match="map it before any put"):
+        store.map_guest(guest)
+
+
+def test_a_slot_moving_to_another_owner_leaves_nothing_in_the_old_file(
+    make_store: MakeStore,
+) -> None:
+    """Guests evict each other: a slot's bytes stay in its last owner's file only until the
+    slot is given to someone else (then they are punched out), whoever that is: another mapped
+    guest, or an unmapped one (the arena)."""
+    store = make_store(4)
+    a, b, c = store.add_guest("a"), store.add_guest("b"), store.add_guest("c")
+    ma, mb = store.map_guest(a), store.map_guest(b)
+    pa = store.new_pool(a, persistent=False, order=0)
+    pb = store.new_pool(b, persistent=False, order=0)
+    pc = store.new_pool(c, persistent=False, order=0)
+    for i in range(4):
+        assert put(store, pa, 1, i, page(i))
+    a_slots = {store.page_slots(pa, 1, i) for i in range(4)}
+    for i in range(2):
+        assert put(store, pb, 1, i, page(100 + i))  # evicts a's two oldest
+    for i in range(2):
+        assert put(store, pc, 1, i, page(200 + i))  # and the other two
+    assert a.held_slots == 0
+    for slot in a_slots:
+        assert slot is not None
+        assert not any(ma.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])
+        assert ma.gen[slot] == 0
+    for i in range(2):
+        head = store.page_slots(pb, 1, i)
+        assert head is not None and head in a_slots
+        assert bytes(mb.mem[head * SLOT_SIZE : (head + 1) * SLOT_SIZE]) == page(100 + i)
+        assert peek(store, pc, 1, i) == page(200 + i)
+
+
+def test_removing_a_mapped_guest_frees_its_mirror(make_store: MakeStore) -> None:
+    store = make_store(8)
+    guest = store.add_guest("g")
+    mirror = store.map_guest(guest)
+    assert put(store, store.new_pool(guest, persistent=True, order=1), 1, 0, page(1, 1))
+    store.remove_guest(guest)
+    assert guest.mirror is None and mirror.ident not in store._mirrors
+    with pytest.raises(ValueError):
+        mirror.mem.tobytes()  # released
+    again = store.add_guest("g")
+    assert store.map_guest(again).ident == mirror.ident  # the number is free again
+
+
+class MappedStoreModel(StoreModel):
+    """The same random operations with two of the three guests mapped: every page reads the
+    same through its mirror as through the store, and no mirror holds bytes of a slot in use
+    by anyone else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for guest in self.guests[:2]:
+            self.store.map_guest(guest)
+
+    @invariant()
+    def mapped_reads_see_the_stored_pages(self) -> None:
+        for p, pool in enumerate(self.pools):
+            mirror = pool.guest.mirror
+            if mirror is None:
+                continue
+            for oid, pages in pool.objects.items():
+                for index in pages:
+                    token = self.store.token(pool, oid, index)
+                    assert token is not None
+                    if token[1]:  # 0: changed in place since its put
+                        data = mapped_read(mirror, token, pool.order)
+                        assert data == bytes(self.model[(p, oid, index)])
+
+    @invariant()
+    def no_mirror_holds_another_owners_slot(self) -> None:
+        for pool in self.pools:
+            for pages in pool.objects.values():
+                for head in pages.values():
+                    for slot in self.store._slots_of(head, pool.order):
+                        for guest in self.guests:
+                            mirror = guest.mirror
+                            if mirror is None or guest is pool.guest:
+                                continue
+                            chunk = mirror.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE]
+                            assert not any(chunk), f"{guest.name}'s mirror holds slot {slot}"
+
+
+MappedStoreModel.TestCase.settings = StoreModel.TestCase.settings
+test_mapped_store_agrees_with_a_dict_model = MappedStoreModel.TestCase

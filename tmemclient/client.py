@@ -21,6 +21,7 @@ from tmemclient.errors import (
     ProtocolError,
     TmemError,
 )
+from tmemclient.mapping import Mapping, Token
 from tmemclient.protocol import (
     FRAME_SIZE,
     NEED_DATA,
@@ -45,6 +46,7 @@ _GONE = "tmemd closed the connection (the daemon stopped or dropped it); reconne
 _DOORBELL = encode_frame([Op.DOORBELL, 1])
 DEFAULT_SPIN_US = 100
 _LIGHT_REQUEST = 64  # bytes: a single-page request (a batch frame is longer)
+OnAnswer = Callable[[int, Any], None]  # put_many_nowait's answers: (first item, results)
 
 
 def hello_reply(message: Any) -> Limits:
@@ -57,13 +59,14 @@ def hello_reply(message: Any) -> Limits:
     return Limits.from_wire(result)
 
 
-def hello_message(name: str, frames: int, ring_frames: int = 0) -> bytes:
+def hello_message(name: str, frames: int, ring_frames: int = 0, map_pages: bool = False) -> bytes:
     """The HELLO frame, after local checks of its arguments."""
     if not isinstance(name, str) or not valid_guest_name(name):
         raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
-    return Hello(PROTOCOL_VERSION, name, frames, check_ring_frames(ring_frames)).encode()
+    ring_frames = check_ring_frames(ring_frames)
+    return Hello(PROTOCOL_VERSION, name, frames, ring_frames, bool(map_pages)).encode()
 
 
 class DeferredStats:
@@ -188,13 +191,19 @@ class Pool(PoolOps):
         job = self._put_many(items)
         return job if isinstance(job, list) else list(self._client._run(job))
 
-    def put_many_nowait(self, items: Sequence[tuple[int, int, Any]]) -> None:
+    def put_many_nowait(
+        self, items: Sequence[tuple[int, int, Any]], on_answer: OnAnswer | None = None
+    ) -> None:
         """Send puts of many pages without waiting for the answer (the cleancache case: a
         clean page leaving the guest's cache may be dropped, so nobody needs the result).
 
         The daemon serves requests in order, so a later get of the same handle sees the put.
         Answers are read, counted in ``client.deferred`` and their staging frames freed
-        whenever the client next talks to the daemon (or in ``wait_deferred``).
+        whenever the client next talks to the daemon (or in ``wait_deferred``). Each answer
+        is also handed to ``on_answer(first, results)``: ``first`` is the position in
+        ``items`` of the first page it answers, ``results`` a flag per page (for a mapped
+        client, the page's token for ``read_mapped`` instead of True), or None if the request
+        failed.
         """
         items = items if isinstance(items, (list, tuple)) else list(items)
         # Half the region per request at most, so one batch can be staged while the answer
@@ -203,7 +212,26 @@ class Pool(PoolOps):
         for i in range(0, len(items), step):
             job = self._put_many(items[i : i + step])
             if not isinstance(job, list):
-                self._client._run(job, wait=False)
+                self._client._run(job, wait=False, on_answer=on_answer, first=i)
+
+    @property
+    def mapping(self) -> Mapping | None:
+        """The client's mapping of its pages (``connect(map_pages=True)``), or None."""
+        return self._client.mapping
+
+    def wait_deferred(self) -> None:
+        """Wait for the answers to every ``put_many_nowait`` of the client (``on_answer`` has
+        then been called for each)."""
+        self._client.wait_deferred()
+
+    def read_mapped(self, token: Token) -> bytes | None:
+        """The page a ``put_many_nowait`` answer named by ``token``, read through the client's
+        mapping with no round trip; None if tmem no longer holds it as it was put. The page
+        stays in tmem (PROTOCOL.md §4.7)."""
+        mapping = self._client.mapping
+        if mapping is None:
+            raise InvalidArgument("this client has no mapping: connect with map_pages=True")
+        return mapping.read(token, self.info.page_size.bit_length() - 13)
 
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -256,6 +284,8 @@ class Client:
         self.notice: str | None = None
         # put_many_nowait: req_id -> its staging run (released with the last reply of a run)
         self._deferred: dict[int, tuple[int, int] | None] = {}
+        self._on_answer: dict[int, tuple[int, OnAnswer]] = {}  # req_id -> (first item, call)
+        self.mapping: Mapping | None = None  # the page mirror, when connected with map_pages
         self._single: tuple[int, int] = (0, 0)  # (start, frames) kept for single-page ops
         self.deferred = DeferredStats()
 
@@ -307,6 +337,8 @@ class Client:
             self._closed = DaemonGone("this client is closed")
         self._sock.close()
         try:
+            if self.mapping is not None:
+                self.mapping.close()
             if self._rings is not None:
                 self._rings.release()
             self._view.release()
@@ -329,7 +361,9 @@ class Client:
             self._read_one_reply({})
         return self.deferred
 
-    def _run(self, job: Job, *, wait: bool = True) -> Any:
+    def _run(
+        self, job: Job, *, wait: bool = True, on_answer: OnAnswer | None = None, first: int = 0
+    ) -> Any:
         if not job.need:
             return self._drive(job.factory(0, 0))
         if not job.unit and wait:
@@ -357,7 +391,7 @@ class Client:
                 "reserved frames or connect with more frames"
             )
         if not wait:
-            return self._send_nowait(job, start, count)
+            return self._send_nowait(job, start, count, on_answer, first)
         try:
             return self._drive(job.factory(start, count))
         finally:
@@ -386,9 +420,12 @@ class Client:
         self._single = (new, need)
         return new
 
-    def _send_nowait(self, job: Job, start: int, count: int) -> None:
+    def _send_nowait(
+        self, job: Job, start: int, count: int, on_answer: OnAnswer | None, first: int
+    ) -> None:
         """Send a batch plan that fits its staging run in one round, and leave its answer to
-        be read later (``_read_one_reply``), which frees the run."""
+        be read later (``_read_one_reply``), which frees the run (and hands the answer to
+        ``on_answer``, with the position of the request's first item)."""
         plan = job.factory(start, count)
         requests = next(plan)
         plan.close()
@@ -396,6 +433,10 @@ class Client:
         for req_id in ids[:-1]:
             self._deferred[req_id] = None
         self._deferred[ids[-1]] = (start, count)
+        if on_answer is not None:
+            for req_id, request in zip(ids, requests, strict=True):
+                self._on_answer[req_id] = (first, on_answer)
+                first += len(request[2]) // 3  # PUT_MANY entries: oid, index, frame
         self.deferred.sent += 1
         return None
 
@@ -455,6 +496,9 @@ class Client:
                 self.deferred.count(status, result)
                 if run is not None:
                     self._alloc.release(*run)
+                answer = self._on_answer.pop(req_id, None)
+                if answer is not None:
+                    answer[1](answer[0], result if status == Status.OK else None)
             elif req_id in replies:
                 raise ProtocolError(f"tmemd answered req_id {req_id} twice")
             else:
@@ -580,6 +624,7 @@ def connect(
     timeout: float | None = 10.0,
     ring_frames: int | None = None,
     spin_us: int = DEFAULT_SPIN_US,
+    map_pages: bool = False,
 ) -> Client:
     """Connect to tmemd as guest ``name`` with a shared region of ``frames`` 4 KiB frames.
 
@@ -587,13 +632,17 @@ def connect(
     ``ring_frames`` asks for request/reply rings of that many frames each in the region
     (default 16 where rings work, x86-64; 0 for the socket alone); the daemon may decline.
     ``spin_us``: how long to watch the reply ring before sleeping on the socket.
+    ``map_pages`` asks for a read-only mapping of this guest's own pages (``client.mapping``,
+    ``Pool.read_mapped``; PROTOCOL.md §4.7); where the daemon declines, ``client.mapping`` is None.
     Raises DaemonGone if no daemon answers at ``path``, and the daemon's refusal otherwise.
     """
     if ring_frames is None:
         ring_frames = ring.DEFAULT_RING_FRAMES if ring.supported() else 0
-    hello = hello_message(name, frames, ring_frames)
+    hello = hello_message(name, frames, ring_frames, map_pages)
     fd, region = create_region(frames, ring.ring_bytes(ring_frames))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    mapping: Mapping | None = None
     try:
         sock.settimeout(timeout)
         try:
@@ -606,20 +655,47 @@ def connect(
         decoder = FrameDecoder(1 << 16)
         buf = bytearray(4096)
         while (message := decoder.next_message()) is NEED_DATA:
-            n = sock.recv_into(buf)
+            n, ancdata, msg_flags, _ = sock.recvmsg_into(
+                [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+            )
+            fds += _fds(ancdata, msg_flags)
             if not n:
                 raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
             decoder.feed(memoryview(buf)[:n])
         limits = hello_reply(message)
         if limits.ring not in (0, ring_frames) or limits.frames != frames:
             raise ProtocolError(f"tmemd granted a region other than the one asked: {limits}")
+        if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
+            raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
+        if limits.map:
+            mapping = Mapping(fds[0], limits.map)
         sock.settimeout(None)
         client = Client(sock, region, limits, spin_us=spin_us)
+        client.mapping = mapping
         client._decoder.feed(decoder._buf[decoder._pos :])
         return client
     except BaseException as exc:
+        if mapping is not None:
+            mapping.close()
         sock.close()
         region.close()
         if isinstance(exc, TimeoutError):
             raise DaemonGone(f"tmemd at {path} did not answer within {timeout}s") from exc
         raise
+    finally:
+        for received in fds:  # mapped (or refused): the descriptor itself is not kept
+            os.close(received)
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
+    """The descriptors that came with a message (SCM_RIGHTS)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("tmemd sent more fds with its HELLO reply than one mirror")
+    return fds

@@ -332,18 +332,25 @@ class PoolSpec:
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The handshake request: protocol version, the guest name asked for, region size in frames,
-    and options (only ``ring``: frames per request/reply ring, 0 for none; PROTOCOL.md §4.6)."""
+    and options: ``ring``, frames per request/reply ring, 0 for none (PROTOCOL.md §4.6); ``map``,
+    true to read its pages through a mapping (§4.7)."""
 
     version: int
     name: str
     frames: int
     ring: int = 0
+    map: bool = False
 
     def encode(self) -> bytes:
         """The HELLO frame (req_id 1); the region fd travels with it as SCM_RIGHTS."""
         message: list[Any] = [Op.HELLO, 1, self.version, self.name, self.frames]
+        options: dict[str, Any] = {}
         if self.ring:
-            message.append({"ring": self.ring})
+            options["ring"] = self.ring
+        if self.map:
+            options["map"] = True
+        if options:
+            message.append(options)
         return encode_frame(message)
 
     @classmethod
@@ -369,6 +376,7 @@ class Hello:
             )
         frames = check_uint(frames, 32, "region frames")
         ring = 0
+        mapped = False
         if rest:
             options = rest[0]
             if type(options) is not dict or len(options) > MAX_HELLO_OPTIONS:
@@ -378,7 +386,10 @@ class Hello:
             # Unknown options are ignored (a newer guest may offer more); the reply says what
             # was granted.
             ring = check_ring_frames(options.get("ring", 0))
-        return cls(version, name, frames, ring)
+            mapped = options.get("map", False)
+            if type(mapped) is not bool:
+                raise InvalidArgument(f"map must be true or false, got {type(mapped).__name__}")
+        return cls(version, name, frames, ring, mapped)
 
 
 _NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -400,10 +411,11 @@ class Limits:
     max_batch: int
     max_pools: int
     ring: int = 0  # frames per ring granted; 0: requests go over the socket only
+    map: int = 0  # slots of the page mirror sent with the reply (§4.7); 0: none
 
     def to_wire(self) -> dict[str, Any]:
-        """The HELLO reply's result map."""
-        return {
+        """The HELLO reply's result map (``map`` only when granted)."""
+        wire = {
             "version": self.version,
             "guest": self.guest,
             "frames": self.frames,
@@ -412,6 +424,9 @@ class Limits:
             "max_pools": self.max_pools,
             "ring": self.ring,
         }
+        if self.map:
+            wire["map"] = self.map
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> Limits:
@@ -427,6 +442,7 @@ class Limits:
                 max_batch=check_uint(value["max_batch"], 32, "max_batch"),
                 max_pools=check_uint(value["max_pools"], 32, "max_pools"),
                 ring=check_uint(value.get("ring", 0), 32, "ring"),
+                map=check_uint(value.get("map", 0), 32, "map"),
             )
         except (KeyError, InvalidArgument) as exc:
             raise ProtocolError(f"bad HELLO reply: {exc}") from exc

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="microseconds that watch may grow to for a guest whose requests come in short "
         "gaps (1000; as KVM's halt polling)",
     )
+    p.add_argument(
+        "--map-pages",
+        action=argparse.BooleanOptionalAction,
+        help="let guests that ask read their own pages through a read-only mapping, with no "
+        "round trip (default: on)",
+    )
     return p
 
 
@@ -102,6 +108,7 @@ LIMIT_OPTIONS = (
     "max_ring_frames",
     "ring_poll_us",
     "ring_poll_max_us",
+    "map_pages",
 )
 SETTING_OPTIONS = (
     "socket",

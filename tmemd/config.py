@@ -33,6 +33,7 @@ class Limits:
     max_ring_frames: int = 64  # request/reply rings in the region (PROTOCOL.md §4.6); 0: none
     ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
     ring_poll_max_us: int = 1000  # ...growing to this for a guest whose gaps are short
+    map_pages: bool = True  # a guest may read its pages through a mapping (PROTOCOL.md §4.7)
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -113,7 +114,9 @@ def _check_keys(table: Any, allowed: dict[str, Any], where: str) -> dict[str, An
             raise ConfigError(
                 f"unknown key {key!r} in [{where}]; known: {', '.join(sorted(allowed))}"
             )
-        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+        if not isinstance(value, allowed[key]) or (
+            isinstance(value, bool) and allowed[key] is not bool
+        ):
             raise ConfigError(f"{where}.{key} has the wrong type ({type(value).__name__})")
     return table
 
@@ -180,7 +183,8 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         if key not in ("daemon", "limits", "guests"):
             raise ConfigError(f"unknown table [{key}]; known: [daemon], [limits], [guests.NAME]")
     daemon = _check_keys(doc.get("daemon", {}), _DAEMON_KEYS, "daemon")
-    limit_types = {f.name: (int, float) if f.type == "float" else int for f in fields(Limits)}
+    types = {"float": (int, float), "bool": bool}
+    limit_types = {f.name: types.get(str(f.type), int) for f in fields(Limits)}
     limits_table = _check_keys(doc.get("limits", {}), limit_types, "limits")
     guests_table = doc.get("guests", {})
     if not isinstance(guests_table, dict):

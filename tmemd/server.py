@@ -10,6 +10,7 @@ the lot.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import mmap
 import os
@@ -44,7 +45,7 @@ from tmemd.config import Limits
 from tmemd.host import Host
 from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
-from tmemd.store import Guest
+from tmemd.store import Guest, StoreError
 
 log = structlog.get_logger("tmemd.server")
 
@@ -230,9 +231,13 @@ class GuestServer:
         session = Session(self.host, guest, pages, self.limits)
         granted = self._ring_grant(hello.ring)
         rings = Rings(view[len(pages) :], granted, "host") if granted else None
+        mirror_fd = self._map_grant(guest) if hello.map else None
+        session.mapped = mirror_fd is not None
         self.host.join(session)
         clog = log.bind(guest=name, pid=pid, uid=uid)
-        clog.info("guest_connected", frames=hello.frames, ring=granted)
+        clog.info(
+            "guest_connected", frames=hello.frames, ring=granted, mapped=mirror_fd is not None
+        )
         reason = "closed by guest"
         try:
             reply = WireLimits(
@@ -243,14 +248,25 @@ class GuestServer:
                 max_batch=self.limits.max_batch,
                 max_pools=self.limits.max_pools,
                 ring=granted,
+                map=0 if mirror_fd is None else self.store.capacity_slots,
             )
-            await send_all(sock, encode_reply(1, Status.OK, reply.to_wire()))
+            answer = encode_reply(1, Status.OK, reply.to_wire())
+            if mirror_fd is None:
+                await send_all(sock, answer)
+            else:  # the mirror's read-only fd rides on the reply's first byte
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [mirror_fd]))]
+                sent = await sock.sendmsg([answer], rights)
+                os.close(mirror_fd)
+                mirror_fd = None
+                await send_all(sock, answer[sent:])
             reason = await self._serve_frames(sock, session, leftover, rings)
         except (OSError, trio.BrokenResourceError) as exc:
             reason = f"connection error: {exc}"
         except trio.TooSlowError:
             reason = f"guest left replies unread for {self.limits.send_timeout}s"
         finally:
+            if mirror_fd is not None:
+                os.close(mirror_fd)
             pools = len(session.pools)
             freed = session.close()
             traffic: dict[str, int] = {}
@@ -268,6 +284,16 @@ class GuestServer:
                 **traffic,
                 **guest.stats.as_dict(),
             )
+
+    def _map_grant(self, guest: Guest) -> int | None:
+        """A read-only fd of the guest's page mirror (made on its first ask), or None when the
+        guest already holds pages outside one, or mapping is off (``map_pages``)."""
+        if not self.limits.map_pages:
+            return None
+        try:
+            return self.store.map_guest(guest).read_only_fd()
+        except StoreError:
+            return None
 
     def _ring_grant(self, asked: int) -> int:
         """The rings a guest gets: what it asked for, if rings are on and this machine keeps

@@ -62,6 +62,7 @@ class Session:
         self.guest = guest
         self.region = region
         self.frames = len(region) // FRAME_SIZE
+        self.mapped = False  # granted a mirror in HELLO: PUT_MANY answers with tokens (§4.7)
         self.limits = limits
         self.pools: dict[int, Pool] = {}
         # Handles are a random bijection of a counter: never reused within the session (a stale
@@ -270,9 +271,17 @@ class Session:
                 self._page_frames(frame, pool, f"entry {i} frame")
         return pool, oids, idxs, frames
 
-    def _put_many(self, m: list[Any]) -> list[bool]:
+    def _put_many(self, m: list[Any]) -> list[Any]:
         pool, oids, idxs, frames = self._page_batch(m)
-        return self.store.put_many(pool, oids, idxs, frames, self.region, frozen=self.guest.frozen)
+        flags = self.store.put_many(pool, oids, idxs, frames, self.region, frozen=self.guest.frozen)
+        if not self.mapped or pool.guest.mirror is None:
+            return flags
+        # A mapped guest's pool: each stored page's [head slot, generation] (PROTOCOL.md §4.7).
+        token = self.store.token
+        return [
+            token(pool, oid, index) if ok else False
+            for oid, index, ok in zip(oids, idxs, flags, strict=True)
+        ]
 
     def _get_many(self, m: list[Any]) -> list[bool]:
         pool, oids, idxs, frames = self._page_batch(m)

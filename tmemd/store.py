@@ -16,13 +16,27 @@ ephemeral private get is exclusive, persistent pages are never evicted. Slots fr
 or guest goes are scrubbed (MADV_DONTNEED: the kernel zero-fills them on next touch) before any
 other guest can be given them; slots taken by eviction are reused whole-page-overwritten by the
 put that evicted them, so their old bytes are never readable either.
+
+Mapped guests (``Store.map_guest``): the pages billed to such a guest live not in the arena but in
+the guest's own *mirror*, a memfd the guest maps read-only, at the same slot numbers. Each page's
+head slot has a generation word there, the store clock of the put that wrote it (0 while the slot
+holds no page of this guest, or the page is being rewritten), and each slot of a bigger page links
+to the next. A guest that was told (head, generation) by its put reads the page with no round
+trip, and trusts what it copied only if the generation is the same before and after the copy
+(PROTOCOL.md §4.7). A mirror holds only its own guest's bytes. A slot the guest no longer uses
+keeps its memory in that file (so the guest's next page there costs no page fault) until the
+slot is given to another owner: then it is punched out of the file (MADV_REMOVE), so memory in
+all files together stays within what the arena alone would use.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from typing import Final
 
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim
@@ -56,6 +70,68 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+def _each_run(slots: list[int], call: Callable[[int, int], object]) -> None:
+    """``call(offset, length)`` for each run of adjacent slots (bytes; sorts ``slots``)."""
+    if not slots:
+        return
+    slots.sort()
+    start = prev = slots[0]
+    for slot in [*slots[1:], None]:
+        if slot is not None and slot == prev + 1:
+            prev = slot
+            continue
+        call(start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT)
+        if slot is not None:
+            start = prev = slot
+
+
+class Mirror:
+    """Where a mapped guest's pages live: a sealed memfd of ``slots`` slots of page data, then a
+    u64 generation word and a u32 link per slot. The guest gets a read-only descriptor of it."""
+
+    def __init__(self, slots: int, ident: int) -> None:
+        self.ident = ident  # its number in Store._owner (0 is the arena)
+        self.slots = slots
+        self.gen_offset = slots << SLOT_SHIFT
+        self.link_offset = self.gen_offset + 8 * slots
+        self.size = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
+        self.fd = os.memfd_create("tmem-mirror", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)  # sparse: memory is used only where pages are
+            fcntl.fcntl(
+                self.fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
+            self._map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        view = memoryview(self._map)
+        self.mem = view[: self.gen_offset]
+        self.gen = view[self.gen_offset : self.link_offset].cast("Q")
+        self.link = view[self.link_offset : self.link_offset + 4 * slots].cast("I")
+        self._view = view
+
+    def read_only_fd(self) -> int:
+        """A new descriptor of the mirror that can only be mapped for reading (the caller
+        closes it once sent)."""
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def punch(self, slots: list[int]) -> None:
+        """Give the slots' memory back (adjacent slots in one call): whoever maps the file
+        reads zeros there from now on."""
+        _each_run(slots, lambda start, n: self._map.madvise(mmap.MADV_REMOVE, start, n))
+
+    def close(self) -> None:
+        """Free everything (the guest's own mapping may still hold the pages it touched)."""
+        self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
+        for view in (self.mem, self.gen, self.link, self._view):
+            view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
 class Guest:
     """A tenant: its pools, its LRU list of ephemeral pages, what it holds, and its policy knobs."""
 
@@ -66,6 +142,7 @@ class Guest:
         "frozen",
         "lru_head",
         "lru_tail",
+        "mirror",
         "name",
         "pers_slots",
         "pools",
@@ -83,6 +160,7 @@ class Guest:
         self.pers_slots = 0
         self.lru_head = NIL  # least recently used ephemeral page (head slot)
         self.lru_tail = NIL  # most recently used
+        self.mirror: Mirror | None = None  # set by Store.map_guest
         self.pools: set[Pool] = set()
         self.stats = Stats()
 
@@ -156,6 +234,8 @@ class Store:
         self._next = array("i")
         self._stamp = array("Q")
         self._tails: dict[int, tuple[int, ...]] = {}  # head -> other slots of an order>0 page
+        self._owner = array("H")  # per slot: whose memory holds it (a Mirror.ident; 0: arena)
+        self._mirrors: dict[int, Mirror] = {}
         self._index_ints = list(range(_INTERNED_INDEXES))  # 2.3 MiB, once
         self.evictions = 0
 
@@ -175,7 +255,29 @@ class Store:
         """Destroy every pool of the guest (scrubbing its memory); return pages freed."""
         freed = sum(self.destroy_pool(pool) for pool in list(guest.pools))
         self.guests.pop(guest.name, None)
+        if guest.mirror is not None:
+            del self._mirrors[guest.mirror.ident]  # its slots' owner numbers go stale: see _alloc
+            guest.mirror.close()
+            guest.mirror = None
         return freed
+
+    def map_guest(self, guest: Guest) -> Mirror:
+        """Keep the guest's pages from now on in a mirror it can map (created once; pages it
+        already holds are not moved, so only an empty guest may be mapped)."""
+        if guest.mirror is None:
+            if guest.held_slots:
+                raise StoreError(f"guest {guest.name!r} holds pages: map it before any put")
+            ident = next(i for i in range(1, 1 << 16) if i not in self._mirrors)
+            guest.mirror = self._mirrors[ident] = Mirror(self.capacity_slots, ident)
+        return guest.mirror
+
+    def token(self, pool: Pool, oid: int, index: int) -> list[int] | None:
+        """[head slot, generation] of a page of a mapped guest's pool, for a mapped read."""
+        mirror = pool.guest.mirror
+        head = self._lookup(pool, oid, index)
+        if mirror is None or head == NIL:
+            return None
+        return [head, mirror.gen[head]]
 
     def new_pool(self, guest: Guest, *, persistent: bool, order: int, shared: bool = False) -> Pool:
         """Create an empty pool billed to ``guest``."""
@@ -341,20 +443,32 @@ class Store:
         if frozen or guest.frozen:
             return self._refuse(pool, oid, index, head)
         order = pool.order
+        mirror = guest.mirror
+        mem = self._mem if mirror is None else mirror.mem
         if head != NIL:
+            if mirror is not None:
+                mirror.gen[head] = 0  # being rewritten: a mapped read of it now fails
             if order:
-                self._copy_in(head, order, src)
+                self._copy_in(mem, head, order, src)
             else:
                 off = head << SLOT_SHIFT
-                self._mem[off : off + SLOT_SIZE] = src
+                mem[off : off + SLOT_SIZE] = src
+            if mirror is not None:
+                mirror.gen[head] = self.clock
             if not pool.persistent:
                 self._touch(guest, head)
             return True
         need = 1 << order
         if not self._make_room(guest, need, pool.persistent):
             return self._refuse(pool, oid, index, NIL)
-        head = self._alloc(need, order)
-        self._copy_in(head, order, src)
+        head = self._alloc(need, order, 0 if mirror is None else mirror.ident)
+        self._copy_in(mem, head, order, src)
+        if mirror is not None:
+            if order:
+                slots = self._slots_of(head, order)
+                for slot, after in pairwise(slots):
+                    mirror.link[slot] = after
+            mirror.gen[head] = self.clock  # last: the page is whole before it can be read
         # Re-fetch: making room may have evicted this object's last page and dropped its dict.
         pages_of_oid = pool.objects.get(oid)
         if pages_of_oid is None:
@@ -380,11 +494,13 @@ class Store:
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if head == NIL:
             return False
+        mirror = pool.guest.mirror
+        mem = self._mem if mirror is None else mirror.mem
         if pool.order:
-            self._copy_out(head, pool.order, dst)
+            self._copy_out(mem, head, pool.order, dst)
         else:
             off = head << SLOT_SHIFT
-            dst[:] = self._mem[off : off + SLOT_SIZE]
+            dst[:] = mem[off : off + SLOT_SIZE]
         if pool.shared:
             self._touch(pool.guest, head)  # other members may still want it
         elif not pool.persistent:
@@ -421,26 +537,27 @@ class Store:
         head = self._sub_page(pool, oid, index, offset, len(dst))
         if head == NIL:
             return False
-        for start, chunk in self._spans(head, pool.order, offset, len(dst)):
+        for start, chunk in self._spans(pool, head, offset, len(dst)):
             dst[start : start + len(chunk)] = chunk
         return True
 
     def write(self, pool: Pool, oid: int, index: int, offset: int, src: memoryview) -> bool:
-        """Overwrite ``len(src)`` bytes at ``offset`` of an existing page."""
-        head = self._sub_page(pool, oid, index, offset, len(src))
+        """Overwrite ``len(src)`` bytes at ``offset`` of an existing page (of a mapped guest:
+        mapped reads of the page fail from now on; GET and READ still find it)."""
+        head = self._sub_page(pool, oid, index, offset, len(src), changes=True)
         if head == NIL:
             return False
-        for start, chunk in self._spans(head, pool.order, offset, len(src)):
+        for start, chunk in self._spans(pool, head, offset, len(src)):
             chunk[:] = src[start : start + len(chunk)]
         return True
 
     def xchg(self, pool: Pool, oid: int, index: int, offset: int, buf: memoryview) -> bool:
         """Atomically swap ``buf`` with the page bytes at ``offset``: the page gets buf's old
         contents and buf gets the page's."""
-        head = self._sub_page(pool, oid, index, offset, len(buf))
+        head = self._sub_page(pool, oid, index, offset, len(buf), changes=True)
         if head == NIL:
             return False
-        for start, chunk in self._spans(head, pool.order, offset, len(buf)):
+        for start, chunk in self._spans(pool, head, offset, len(buf)):
             old = bytes(chunk)
             chunk[:] = buf[start : start + len(chunk)]
             buf[start : start + len(chunk)] = old
@@ -459,11 +576,16 @@ class Store:
             return NIL
         return pages_of_oid.get(index, NIL)
 
-    def _sub_page(self, pool: Pool, oid: int, index: int, offset: int, length: int) -> int:
+    def _sub_page(
+        self, pool: Pool, oid: int, index: int, offset: int, length: int, changes: bool = False
+    ) -> int:
         if offset < 0 or length < 0 or offset + length > pool.page_size:
             raise StoreError("sub-page range outside the page")
         self.clock += 1
         head = self._lookup(pool, oid, index)
+        mirror = pool.guest.mirror
+        if changes and head != NIL and mirror is not None:
+            mirror.gen[head] = 0  # changed in place: no mapped read may trust it again
         if head != NIL and not pool.persistent:
             self._touch(pool.guest, head)
         return head
@@ -519,6 +641,8 @@ class Store:
         slots = [head]
         if pool.order:
             slots.extend(self._tails.pop(head))
+        if guest.mirror is not None:
+            guest.mirror.gen[head] = 0  # its memory stays the guest's until _alloc moves it
         return slots
 
     def _release(self, slots: list[int]) -> None:
@@ -526,25 +650,39 @@ class Store:
         self._free.extend(slots)
 
     def _scrub(self, slots: list[int]) -> None:
-        """Zero and give back to the kernel, coalescing adjacent slots into one call."""
-        if not slots:
-            return
-        slots.sort()
-        start = prev = slots[0]
-        for slot in [*slots[1:], None]:
-            if slot is not None and slot == prev + 1:
-                prev = slot
-                continue
-            self._arena.madvise(
-                mmap.MADV_DONTNEED, start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT
-            )
-            if slot is not None:
-                start = prev = slot
+        """Zero and give back to the kernel, wherever the slots' memory is (arena or a
+        mirror), coalescing adjacent slots into one call."""
+        self._give_back([(self._owner[slot], slot) for slot in slots])
         self._release(slots)
 
-    def _alloc(self, need: int, order: int) -> int:
+    def _give_back(self, held: list[tuple[int, int]]) -> None:
+        """Free the memory of (owner, slot) pairs: arena slots are zeroed (MADV_DONTNEED), a
+        mirror's punched out of its file."""
+        by_owner: dict[int, list[int]] = {}
+        for owner, slot in held:
+            by_owner.setdefault(owner, []).append(slot)
+        for owner, slots in by_owner.items():
+            if not owner:
+                _each_run(slots, self._zero_arena)
+            elif (mirror := self._mirrors.get(owner)) is not None:
+                mirror.punch(slots)
+            # else: that mirror is closed and all its memory gone (a reused number is
+            # harmless too: a free slot holds no page of anyone's, so punching it loses none)
+
+    def _zero_arena(self, start: int, length: int) -> None:
+        self._arena.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def _alloc(self, need: int, order: int, owner: int) -> int:
         slots = [self._alloc_slot() for _ in range(need)]
         self.used_slots += need
+        owners = self._owner
+        moved = [(owners[slot], slot) for slot in slots if owners[slot] != owner]
+        if moved:
+            # The slots' memory is in another file (or the arena): free it there, so the
+            # memory of all files stays that of the slots in use.
+            self._give_back(moved)
+            for _, slot in moved:
+                owners[slot] = owner
         if order:
             self._tails[slots[0]] = tuple(slots[1:])
         return slots[0]
@@ -564,13 +702,13 @@ class Store:
             self._prev.extend([NIL] * grow)
             self._next.extend([NIL] * grow)
             self._stamp.extend([0] * grow)
+            self._owner.extend([0] * grow)
         return slot
 
     def _slots_of(self, head: int, order: int) -> tuple[int, ...]:
         return (head, *self._tails[head]) if order else (head,)
 
-    def _copy_in(self, head: int, order: int, src: memoryview) -> None:
-        mem = self._mem
+    def _copy_in(self, mem: memoryview, head: int, order: int, src: memoryview) -> None:
         if not order:
             off = head << SLOT_SHIFT
             mem[off : off + SLOT_SIZE] = src
@@ -579,8 +717,7 @@ class Store:
             off = slot << SLOT_SHIFT
             mem[off : off + SLOT_SIZE] = src[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT]
 
-    def _copy_out(self, head: int, order: int, dst: memoryview) -> None:
-        mem = self._mem
+    def _copy_out(self, mem: memoryview, head: int, order: int, dst: memoryview) -> None:
         if not order:
             off = head << SLOT_SHIFT
             dst[:] = mem[off : off + SLOT_SIZE]
@@ -590,10 +727,12 @@ class Store:
             dst[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT] = mem[off : off + SLOT_SIZE]
 
     def _spans(
-        self, head: int, order: int, offset: int, length: int
+        self, pool: Pool, head: int, offset: int, length: int
     ) -> Iterator[tuple[int, memoryview]]:
         """(position in the caller's buffer, arena view) for a byte range of a page."""
-        slots = self._slots_of(head, order)
+        mirror = pool.guest.mirror
+        mem = self._mem if mirror is None else mirror.mem
+        slots = self._slots_of(head, pool.order)
         pos = 0
         while pos < length:
             page_off = offset + pos
@@ -601,7 +740,7 @@ class Store:
             in_slot = page_off & (SLOT_SIZE - 1)
             n = min(SLOT_SIZE - in_slot, length - pos)
             base = (slot << SLOT_SHIFT) + in_slot
-            yield pos, self._mem[base : base + n]
+            yield pos, mem[base : base + n]
             pos += n
 
     # LRU lists: doubly linked through _prev/_next, head = least recently used.
@@ -636,6 +775,11 @@ class Store:
             self._stamp[slot] = self.clock
 
     def close(self) -> None:
-        """Release the arena (the store is unusable afterwards)."""
+        """Release the arena and the mirrors (the store is unusable afterwards)."""
+        for guest in self.guests.values():
+            guest.mirror = None
+        for mirror in self._mirrors.values():
+            mirror.close()
+        self._mirrors.clear()
         self._mem.release()
         self._arena.close()

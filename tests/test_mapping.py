@@ -1,0 +1,199 @@
+"""Mapped pages (PROTOCOL.md §4.7) against a real tmemd: a guest reads the pages it put through
+a read-only mapping of its own mirror, with no round trip, and never sees a stale page or
+another guest's bytes."""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import pytest
+from conftest import Daemon
+
+import tmemclient
+from tmemclient.client import hello_message
+from tmemclient.mapping import Token
+from tmemclient.protocol import FRAME_SIZE, NEED_DATA, FrameDecoder
+from tmemclient.region import create_region
+
+PAGE = FRAME_SIZE
+
+
+def connect(daemon: Daemon, name: str, **kwargs: Any) -> tmemclient.Client:
+    client = tmemclient.connect(daemon.socket, name=name, frames=256, map_pages=True, **kwargs)
+    client._sock.settimeout(30)
+    return client
+
+
+def put_tokens(pool: tmemclient.Pool, items: list[tuple[int, int, bytes]]) -> list[Any]:
+    """put_many_nowait, then every answer: a token (or False) per item."""
+    answers: list[Any] = [None] * len(items)
+
+    def on_answer(first: int, results: Any) -> None:
+        assert results is not None
+        answers[first : first + len(results)] = results
+
+    pool.put_many_nowait(items, on_answer)
+    pool.wait_deferred()
+    assert None not in answers, "an answer never came"
+    return answers
+
+
+def as_token(value: Any) -> Token:
+    assert type(value) is list and len(value) == 2, value
+    return (value[0], value[1])
+
+
+@pytest.mark.parametrize("page_size", [PAGE, 8 * PAGE])
+def test_pages_read_through_the_mapping_are_the_pages_put(daemon: Daemon, page_size: int) -> None:
+    with connect(daemon, "m") as client:
+        assert client.mapping is not None
+        pool = client.new_pool(page_size=page_size)
+        rng = random.Random(page_size)
+        items = [(7, i, rng.randbytes(page_size)) for i in range(20)]
+        tokens = [as_token(t) for t in put_tokens(pool, items)]
+        for (_, _, data), token in zip(items, tokens, strict=True):
+            assert pool.read_mapped(token) == data
+        # A mapped read is not a get: the page is still there for one.
+        assert pool.get(7, 3) == items[3][2]
+        assert pool.read_mapped(tokens[3]) is None  # ...which took it (exclusive)
+        assert all(pool.put_many(items[:2]))  # the waiting form still answers bools
+
+
+def test_a_mapped_read_misses_once_tmem_no_longer_holds_the_page(daemon: Daemon) -> None:
+    with connect(daemon, "m") as client:
+        pool = client.new_pool()
+        first = [
+            as_token(t) for t in put_tokens(pool, [(1, i, bytes([i]) * PAGE) for i in range(4)])
+        ]
+        pool.flush(1, 0)
+        assert pool.read_mapped(first[0]) is None
+        pool.flush_object(1)
+        assert [pool.read_mapped(t) for t in first[1:]] == [None] * 3
+        (again,) = put_tokens(pool, [(1, 1, b"new" * 1000 + b"x" * (PAGE - 3000))])
+        assert pool.read_mapped(first[1]) is None  # a token never names a newer page
+        assert pool.read_mapped(as_token(again)) == b"new" * 1000 + b"x" * (PAGE - 3000)
+
+
+def test_evicted_pages_miss_and_nothing_read_is_ever_wrong(start_daemon: Any) -> None:
+    """Two mapped guests overfill a small budget in turns, so each evicts the other's pages
+    and their slots change owner: every mapped read is the page or a miss, and no guest's
+    mirror shows the other's bytes."""
+    daemon = start_daemon("--memory", "256KiB")  # 64 slots
+    a, b = connect(daemon, "a"), connect(daemon, "b")
+    try:
+        pa, pb = a.new_pool(), b.new_pool()
+        tokens: dict[str, list[tuple[Token, bytes]]] = {"a": [], "b": []}
+        for round_ in range(6):
+            for name, pool in (("a", pa), ("b", pb)):
+                items = [
+                    (
+                        round_,
+                        i,
+                        name.encode() * 8 + random.Random(f"{name}{round_}{i}").randbytes(PAGE - 8),
+                    )
+                    for i in range(40)
+                ]
+                for (_, _, data), token in zip(items, put_tokens(pool, items), strict=True):
+                    if token:
+                        tokens[name].append((as_token(token), data))
+        hits = 0
+        for name, pool in (("a", pa), ("b", pb)):
+            for token, data in tokens[name]:
+                got = pool.read_mapped(token)
+                assert got is None or got == data
+                hits += got is not None
+        assert 0 < hits <= 64  # the budget holds 64 pages at most
+        for client, other in ((a, b"b" * 8), (b, b"a" * 8)):
+            assert client.mapping is not None
+            seen = bytes(client.mapping._mem[: 64 * PAGE])  # the slots the budget can use
+            assert other not in seen
+    finally:
+        a.close()
+        b.close()
+
+
+def raw_mapped_hello(daemon: Daemon, name: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
+    """A handshake asking for the mapping; the reply and the fds that came with it."""
+    fd, region = create_region(16)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(10)
+    sock.connect(str(daemon.socket))
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    sock.sendmsg([hello_message(name, 16, 0, True)], rights)
+    os.close(fd)
+    region.close()
+    decoder = FrameDecoder(1 << 16)
+    fds: list[int] = []
+    while (message := decoder.next_message()) is NEED_DATA:
+        data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+        for _, _, raw in anc:
+            fds.extend(array.array("i", raw[: len(raw) - len(raw) % 4]))
+        assert data, "tmemd closed the connection"
+        decoder.feed(data)
+    assert message[:2] == [1, 0], message
+    return sock, message[2], fds
+
+
+def test_the_mirror_can_only_be_read(daemon: Daemon) -> None:
+    sock, limits, fds = raw_mapped_hello(daemon, "raw")
+    try:
+        assert len(fds) == 1 and limits["map"] > 0
+        (fd,) = fds
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert (
+            seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        )
+        size = os.fstat(fd).st_size
+        assert size >= limits["map"] * (PAGE + 12)
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"x", 0)
+        assert info.value.errno == errno.EBADF
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 0)
+        view = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        view.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+
+
+def test_a_daemon_with_mapping_off_grants_none(start_daemon: Any) -> None:
+    daemon = start_daemon("--no-map-pages")
+    sock, limits, fds = raw_mapped_hello(daemon, "raw")
+    sock.close()
+    assert fds == [] and "map" not in limits
+    with connect(daemon, "m") as client:
+        assert client.mapping is None
+        pool = client.new_pool()
+        assert put_tokens(pool, [(1, 0, bytes(PAGE))]) == [True]
+        with pytest.raises(tmemclient.InvalidArgument, match="map_pages"):
+            pool.read_mapped((0, 1))
+
+
+def test_the_mirror_is_freed_when_the_guest_goes(daemon: Daemon) -> None:
+    client = connect(daemon, "m")
+    pool = client.new_pool(persistent=True)
+    (token,) = put_tokens(pool, [(1, 0, b"p" * PAGE)])
+    mapping = client.mapping
+    assert mapping is not None
+    head = token[0]
+    assert bytes(mapping._mem[head * PAGE : (head + 1) * PAGE]) == b"p" * PAGE
+    client.mapping = None  # keep our mapping past the connection, as any guest could
+    client.close()
+    daemon.wait_event("guest_disconnected")
+    deadline = time.monotonic() + 10
+    while any(mapping._mem[head * PAGE : (head + 1) * PAGE]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(mapping._mem[head * PAGE : (head + 1) * PAGE])  # punched: the memory is gone
+    mapping.close()
