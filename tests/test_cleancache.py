@@ -33,13 +33,28 @@ def make_file(path: Path, tag: int, pages: int) -> bytes:
     return data
 
 
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[tmemclient.Client]:
+def guest(daemon: Daemon, map_pages: bool) -> tmemclient.Client:
     """A guest of the 16 MiB daemon, every call bounded in time."""
-    c = tmemclient.connect(daemon.socket, name="cache", frames=512, timeout=IO_TIMEOUT)
+    c = tmemclient.connect(
+        daemon.socket, name="cache", frames=512, timeout=IO_TIMEOUT, map_pages=map_pages
+    )
     c._sock.settimeout(IO_TIMEOUT)
-    yield c
-    c.close()
+    return c
+
+
+@pytest.fixture(params=[False, True], ids=["lookups", "mapped"])
+def client(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[tmemclient.Client]:
+    """A guest that looks pages up in tmem, and one that reads them through its mapping
+    (PROTOCOL.md §4.7): what the cache reads must be the same."""
+    with guest(daemon, request.param) as c:
+        yield c
+
+
+@pytest.fixture
+def lookup_client(daemon: Daemon) -> Iterator[tmemclient.Client]:
+    """A guest that looks pages up (for what only lookups do: readahead, overlap, cost)."""
+    with guest(daemon, False) as c:
+        yield c
 
 
 def slow_pread(fd: int, length: int, offset: int) -> bytes:
@@ -72,7 +87,11 @@ def test_pages_evicted_to_tmem_come_back_byte_exact(
         assert read_all(cache, f, 256) == data
         # Everything came back from the local cache and tmem (directly, or read ahead).
         assert cache.stats.disk_reads == 256
-        assert cache.stats.tmem_hits > 0 and cache.stats.readahead > 0
+        assert cache.stats.tmem_hits > 0
+        if client.mapping is None:
+            assert cache.stats.readahead > 0 and cache.stats.mapped_reads == 0
+        else:  # no lookup at all: every tmem page came through the mapping
+            assert cache.stats.tmem_gets == 0 and cache.stats.mapped_reads > 0
         assert counts_add_up(cache)
         assert cache.cached_pages <= 48 + 4  # a read may overshoot by its own pages
 
@@ -241,10 +260,12 @@ def test_the_cache_carries_on_when_the_daemon_goes_away(start_daemon: Any, tmp_p
             assert counts_add_up(cache)
 
 
-def test_pages_read_ahead_on_a_sequential_scan(client: tmemclient.Client, tmp_path: Path) -> None:
+def test_pages_read_ahead_on_a_sequential_scan(
+    lookup_client: tmemclient.Client, tmp_path: Path
+) -> None:
     data = make_file(tmp_path / "f", 12, 512)
     with PageCache(
-        client.new_pool(page_size=8 * PAGE), capacity=64, put_batch=16, readahead=32
+        lookup_client.new_pool(page_size=8 * PAGE), capacity=64, put_batch=16, readahead=32
     ) as cache:
         f = cache.open(tmp_path / "f")
         read_all(cache, f, 512, run=8)
@@ -315,12 +336,12 @@ def test_a_pool_page_larger_than_the_block_is_refused(
 
 
 def test_files_are_read_while_a_lookup_is_on_its_way(
-    client: tmemclient.Client, tmp_path: Path
+    lookup_client: tmemclient.Client, tmp_path: Path
 ) -> None:
     # Random reads: most need pages from tmem and from the file at once; the file is read while
     # tmem answers (a helper thread waits for the answer), and nothing changes in what is read.
     data = make_file(tmp_path / "f", 16, 256)
-    pool = client.new_pool(page_size=4 * PAGE)
+    pool = lookup_client.new_pool(page_size=4 * PAGE)
     with PageCache(pool, capacity=32, put_batch=8, disk_read=slow_pread, overlap=True) as cache:
         f = cache.open(tmp_path / "f")
         rng = random.Random(5)
@@ -333,12 +354,12 @@ def test_files_are_read_while_a_lookup_is_on_its_way(
 
 
 def test_lookups_skipped_for_their_cost_are_not_judged_as_misses(
-    client: tmemclient.Client, tmp_path: Path
+    lookup_client: tmemclient.Client, tmp_path: Path
 ) -> None:
     # Whether a lookup pays is the cost model's call (a fast disk, a slow daemon); a lookup it
     # skips says nothing of tmem's hit rate, so it must not make the cache back off.
     data = make_file(tmp_path / "f", 17, 128)
-    with PageCache(client.new_pool(), capacity=16, put_batch=8, window=16) as cache:
+    with PageCache(lookup_client.new_pool(), capacity=16, put_batch=8, window=16) as cache:
         cache._worth_asking = lambda pages, hidden: False  # type: ignore[method-assign]
         f = cache.open(tmp_path / "f")
         rng = random.Random(7)
@@ -351,7 +372,7 @@ def test_lookups_skipped_for_their_cost_are_not_judged_as_misses(
 
 
 def test_a_file_read_failing_during_a_lookup_leaves_no_answer_behind(
-    client: tmemclient.Client, tmp_path: Path
+    lookup_client: tmemclient.Client, tmp_path: Path
 ) -> None:
     # A file read fails while a lookup is on its way: the read raises, and the lookup's answer
     # is collected, never handed to the next read's lookup.
@@ -365,7 +386,7 @@ def test_a_file_read_failing_during_a_lookup_leaves_no_answer_behind(
             raise OSError("I/O error")
         return slow_pread(fd, length, offset)
 
-    pool = client.new_pool(page_size=4 * PAGE)
+    pool = lookup_client.new_pool(page_size=4 * PAGE)
     with PageCache(pool, capacity=32, put_batch=8, disk_read=flaky_pread, overlap=True) as cache:
         f = cache.open(tmp_path / "f")
         rng = random.Random(9)
@@ -448,7 +469,7 @@ class RecordingCache(PageCache):
 
 
 def test_evicted_blocks_go_behind_a_lookup_not_before_the_next(
-    client: tmemclient.Client, tmp_path: Path
+    lookup_client: tmemclient.Client, tmp_path: Path
 ) -> None:
     """A read that asks tmem sends the blocks gathered for a put right after its lookup, so
     tmemd stores them while the file is read, and the next read's lookup does not wait behind
@@ -460,7 +481,9 @@ def test_evicted_blocks_go_behind_a_lookup_not_before_the_next(
         log.append("disk")
         return slow_pread(fd, length, offset)
 
-    cache = RecordingCache(client.new_pool(), capacity=32, put_batch=8, disk_read=logged_pread)
+    cache = RecordingCache(
+        lookup_client.new_pool(), capacity=32, put_batch=8, disk_read=logged_pread
+    )
     cache.log = log
     with cache:
         f = cache.open(tmp_path / "f")
@@ -480,4 +503,27 @@ def test_evicted_blocks_go_behind_a_lookup_not_before_the_next(
             else:
                 assert io in ([], ["put"]) and log[-1:] != ["get"], log
         assert lookups > 10 and puts_behind > 5 and cache.stats.tmem_hits > 0
+        assert counts_add_up(cache)
+
+
+def test_a_mapped_cache_reads_tmem_without_lookups_and_puts_only_what_changed(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Through the mapping a tmem hit costs no round trip and leaves the page in tmem, so a
+    block evicted again unchanged is not put again; a block that changed (its file was
+    written) is never read back stale."""
+    data = bytearray(make_file(tmp_path / "f", 11, 128))
+    with (
+        guest(daemon, True) as c,
+        PageCache(c.new_pool(), capacity=32, put_batch=8, disk_read=slow_pread) as cache,
+    ):
+        f = cache.open(tmp_path / "f", writable=True)
+        for _ in range(3):
+            assert read_all(cache, f, 128) == data
+        s = cache.stats
+        assert s.tmem_gets == 0 and s.mapped_reads > 0 and s.puts_skipped > 0
+        assert s.disk_reads == 128  # everything after the first pass came from memory
+        cache.write(f, 5 * PAGE, b"new" * 100)
+        data[5 * PAGE : 5 * PAGE + 300] = b"new" * 100
+        assert read_all(cache, f, 128) == data
         assert counts_add_up(cache)

@@ -74,8 +74,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from tmemclient.aclient import AsyncPool
-from tmemclient.client import Pool
+from tmemclient.client import OnAnswer, Pool
 from tmemclient.errors import DaemonGone, InvalidArgument
+from tmemclient.mapping import Mapping, Token
 from tmemclient.protocol import FRAME_SIZE
 
 PAGE = FRAME_SIZE  # a file page
@@ -107,6 +108,8 @@ class CacheStats:
     sparse_dropped: int = 0  # tmem pages not put: too sparse while tmem was under pressure
     lookups_skipped: int = 0  # tmem pages read from the file because asking would not pay
     overlapped_gets: int = 0  # lookups answered while the file was being read
+    mapped_reads: int = 0  # of blocks_got, read through the client's mapping: no round trip
+    puts_skipped: int = 0  # tmem pages not put again: tmem still holds them as they are
     backoffs: int = 0
     resumes: int = 0
     tmem_seconds: float = 0.0  # waiting for tmem (gets and puts)
@@ -200,8 +203,10 @@ class _Block:
 
 # An I/O request of a plan: ("get", keys) -> list[bytes | None]; ("get_start", keys) -> None, then
 # ("get_wait", keys) -> (list[bytes | None], seconds the round trip took or None): the same get,
-# with the caller reading the file in between; ("put", items) -> list[bool] or None when the
-# answers are not known; ("flush", keys) and ("flush_object", oid) -> None.
+# with the caller reading the file in between; ("put", (items, on_answer)) -> list[bool] or None
+# when the answers are not known (then each is handed to on_answer, if any, as it comes:
+# ``Pool.put_many_nowait``); ("answers", None) -> None once every such answer is in (a mapped
+# client's, whose answers say where pages went); ("flush", keys) and ("flush_object", oid) -> None.
 Request = tuple[str, Any]
 Plan = Generator[Request, Any, Any]
 
@@ -252,6 +257,12 @@ class _CacheCore:
         self.window = window
         self.overlap = overlap and self._overlap
         self.shadow_limit = max(1, 8 * capacity // self.part_pages)  # tmem pages
+        # A client connected with map_pages reads tmem pages it was told the place of with no
+        # round trip (PROTOCOL.md §4.7); the page stays in tmem, so a block read that way and
+        # evicted unchanged is not put again.
+        mapping = pool.mapping if isinstance(pool, Pool) else None
+        self._mapping: Mapping | None = mapping
+        self._read_mapped = pool.read_mapped if isinstance(pool, Pool) and mapping else None
         self.stats = CacheStats()
         self.tmem = tmem  # False without a pool, or once the daemon is gone
         self.sampling = False
@@ -262,7 +273,8 @@ class _CacheCore:
         self._pending: dict[Key, _Block] = {}  # evicted, gathering for a put batch
         self._pending_pages = 0
         # Keyed by tmem handle (object id, file page // part_pages), not by block:
-        self._shadow: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # put: (seq, page mask)
+        # put: (seq, page mask, token of a mapped read or None)
+        self._shadow: OrderedDict[Key, tuple[int, int, Token | None]] = OrderedDict()
         self._ghost: OrderedDict[Key, None] = OrderedDict()  # put, then dropped by tmem
         self._readahead: set[Key] = set()  # fetched ahead, not read yet
         self._seq = 0
@@ -352,10 +364,12 @@ class _CacheCore:
             if asked and self.overlap:  # pages that must come from the file anyway: read
                 parts = {key[1] for key in asked}  # them while the lookup is on its way
                 early = [i for i in missing if i // pp not in parts]
-            if asked and not self._worth_asking(useful, len(early)):
+            if asked and self._read_mapped is None and not self._worth_asking(useful, len(early)):
                 # Not a verdict on tmem: the lookup costs more than it would save right now.
                 self.stats.lookups_skipped += len(asked)
                 asked, early = [], []
+            if asked and self._read_mapped is not None:
+                asked = yield from self._read_through_mapping(asked)
             demand = len(asked)
             if asked and sequential:
                 after = missing[-1] // pp + 1
@@ -425,9 +439,23 @@ class _CacheCore:
             took = time.perf_counter() - started
             self.stats.tmem_seconds += took
         self.stats.tmem_gets += 1
-        costs = self._costs
         if took is not None:
-            costs.lookup.add(took)
+            self._costs.lookup.add(took)
+        self._take(asked, masks, found, demand, kept=False)
+
+    def _take(
+        self,
+        asked: list[Key],
+        masks: list[int],
+        found: list[bytes | None],
+        demand: int,
+        *,
+        kept: bool,
+    ) -> None:
+        """Put what tmem returned for ``asked`` into local blocks (the first ``demand`` were
+        for this read, the rest read ahead); a miss trims the shadow. ``kept``: the pages
+        are still in tmem (mapped reads), so their shadow entries stay."""
+        costs = self._costs
         returned = sum(data is not None for data in found)
         costs.hit_rate = 0.9 * costs.hit_rate + 0.1 * returned / len(asked)
         self.stats.blocks_got += returned
@@ -441,8 +469,9 @@ class _CacheCore:
                     self._outcome(hit=False)
                 continue
             mask = masks[n]
-            shadow.pop(key, None)
-            self._ghost.pop(key, None)
+            if not kept:
+                shadow.pop(key, None)
+                self._ghost.pop(key, None)
             view = memoryview(data)  # pages are views of the tmem page: no copy
             block = self._block_for((key[0], key[1] // parts))
             base = key[1] % parts * pp
@@ -455,6 +484,48 @@ class _CacheCore:
             else:
                 self.stats.readahead += 1
                 self._readahead.add(key)
+
+    def _read_through_mapping(self, asked: list[Key]) -> Plan:
+        """Read the asked tmem pages through the mapping, once the answers to their puts said
+        where they went (waiting for those costs what a lookup would, as tmemd answers in
+        order). Returns the keys left for a lookup: none, unless an answer was an error."""
+        shadow, read = self._shadow, self._read_mapped
+        assert read is not None
+        if any(shadow[key][2] is None for key in asked):
+            yield ("answers", None)
+        mapped: list[Key] = []
+        left: list[Key] = []
+        for key in asked:
+            entry = shadow.get(key)
+            if entry is None:  # refused, we now know: the file has it
+                continue
+            (mapped if entry[2] is not None else left).append(key)
+        if mapped:
+            masks = [shadow[key][1] for key in mapped]
+            found = [read(shadow[key][2]) for key in mapped]  # type: ignore[arg-type]
+            self.stats.mapped_reads += sum(data is not None for data in found)
+            self._take(mapped, masks, found, len(mapped), kept=True)
+        return left
+
+    def _answered(self, keys: list[Key], seqs: list[int]) -> OnAnswer:
+        """What to do with the answer to a put sent without waiting: remember where a mapped
+        guest's pages were put; forget the pages tmem refused."""
+
+        def answered(first: int, results: Any) -> None:
+            if results is None:
+                return
+            shadow = self._shadow
+            for n, result in enumerate(results, first):
+                key = keys[n]
+                entry = shadow.get(key)
+                if entry is None or entry[0] != seqs[n]:
+                    continue  # put again since, or forgotten
+                if not result:
+                    del shadow[key]  # refused: a lookup would miss
+                elif type(result) is list and len(result) == 2:
+                    shadow[key] = (entry[0], entry[1], (result[0], result[1]))
+
+        return answered
 
     def _write_plan(self, f: CachedFile, offset: int, data: Any) -> Plan:
         if f.closed or not f.writable:
@@ -499,8 +570,12 @@ class _CacheCore:
         items: list[tuple[int, int, Page]] = []
         masks: list[int] = []
         dropped = put = 0
+        shadow, mapping = self._shadow, self._mapping
         for (oid, b), block in batch:
             if parts == 1:  # the block is one tmem page
+                if mapping is not None and self._still_held(shadow.get((oid, b)), block.mask):
+                    self.stats.puts_skipped += 1
+                    continue
                 if block.held < dense:
                     dropped += 1
                     continue
@@ -512,6 +587,9 @@ class _CacheCore:
                 mask = block.mask >> p * pp & full
                 if not mask:
                     continue  # only the pages held go to tmem: no memory spent on holes
+                if mapping is not None and self._still_held(shadow.get((oid, b * parts + p)), mask):
+                    self.stats.puts_skipped += 1
+                    continue
                 held = mask.bit_count()
                 if held < dense:
                     dropped += 1
@@ -527,7 +605,11 @@ class _CacheCore:
         if not items:
             return
         started = time.perf_counter()
-        flags = yield ("put", items)
+        on_answer = None
+        if mapping is not None:
+            keys = [(oid, index) for oid, index, _ in items]
+            on_answer = self._answered(keys, list(range(self._seq + 1, self._seq + 1 + len(keys))))
+        flags = yield ("put", (items, on_answer))
         took = time.perf_counter() - started
         self.stats.tmem_seconds += took
         self.stats.put_seconds += took
@@ -540,7 +622,7 @@ class _CacheCore:
             self._ghost.pop(key, None)
             if flags is None or flags[n]:
                 self._seq += 1
-                shadow[key] = (self._seq, masks[n])
+                shadow[key] = (self._seq, masks[n], None)
             else:
                 self.stats.puts_refused += 1
                 self._outcome(hit=False)
@@ -548,6 +630,13 @@ class _CacheCore:
         while len(shadow) > limit:  # not wanted while this many newer blocks were put: a scan
             shadow.popitem(last=False)
             self._outcome(hit=False)
+
+    def _still_held(self, entry: tuple[int, int, Token | None] | None, mask: int) -> bool:
+        """Does tmem still hold, as the shadow entry says, every page of ``mask``?"""
+        if entry is None or entry[2] is None or mask & ~entry[1]:
+            return False
+        assert self._mapping is not None
+        return self._mapping.valid(entry[2])
 
     def _invalidate_object(self, oid: int) -> Plan:
         for key in [k for k in (*self._local, *self._pending) if k[0] == oid]:
@@ -727,7 +816,7 @@ class _CacheCore:
         if kind == "get_wait":
             return [None] * len(arg), None
         if kind == "put":
-            return [False] * len(arg)
+            return [False] * len(arg[0])
         return None
 
     def close_file(self, f: CachedFile) -> None:
@@ -767,7 +856,9 @@ def _check_pool(pool: Pool | AsyncPool | None, block_pages: int | None) -> tuple
     return block_pages * PAGE, pool.page_size
 
 
-def _put_batch(pool: Pool, items: list[tuple[int, int, bytes]]) -> list[bool] | None:
+def _put_batch(
+    pool: Pool, items: list[tuple[int, int, bytes]], on_answer: OnAnswer | None = None
+) -> list[bool] | None:
     """Put one batch of evicted blocks without waiting for the answer (None: not known).
 
     A clean block may be dropped, so nothing waits for its put: the daemon serves requests in
@@ -775,7 +866,7 @@ def _put_batch(pool: Pool, items: list[tuple[int, int, bytes]]) -> list[bool] | 
     cache assumes the blocks landed; if one was refused, a later lookup misses and trims the
     shadow. To wait for the answers instead, ``return pool.put_many(items)``.
     """
-    pool.put_many_nowait(items)
+    pool.put_many_nowait(items, on_answer)
     return None
 
 
@@ -874,7 +965,9 @@ class PageCache(_CacheCore):
             if kind == "get":
                 return pool.get_many(arg)
             if kind == "put":
-                return _put_batch(pool, arg)
+                return _put_batch(pool, *arg)
+            if kind == "answers":
+                return pool.wait_deferred()
             if kind == "flush":
                 return pool.flush_many(arg)
             return pool.flush_object(arg)
@@ -949,7 +1042,7 @@ class AsyncPageCache(_CacheCore):
                 found = await pool.get_many(arg)
                 return found, time.perf_counter() - started
             if kind == "put":  # as the sync cache: a clean block's put needs no answer
-                await pool.put_many_nowait(arg)
+                await pool.put_many_nowait(arg[0])
                 return None
             if kind == "flush":
                 return await pool.flush_many(arg)

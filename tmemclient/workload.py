@@ -173,7 +173,9 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
     client = None
     pool = None
     if cfg["socket"]:
-        client = tmemclient.connect(cfg["socket"], name=cfg["name"], frames=cfg["frames"])
+        client = tmemclient.connect(
+            cfg["socket"], name=cfg["name"], frames=cfg["frames"], map_pages=cfg["map"]
+        )
         pool = client.new_pool(page_size=cfg["tmem_page_pages"] * PAGE)
     cache = PageCache(
         pool,
@@ -362,6 +364,7 @@ def guest_config(
         "readahead": args.readahead,
         "put_batch": args.put_batch,
         "overlap": args.overlap,
+        "map": args.map,
         "files": data,
         "pages": args.file_pages,
         "run": args.run,
@@ -478,6 +481,8 @@ COUNTERS = (
     "pages_put",
     "backoffs",
     "lookups_skipped",
+    "mapped_reads",
+    "puts_skipped",
     "sparse_dropped",
     "tmem_seconds",
     "put_seconds",
@@ -555,7 +560,7 @@ def check_counts(
         daemon = [d for d in daemon_rows if d["name"].split("/")[-1] == name]
         if daemon:
             d = daemon[0]
-            if d["gets_hit"] != stats["blocks_got"]:
+            if d["gets_hit"] != stats["blocks_got"] - stats["mapped_reads"]:  # tmemd sees gets
                 problems.append(f"{name}: tmemd counted {d['gets_hit']} hits, the cache other")
             if d["puts_ok"] != stats["puts"] - stats["puts_refused"]:
                 problems.append(f"{name}: tmemd counted {d['puts_ok']} puts, the cache other")
@@ -754,6 +759,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="read the file while a tmem lookup is on its way (a helper thread per guest)",
+    )
+    add(
+        "--map",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tmem guests read their pages through a read-only mapping, with no round trip "
+        "(PROTOCOL.md 4.7)",
     )
     add("--disk-latency-us", type=float, default=80.0, help="added latency per disk read")
     add("--swap", action=argparse.BooleanOptionalAction, default=True, help="frontswap scenario")
