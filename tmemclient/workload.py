@@ -266,8 +266,11 @@ class Setup:
 
 
 @contextmanager
-def running_tmemd(workdir: Path, budget: int) -> Iterator[tuple[Path, Path]]:
-    """A tmemd with a guest and an admin socket in ``workdir``; stopped on exit."""
+def running_tmemd(
+    workdir: Path, budget: int, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[Path, Path]]:
+    """A tmemd with a guest and an admin socket in ``workdir`` (and ``extra`` arguments);
+    stopped on exit."""
     sock = workdir / "tmemd.sock"
     admin = workdir / "admin" / "admin.sock"
     admin.parent.mkdir(mode=0o700, exist_ok=True)
@@ -276,6 +279,7 @@ def running_tmemd(workdir: Path, budget: int) -> Iterator[tuple[Path, Path]]:
         [
             *(sys.executable, "-m", "tmemd", "--socket", str(sock)),
             *("--admin-socket", str(admin), "--memory", str(budget), "--log-format", "json"),
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -382,7 +386,7 @@ def run_scenario(
     """One scenario in every setup, interleaved: the guests of both setups run side by side and
     take turns (static, then tmem, with the same accesses), so a machine that slows down or
     speeds up during the run affects both alike. Returns each setup's summary."""
-    with running_tmemd(workdir, args.memory) as (sock, admin):
+    with running_tmemd(workdir, args.memory, tuple(args.tmemd_arg)) as (sock, admin):
         progress(f"  watch memory follow demand: tmemctl --admin-socket {admin} top")
         guests: dict[str, list[Guest]] = {}
         try:
@@ -636,7 +640,7 @@ def table(results: list[dict[str, Any]]) -> str:
     """The cache scenarios as a markdown table."""
     head = (
         "| scenario | setup | guest | pages read | local hit | tmem hit | disk reads | "
-        "block puts (refused) | tmem round trips | wall s |"
+        "block puts (refused, skipped) | lookups | mapped reads | wall s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for res in results:
@@ -645,8 +649,8 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {res['scenario']} | {res['setup']} | {row['guest']} | {row['pages_read']} | "
                 f"{pct(row['local_hits'], row['pages_read'])} | "
                 f"{pct(row['tmem_hits'], row['pages_read'])} | {row['disk_reads']} | "
-                f"{row['puts']} ({row['puts_refused']}) | {row['tmem_gets']} | "
-                f"{row['seconds']:.2f} |"
+                f"{row['puts']} ({row['puts_refused']}, {row['puts_skipped']}) | "
+                f"{row['tmem_gets']} | {row['mapped_reads']} | {row['seconds']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -772,6 +776,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--swap-ram", type=int, default=256, help="frontswap: RAM pages")
     add("--swap-pages", type=int, default=1024, help="frontswap: working set pages")
     add("--swap-reads", type=int, default=1500, help="frontswap: reads of --run pages")
+    add(
+        "--tmemd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to the tmemd the runner starts (repeat: --tmemd-arg=--ring-poll-us "
+        "--tmemd-arg=0)",
+    )
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("bench/results"), help="where plots and JSON go")
     add("--as-guest", action="store_true", help=argparse.SUPPRESS)
