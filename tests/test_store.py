@@ -1297,3 +1297,29 @@ class MappedStoreModel(StoreModel):
 
 MappedStoreModel.TestCase.settings = StoreModel.TestCase.settings
 test_mapped_store_agrees_with_a_dict_model = MappedStoreModel.TestCase
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_smaller_budget_gives_the_memory_of_free_slots_back(
+    make_store: MakeStore, mapped: bool
+) -> None:
+    store = make_store(8)
+    guest = store.add_guest("g")
+    mirror = store.map_guest(guest) if mapped else None
+    mem = store._mem if mirror is None else mirror.mem
+    pool = store.new_pool(guest, persistent=False, order=0)
+    for i in range(8):
+        assert put(store, pool, 1, i, page(i))
+    slots = [store.page_slots(pool, 1, i) for i in range(8)]
+    assert store.set_budget(3 * SLOT_SIZE) == 5
+    for i, slot in enumerate(slots):
+        assert slot is not None
+        chunk = bytes(mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])
+        if i < 5:  # evicted: the slot's memory is gone
+            assert chunk == bytes(SLOT_SIZE)
+        else:
+            assert chunk == page(i) and peek(store, pool, 1, i) == page(i)
+    assert store.set_budget(8 * SLOT_SIZE) == 0
+    for i in range(8, 13):
+        assert put(store, pool, 1, i, page(i))  # the freed slots serve again
+    assert all(peek(store, pool, 1, i) == page(i) for i in range(5, 13))

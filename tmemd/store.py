@@ -315,11 +315,17 @@ class Store:
     def set_budget(self, budget: int) -> int:
         """Change the budget at run time; evict ephemeral pages down to it at once. Persistent
         pages are never dropped: if they alone exceed the budget, new puts are refused until
-        they fit. Returns pages evicted."""
+        they fit. A smaller budget gives the memory of every free slot back to the kernel (an
+        administrator shrinks it to hand memory to something else). Returns pages evicted."""
         if not SLOT_SIZE <= budget <= self.capacity:
             raise ValueError(f"budget must be between {SLOT_SIZE} and {self.capacity} bytes")
+        shrinking = budget >> SLOT_SHIFT < self.budget_slots
         self.budget_slots = budget >> SLOT_SHIFT
-        return self._shrink_to(self.budget_slots)
+        evicted = self._shrink_to(self.budget_slots)
+        if shrinking:
+            owners = self._owner
+            self._give_back([(owners[slot], slot) for slot in self._free])
+        return evicted
 
     def set_cap(self, guest: Guest, cap: int | None) -> int:
         """Change a guest's cap (bytes, None for no cap); evict its own ephemeral pages down to
