@@ -515,7 +515,7 @@ class _CacheCore:
             if results is None:
                 return
             shadow = self._shadow
-            for n, result in enumerate(results, first):
+            for n, result in enumerate(results[: len(keys) - first], first):
                 key = keys[n]
                 entry = shadow.get(key)
                 if entry is None or entry[0] != seqs[n]:

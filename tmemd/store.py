@@ -267,7 +267,9 @@ class Store:
         if guest.mirror is None:
             if guest.held_slots:
                 raise StoreError(f"guest {guest.name!r} holds pages: map it before any put")
-            ident = next(i for i in range(1, 1 << 16) if i not in self._mirrors)
+            ident = next((i for i in range(1, 1 << 16) if i not in self._mirrors), 0)
+            if not ident:
+                raise StoreError("65535 guests are mapped already")
             guest.mirror = self._mirrors[ident] = Mirror(self.capacity_slots, ident)
         return guest.mirror
 
