@@ -18,6 +18,7 @@ import pytest
 from conftest import Daemon
 
 import tmemclient
+from tmemclient.admin import AdminClient
 from tmemclient.client import hello_message
 from tmemclient.mapping import Token
 from tmemclient.protocol import FRAME_SIZE, NEED_DATA, FrameDecoder
@@ -197,3 +198,12 @@ def test_the_mirror_is_freed_when_the_guest_goes(daemon: Daemon) -> None:
         time.sleep(0.01)
     assert not any(mapping._mem[head * PAGE : (head + 1) * PAGE])  # punched: the memory is gone
     mapping.close()
+
+
+def test_the_admin_view_says_which_guests_are_mapped(start_daemon: Any, tmp_path: Any) -> None:
+    admin = tmp_path / "admin" / "admin.sock"
+    admin.parent.mkdir(mode=0o700)
+    daemon = start_daemon("--admin-socket", str(admin))
+    with connect(daemon, "m"), tmemclient.connect(daemon.socket, name="plain"):
+        rows = {r["name"].split("/")[-1]: r for r in AdminClient(admin).call("guests")}
+        assert rows["m"]["mapped"] is True and rows["plain"]["mapped"] is False

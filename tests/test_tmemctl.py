@@ -53,6 +53,7 @@ GUEST_KEYS = {
     "weight",
     "cap",
     "frozen",
+    "mapped",
     "ephemeral_bytes",
     "persistent_bytes",
     "pages",

@@ -265,7 +265,7 @@ def render_status(status: Mapping[str, Any]) -> str:
 def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
     """``guests`` as a table."""
     headers = (
-        "NAME", "KIND", "SESS", "WEIGHT", "CAP", "FROZEN", "EPHEMERAL", "PERSISTENT",
+        "NAME", "KIND", "SESS", "WEIGHT", "CAP", "FROZEN", "MAPPED", "EPHEMERAL", "PERSISTENT",
         "PAGES", "POOLS", "PUTS", "REFUSED", "HIT%", "EVICTED",
     )  # fmt: skip
     body = [
@@ -276,6 +276,7 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
             _count(r.get("weight")),
             _size(r.get("cap")),
             _yes(r.get("frozen")),
+            _yes(r.get("mapped")),
             _size(r.get("ephemeral_bytes")),
             _size(r.get("persistent_bytes")),
             _count(r.get("pages")),
@@ -287,7 +288,11 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    return format_table(headers, body, left={"NAME", "KIND", "FROZEN"}) if body else "no guests"
+    return (
+        format_table(headers, body, left={"NAME", "KIND", "FROZEN", "MAPPED"})
+        if body
+        else "no guests"
+    )
 
 
 def render_pools(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -242,6 +242,7 @@ class Host:
             "weight": g.weight,
             "cap": None if g.cap_slots is None else g.cap_slots << SLOT_SHIFT,
             "frozen": g.frozen,
+            "mapped": g.mirror is not None,  # reads its pages through a mapping (§4.7)
             "ephemeral_bytes": g.eph_slots << SLOT_SHIFT,
             "persistent_bytes": g.pers_slots << SLOT_SHIFT,
             "pages": pages,
