@@ -277,10 +277,16 @@ def test_pages_read_ahead_on_a_sequential_scan(
         assert cache.stats.tmem_gets - gets_before < 512 // 8 // 2
 
 
-async def test_the_trio_cache_has_the_same_semantics(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("map_pages", [False, True], ids=["lookups", "mapped"])
+async def test_the_trio_cache_has_the_same_semantics(
+    daemon: Daemon, tmp_path: Path, map_pages: bool
+) -> None:
     data = make_file(tmp_path / "f", 13, 128)
     with trio.fail_after(IO_TIMEOUT):
-        async with tmemclient.open_client(daemon.socket, name="trio-cache") as client:
+        async with tmemclient.open_client(
+            daemon.socket, name="trio-cache", map_pages=map_pages
+        ) as client:
+            assert (client.mapping is not None) == map_pages
             pool = await client.new_pool(page_size=2 * PAGE)
             cache = AsyncPageCache(pool, capacity=16, put_batch=8, disk_read=slow_pread)
             f = await cache.open(tmp_path / "f", writable=True)
@@ -288,6 +294,8 @@ async def test_the_trio_cache_has_the_same_semantics(daemon: Daemon, tmp_path: P
                 got = b"".join([await cache.read(f, i * PAGE, 4 * PAGE) for i in range(0, 128, 4)])
                 assert got == data
             assert cache.stats.tmem_hits > 0 and counts_add_up(cache)
+            if map_pages:  # every tmem hit through the mapping, none by a lookup
+                assert cache.stats.mapped_reads > 0 and cache.stats.tmem_gets == 0
             await cache.write(f, PAGE, b"Z" * PAGE)
             assert (
                 await cache.read(f, 0, 3 * PAGE)

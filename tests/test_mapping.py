@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import trio
 from conftest import Daemon
 
 import tmemclient
@@ -207,3 +208,26 @@ def test_the_admin_view_says_which_guests_are_mapped(start_daemon: Any, tmp_path
     with connect(daemon, "m"), tmemclient.connect(daemon.socket, name="plain"):
         rows = {r["name"].split("/")[-1]: r for r in AdminClient(admin).call("guests")}
         assert rows["m"]["mapped"] is True and rows["plain"]["mapped"] is False
+
+
+async def test_the_trio_client_reads_through_its_mapping_too(daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        async with tmemclient.open_client(daemon.socket, name="t", map_pages=True) as client:
+            assert client.mapping is not None
+            pool = await client.new_pool(page_size=4 * PAGE)
+            items = [(3, i, bytes([i]) * (4 * PAGE)) for i in range(10)]
+            answers: list[Any] = [None] * len(items)
+
+            def on_answer(first: int, results: Any) -> None:
+                answers[first : first + len(results)] = results
+
+            await pool.put_many_nowait(items, on_answer)
+            await pool.wait_deferred()
+            for (_, _, data), token in zip(items, answers, strict=True):
+                assert pool.read_mapped(as_token(token)) == data
+            await pool.flush(3, 0)
+            assert pool.read_mapped(as_token(answers[0])) is None
+        async with tmemclient.open_client(daemon.socket, name="u") as plain:
+            assert plain.mapping is None
+            with pytest.raises(tmemclient.InvalidArgument):
+                (await plain.new_pool()).read_mapped((0, 1))

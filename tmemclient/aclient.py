@@ -28,16 +28,20 @@ from tmemclient.client import (
     DEFAULT_FRAMES,
     DeferredStats,
     FrameRun,
+    OnAnswer,
+    _fds,
     hello_message,
     hello_reply,
 )
 from tmemclient.errors import (
     DaemonGone,
     DaemonShuttingDown,
+    InvalidArgument,
     LimitExceeded,
     ProtocolError,
     TmemError,
 )
+from tmemclient.mapping import Mapping, Token
 from tmemclient.protocol import (
     FRAME_SIZE,
     NEED_DATA,
@@ -55,7 +59,7 @@ _RECV = 256 * 1024
 
 
 class _Waiter:
-    __slots__ = ("deferred", "event", "release", "status", "value")
+    __slots__ = ("deferred", "event", "on_answer", "release", "status", "value")
 
     def __init__(self, deferred: bool = False) -> None:
         self.event = trio.Event()
@@ -63,6 +67,7 @@ class _Waiter:
         self.value: Any = None
         self.release: tuple[int, int] | None = None  # staging run freed on arrival if abandoned
         self.deferred = deferred  # put_many_nowait: nobody awaits it; the reader counts it
+        self.on_answer: tuple[int, OnAnswer] | None = None  # ...and hands it on (first item)
 
 
 class AsyncPool(PoolOps):
@@ -118,15 +123,34 @@ class AsyncPool(PoolOps):
         job = self._put_many(items)
         return job if isinstance(job, list) else list(await self._client._run(job))
 
-    async def put_many_nowait(self, items: Sequence[tuple[int, int, Any]]) -> None:
+    async def put_many_nowait(
+        self, items: Sequence[tuple[int, int, Any]], on_answer: OnAnswer | None = None
+    ) -> None:
         """Send puts of many pages and return once they are sent, not answered (see the sync
-        ``Pool.put_many_nowait``); answers are counted in ``client.deferred`` as they arrive."""
+        ``Pool.put_many_nowait``); answers are counted in ``client.deferred`` as they arrive,
+        and handed to ``on_answer(first, results)`` (from the reader task)."""
         items = items if isinstance(items, (list, tuple)) else list(items)
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
         for i in range(0, len(items), step):
             job = self._put_many(items[i : i + step])
             if not isinstance(job, list):
-                await self._client._run(job, wait=False)
+                await self._client._run(job, wait=False, on_answer=on_answer, first=i)
+
+    @property
+    def mapping(self) -> Mapping | None:
+        """The client's mapping of its pages (``open_client(map_pages=True)``), or None."""
+        return self._client.mapping
+
+    async def wait_deferred(self) -> None:
+        """Wait for the answers to every ``put_many_nowait`` of the client."""
+        await self._client.wait_deferred()
+
+    def read_mapped(self, token: Token) -> bytes | None:
+        """As the sync ``Pool.read_mapped``: no I/O, so not awaited."""
+        mapping = self._client.mapping
+        if mapping is None:
+            raise InvalidArgument("this client has no mapping: open it with map_pages=True")
+        return mapping.read(token, self.info.page_size.bit_length() - 13)
 
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -161,6 +185,7 @@ class AsyncClient:
         self._closed: TmemError | None = None
         self.notice: str | None = None
         self.deferred = DeferredStats()
+        self.mapping: Mapping | None = None  # the page mirror, when opened with map_pages
 
     @property
     def frames(self) -> memoryview:
@@ -212,7 +237,9 @@ class AsyncClient:
             await waiter.event.wait()
         return self.deferred
 
-    async def _run(self, job: Job, *, wait: bool = True) -> Any:
+    async def _run(
+        self, job: Job, *, wait: bool = True, on_answer: OnAnswer | None = None, first: int = 0
+    ) -> Any:
         if not job.need:
             return await self._drive(job.factory(0, 0), None)
         if job.need > self.limits.frames and (not job.unit or job.unit > self.limits.frames):
@@ -236,7 +263,11 @@ class AsyncClient:
             plan = job.factory(start, count)
             requests = next(plan)
             plan.close()
-            await self._send_requests(requests, run, deferred=True)
+            waiters = await self._send_requests(requests, run, deferred=True)
+            if on_answer is not None:
+                for waiter, request in zip(waiters, requests, strict=True):
+                    waiter.on_answer = (first, on_answer)
+                    first += len(request[2]) // 3  # PUT_MANY entries: oid, index, frame
             return None
         try:
             return await self._drive(job.factory(start, count), run)
@@ -332,6 +363,9 @@ class AsyncClient:
                     waiter.status, waiter.value = status, result
                     if waiter.deferred:
                         self.deferred.count(status, result)
+                        if waiter.on_answer is not None:
+                            at, call = waiter.on_answer
+                            call(at, result if status == Status.OK else None)
                     if waiter.release is not None:  # free the frames before anyone wakes
                         await self._release(waiter.release)
                     waiter.event.set()
@@ -358,6 +392,8 @@ class AsyncClient:
         self._fail(DaemonGone("this client is closed"))
         self._sock.close()
         try:
+            if self.mapping is not None:
+                self.mapping.close()
             self._view.release()
             self._region.close()
         except BufferError:
@@ -371,12 +407,16 @@ async def open_client(
     *,
     frames: int = DEFAULT_FRAMES,
     timeout: float = 10.0,
+    map_pages: bool = False,
 ) -> AsyncIterator[AsyncClient]:
-    """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``)."""
-    hello = hello_message(name, frames)
+    """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``;
+    ``map_pages`` too: ``client.mapping``, ``AsyncPool.read_mapped``)."""
+    hello = hello_message(name, frames, 0, map_pages)
     fd, region = create_region(frames)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client: AsyncClient | None = None
+    fds: list[int] = []
+    mapping: Mapping | None = None
     try:
         with trio.fail_after(timeout):
             try:
@@ -392,20 +432,33 @@ async def open_client(
                 os.close(fd)
             decoder = FrameDecoder(1 << 16)
             while (message := decoder.next_message()) is NEED_DATA:
-                data = await sock.recv(4096)
+                data, ancdata, msg_flags, _ = await sock.recvmsg(
+                    4096, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                )
+                fds += _fds(ancdata, msg_flags)
                 if not data:
                     raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
                 decoder.feed(data)
             limits = hello_reply(message)
+            if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
+                raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
+            if limits.map:
+                mapping = Mapping(fds[0], limits.map)
     except trio.TooSlowError as exc:
         sock.close()
         region.close()
         raise DaemonGone(f"tmemd at {path} did not answer within {timeout}s") from exc
     except BaseException:
+        if mapping is not None:
+            mapping.close()
         sock.close()
         region.close()
         raise
+    finally:
+        for received in fds:  # mapped (or refused): the descriptor itself is not kept
+            os.close(received)
     client = AsyncClient(sock, region, limits)
+    client.mapping = mapping
     client._decoder.feed(decoder._buf[decoder._pos :])
     try:
         async with trio.open_nursery() as nursery:

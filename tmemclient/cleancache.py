@@ -260,9 +260,9 @@ class _CacheCore:
         # A client connected with map_pages reads tmem pages it was told the place of with no
         # round trip (PROTOCOL.md §4.7); the page stays in tmem, so a block read that way and
         # evicted unchanged is not put again.
-        mapping = pool.mapping if isinstance(pool, Pool) else None
+        mapping = None if pool is None else pool.mapping
         self._mapping: Mapping | None = mapping
-        self._read_mapped = pool.read_mapped if isinstance(pool, Pool) and mapping else None
+        self._read_mapped = pool.read_mapped if pool is not None and mapping else None
         self.stats = CacheStats()
         self.tmem = tmem  # False without a pool, or once the daemon is gone
         self.sampling = False
@@ -1042,8 +1042,10 @@ class AsyncPageCache(_CacheCore):
                 found = await pool.get_many(arg)
                 return found, time.perf_counter() - started
             if kind == "put":  # as the sync cache: a clean block's put needs no answer
-                await pool.put_many_nowait(arg[0])
+                await pool.put_many_nowait(*arg)
                 return None
+            if kind == "answers":
+                return await pool.wait_deferred()
             if kind == "flush":
                 return await pool.flush_many(arg)
             return await pool.flush_object(arg)
