@@ -154,6 +154,58 @@ class RedisDriver:
         self.client.close()
 
 
+class TmemMapDriver(TmemDriver):
+    """tmemclient with a mapping of its pages (PROTOCOL.md §4.7): puts answer with tokens, and
+    gets are mapped reads, with no request at all (a persistent pool: a GET leaves the page too,
+    so the two are the same operation here)."""
+
+    def __init__(self, sock: str, keys: Keys, guest: int) -> None:
+        self.client = tmemclient.connect(
+            sock, name=f"bench-g{guest}", frames=max(256, keys.batch), map_pages=True
+        )
+        if self.client.mapping is None:
+            raise RuntimeError("tmemd granted no mapping (is it run with --no-map-pages?)")
+        self.pool = self.client.new_pool(persistent=True)
+        self.size = keys.size
+        self.put_items = [[(1, i, PAGE) for i in keys.batch_range(b)] for b in range(keys.batches)]
+        self.firsts = [keys.batch_range(b).start for b in range(keys.batches)]
+        self.batches = keys.batches
+        self.tokens: list[Any] = [None] * keys.size
+
+    def _store(self, items: list[tuple[int, int, bytes]], first: int) -> int:
+        """Put and wait for the answers, which say where the pages went."""
+        tokens = self.tokens
+
+        def answered(at: int, results: Any) -> None:
+            tokens[first + at : first + at + len(results)] = [
+                (r[0], r[1]) if r else None for r in results
+            ]
+
+        self.pool.put_many_nowait(items, answered)
+        self.pool.wait_deferred()
+        return sum(1 for k in range(first, first + len(items)) if tokens[k] is not None)
+
+    def put(self, i: int) -> int:
+        k = i % self.size
+        return self._store([(1, k, PAGE)], k)
+
+    def get(self, i: int) -> int:
+        token = self.tokens[i % self.size]
+        return 1 if token is not None and self.pool.read_mapped(token) == PAGE else 0
+
+    def put_batch(self, b: int) -> int:
+        return self._store(self.put_items[b % self.batches], self.firsts[b % self.batches])
+
+    def get_batch(self, b: int) -> int:
+        start = self.firsts[b % self.batches]
+        read, tokens = self.pool.read_mapped, self.tokens
+        return sum(
+            1
+            for k in range(start, start + len(self.put_items[0]))
+            if (t := tokens[k]) is not None and read(t) == PAGE
+        )
+
+
 def tmem_socket_driver(sock: str, keys: Keys, guest: int) -> Driver:
     """tmemclient without rings: every request and reply crosses the socket."""
     return TmemDriver(sock, keys, guest, ring_frames=0)
@@ -162,6 +214,7 @@ def tmem_socket_driver(sock: str, keys: Keys, guest: int) -> Driver:
 DRIVERS: dict[str, Callable[[str, Keys, int], Driver]] = {
     "tmemd": TmemDriver,
     "tmemd-sock": tmem_socket_driver,
+    "tmemd-map": TmemMapDriver,
     "memcached": MemcachedDriver,
     "redis": RedisDriver,
 }
@@ -172,6 +225,7 @@ def client_problem(system: str) -> str | None:
     module = {
         "tmemd": "tmemclient",
         "tmemd-sock": "tmemclient",
+        "tmemd-map": "tmemclient",
         "memcached": "pymemcache",
         "redis": "redis",
     }[system]

@@ -33,7 +33,8 @@ from bench import servers, targets
 from bench.drivers import client_problem, guest_main, redis_parser
 from tmemclient.units import format_size, parse_size
 
-SYSTEMS = ("tmemd", "tmemd-sock", "memcached", "redis")  # tmemd-sock: a guest without rings
+# tmemd-sock: a guest without rings; tmemd-map: a guest reading through its mapping (§4.7)
+SYSTEMS = ("tmemd", "tmemd-sock", "tmemd-map", "memcached", "redis")
 PEERS = ("memcached", "redis")
 MODES = ("pinned", "unpinned")
 GUESTS = 4
@@ -266,6 +267,11 @@ def render(result: dict[str, Any], batch: int) -> str:
         lines.append(f"     install: {servers.INSTALL_HINTS[peer]}")
     head = f"{'mode':<9} {'row':<24} {'unit':<8}" + "".join(f"{s:>12}" for s in SYSTEMS)
     head += "".join(f"{'tmemd/' + p:>17}" for p in peers)
+    mapped = "memcached" in peers and any(
+        "tmemd-map" in c for r in result["rows"].values() for c in r.values()
+    )
+    if mapped:
+        head += f"{'map/memcached':>15}"
     lines += ["", head, "-" * len(head)]
     for mode in result["modes"]:
         rows = result["rows"][mode]
@@ -281,9 +287,14 @@ def render(result: dict[str, Any], batch: int) -> str:
                     line += f"{ours['median'] / theirs['median']:>17.2f}"
                 else:
                     line += f"{'-':>17}"
+            if mapped:
+                ours, theirs = cells.get("tmemd-map"), cells.get("memcached")
+                ok = ours and theirs and theirs["median"]
+                line += f"{ours['median'] / theirs['median']:>15.2f}" if ok else f"{'-':>15}"
             lines.append(line)
     lines += [
         "ratios are tmemd/peer: above 1 is better for tmemd in pages/s rows, worse in latency rows",
+        "map/memcached: tmemd-map against memcached; its gets are mapped reads (no request)",
         "pinned: each server and its guest processes share cpu "
         f"{meta['pin_cpu']}; unpinned: the scheduler places them on any of {meta['cpus']} cpus",
     ]

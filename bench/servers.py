@@ -190,7 +190,9 @@ def server_version(system: str) -> str:
         if system.startswith("tmemd"):
             import tmemd
 
-            rings = "rings" if system == "tmemd" else "socket only"
+            rings = {"tmemd": "rings", "tmemd-map": "rings, mapped reads"}.get(
+                system, "socket only"
+            )
             return f"tmemd {tmemd.__version__} (Python {sys.version.split()[0]}; guests: {rings})"
         flag = {"memcached": ["memcached", "-V"], "redis": ["redis-server", "--version"]}[system]
         out = subprocess.run(flag, capture_output=True, text=True, timeout=10, check=False)
