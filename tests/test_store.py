@@ -1323,3 +1323,20 @@ def test_a_smaller_budget_gives_the_memory_of_free_slots_back(
     for i in range(8, 13):
         assert put(store, pool, 1, i, page(i))  # the freed slots serve again
     assert all(peek(store, pool, 1, i) == page(i) for i in range(5, 13))
+
+
+def test_a_mirror_that_cannot_be_made_is_a_store_error(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No address space or memfds left: the guest is not mapped (the server grants no map)."""
+    import tmemd.store
+
+    def fail(*_: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(tmemd.store, "Mirror", fail)
+    store = make_store(8)
+    guest = store.add_guest("g")
+    with pytest.raises(StoreError, match="cannot make a mirror"):
+        store.map_guest(guest)
+    assert guest.mirror is None and not store._mirrors

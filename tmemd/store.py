@@ -270,7 +270,11 @@ class Store:
             ident = next((i for i in range(1, 1 << 16) if i not in self._mirrors), 0)
             if not ident:
                 raise StoreError("65535 guests are mapped already")
-            guest.mirror = self._mirrors[ident] = Mirror(self.capacity_slots, ident)
+            try:
+                mirror = Mirror(self.capacity_slots, ident)
+            except OSError as exc:  # no address space or memfds left: the guest does without
+                raise StoreError(f"cannot make a mirror for {guest.name!r}: {exc}") from exc
+            guest.mirror = self._mirrors[ident] = mirror
         return guest.mirror
 
     def token(self, pool: Pool, oid: int, index: int) -> list[int] | None:
