@@ -22,6 +22,9 @@ device read per page, which is the stall a swapping guest actually waits on; swa
 batched and the same with or without tmem. The rejected alternative — write to the file only what
 the pool refuses, as the kernel's frontswap does — saves those writes but loses every page tmem
 held when the daemon goes away.
+
+With a client connected with ``map_pages`` (PROTOCOL.md §4.7), a swap-in needs no round trip at
+all: each put's answer says where the page went, and the store reads it through the mapping.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class SwapStats:
     tmem_puts_refused: int = 0
     tmem_gets: int = 0  # pages loaded from tmem
     tmem_get_rounds: int = 0  # get_many round trips
+    mapped_reads: int = 0  # of tmem_gets, read through the client's mapping: no round trip
     tmem_lost: int = 0  # pages tmem held when the daemon went away (the file has them)
     daemon_gone: bool = False
 
@@ -108,7 +112,10 @@ class SwapStore:
         self._disk_write: DiskWrite = disk_write or write_pages
         self._queue: OrderedDict[int, bytes] = OrderedDict()  # stored, not yet written back
         self._live: set[int] = set()  # slots holding a page (in the queue or the file)
-        self._in_tmem: set[int] = set()  # slots whose current page tmem holds
+        # Slots whose current page tmem holds: where it went ([head, generation]), if the
+        # client reads through a mapping, else True.
+        self._in_tmem: dict[int, Any] = {}
+        self._mapped = pool is not None and pool.mapping is not None
 
     @property
     def tmem(self) -> bool:
@@ -132,7 +139,7 @@ class SwapStore:
             self._queue[slot] = page
             self._queue.move_to_end(slot)
             self._live.add(slot)
-            self._in_tmem.discard(slot)  # the older copy there is stale until the batch goes
+            self._in_tmem.pop(slot, None)  # the older copy there is stale until the batch goes
             self.stats.stores += 1
             if len(self._queue) >= self.batch:
                 self.write_back()
@@ -153,6 +160,8 @@ class SwapStore:
                 out[slot] = page
                 self.stats.queue_hits += 1
         wanted = [s for s in slots if s not in out and s in self._in_tmem]
+        if wanted and self._pool is not None and self._mapped:
+            wanted = self._read_mapped(wanted, out)
         if wanted and self._pool is not None:
             try:
                 found = self._pool.get_many([(SWAP_OID, s) for s in wanted])
@@ -165,7 +174,7 @@ class SwapStore:
                     out[slot] = page
                     self.stats.tmem_gets += 1
                 else:  # not expected of a persistent pool; the file has it anyway
-                    self._in_tmem.discard(slot)
+                    self._in_tmem.pop(slot, None)
         ps = self.page_size
         for slot in slots:
             if slot not in out:
@@ -185,7 +194,7 @@ class SwapStore:
             self._live.discard(slot)
             self._queue.pop(slot, None)
             if slot in self._in_tmem:
-                self._in_tmem.discard(slot)
+                del self._in_tmem[slot]
                 flush.append((SWAP_OID, slot))
         if flush and self._pool is not None:
             try:
@@ -200,13 +209,13 @@ class SwapStore:
         items = list(self._queue.items())
         if self._pool is not None:
             try:
-                flags = self._pool.put_many([(SWAP_OID, slot, page) for slot, page in items])
+                flags = self._put([(SWAP_OID, slot, page) for slot, page in items])
             except DaemonGone:
                 self._daemon_gone()
                 flags = [False] * len(items)
             for (slot, _), ok in zip(items, flags, strict=True):
                 if ok:
-                    self._in_tmem.add(slot)
+                    self._in_tmem[slot] = ok
                     self.stats.tmem_puts_ok += 1
                 elif self._pool is not None:
                     self.stats.tmem_puts_refused += 1
@@ -215,6 +224,38 @@ class SwapStore:
         self.stats.swap_writes += len(items)
         self.stats.swap_write_batches += 1
         self._queue.clear()
+
+    def _put(self, items: list[tuple[int, int, bytes]]) -> list[Any]:
+        """put_many; a mapped client's answers are the pages' tokens (truthy), not True."""
+        assert self._pool is not None
+        if not self._mapped:
+            return self._pool.put_many(items)
+        answers: list[Any] = [False] * len(items)
+
+        def answered(first: int, results: Any) -> None:
+            if results is not None:
+                answers[first : first + len(results)] = [
+                    (r[0], r[1]) if type(r) is list and len(r) == 2 else r for r in results
+                ]
+
+        self._pool.put_many_nowait(items, answered)
+        self._pool.wait_deferred()
+        return answers
+
+    def _read_mapped(self, wanted: list[int], out: dict[int, bytes]) -> list[int]:
+        """Read what the mapping has of ``wanted`` into ``out``; the slots left over."""
+        assert self._pool is not None
+        left = []
+        for slot in wanted:
+            token = self._in_tmem[slot]
+            page = self._pool.read_mapped(token) if type(token) is tuple else None
+            if page is None:
+                left.append(slot)
+            else:
+                out[slot] = page
+                self.stats.tmem_gets += 1
+                self.stats.mapped_reads += 1
+        return left
 
     def close(self) -> None:
         """Close the swap file (a temporary one disappears). The pool is the caller's."""

@@ -589,7 +589,7 @@ def swap_scenario(args: argparse.Namespace, workdir: Path, use_tmem: bool) -> di
         running_tmemd(workdir, args.memory) if use_tmem else nullcontext((None, None))
     )
     with daemon as (sock, _admin):
-        client = tmemclient.connect(sock, name="swapper") if sock else None
+        client = tmemclient.connect(sock, name="swapper", map_pages=args.map) if sock else None
         try:
             pool = client.new_pool(persistent=True) if client else None
             with SwapStore(
