@@ -174,16 +174,9 @@ class TmemMapDriver(TmemDriver):
 
     def _store(self, items: list[tuple[int, int, bytes]], first: int) -> int:
         """Put and wait for the answers, which say where the pages went."""
-        tokens = self.tokens
-
-        def answered(at: int, results: Any) -> None:
-            tokens[first + at : first + at + len(results)] = [
-                (r[0], r[1]) if r else None for r in results
-            ]
-
-        self.pool.put_many_nowait(items, answered)
-        self.pool.wait_deferred()
-        return sum(1 for k in range(first, first + len(items)) if tokens[k] is not None)
+        stored = self.pool.put_many_tokens(items)
+        self.tokens[first : first + len(items)] = stored
+        return sum(1 for token in stored if token is not None)
 
     def put(self, i: int) -> int:
         k = i % self.size

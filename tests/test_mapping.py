@@ -231,3 +231,22 @@ async def test_the_trio_client_reads_through_its_mapping_too(daemon: Daemon) -> 
             assert plain.mapping is None
             with pytest.raises(tmemclient.InvalidArgument):
                 (await plain.new_pool()).read_mapped((0, 1))
+
+
+def test_put_many_tokens_says_where_each_page_went_or_that_it_was_refused(
+    start_daemon: Any,
+) -> None:
+    daemon = start_daemon("--memory", "16KiB")  # room for 4 pages
+    with connect(daemon, "m") as client:
+        pool = client.new_pool(persistent=True)
+        items = [(1, i, bytes([i + 1]) * PAGE) for i in range(6)]
+        tokens = pool.put_many_tokens(items)
+        assert [t is not None for t in tokens] == [True] * 4 + [False] * 2  # persistent: full
+        for (_, _, data), token in zip(items, tokens, strict=True):
+            if token is not None:
+                assert pool.read_mapped(token) == data
+    with (
+        tmemclient.connect(daemon.socket, name="plain") as plain,
+        pytest.raises(tmemclient.InvalidArgument, match="map_pages"),
+    ):
+        plain.new_pool().put_many_tokens(items)

@@ -288,6 +288,16 @@ def _page_batch(
     return results
 
 
+def first_items(requests: list[list[Any]], first: int) -> list[int]:
+    """Where each PUT_MANY request of a batch starts among its items, the batch starting at
+    ``first`` (its entries are oid, index, frame)."""
+    starts = []
+    for request in requests:
+        starts.append(first)
+        first += len(request[2]) // 3
+    return starts
+
+
 def flush_many(pool: PoolInfo, limits: Limits, batch: Batch) -> Plan[None]:
     """FLUSH_MANY, all requests in one pipeline round."""
     per_request = pages_per_request(limits)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from tmemclient import _plans
 from tmemclient.errors import InvalidArgument, UnknownPool
+from tmemclient.mapping import Mapping, Token
 from tmemclient.protocol import (
     FRAME_SIZE,
     MAX_ORDER,
@@ -44,6 +45,26 @@ class PoolOps:
         self._region = region
         self._limits = limits
         self.info = info
+
+    @property
+    def mapping(self) -> Mapping | None:
+        """The client's mapping of its pages (connected with ``map_pages=True``), or None."""
+        raise NotImplementedError  # the pool classes know their client
+
+    def read_mapped(self, token: Token) -> bytes | None:
+        """The page a ``put_many_nowait`` answer named by ``token``, read through the client's
+        mapping with no round trip and no I/O (so not awaited in the trio pool either); None if
+        tmem no longer holds it as it was put. The page stays in tmem (PROTOCOL.md §4.7)."""
+        return self._mapped().read(token, self.info.page_size.bit_length() - 13)
+
+    def _mapped(self) -> Mapping:
+        """The client's mapping; InvalidArgument if it has none."""
+        mapping = self.mapping
+        if mapping is None:
+            raise InvalidArgument(
+                "this client has no mapping: connect (or open_client) with map_pages=True"
+            )
+        return mapping
 
     @property
     def handle(self) -> int:

@@ -30,18 +30,18 @@ from tmemclient.client import (
     FrameRun,
     OnAnswer,
     _fds,
+    hello_mapping,
     hello_message,
     hello_reply,
 )
 from tmemclient.errors import (
     DaemonGone,
     DaemonShuttingDown,
-    InvalidArgument,
     LimitExceeded,
     ProtocolError,
     TmemError,
 )
-from tmemclient.mapping import Mapping, Token
+from tmemclient.mapping import Mapping
 from tmemclient.protocol import (
     FRAME_SIZE,
     NEED_DATA,
@@ -144,13 +144,6 @@ class AsyncPool(PoolOps):
     async def wait_deferred(self) -> None:
         """Wait for the answers to every ``put_many_nowait`` of the client."""
         await self._client.wait_deferred()
-
-    def read_mapped(self, token: Token) -> bytes | None:
-        """As the sync ``Pool.read_mapped``: no I/O, so not awaited."""
-        mapping = self._client.mapping
-        if mapping is None:
-            raise InvalidArgument("this client has no mapping: open it with map_pages=True")
-        return mapping.read(token, self.info.page_size.bit_length() - 13)
 
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -265,9 +258,8 @@ class AsyncClient:
             plan.close()
             waiters = await self._send_requests(requests, run, deferred=True)
             if on_answer is not None:
-                for waiter, request in zip(waiters, requests, strict=True):
-                    waiter.on_answer = (first, on_answer)
-                    first += len(request[2]) // 3  # PUT_MANY entries: oid, index, frame
+                for waiter, at in zip(waiters, _plans.first_items(requests, first), strict=True):
+                    waiter.on_answer = (at, on_answer)
             return None
         try:
             return await self._drive(job.factory(start, count), run)
@@ -440,10 +432,7 @@ async def open_client(
                     raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
                 decoder.feed(data)
             limits = hello_reply(message)
-            if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
-                raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
-            if limits.map:
-                mapping = Mapping(fds[0], limits.map)
+            mapping = hello_mapping(limits, fds, map_pages)
     except trio.TooSlowError as exc:
         sock.close()
         region.close()

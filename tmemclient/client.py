@@ -214,6 +214,22 @@ class Pool(PoolOps):
             if not isinstance(job, list):
                 self._client._run(job, wait=False, on_answer=on_answer, first=i)
 
+    def put_many_tokens(self, items: Sequence[tuple[int, int, Any]]) -> list[Token | None]:
+        """``put_many`` for a client with a mapping: the token for ``read_mapped`` of each page
+        stored, None for a page refused. Waits for every ``put_many_nowait`` answer due."""
+        self._mapped()
+        tokens: list[Token | None] = [None] * len(items)
+
+        def answered(first: int, results: Any) -> None:
+            if results is not None:
+                tokens[first : first + len(results)] = [
+                    (r[0], r[1]) if type(r) is list and len(r) == 2 else None for r in results
+                ]
+
+        self.put_many_nowait(items, answered)
+        self.wait_deferred()
+        return tokens
+
     @property
     def mapping(self) -> Mapping | None:
         """The client's mapping of its pages (``connect(map_pages=True)``), or None."""
@@ -223,15 +239,6 @@ class Pool(PoolOps):
         """Wait for the answers to every ``put_many_nowait`` of the client (``on_answer`` has
         then been called for each)."""
         self._client.wait_deferred()
-
-    def read_mapped(self, token: Token) -> bytes | None:
-        """The page a ``put_many_nowait`` answer named by ``token``, read through the client's
-        mapping with no round trip; None if tmem no longer holds it as it was put. The page
-        stays in tmem (PROTOCOL.md §4.7)."""
-        mapping = self._client.mapping
-        if mapping is None:
-            raise InvalidArgument("this client has no mapping: connect with map_pages=True")
-        return mapping.read(token, self.info.page_size.bit_length() - 13)
 
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -434,9 +441,8 @@ class Client:
             self._deferred[req_id] = None
         self._deferred[ids[-1]] = (start, count)
         if on_answer is not None:
-            for req_id, request in zip(ids, requests, strict=True):
-                self._on_answer[req_id] = (first, on_answer)
-                first += len(request[2]) // 3  # PUT_MANY entries: oid, index, frame
+            for req_id, at in zip(ids, _plans.first_items(requests, first), strict=True):
+                self._on_answer[req_id] = (at, on_answer)
         self.deferred.sent += 1
         return None
 
@@ -665,10 +671,7 @@ def connect(
         limits = hello_reply(message)
         if limits.ring not in (0, ring_frames) or limits.frames != frames:
             raise ProtocolError(f"tmemd granted a region other than the one asked: {limits}")
-        if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
-            raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
-        if limits.map:
-            mapping = Mapping(fds[0], limits.map)
+        mapping = hello_mapping(limits, fds, map_pages)
         sock.settimeout(None)
         client = Client(sock, region, limits, spin_us=spin_us)
         client.mapping = mapping
@@ -685,6 +688,14 @@ def connect(
     finally:
         for received in fds:  # mapped (or refused): the descriptor itself is not kept
             os.close(received)
+
+
+def hello_mapping(limits: Limits, fds: list[int], map_pages: bool) -> Mapping | None:
+    """The mapping of the mirror that came with the HELLO reply, if one was asked for and
+    granted (the caller closes ``fds`` either way)."""
+    if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
+        raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
+    return Mapping(fds[0], limits.map) if limits.map else None
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:

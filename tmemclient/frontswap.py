@@ -225,30 +225,19 @@ class SwapStore:
         self.stats.swap_write_batches += 1
         self._queue.clear()
 
-    def _put(self, items: list[tuple[int, int, bytes]]) -> list[Any]:
-        """put_many; a mapped client's answers are the pages' tokens (truthy), not True."""
+    def _put(self, items: list[tuple[int, int, bytes]]) -> Sequence[Any]:
+        """put_many; with a mapping, each page's token (truthy) or None, not True or False."""
         assert self._pool is not None
         if not self._mapped:
             return self._pool.put_many(items)
-        answers: list[Any] = [False] * len(items)
-
-        def answered(first: int, results: Any) -> None:
-            if results is not None:
-                answers[first : first + len(results)] = [
-                    (r[0], r[1]) if type(r) is list and len(r) == 2 else r for r in results
-                ]
-
-        self._pool.put_many_nowait(items, answered)
-        self._pool.wait_deferred()
-        return answers
+        return self._pool.put_many_tokens(items)
 
     def _read_mapped(self, wanted: list[int], out: dict[int, bytes]) -> list[int]:
         """Read what the mapping has of ``wanted`` into ``out``; the slots left over."""
         assert self._pool is not None
         left = []
         for slot in wanted:
-            token = self._in_tmem[slot]
-            page = self._pool.read_mapped(token) if type(token) is tuple else None
+            page = self._pool.read_mapped(self._in_tmem[slot])  # mapped: every value a token
             if page is None:
                 left.append(slot)
             else:
