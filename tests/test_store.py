@@ -51,8 +51,7 @@ def peek(store: Store, pool: Pool, oid: int, index: int) -> bytes | None:
     if head is None:
         return None
     dst = bytearray(pool.page_size)
-    mirror = pool.guest.mirror
-    store._copy_out(store._mem if mirror is None else mirror.mem, head, pool.order, memoryview(dst))
+    store._copy_out(store._mem_of(pool.guest), head, pool.order, memoryview(dst))
     return bytes(dst)
 
 
@@ -1305,8 +1304,9 @@ def test_a_smaller_budget_gives_the_memory_of_free_slots_back(
 ) -> None:
     store = make_store(8)
     guest = store.add_guest("g")
-    mirror = store.map_guest(guest) if mapped else None
-    mem = store._mem if mirror is None else mirror.mem
+    if mapped:
+        store.map_guest(guest)
+    mem = store._mem_of(guest)
     pool = store.new_pool(guest, persistent=False, order=0)
     for i in range(8):
         assert put(store, pool, 1, i, page(i))

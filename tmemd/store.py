@@ -456,7 +456,7 @@ class Store:
             return self._refuse(pool, oid, index, head)
         order = pool.order
         mirror = guest.mirror
-        mem = self._mem if mirror is None else mirror.mem
+        mem = self._mem_of(guest)
         if head != NIL:
             if mirror is not None:
                 mirror.gen[head] = 0  # being rewritten: a mapped read of it now fails
@@ -506,8 +506,7 @@ class Store:
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if head == NIL:
             return False
-        mirror = pool.guest.mirror
-        mem = self._mem if mirror is None else mirror.mem
+        mem = self._mem_of(pool.guest)
         if pool.order:
             self._copy_out(mem, head, pool.order, dst)
         else:
@@ -717,6 +716,10 @@ class Store:
             self._owner.extend([0] * grow)
         return slot
 
+    def _mem_of(self, guest: Guest) -> memoryview:
+        """Where the guest's pages live: its mirror, or the arena."""
+        return self._mem if guest.mirror is None else guest.mirror.mem
+
     def _slots_of(self, head: int, order: int) -> tuple[int, ...]:
         return (head, *self._tails[head]) if order else (head,)
 
@@ -742,8 +745,7 @@ class Store:
         self, pool: Pool, head: int, offset: int, length: int
     ) -> Iterator[tuple[int, memoryview]]:
         """(position in the caller's buffer, arena view) for a byte range of a page."""
-        mirror = pool.guest.mirror
-        mem = self._mem if mirror is None else mirror.mem
+        mem = self._mem_of(pool.guest)
         slots = self._slots_of(head, pool.order)
         pos = 0
         while pos < length:
