@@ -76,7 +76,7 @@ from typing import Any, ClassVar
 from tmemclient.aclient import AsyncPool
 from tmemclient.client import OnAnswer, Pool
 from tmemclient.errors import DaemonGone, InvalidArgument
-from tmemclient.mapping import Mapping, Token
+from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.protocol import FRAME_SIZE
 
 PAGE = FRAME_SIZE  # a file page
@@ -522,8 +522,8 @@ class _CacheCore:
                     continue  # put again since, or forgotten
                 if not result:
                     del shadow[key]  # refused: a lookup would miss
-                elif type(result) is list and len(result) == 2:
-                    shadow[key] = (entry[0], entry[1], (result[0], result[1]))
+                elif (token := token_of(result)) is not None:
+                    shadow[key] = (entry[0], entry[1], token)
 
         return answered
 

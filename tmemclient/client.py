@@ -21,7 +21,7 @@ from tmemclient.errors import (
     ProtocolError,
     TmemError,
 )
-from tmemclient.mapping import Mapping, Token
+from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.protocol import (
     FRAME_SIZE,
     NEED_DATA,
@@ -222,9 +222,7 @@ class Pool(PoolOps):
 
         def answered(first: int, results: Any) -> None:
             if results is not None:
-                tokens[first : first + len(results)] = [
-                    (r[0], r[1]) if type(r) is list and len(r) == 2 else None for r in results
-                ]
+                tokens[first : first + len(results)] = map(token_of, results)
 
         self.put_many_nowait(items, answered)
         self.wait_deferred()

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Any
 
 from tmemclient.errors import ProtocolError
 
 SLOT = 4096
 
 Token = tuple[int, int]  # (head slot, generation)
+
+
+def token_of(result: Any) -> Token | None:
+    """The token a PUT_MANY answer gives one page: None for a page refused (false), or a plain
+    true (a connection without a mapping)."""
+    if type(result) is list and len(result) == 2:
+        return (result[0], result[1])
+    return None
 
 
 class Mapping:
