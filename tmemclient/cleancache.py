@@ -260,9 +260,7 @@ class _CacheCore:
         # A client connected with map_pages reads tmem pages it was told the place of with no
         # round trip (PROTOCOL.md §4.7); the page stays in tmem, so a block read that way and
         # evicted unchanged is not put again.
-        mapping = None if pool is None else pool.mapping
-        self._mapping: Mapping | None = mapping
-        self._read_mapped = pool.read_mapped if pool is not None and mapping else None
+        self._mapping: Mapping | None = None if pool is None else pool.mapping
         self.stats = CacheStats()
         self.tmem = tmem  # False without a pool, or once the daemon is gone
         self.sampling = False
@@ -364,11 +362,11 @@ class _CacheCore:
             if asked and self.overlap:  # pages that must come from the file anyway: read
                 parts = {key[1] for key in asked}  # them while the lookup is on its way
                 early = [i for i in missing if i // pp not in parts]
-            if asked and self._read_mapped is None and not self._worth_asking(useful, len(early)):
+            if asked and self._mapping is None and not self._worth_asking(useful, len(early)):
                 # Not a verdict on tmem: the lookup costs more than it would save right now.
                 self.stats.lookups_skipped += len(asked)
                 asked, early = [], []
-            if asked and self._read_mapped is not None:
+            if asked and self._mapping is not None:
                 asked = yield from self._read_through_mapping(asked)
             demand = len(asked)
             if asked and sequential:
@@ -489,20 +487,25 @@ class _CacheCore:
         """Read the asked tmem pages through the mapping, once the answers to their puts said
         where they went (waiting for those costs what a lookup would, as tmemd answers in
         order). Returns the keys left for a lookup: none, unless an answer was an error."""
-        shadow, read = self._shadow, self._read_mapped
-        assert read is not None
+        shadow, pool = self._shadow, self._pool
+        assert pool is not None
         if any(shadow[key][2] is None for key in asked):
             yield ("answers", None)
         mapped: list[Key] = []
+        tokens: list[Token] = []
         left: list[Key] = []
         for key in asked:
             entry = shadow.get(key)
             if entry is None:  # refused, we now know: the file has it
                 continue
-            (mapped if entry[2] is not None else left).append(key)
+            if entry[2] is None:
+                left.append(key)
+            else:
+                mapped.append(key)
+                tokens.append(entry[2])
         if mapped:
             masks = [shadow[key][1] for key in mapped]
-            found = [read(shadow[key][2]) for key in mapped]  # type: ignore[arg-type]
+            found = [pool.read_mapped(token) for token in tokens]
             self.stats.mapped_reads += sum(data is not None for data in found)
             self._take(mapped, masks, found, len(mapped), kept=True)
         return left
