@@ -63,9 +63,20 @@ class TmemDriver:
     """tmemclient: one persistent private pool; pages go through the shared region, requests
     through the request rings (PROTOCOL.md §4.6) or, with ``ring_frames=0``, the socket."""
 
-    def __init__(self, sock: str, keys: Keys, guest: int, ring_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        sock: str,
+        keys: Keys,
+        guest: int,
+        ring_frames: int | None = None,
+        map_pages: bool = False,
+    ) -> None:
         self.client = tmemclient.connect(
-            sock, name=f"bench-g{guest}", frames=max(256, keys.batch), ring_frames=ring_frames
+            sock,
+            name=f"bench-g{guest}",
+            frames=max(256, keys.batch),
+            ring_frames=ring_frames,
+            map_pages=map_pages,
         )
         self.pool = self.client.new_pool(persistent=True)
         self.size = keys.size
@@ -160,16 +171,10 @@ class TmemMapDriver(TmemDriver):
     so the two are the same operation here)."""
 
     def __init__(self, sock: str, keys: Keys, guest: int) -> None:
-        self.client = tmemclient.connect(
-            sock, name=f"bench-g{guest}", frames=max(256, keys.batch), map_pages=True
-        )
+        super().__init__(sock, keys, guest, map_pages=True)
         if self.client.mapping is None:
             raise RuntimeError("tmemd granted no mapping (is it run with --no-map-pages?)")
-        self.pool = self.client.new_pool(persistent=True)
-        self.size = keys.size
-        self.put_items = [[(1, i, PAGE) for i in keys.batch_range(b)] for b in range(keys.batches)]
         self.firsts = [keys.batch_range(b).start for b in range(keys.batches)]
-        self.batches = keys.batches
         self.tokens: list[Any] = [None] * keys.size
 
     def _store(self, items: list[tuple[int, int, bytes]], first: int) -> int:
