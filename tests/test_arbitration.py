@@ -271,6 +271,8 @@ def bed(start_daemon: Any, tmp_path: Path) -> Iterator[Any]:
             path.write_text(config)
             args += ["--config", str(path)]
         b = Bed(start_daemon(*args, name=f"d{n}"), admin_dir / "admin.sock", tmp_path)
+        # tmemd binds its admin socket before its guest socket, which the start waited for.
+        assert b.admin_path.exists(), "the guest socket took connections before the admin one"
         beds.append(b)
         return b
 
@@ -660,6 +662,36 @@ def test_admin_socket_is_private(bed: Any) -> None:
 
     assert _connect_as_stranger(b.admin_path) == errno.EACCES
     assert b.status()["budget"] == 8 * MiB  # and we, the daemon's uid, may
+
+
+def test_second_daemon_on_a_taken_socket_fails_and_leaves_nothing(bed: Any, tmp_path: Path) -> None:
+    """A tmemd whose guest socket another tmemd listens on says so and exits 1, and removes
+    the admin socket it had already bound; the first daemon and its guests go on."""
+    b = bed("8MiB")
+    g = b.agent()
+    g.call("connect", conn="c", name="first")
+    g.call("new_pool", conn="c", pool="p", persistent=True)
+    assert all(g.call("put", pool="p", start=0, count=8, seed=7))
+    admin_dir = tmp_path / "second-admin"
+    admin_dir.mkdir(mode=0o700)
+    second = subprocess.run(
+        [
+            *(sys.executable, "-m", "tmemd", "--socket", str(b.daemon.socket)),
+            *("--admin-socket", str(admin_dir / "admin.sock"), "--log-format", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert second.returncode == 1, second.stdout + second.stderr
+    events = [json.loads(line) for line in second.stderr.splitlines() if line.startswith("{")]
+    errors_logged = [e for e in events if e.get("event") == "socket_in_use"]
+    assert errors_logged and "another daemon is listening" in errors_logged[0]["error"]
+    assert list(admin_dir.iterdir()) == []
+    assert b.daemon.socket.exists()  # the first daemon's socket was not touched
+    assert g.call("get", pool="p", start=0, count=8, seed=7)["exact"] == 8
+    assert b.status()["budget"] == 8 * MiB
 
 
 READ_REFUSAL = """

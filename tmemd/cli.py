@@ -196,11 +196,22 @@ class Daemon:
         gid = admin_gid(settings.admin_group)
         signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals_wanted) as signals:
-            listener = await self._listener("guest", settings.socket, settings.socket_mode, None)
+            # The admin socket first: once the guest socket takes connections, tmemd is whole
+            # (a script that waits for the guest socket and then runs tmemctl finds it too).
             admin_path = settings.admin_socket
             admin_listener = await self._listener(
                 "admin", admin_path, 0o660 if gid is not None else 0o600, gid
             )
+            try:
+                listener = await self._listener(
+                    "guest", settings.socket, settings.socket_mode, None
+                )
+            except BaseException:
+                if admin_listener is not None:
+                    admin_listener.close()
+                for path in self._owned:
+                    unlink_quietly(path)
+                raise
             assert listener is not None
             try:
                 async with trio.open_nursery() as nursery:
