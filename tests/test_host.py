@@ -212,6 +212,10 @@ def doc_with(**tables: Any) -> dict[str, Any]:
         (doc_with(limits={"ring_poll_us": -1}), ["ring_poll_us"]),
         (doc_with(limits={"ring_poll_max_us": 10_001}), ["ring_poll_max_us"]),
         (doc_with(limits={"map_pages": 1}), ["limits.map_pages", "wrong type"]),
+        (doc_with(limits={"move_slack": -0.1}), ["move_slack", "0..0.5"]),
+        (doc_with(limits={"move_slack": 0.75}), ["move_slack", "0..0.5"]),
+        (doc_with(limits={"move_slack": "1/8"}), ["limits.move_slack", "wrong type"]),
+        (doc_with(limits={"move_slack": True}), ["limits.move_slack", "wrong type"]),
         (doc_with(limits={"max_pools": True}), ["limits.max_pools", "wrong type"]),
         # no socket at all
         ({}, ["daemon.socket", "--socket"]),

@@ -250,3 +250,42 @@ def test_put_many_tokens_says_where_each_page_went_or_that_it_was_refused(
         pytest.raises(tmemclient.InvalidArgument, match="map_pages"),
     ):
         plain.new_pool().put_many_tokens(items)
+
+
+@pytest.mark.parametrize("slack", [None, 0.0], ids=["default", "plain-lru"])
+def test_busy_mapped_guests_move_little_memory_unless_move_slack_is_0(
+    start_daemon: Any, tmp_path: Any, slack: float | None
+) -> None:
+    """Two mapped guests put in no fixed order into a full 256 KiB budget. By default a put
+    evicts the guest's own nearly-as-old page, so little memory moves between their mirrors
+    (status ``moved``); with ``move_slack = 0`` in [limits], the plain weighted LRU moves it at
+    about every other put. Every page still read through the mapping is the page put."""
+    admin = tmp_path / "admin" / "admin.sock"
+    admin.parent.mkdir(mode=0o700)
+    args = ["--memory", "256KiB", "--admin-socket", str(admin)]
+    if slack is not None:
+        config = tmp_path / "tmemd.toml"
+        config.write_text(f"[limits]\nmove_slack = {slack}\n")
+        args += ["--config", str(config)]
+    daemon = start_daemon(*args)
+    rng = random.Random(5)
+    with connect(daemon, "a") as a, connect(daemon, "b") as b:
+        pools = [a.new_pool(), b.new_pool()]
+        tokens: list[dict[int, Any]] = [{}, {}]
+        for i in range(464):  # 64 fill the budget, then 400 in turn at random
+            n = rng.randrange(2)
+            [token] = put_tokens(pools[n], [(1, i, bytes([n, i % 256]) * (PAGE // 2))])
+            tokens[n][i] = as_token(token)
+        moved = AdminClient(admin).call("status")["moved"] // PAGE
+        if slack is None:
+            assert moved <= 100, moved
+        else:
+            assert moved >= 150, moved
+        for n, pool in enumerate(pools):
+            held = 0
+            for i, token in tokens[n].items():
+                data = pool.read_mapped(token)
+                if data is not None:
+                    assert data == bytes([n, i % 256]) * (PAGE // 2)
+                    held += 1
+            assert 16 <= held <= 48, held  # both keep a share

@@ -375,6 +375,7 @@ class FakeAccount:
     name: str
     weight: int
     oldest_stamp: int | None
+    newest_stamp: int | None = None
 
 
 def test_choose_victim_with_equal_weights_picks_the_oldest_page() -> None:
@@ -407,6 +408,43 @@ def test_choose_victim_returns_none_when_nobody_has_ephemeral_pages() -> None:
 def test_choose_victim_breaks_ties_by_iteration_order() -> None:
     accounts = [FakeAccount("a", 100, 4), FakeAccount("b", 100, 4)]
     assert choose_victim(accounts, 10) is accounts[0]
+
+
+SLACK, ACTIVE = 0.125, 16
+
+
+def test_choose_victim_keeps_memory_in_place_between_busy_guests() -> None:
+    # a's oldest idles 9, the mover's 8 >= 9 * 7/8, and a touched a page 1 tick ago: the
+    # mover gives up its own page rather than move memory from a's file to its own
+    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 3, 10)
+    assert choose_victim([busy, mover], 10) is busy
+    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is mover
+
+
+def test_choose_victim_takes_an_idle_guests_page_whatever_the_slack() -> None:
+    # Memory follows demand: a last touched a page 38 ticks ago (>= active), so it goes.
+    idle, mover = FakeAccount("a", 100, 2, 2), FakeAccount("m", 100, 3, 39)
+    assert choose_victim([idle, mover], 40, mover=mover, slack=SLACK, active=ACTIVE) is idle
+
+
+def test_choose_victim_moves_memory_when_the_other_page_is_much_older() -> None:
+    # a's oldest idles 9, the mover's 2 < 9 * 7/8: the plain weighted LRU.
+    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 9, 10)
+    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is busy
+
+
+def test_choose_victim_slack_counts_in_weighted_scores() -> None:
+    # Same idle times as the first case, but the mover weighs 3 times more: 8/300 < 9/100 * 7/8.
+    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 300, 3, 10)
+    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is busy
+
+
+def test_choose_victim_without_slack_or_own_pages_is_the_plain_lru() -> None:
+    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 3, 10)
+    assert choose_victim([busy, mover], 10, mover=mover, slack=0.0, active=16) is busy
+    empty = FakeAccount("m", 100, None, None)
+    assert choose_victim([busy, empty], 10, mover=empty, slack=SLACK, active=ACTIVE) is busy
+    assert choose_victim([empty], 10, mover=empty, slack=SLACK, active=ACTIVE) is None
 
 
 def test_choose_victim_considers_a_page_touched_this_tick() -> None:
@@ -1241,6 +1279,83 @@ def test_a_slot_moving_to_another_owner_leaves_nothing_in_the_old_file(
         assert head is not None and head in a_slots
         assert bytes(mb.mem[head * SLOT_SIZE : (head + 1) * SLOT_SIZE]) == page(100 + i)
         assert peek(store, pc, 1, i) == page(200 + i)
+
+
+def churn(store: Store, pools: list[Pool], puts: int, seed: int = 0) -> None:
+    """``puts`` new pages, each by a pool picked at random (busy guests at the same rate, in no
+    fixed order)."""
+    rng = random.Random(seed)
+    for i in range(puts):
+        n = rng.randrange(len(pools))
+        assert put(store, pools[n], 2 + seed, i, page(1000 * n + i))
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.125])
+def test_busy_mapped_guests_keep_their_memory_where_it_is(slack: float) -> None:
+    """Two mapped guests putting in turn into a full store: the weighted LRU alone takes the
+    page of one for the other nearly every time, moving memory between their files; with the
+    move slack almost none moves, and the two still hold about the same."""
+    store = Store(64 * SLOT_SIZE, move_slack=slack)
+    try:
+        guests = [store.add_guest("a"), store.add_guest("b")]
+        pools = []
+        for g in guests:
+            store.map_guest(g)
+            pools.append(store.new_pool(g, persistent=False, order=0))
+        churn(store, pools, 64)  # full
+        moved = store.moved_slots
+        churn(store, pools, 400, seed=1)
+        moves = store.moved_slots - moved
+        if slack:
+            assert moves <= 60, moves  # of 400 puts
+        else:
+            assert moves >= 150, moves
+        assert all(20 <= g.held_slots <= 44 for g in guests), [g.held_slots for g in guests]
+    finally:
+        store.close()
+
+
+def test_weights_still_set_the_shares_of_busy_mapped_guests() -> None:
+    """Weights 3:1, equal put rates: holdings settle at 3:1 as with the plain weighted LRU
+    (DESIGN.md §3), while less memory moves than a tenth of the plain LRU's."""
+    moved = {}
+    for slack in (0.0, 0.125):
+        store = Store(256 * SLOT_SIZE, move_slack=slack)
+        try:
+            guests = [store.add_guest("a", weight=300), store.add_guest("b", weight=100)]
+            pools = []
+            for g in guests:
+                store.map_guest(g)
+                pools.append(store.new_pool(g, persistent=False, order=0))
+            churn(store, pools, 2000)  # settle
+            ratios = []
+            for n in range(40):
+                churn(store, pools, 100, seed=10 + n)
+                ratios.append(guests[0].held_slots / guests[1].held_slots)
+            ratios.sort()
+            assert 2.7 <= ratios[len(ratios) // 2] <= 3.3, ratios
+            moved[slack] = store.moved_slots
+        finally:
+            store.close()
+    assert moved[0.125] * 10 < moved[0.0], moved
+
+
+def test_memory_still_follows_demand_to_a_busy_mapped_guest() -> None:
+    """The slack keeps memory between busy guests only: a guest gone quiet loses its pages to
+    the one putting, as with the plain weighted LRU."""
+    store = Store(64 * SLOT_SIZE)
+    try:
+        a, b = store.add_guest("a"), store.add_guest("b")
+        store.map_guest(a)
+        store.map_guest(b)
+        pa = store.new_pool(a, persistent=False, order=0)
+        pb = store.new_pool(b, persistent=False, order=0)
+        churn(store, [pa], 64)  # a fills the store, then goes quiet
+        churn(store, [pb], 64, seed=1)
+        assert (a.held_slots, b.held_slots) == (0, 64)
+        assert store.moved_slots == 64
+    finally:
+        store.close()
 
 
 def test_removing_a_mapped_guest_frees_its_mirror(make_store: MakeStore) -> None:

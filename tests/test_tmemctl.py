@@ -42,6 +42,7 @@ STATUS_KEYS = {
     "sessions",
     "shared_pools",
     "evictions",
+    "moved",
     "frozen_all",
     "uptime",
 }
@@ -161,6 +162,7 @@ def test_status_table_and_json(admin: Admin) -> None:
     out = ok("status", sock=admin.socket)
     assert re.search(r"^budget\s+16\.0MiB$", out, re.M), out
     assert re.search(r"^frozen all\s+no$", out, re.M), out
+    assert re.search(r"^moved\s+0B$", out, re.M), out
     status = ok_json("status", sock=admin.socket)
     assert set(status) == STATUS_KEYS
     assert status["budget"] == 16 << 20

@@ -247,6 +247,7 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "used": _size,
     "free": _size,
     "capacity": _size,
+    "moved": _size,
     "frozen_all": _yes,
     "uptime": lambda v: _duration(float(v)),
 }

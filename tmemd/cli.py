@@ -171,7 +171,11 @@ class Daemon:
         self.args = args
         self.activated = activated
         self.notifier = Notifier()
-        self.store = Store(settings.budget, capacity=max(settings.budget, physical_memory()))
+        self.store = Store(
+            settings.budget,
+            capacity=max(settings.budget, physical_memory()),
+            move_slack=settings.limits.move_slack,
+        )
         self.host = Host(self.store, settings)
         self.guest_server = GuestServer(self.host, settings.limits)
         self._owned: list[Path] = []  # socket files we created (and remove at exit)
@@ -304,6 +308,7 @@ class Daemon:
         changed = self.host.reload(new)
         self.settings = new
         self.guest_server.limits = new.limits  # new connections get the new limits
+        self.store.move_slack = new.limits.move_slack  # arbitration: at once
         log.info(
             "config_reloaded",
             config=str(self.args.config),

@@ -9,7 +9,7 @@ from typing import Any
 
 from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME, MAX_RING_FRAMES, valid_guest_name
 from tmemclient.units import parse_size
-from tmemd.policy import DEFAULT_WEIGHT, validate_weight
+from tmemd.policy import DEFAULT_WEIGHT, MOVE_SLACK, validate_weight
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,10 @@ class Limits:
     ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
     ring_poll_max_us: int = 1000  # ...growing to this for a guest whose gaps are short
     map_pages: bool = True  # a guest may read its pages through a mapping (PROTOCOL.md §4.7)
+    # A mapped guest's put takes its own oldest page rather than a busy neighbour's unless
+    # that one is older by more than this fraction: saves moving memory between their files
+    # (policy.py). 0: the plain weighted LRU.
+    move_slack: float = MOVE_SLACK
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -52,6 +56,8 @@ class Limits:
         for name in ("ring_poll_us", "ring_poll_max_us"):
             if not 0 <= getattr(self, name) <= 10_000:
                 raise ValueError(f"{name} must be 0..10000 (microseconds)")
+        if not 0 <= self.move_slack <= 0.5:
+            raise ValueError("move_slack must be 0..0.5 (a fraction of a page's idle time)")
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,7 @@ class Host:
             "sessions": sum(len(s) for s in self.sessions.values()),
             "shared_pools": len(self.shared),
             "evictions": store.evictions,
+            "moved": store.moved_slots << SLOT_SHIFT,
             "frozen_all": self.frozen_all,
             "uptime": round(time.time() - self.started, 3),
         }

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from typing import Final
 
-from tmemd.policy import DEFAULT_WEIGHT, choose_victim
+from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 
 SLOT_SHIFT: Final = 12
 SLOT_SIZE: Final = 1 << SLOT_SHIFT
@@ -171,6 +171,12 @@ class Guest:
         return None if head == NIL else self._store._stamp[head]
 
     @property
+    def newest_stamp(self) -> int | None:
+        """Logical time of this guest's most recently used ephemeral page."""
+        tail = self.lru_tail
+        return None if tail == NIL else self._store._stamp[tail]
+
+    @property
     def held_slots(self) -> int:
         """Slots billed to this guest, ephemeral and persistent."""
         return self.eph_slots + self.pers_slots
@@ -209,11 +215,17 @@ class Pool:
 class Store:
     """Pages of every guest in one budget. Not thread-safe: one event loop drives it."""
 
-    def __init__(self, budget: int, *, capacity: int | None = None) -> None:
+    def __init__(
+        self, budget: int, *, capacity: int | None = None, move_slack: float = MOVE_SLACK
+    ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
-        the budget can later grow to it without moving pages (default: the budget)."""
+        the budget can later grow to it without moving pages (default: the budget).
+        ``move_slack``: how much older another busy guest's page must be for a mapped guest's
+        put to take it rather than the guest's own (policy.choose_victim; 0: the plain
+        weighted LRU)."""
         if budget < SLOT_SIZE:
             raise ValueError(f"budget must be at least {SLOT_SIZE} bytes")
+        self.move_slack = move_slack
         capacity = max(capacity or budget, budget)
         self.capacity_slots = capacity >> SLOT_SHIFT
         self.budget_slots = budget >> SLOT_SHIFT
@@ -238,6 +250,7 @@ class Store:
         self._mirrors: dict[int, Mirror] = {}
         self._index_ints = list(range(_INTERNED_INDEXES))  # 2.3 MiB, once
         self.evictions = 0
+        self.moved_slots = 0  # slots punched out of a mapped guest's file for another guest
 
     # ---------------------------------------------------------------- guests and pools
 
@@ -618,8 +631,14 @@ class Store:
                 self._evict(guest.lru_head)
         if need > self.budget_slots:
             return False
+        # A mapped guest's own page rather than another busy guest's nearly as old one: that
+        # would move memory between their files (policy.py).
+        mover = guest if guest.mirror is not None else None
+        active = ACTIVE_TICKS_PER_GUEST * len(self.guests)
         while self.used_slots + need > self.budget_slots:
-            victim = choose_victim(self.guests.values(), self.clock)
+            victim = choose_victim(
+                self.guests.values(), self.clock, mover=mover, slack=self.move_slack, active=active
+            )
             if victim is None:
                 return False
             self._evict(victim.lru_head)
@@ -691,6 +710,7 @@ class Store:
         if moved:
             # The slots' memory is in another file (or the arena): free it there, so the
             # memory of all files stays that of the slots in use.
+            self.moved_slots += sum(1 for old, _ in moved if old)
             self._give_back(moved)
             for _, slot in moved:
                 owners[slot] = owner
