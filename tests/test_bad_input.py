@@ -1600,3 +1600,90 @@ def test_ring_writes_while_the_daemon_reads_only_garble_that_guest(env: Env) -> 
             g.send(encode_frame([Op.DOORBELL, 1]))
     g.close()
     env.check()
+
+
+# ================================================================================================
+# Connection limits and a guest that does not read its replies
+
+
+def config_file(directory: Path, text: str) -> str:
+    """A TOML config written in ``directory``; its path."""
+    path = directory / "limits.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["max_connections", "max_connections_per_uid"])
+def test_connections_beyond_the_limit_are_refused_until_one_ends(
+    own_env: Callable[..., Env], tmp_path: Path, key: str
+) -> None:
+    """With the limit at 3 (the reference guest is one), a 4th connection gets one LIMIT reply
+    saying what to do, before any handshake, and is closed; once a guest leaves, a new one is
+    admitted. The daemon logs each refusal."""
+    env = own_env("--config", config_file(tmp_path, f"[limits]\n{key} = 3\n"))
+    first, second = env.guest(), env.guest()
+    for _ in range(2):  # refused again and again, not only once
+        extra = env.connect()
+        message = extra.refused(0, LIMIT, "too many connections", "try again later")
+        assert message
+    refusals = env.daemon.events("connection_refused")
+    assert len(refusals) == 2 and {r["reason"] for r in refusals} == {"connection limit"}
+    first.ok(Op.PING)
+    second.close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the daemon counts the connection out once it has seen the close (bounded)
+        again = env.connect()
+        again.fd, again.region = create_region(GUEST_FRAMES)
+        again.send(hello_bytes(None, GUEST_FRAMES), [again.fd])
+        message = again.read()
+        if message is EOF or message[:2] != [0, LIMIT]:
+            break
+        assert time.monotonic() < deadline, "a freed connection slot was never reused"
+        time.sleep(0.05)
+    assert type(message) is list and message[:2] == [1, OK], message
+    again.ok(Op.PING)
+    env.check()
+
+
+def test_a_guest_that_leaves_its_replies_unread_is_dropped(
+    own_env: Callable[..., Env], tmp_path: Path
+) -> None:
+    """A guest that sends requests but never reads the replies fills its socket; the daemon
+    waits at most send_timeout for it, then drops it (logged with the reason), and the other
+    guests never wait on it."""
+    env = own_env("--config", config_file(tmp_path, "[limits]\nsend_timeout = 0.5\n"))
+    name = unique("deaf")
+    deaf = env.guest(name=name)
+    deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.sock.setblocking(False)
+    ping = b"".join(encode_frame([Op.PING, 1000 + i]) for i in range(256))
+    sent = 0
+    stuck_since = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the daemon stops taking our requests
+        try:
+            sent += deaf.sock.send(ping)
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 0.2:
+                break
+            time.sleep(0.01)
+        except OSError:
+            break  # already dropped
+    assert sent > 0
+    env.ref.check()  # served while the deaf guest's replies pile up
+    record = wait_guest_disconnected(env.daemon, name)
+    assert "left replies unread for 0.5s" in record["reason"]
+    deaf.sock.settimeout(TIMEOUT)
+    # What was sent before the close (the last reply may be cut short: the guest is gone),
+    # then the close: EOF, or a reset as it closed with our requests unread. Bounded.
+    for _ in range(100_000):
+        try:
+            if not deaf.sock.recv(1 << 16):
+                break
+        except ConnectionResetError:
+            break
+    else:
+        raise AssertionError("the connection was never closed")
+    env.check()
