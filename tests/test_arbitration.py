@@ -472,6 +472,31 @@ def test_persistent_pages_survive_every_admin_action(bed: Any) -> None:
 # ----------------------------------------------------------------------------- 5. shared pools
 
 
+def test_a_shared_pools_cap_bounds_what_its_members_put_there(bed: Any) -> None:
+    """Pages a member puts into a shared pool are billed to the pool's account, so the member's
+    own cap (0 here) does not bound them: the account's cap, set by an administrator, does. A
+    member flooding the pool then evicts only the pool's own pages, never another guest's."""
+    b = bed("256KiB")  # 64 pages
+    flooder, bystander = b.agent(), b.agent()
+    fn = flooder.call("connect", conn="c", name="flood")
+    bystander.call("connect", conn="c", name="calm")
+    bystander.call("new_pool", conn="c", pool="p")  # ephemeral: evictable
+    assert all(bystander.call("put", pool="p", start=0, count=32, seed=3))
+    u = str(uuid_module.uuid4())
+    b.admin.call("set", guest=fn, cap=0)
+    b.admin.call("grant", uuid=u, guest=fn)
+    row = b.admin.call("set", guest=f"shared:{u}", cap=16 * PAGE)
+    assert (row["connected"], row["cap"]) == (False, 16 * PAGE)  # no member has opened it yet
+    flooder.call("new_pool", conn="c", pool="s", shared=True, uuid=u)
+    for start in range(0, 200, 50):
+        assert all(flooder.call("put", pool="s", start=start, count=50, seed=4))
+    rows = b.guests()
+    assert rows[f"shared:{u}"]["ephemeral_bytes"] == 16 * PAGE
+    assert rows[fn]["ephemeral_bytes"] == 0
+    assert bystander.call("get", pool="p", start=0, count=32, seed=3)["exact"] == 32
+    assert flooder.call("get", pool="s", start=184, count=16, seed=4)["exact"] == 16
+
+
 def test_shared_pool_needs_a_grant(bed: Any) -> None:
     """Deny by default; a grant lets two guests (two processes) see each other's pages;
     revoke detaches at once; the pages go with the last member; a grant may precede the
@@ -860,6 +885,7 @@ def test_bad_admin_input(bed: Any) -> None:
         ("freeze", {"guest": "nobody"}),
         ("thaw", {"guest": "nobody"}),
         ("pools", {"guest": "nobody"}),
+        ("set", {"guest": f"shared:{uuid_module.uuid4()}", "weight": 100}),  # no grant names it
     ]
     for op, args in unknown:
         with pytest.raises(NotFound):
@@ -881,7 +907,7 @@ def test_bad_admin_input(bed: Any) -> None:
         ("grant", {"uuid": str(uuid_module.uuid4())}),
         ("grant", {"uuid": str(uuid_module.uuid4()), "guest": "shared:x"}),
         ("grant", {"uuid": 12, "guest": name}),
-        ("set", {"guest": f"shared:{uuid_module.uuid4()}", "weight": 100}),
+        ("set", {"guest": "shared:not-a-uuid", "weight": 100}),
         ("no-such-op", {}),
     ]
     for op, args in malformed:

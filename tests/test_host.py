@@ -413,9 +413,12 @@ def test_unknown_guests_and_bad_arguments(store: Store) -> None:
     for cap in (-1, store.capacity + 1, 2**63, "1MiB", True, 1.5):
         with pytest.raises(InvalidArgument):
             host.set_guest("cfg", cap=cap)
-    with pytest.raises(InvalidArgument):
-        host.set_guest("shared:" + UUID_A_TEXT, weight=5)
+    with pytest.raises(NotFound, match="no grant names it"):
+        host.set_guest("shared:" + UUID_A_TEXT, weight=5)  # no grant: no such pool
+    with pytest.raises(InvalidArgument, match="not shared:UUID"):
+        host.set_guest("shared:nope", weight=5)
     assert "cfg" not in host.overrides  # nothing half-applied
+    assert not any(name.startswith("shared:") for name in host.overrides)
     for budget in (0, -1, SLOT_SIZE - 1, store.capacity + 1, "1MiB", None, True, 1.5):
         with pytest.raises(InvalidArgument):
             host.set_budget(budget)
@@ -428,6 +431,37 @@ def test_unknown_guests_and_bad_arguments(store: Store) -> None:
 
 
 # ------------------------------------------------------------------------------------ shared
+
+
+def test_an_admin_caps_and_weighs_a_shared_pools_account(store: Store) -> None:
+    """A granted guest's puts into a shared pool are billed to the pool's account, not to the
+    guest: the guest's own cap does not bound them, the account's does. Set before the pool
+    exists (once a grant names it), the cap and weight apply when it is opened, and again if
+    it is opened afresh; set while it lives, the cap evicts down to it at once."""
+    host = make_host(store)
+    x = connect(host, 1, "x")
+    host.set_guest("1/x", cap=0, weight=1)  # the guest itself may hold nothing
+    name = "shared:" + UUID_A_TEXT
+    host.grant(UUID_A, "1/x")
+    assert host.set_guest(name, cap=4 * PAGE, weight=50) == {
+        "name": name,
+        "connected": False,
+        "weight": 50,
+        "cap": 4 * PAGE,
+    }
+    pool = host.open_shared(x, UUID_A, 0)
+    account = store.guests[name]
+    assert (account.weight, account.cap_slots) == (50, 4)
+    for i in range(10):  # ephemeral: each put past the cap evicts the account's oldest page
+        assert put(store, pool, i)
+    assert account.eph_slots == 4 and x.guest.held_slots == 0
+    assert [peek(store, pool, i) is not None for i in range(10)] == [False] * 6 + [True] * 4
+    row = host.set_guest(name, cap=2 * PAGE)  # lowered while it lives: evicts at once
+    assert row["evicted"] == 2 and account.eph_slots == 2
+    host.leave_shared(x, pool)
+    assert name not in store.guests
+    host.open_shared(x, UUID_A, 0)  # afresh: the admin's choice still holds
+    assert (store.guests[name].weight, store.guests[name].cap_slots) == (50, 2)
 
 
 def test_shared_pool_lifecycle(store: Store) -> None:

@@ -33,7 +33,7 @@ from tmemclient.errors import (
 )
 from tmemclient.units import format_size
 from tmemd.config import GuestPolicy, Settings
-from tmemd.policy import validate_weight
+from tmemd.policy import DEFAULT_WEIGHT, validate_weight
 from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store
 
 log = structlog.get_logger("tmemd.host")
@@ -187,7 +187,13 @@ class Host:
             )
         entry = self.shared.get(uuid)
         if entry is None:
-            account = self.store.add_guest(f"shared:{uuid_module.UUID(bytes=uuid)}")
+            account_name = f"shared:{uuid_module.UUID(bytes=uuid)}"
+            over = self.overrides.get(account_name, Override())  # set by an admin beforehand
+            account = self.store.add_guest(
+                account_name,
+                weight=DEFAULT_WEIGHT if over.weight is None else over.weight,
+                cap=over.cap if over.cap_set else None,
+            )
             pool = self.store.new_pool(account, persistent=False, order=order, shared=True)
             entry = self.shared[uuid] = SharedPool(uuid, pool)
         elif entry.pool.order != order:
@@ -286,11 +292,23 @@ class Host:
             f"unknown guest {name!r}: not connected and not in the config (tmemctl guests lists them)"
         )
 
+    def _known_shared(self, name: str) -> Guest | None:
+        """The account of shared pool ``shared:UUID`` (None while no member has opened it);
+        NotFound unless some grant names the pool."""
+        try:
+            uuid = uuid_module.UUID(name.removeprefix("shared:")).bytes
+        except ValueError:
+            raise InvalidArgument(f"{name!r} is not shared:UUID") from None
+        if name in self.store.guests or any(u == uuid for u, _ in self.grants):
+            return self.store.guests.get(name)
+        raise NotFound(f"unknown shared pool {name!r}: no grant names it (tmemctl share list)")
+
     def set_guest(self, name: str, *, weight: Any = None, cap: Any = ...) -> dict[str, Any]:
-        """Change weight and/or cap (``cap=None`` removes it). Applies now and on reconnect."""
-        if name.startswith("shared:"):
-            raise InvalidArgument("weights and caps apply to guests, not shared pools")
-        guest = self._known_guest(name)
+        """Change weight and/or cap (``cap=None`` removes it). Applies now and on reconnect.
+        A shared pool's account (``shared:UUID``, billed its members' pages) takes them too: a
+        grant lets guests put there, and the cap is what bounds that."""
+        known = self._known_shared if name.startswith("shared:") else self._known_guest
+        guest = known(name)
         if weight is not None:
             try:
                 weight = validate_weight(weight)
