@@ -271,9 +271,12 @@ def _page_batch(
     for rnd in _chunks(len(batch), per_round):
         base = start * FRAME_SIZE
         if datas is not None:
-            # Staging frames are contiguous: one join and one copy for the whole round.
-            chunk = datas[rnd.start : rnd.stop]
-            region[base : base + len(rnd) * ps] = b"".join(chunk)
+            # Each page straight into its staging frames: a join first would build (and, past
+            # malloc's mmap threshold, page-fault in) a copy of the whole round.
+            at = base
+            for data in datas[rnd.start : rnd.stop]:
+                region[at : at + ps] = data
+                at += ps
         requests = []
         for sub in _chunks(len(rnd), per_request):
             part = range(rnd.start + sub.start, rnd.start + sub.stop)
