@@ -41,6 +41,7 @@ from conftest import EOF, ROOT, Daemon, read_raw_frame
 
 import tmemclient
 from tmemclient import ring
+from tmemclient.client import hello_message
 from tmemclient.protocol import (
     FRAME_SIZE,
     HEADER,
@@ -631,7 +632,7 @@ def test_huge_bin_pool_handle_gets_a_short_reply(env: Env) -> None:
 # Unknown ops, argument counts and types
 
 
-@pytest.mark.parametrize("op", [0, 3, 11, 19, 23, 29, Op.HELLO, 33, 127, 255, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("op", [0, 3, 11, 19, 24, 29, Op.HELLO, 33, 127, 255, 2**32, 2**64 - 1])
 def test_unknown_op(env: Env, op: int) -> None:
     """An op the daemon does not serve (HELLO included, once past the handshake) is answered
     INVALID for that request; the connection goes on."""
@@ -1686,4 +1687,59 @@ def test_a_guest_that_leaves_its_replies_unread_is_dropped(
             break
     else:
         raise AssertionError("the connection was never closed")
+    env.check()
+
+
+# ================================================================================================
+# TOUCH_MANY: reports of mapped reads
+
+
+def mapped_guest(env: Env) -> Raw:
+    """A raw guest whose handshake asked for (and got) a mapping; the mirror fd that came with
+    the reply is dropped by the plain recv (the kernel closes it)."""
+    fd, region = create_region(GUEST_FRAMES)
+    raw = env.connect()
+    raw.fd, raw.region = fd, region
+    raw.send(hello_message(unique("touch"), GUEST_FRAMES, 0, True), [fd])
+    limits = raw.expect(1, OK)
+    assert limits["map"] > 0, "the daemon granted no mapping"
+    return raw
+
+
+TOUCH_BAD = [
+    pytest.param([1], INVALID, "2-tuples", id="odd-length"),
+    pytest.param({"a": 1}, INVALID, "2-tuples", id="not-an-array"),
+    pytest.param([-1, 1], INVALID, "entry 0 slot", id="negative-slot"),
+    pytest.param([2**32, 1], INVALID, "entry 0 slot", id="slot-2^32"),
+    pytest.param([1, 1, 1, -1], INVALID, "entry 1 generation", id="generation-negative"),
+    pytest.param([1, "1"], INVALID, "entry 0 generation", id="generation-str"),
+    pytest.param([True, 1], INVALID, "entry 0 slot", id="slot-bool"),
+    pytest.param([1, 1] * (MAX_BATCH + 1), LIMIT, "max_batch", id="over-max-batch"),
+]
+
+
+@pytest.mark.parametrize(("entries", "status", "needle"), TOUCH_BAD)
+def test_touch_many_with_bad_entries_is_refused_whole(
+    env: Env, entries: Any, status: int, needle: str
+) -> None:
+    g = mapped_guest(env)
+    handle, _ = g.ok(Op.NEW_POOL, FLAGS, None)
+    g.fails(Op.TOUCH_MANY, [handle, entries], status, needle)
+    assert g.ok(Op.TOUCH_MANY, handle, [1, 1] * MAX_BATCH) is None  # the edge is served
+    env.check()
+
+
+def test_touch_many_needs_a_mapping_and_a_pool_of_ones_own(env: Env) -> None:
+    """Only a mapped connection may report reads; tokens that name nothing of the guest's
+    (another guest's slots, made-up generations) are answered OK and change nothing: the
+    reference guest's pages and counters stay as they were."""
+    plain = env.guest()
+    handle, _ = plain.ok(Op.NEW_POOL, FLAGS, None)
+    plain.fails(Op.TOUCH_MANY, [handle, [1, 1]], INVALID, "mapping")
+    g = mapped_guest(env)
+    mine, _ = g.ok(Op.NEW_POOL, FLAGS, None)
+    g.fails(Op.TOUCH_MANY, [handle, [1, 1]], NO_POOL, "unknown")  # plain's handle: not ours
+    guesses = [slot for s in range(64) for slot in (s, 1 + s)]  # slots 0..63, small generations
+    assert g.ok(Op.TOUCH_MANY, mine, guesses[: 2 * MAX_BATCH]) is None
+    assert g.ok(Op.TOUCH_MANY, mine, [0, 2**64 - 1, 2**32 - 1, 1]) is None
     env.check()

@@ -289,3 +289,54 @@ def test_busy_mapped_guests_move_little_memory_unless_move_slack_is_0(
                     assert data == bytes([n, i % 256]) * (PAGE // 2)
                     held += 1
             assert 16 <= held <= 48, held  # both keep a share
+
+
+def test_mapped_reads_reported_to_tmemd_keep_pages_and_count_as_hits(
+    start_daemon: Any, tmp_path: Any
+) -> None:
+    """tmemd does not see a mapped read, so the pool reports it (TOUCH_MANY, sent with its next
+    no-wait put): the page read counts as a get hit and becomes the most recently used, so it
+    outlives pages put after it but not read since."""
+    admin = tmp_path / "admin" / "admin.sock"
+    admin.parent.mkdir(mode=0o700)
+    daemon = start_daemon("--memory", "64KiB", "--admin-socket", str(admin))  # 16 pages
+    with connect(daemon, "m") as client:
+        pool = client.new_pool()
+        tokens = [
+            as_token(t) for t in put_tokens(pool, [(1, i, bytes([i]) * PAGE) for i in range(16)])
+        ]
+        for _ in range(3):
+            assert pool.read_mapped(tokens[0]) == bytes([0]) * PAGE
+        # The next puts carry the report first; 8 new pages evict the 8 least recently used.
+        put_tokens(pool, [(2, i, bytes([100 + i]) * PAGE) for i in range(8)])
+        kept = [pool.read_mapped(t) is not None for t in tokens]
+        assert kept == [True] + [False] * 8 + [True] * 7
+        pool.wait_deferred()  # reports the 8 reads just made
+        row = {r["name"].split("/")[-1]: r for r in AdminClient(admin).call("guests")}["m"]
+        assert row["gets_hit"] == 3 + 8
+        assert client.deferred.errors == 0
+
+
+async def test_the_trio_pool_reports_its_mapped_reads_too(start_daemon: Any, tmp_path: Any) -> None:
+    admin = tmp_path / "admin" / "admin.sock"
+    admin.parent.mkdir(mode=0o700)
+    daemon = start_daemon("--memory", "64KiB", "--admin-socket", str(admin))
+    with trio.fail_after(30):
+        async with tmemclient.open_client(daemon.socket, name="t", map_pages=True) as client:
+            pool = await client.new_pool()
+            answers: list[Any] = [None] * 16
+
+            def on_answer(first: int, results: Any) -> None:
+                answers[first : first + len(results)] = results
+
+            await pool.put_many_nowait([(1, i, bytes([i]) * PAGE) for i in range(16)], on_answer)
+            await pool.wait_deferred()
+            assert pool.read_mapped(as_token(answers[0])) == bytes([0]) * PAGE
+            await pool.put_many_nowait([(2, i, bytes([i]) * PAGE) for i in range(8)])
+            await pool.wait_deferred()
+            assert pool.read_mapped(as_token(answers[0])) is not None  # kept: it was read
+            assert pool.read_mapped(as_token(answers[1])) is None
+            await client.wait_deferred()
+            rows = await trio.to_thread.run_sync(lambda: AdminClient(admin).call("guests"))
+            row = {r["name"].split("/")[-1]: r for r in rows}["t"]
+            assert row["gets_hit"] == 2 and client.deferred.errors == 0

@@ -705,6 +705,7 @@ def test_op_and_status_numbers_are_the_spec_tables() -> None:
         "PUT_MANY": 20,
         "GET_MANY": 21,
         "FLUSH_MANY": 22,
+        "TOUCH_MANY": 23,
         "HELLO": 30,
         "PING": 31,
         "DOORBELL": 32,

@@ -1358,6 +1358,46 @@ def test_memory_still_follows_demand_to_a_busy_mapped_guest() -> None:
         store.close()
 
 
+def test_reported_mapped_reads_count_and_keep_pages_recent(make_store: MakeStore) -> None:
+    """touch_many: a token whose page is still there as read moves it to the LRU's young end
+    and counts as a get hit; tokens of pages gone or changed, of another pool or guest, of a
+    tail slot or past the store are ignored."""
+    store = make_store(8)
+    a, b = store.add_guest("a"), store.add_guest("b")
+    ma = store.map_guest(a)
+    store.map_guest(b)
+    pa = store.new_pool(a, persistent=False, order=0)
+    big = store.new_pool(a, persistent=False, order=1)
+    pb = store.new_pool(b, persistent=False, order=0)
+    for i in range(4):
+        assert put(store, pa, 1, i, page(i))
+    assert put(store, big, 1, 0, page(9, 1))
+    assert put(store, pb, 1, 0, page(10))
+    maybe = [store.token(pa, 1, i) for i in range(4)]
+    big_token, b_token = store.token(big, 1, 0), store.token(pb, 1, 0)
+    tokens = [t for t in maybe if t is not None]
+    assert len(tokens) == 4 and big_token is not None and b_token is not None
+    tail = store._slots_of(big_token[0], 1)[1]  # the 2nd slot of the order-1 page
+    hits = a.stats.gets_hit
+    bad = [
+        [tokens[1][0], tokens[1][1] + 1],  # a generation it never had
+        [tokens[2][0], 0],  # 0 is never a generation
+        b_token,  # another guest's page
+        big_token,  # a page of another pool
+        [store.capacity_slots + 5, 1],  # past the store
+    ]
+    bad.append([tail, ma.gen[big_token[0]]])  # a tail slot with the head's generation
+    heads, gens = zip(tokens[0], *bad, strict=True)
+    assert store.touch_many(pa, list(heads), list(gens)) == 1
+    assert a.stats.gets_hit == hits + 1 and pa.stats.gets_hit == 1
+    # Page 0 is now the most recent of a's: of the next puts (one into the free slot), the
+    # evictions take 1, 2 and 3.
+    for i in range(4):
+        assert put(store, pa, 2, i, page(20 + i))
+    assert [present(store, pa, 1, i) for i in range(4)] == [True, False, False, False]
+    assert store.touch_many(pa, [tokens[1][0]], [tokens[1][1]]) == 0  # evicted: ignored
+
+
 def test_removing_a_mapped_guest_frees_its_mirror(make_store: MakeStore) -> None:
     store = make_store(8)
     guest = store.add_guest("g")

@@ -80,6 +80,7 @@ SPEC_ARGS: dict[int, tuple[str, ...]] = {
     Op.PUT_MANY: ("pool", "entries"),
     Op.GET_MANY: ("pool", "entries"),
     Op.FLUSH_MANY: ("pool", "entries"),
+    Op.TOUCH_MANY: ("pool", "entries"),
     Op.PING: (),
     Op.DOORBELL: (),
 }
@@ -160,12 +161,16 @@ def check_arguments(op: int, m: list[Any]) -> None:
         raise InvalidArgument("offset + length outside the page")
     if "entries" in args:
         entries = args["entries"]
-        width = 2 if op == Op.FLUSH_MANY else 3
+        width = 2 if op in (Op.FLUSH_MANY, Op.TOUCH_MANY) else 3
         if type(entries) is not list or len(entries) % width:
             raise InvalidArgument("entries must be a flat array")
         if len(entries) // width > DEFAULTS.max_batch:
             raise LimitExceeded("too many entries")
         for i in range(0, len(entries), width):
+            if op == Op.TOUCH_MANY:  # a token: head slot, generation
+                check_uint(entries[i], 32, "slot")
+                check_uint(entries[i + 1], 64, "generation")
+                continue
             decode_oid(entries[i])
             for value in entries[i + 1 : i + width]:
                 check_uint(value, 32, "index or frame")
@@ -198,6 +203,8 @@ class VectorSession:
         guest = self.host.attach("1000/cache", GuestPolicy())
         region = memoryview(bytearray(256 * FRAME_SIZE))  # the HELLO vector's 256 frames
         self.session = Session(self.host, guest, region, DEFAULTS)
+        # As if granted a mapping (TOUCH_MANY needs one); without a mirror nothing else changes.
+        self.session.mapped = True
         self.host.join(self.session)
         self.host.grant(SHARED_UUID, "1000/cache")
         for alias, flags, uuid in (

@@ -45,17 +45,29 @@ class PoolOps:
         self._region = region
         self._limits = limits
         self.info = info
+        self._touched: list[int] = []  # tokens read through the mapping, not reported yet
 
     @property
     def mapping(self) -> Mapping | None:
         """The client's mapping of its pages (connected with ``map_pages=True``), or None."""
         raise NotImplementedError  # the pool classes know their client
 
-    def read_mapped(self, token: Token) -> bytes | None:
+    def read_mapped(self, token: Token, *, report: bool = True) -> bytes | None:
         """The page a ``put_many_nowait`` answer named by ``token``, read through the client's
         mapping with no round trip and no I/O (so not awaited in the trio pool either); None if
-        tmem no longer holds it as it was put. The page stays in tmem (PROTOCOL.md §4.7)."""
-        return self._mapped().read(token, self.info.page_size.bit_length() - 13)
+        tmem no longer holds it as it was put. The page stays in tmem (PROTOCOL.md §4.7). With
+        ``report``, the read is reported to tmemd later (``report_reads``), which then counts
+        it as a get hit and keeps the page as recently used; a caller that now holds the page
+        itself (a page cache) may rather let tmem's copy age from its put."""
+        data = self._mapped().read(token, self.info.page_size.bit_length() - 13)
+        if report and data is not None and len(self._touched) < 2 * self._limits.max_batch:
+            self._touched += token  # beyond one request's worth, reads go unreported
+        return data
+
+    def _touches(self) -> list[list[Any]]:
+        """The TOUCH_MANY request reporting the mapped reads not reported yet (taken)."""
+        entries, self._touched = self._touched, []
+        return [[Op.TOUCH_MANY, self.info.handle, entries]] if entries else []
 
     def _mapped(self) -> Mapping:
         """The client's mapping; InvalidArgument if it has none."""
@@ -184,6 +196,7 @@ class PoolOps:
 
     def _destroy(self) -> Job:
         info = self._alive()
+        self._touched = []  # nothing to report of a pool that goes
         return Job(0, lambda _s, _n: _plans.simple(Op.DESTROY_POOL, info.handle))
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ import mmap
 import os
 import socket
 import uuid as uuid_module
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -130,6 +131,7 @@ class AsyncPool(PoolOps):
         ``Pool.put_many_nowait``); answers are counted in ``client.deferred`` as they arrive,
         and handed to ``on_answer(first, results)`` (from the reader task)."""
         items = items if isinstance(items, (list, tuple)) else list(items)
+        await self.report_reads()
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
         for i in range(0, len(items), step):
             job = self._put_many(items[i : i + step])
@@ -142,8 +144,15 @@ class AsyncPool(PoolOps):
         return self._client.mapping
 
     async def wait_deferred(self) -> None:
-        """Wait for the answers to every ``put_many_nowait`` of the client."""
+        """Wait for the answers to every ``put_many_nowait`` of the client, after reporting its
+        pools' mapped reads."""
         await self._client.wait_deferred()
+
+    async def report_reads(self) -> None:
+        """Tell tmemd, without waiting, which pages were read through the mapping since the
+        last report (see the sync ``Pool.report_reads``)."""
+        if self._touched:
+            await self._client._send_requests(self._touches(), None, deferred=True)
 
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -178,6 +187,7 @@ class AsyncClient:
         self._closed: TmemError | None = None
         self.notice: str | None = None
         self.deferred = DeferredStats()
+        self._pools: weakref.WeakSet[AsyncPool] = weakref.WeakSet()  # made here, referenced
         self.mapping: Mapping | None = None  # the page mirror, when opened with map_pages
 
     @property
@@ -216,7 +226,9 @@ class AsyncClient:
         )
         (result,) = await self._exchange([request], None)
         handle, size = result
-        return AsyncPool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        pool = AsyncPool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        self._pools.add(pool)  # to report its mapped reads in wait_deferred
+        return pool
 
     async def ping(self) -> None:
         """One round trip that does nothing."""
@@ -225,7 +237,10 @@ class AsyncClient:
     # ------------------------------------------------------------------ driving plans
 
     async def wait_deferred(self) -> DeferredStats:
-        """Wait for the answers to every put_many_nowait sent so far; the running counts."""
+        """Report every pool's mapped reads, then wait for the answers to every
+        put_many_nowait (and report) sent so far; the running counts."""
+        for pool in list(self._pools):
+            await pool.report_reads()
         for waiter in [w for w in self._waiting.values() if w.deferred]:
             await waiter.event.wait()
         return self.deferred

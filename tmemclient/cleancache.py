@@ -505,7 +505,10 @@ class _CacheCore:
                 tokens.append(entry[2])
         if mapped:
             masks = [shadow[key][1] for key in mapped]
-            found = [pool.read_mapped(token) for token in tokens]
+            # Not reported to tmemd: the block is ours again, and tmem's copy (kept so that
+            # an unchanged block is not put again) should age from its put, not crowd out
+            # pages only tmem holds. Refreshing it cost 3% more disk reads (uniform run).
+            found = [pool.read_mapped(token, report=False) for token in tokens]
             self.stats.mapped_reads += sum(data is not None for data in found)
             self._take(mapped, masks, found, len(mapped), kept=True)
         return left

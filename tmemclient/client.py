@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import uuid as uuid_module
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,6 +85,8 @@ class DeferredStats:
         if status != Status.OK:
             self.errors += 1
             self.last_error = str(result)
+            return
+        if result is None:  # a report of mapped reads (TOUCH_MANY): no pages in it
             return
         flags = result if isinstance(result, list) else [result]
         ok = sum(1 for flag in flags if flag)
@@ -206,6 +209,7 @@ class Pool(PoolOps):
         failed.
         """
         items = items if isinstance(items, (list, tuple)) else list(items)
+        self.report_reads()
         # Half the region per request at most, so one batch can be staged while the answer
         # to the previous one is still on its way.
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
@@ -235,8 +239,15 @@ class Pool(PoolOps):
 
     def wait_deferred(self) -> None:
         """Wait for the answers to every ``put_many_nowait`` of the client (``on_answer`` has
-        then been called for each)."""
+        then been called for each), after reporting its pools' mapped reads."""
         self._client.wait_deferred()
+
+    def report_reads(self) -> None:
+        """Tell tmemd, without waiting, which pages were read through the mapping since the
+        last report (PROTOCOL.md §4.7: it counts them as get hits and keeps them as recently
+        used). ``put_many_nowait`` and ``wait_deferred`` do this first."""
+        if self._touched:
+            self._client._send_deferred(self._touches())
 
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -293,6 +304,7 @@ class Client:
         self.mapping: Mapping | None = None  # the page mirror, when connected with map_pages
         self._single: tuple[int, int] = (0, 0)  # (start, frames) kept for single-page ops
         self.deferred = DeferredStats()
+        self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # made here, still referenced
 
     @property
     def rings(self) -> bool:
@@ -330,7 +342,9 @@ class Client:
         )
         (result,) = self._exchange([request])
         handle, size = result
-        return Pool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        pool = Pool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        self._pools.add(pool)  # to report its mapped reads in wait_deferred
+        return pool
 
     def ping(self) -> None:
         """One round trip that does nothing."""
@@ -361,7 +375,10 @@ class Client:
     # ------------------------------------------------------------------ driving plans
 
     def wait_deferred(self) -> DeferredStats:
-        """Wait for the answers to every put_many_nowait sent so far; the running counts."""
+        """Report every pool's mapped reads, then wait for the answers to every
+        put_many_nowait (and report) sent so far; the running counts."""
+        for pool in list(self._pools):
+            pool.report_reads()
         while self._deferred:
             self._read_one_reply({})
         return self.deferred
@@ -424,6 +441,14 @@ class Client:
             return None
         self._single = (new, need)
         return new
+
+    def _send_deferred(self, requests: list[list[Any]]) -> None:
+        """Send requests that stage nothing; their answers are read later, like a no-wait
+        put's (an error answer is counted in ``deferred``)."""
+        if self._closed is not None:
+            raise self._closed
+        for req_id in self._send(requests):
+            self._deferred[req_id] = None
 
     def _send_nowait(
         self, job: Job, start: int, count: int, on_answer: OnAnswer | None, first: int

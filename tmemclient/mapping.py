@@ -10,7 +10,9 @@ A mapped read checks the generation, copies the page, and checks the generation 
 is the one the token names only if both match (the daemon zeroes the word before it changes or
 frees the slot, and a generation is never reused). That needs the loads to stay in order, as
 they do on x86-64 (the rings need it too). The page stays in tmem: a mapped read is READ of the
-whole page, not GET (not exclusive, and the daemon's LRU does not see it).
+whole page, not GET (not exclusive). The daemon sees it only when the pool reports it
+(TOUCH_MANY, sent by the pool with its next no-wait put): then it counts as a get hit and the page
+becomes recently used.
 """
 
 from __future__ import annotations

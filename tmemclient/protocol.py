@@ -71,6 +71,7 @@ class Op(enum.IntEnum):
     PUT_MANY = 20
     GET_MANY = 21
     FLUSH_MANY = 22
+    TOUCH_MANY = 23  # pages read through the mapping, reported afterwards (PROTOCOL.md §4.7)
     HELLO = 30
     PING = 31
     DOORBELL = 32  # "look at the request ring"; never answered (PROTOCOL.md §4.6)

@@ -48,6 +48,7 @@ _ARGS: dict[int, tuple[str, ...]] = {
     Op.PUT_MANY: ("pool", "entries"),
     Op.GET_MANY: ("pool", "entries"),
     Op.FLUSH_MANY: ("pool", "entries"),
+    Op.TOUCH_MANY: ("pool", "entries"),
     Op.PING: (),
     Op.DOORBELL: (),
 }
@@ -84,6 +85,7 @@ class Session:
             Op.PUT_MANY: self._put_many,
             Op.GET_MANY: self._get_many,
             Op.FLUSH_MANY: self._flush_many,
+            Op.TOUCH_MANY: self._touch_many,
             Op.PING: lambda m: None,
             Op.DOORBELL: lambda m: None,  # only reached with arguments: an error
         }
@@ -293,6 +295,21 @@ class Session:
         flush = self.store.flush
         for oid, index in zip(oids, idxs, strict=True):
             flush(pool, oid, index)
+
+    def _touch_many(self, m: list[Any]) -> None:
+        pool = self._pool(m[2])
+        if not self.mapped:
+            raise InvalidArgument(
+                "TOUCH_MANY reports reads through a mapping; this connection has none "
+                "(ask for one in HELLO: map true)"
+            )
+        entries = self._entries(m[3], 2)
+        heads, gens = entries[0::2], entries[1::2]
+        if not (_plain_uints(heads, 32) and _plain_uints(gens, 64)):
+            for i, (head, gen) in enumerate(zip(heads, gens, strict=True)):
+                check_uint(head, 32, f"entry {i} slot")
+                check_uint(gen, 64, f"entry {i} generation")
+        self.store.touch_many(pool, heads, gens)
 
 
 def _plain_uints(values: list[Any], bits: int) -> bool:

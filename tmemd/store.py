@@ -298,6 +298,27 @@ class Store:
             return None
         return [head, mirror.gen[head]]
 
+    def touch_many(self, pool: Pool, heads: Sequence[int], gens: Sequence[int]) -> int:
+        """Reads of ``pool``'s pages through its guest's mirror, as the guest reports them (the
+        tokens [head slot, generation] it read): each page still there as it was read counts
+        as a get hit and, if ephemeral, becomes the most recently used, as after a GET or a
+        READ. Tokens of pages gone or changed since, or not of this pool, are ignored; returns
+        how many counted."""
+        mirror = pool.guest.mirror
+        if mirror is None:
+            return 0
+        owners, gen, known = self._pool, mirror.gen, len(self._pool)
+        guest = pool.guest
+        hits = 0
+        for head, generation in zip(heads, gens, strict=True):
+            if head < known and owners[head] is pool and generation and gen[head] == generation:
+                self.clock += 1
+                if not pool.persistent:
+                    self._touch(guest, head)
+                hits += 1
+        self._count_gets(pool, hits, hits)
+        return hits
+
     def new_pool(self, guest: Guest, *, persistent: bool, order: int, shared: bool = False) -> Pool:
         """Create an empty pool billed to ``guest``."""
         if shared and persistent:
