@@ -480,6 +480,22 @@ def test_close_in_the_middle_of_hello(env: Env) -> None:
     env.check()
 
 
+def test_an_fd_with_the_rest_of_hello_is_refused_and_closed(env: Env) -> None:
+    """HELLO in two pieces, the region memfd with the first and a second fd with the rest: the
+    second is seen (not dropped by the kernel unnoticed), the handshake refused, both closed."""
+    r, w = os.pipe()
+    fd = memfd()
+    hello = hello_bytes()
+    g = env.connect()
+    g.send(hello[:9], [fd])
+    time.sleep(0.05)  # two segments: the daemon reads the first before the second is sent
+    g.send(hello[9:], [w])
+    close_fds([fd, w])
+    g.refused(1, PROTOCOL, "exactly one fd")
+    assert_released([r])
+    env.check()
+
+
 # ================================================================================================
 # Frame size
 

@@ -229,6 +229,13 @@ def test_freeze_and_thaw(admin: Admin, guest: tmemclient.Client) -> None:
     assert GUEST in ok("freeze", GUEST, sock=admin.socket)
     assert guest_row(admin.socket)["frozen"] is True
     assert pool.put(1, 1, page(1)) is False
+    # Puts fail; reads, in-place writes (they take no memory) and flushes proceed.
+    assert pool.put_many([(1, 1, page(1)), (1, 2, page(2))]) == [False, False]
+    assert pool.read(1, 0, 0, 16) == page(0)[:16]
+    assert pool.write(1, 0, 0, b"frozen, written") is True
+    assert pool.xchg(1, 0, 0, b"F") == b"f"
+    assert pool.read(1, 0, 0, 15) == b"Frozen, written"
+    assert pool.write(1, 1, 0, b"x") is False  # no page there: nothing is made
     assert GUEST in ok("thaw", GUEST, sock=admin.socket)
     assert guest_row(admin.socket)["frozen"] is False
     assert pool.put(1, 1, page(1)) is True

@@ -186,7 +186,17 @@ class GuestServer:
             while len(buf) < 4 or len(buf) < 4 + HEADER.unpack_from(buf)[0]:
                 if len(buf) >= 4 and HEADER.unpack_from(buf)[0] > HELLO_MAX_FRAME:
                     raise ProtocolError(f"HELLO frame is larger than {HELLO_MAX_FRAME} bytes")
-                more = await sock.recv(HELLO_MAX_FRAME)
+                # Room for an fd, so one sent with a later piece is seen (and refused) rather
+                # than dropped by the kernel unnoticed.
+                more, ancdata, flags, _ = await sock.recvmsg(
+                    HELLO_MAX_FRAME, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                )
+                extra = fds_from_ancillary(ancdata, flags)
+                if extra:
+                    close_all(extra)
+                    raise ProtocolError(
+                        "HELLO must carry exactly one fd (the region memfd), with its first byte"
+                    )
                 if not more:
                     raise ProtocolError("connection closed in the middle of HELLO")
                 buf += more
