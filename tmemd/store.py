@@ -652,13 +652,15 @@ class Store:
                 self._evict(guest.lru_head)
         if need > self.budget_slots:
             return False
-        # A mapped guest's own page rather than another busy guest's nearly as old one: that
-        # would move memory between their files (policy.py).
-        mover = guest if guest.mirror is not None else None
-        active = ACTIVE_TICKS_PER_GUEST * len(self.guests)
         while self.used_slots + need > self.budget_slots:
+            # A mapped guest's own page rather than another busy guest's nearly as old one:
+            # that would move memory between their files (policy.py).
             victim = choose_victim(
-                self.guests.values(), self.clock, mover=mover, slack=self.move_slack, active=active
+                self.guests.values(),
+                self.clock,
+                mover=guest if guest.mirror is not None else None,
+                slack=self.move_slack,
+                active=ACTIVE_TICKS_PER_GUEST * len(self.guests),
             )
             if victim is None:
                 return False
