@@ -312,6 +312,22 @@ def test_share_grant_list_revoke(admin: Admin, guest: tmemclient.Client) -> None
     assert proc.stderr.startswith("tmemctl: ") and "no grant" in proc.stderr, proc.stderr
 
 
+def test_set_caps_a_shared_pools_account(admin: Admin, guest: tmemclient.Client) -> None:
+    name = f"shared:{SHARED}"
+    proc = tmemctl("set", name, "--cap", "8K", sock=admin.socket)
+    assert proc.returncode == 1 and "no grant names it" in proc.stderr, proc.stderr
+    ok("share", "grant", SHARED, GUEST, sock=admin.socket)
+    out = ok("set", name, "--cap", "8K", "--weight", "50", sock=admin.socket)
+    assert "weight 50, cap 8.0KiB (not open: applies when a member opens it)" in out, out
+    shared = guest.new_pool(shared=True, uuid=SHARED)
+    for i in range(4):
+        assert shared.put(3, i, page(i))  # ephemeral: the account's cap evicts its oldest
+    row = guest_row(admin.socket, name)
+    assert (row["weight"], row["cap"], row["ephemeral_bytes"]) == (50, 8192, 8192)
+    out = ok("set", name, "--cap", "4K", sock=admin.socket)
+    assert "evicted 1 pages to fit the cap" in out, out
+
+
 def test_grant_to_a_guest_not_connected_yet(admin: Admin) -> None:
     other = str(uuid.uuid4())
     out = ok("share", "grant", other, "1000/later", sock=admin.socket)

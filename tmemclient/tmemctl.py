@@ -449,6 +449,8 @@ def _describe_set(result: Mapping[str, Any]) -> str:
     name = result.get("name")
     text = f"{name}: weight {_count(result.get('weight'))}, cap {_size(result.get('cap'))}"
     if result.get("connected") is False:
+        if str(name).startswith("shared:"):
+            return text + " (not open: applies when a member opens it)"
         return text + " (not connected: applies when it connects)"
     evicted = result.get("evicted", 0)
     return text + (f"; evicted {evicted} pages to fit the cap" if evicted else "")
