@@ -38,7 +38,7 @@ from tmemclient.protocol import (
     split_reply,
     valid_guest_name,
 )
-from tmemclient.region import FrameAllocator, create_region
+from tmemclient.region import FrameAllocator, create_region, fds_from_ancillary
 from tmemclient.ring import Rings, SpinGate, fence
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
@@ -722,14 +722,7 @@ def hello_mapping(limits: Limits, fds: list[int], map_pages: bool) -> Mapping | 
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
-    """The descriptors that came with a message (SCM_RIGHTS)."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(array.array("i", data[:usable]))
-    if msg_flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError("tmemd sent more fds with its HELLO reply than one mirror")
-    return fds
+    """The descriptors that came with the HELLO reply (SCM_RIGHTS)."""
+    return fds_from_ancillary(
+        ancdata, msg_flags, "tmemd sent more fds with its HELLO reply than one mirror"
+    )

@@ -9,15 +9,15 @@ announced size. Then no later ftruncate by the guest can succeed.
 from __future__ import annotations
 
 import array
-import contextlib
 import fcntl
 import mmap
 import os
 import socket
 import stat
 
-from tmemclient.errors import InvalidArgument, LimitExceeded, ProtocolError
+from tmemclient.errors import InvalidArgument, LimitExceeded
 from tmemclient.protocol import FRAME_SIZE
+from tmemclient.region import fds_from_ancillary as _fds
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -25,23 +25,7 @@ REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     """Every fd that arrived; raises ProtocolError (after closing them) if the control data was
     truncated, i.e. the guest sent more fds than the one we allow."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[: len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    if flags & socket.MSG_CTRUNC:
-        close_all(fds)
-        raise ProtocolError("HELLO must carry exactly one fd (the region memfd); got more")
-    return fds
-
-
-def close_all(fds: list[int]) -> None:
-    """Close fds we received but will not use."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    return _fds(ancdata, flags, "HELLO must carry exactly one fd (the region memfd); got more")
 
 
 def map_region(fd: int, frames: int, max_frames: int, extra: int = 0) -> mmap.mmap:

@@ -40,10 +40,11 @@ from tmemclient.protocol import (
 from tmemclient.protocol import (
     Limits as WireLimits,
 )
+from tmemclient.region import close_all
 from tmemclient.ring import PollWindow, Rings, SpinGate, fence, ring_bytes
 from tmemd.config import Limits
 from tmemd.host import Host
-from tmemd.region import close_all, fds_from_ancillary, map_region, peer_credentials
+from tmemd.region import fds_from_ancillary, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
 from tmemd.store import Guest, StoreError
 
