@@ -412,31 +412,35 @@ def test_choose_victim_breaks_ties_by_iteration_order() -> None:
 
 SLACK, ACTIVE = 0.125, 16
 
+# (other account, mover, clock, who goes): FakeAccount(name, weight, oldest, newest stamp)
+MOVER_CASES = [
+    # a's oldest idles 9, the mover's 8 >= 9 * 7/8, and a touched a page 1 tick ago: the mover
+    # gives up its own page rather than move memory from a's file to its own
+    pytest.param(
+        FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 3, 10), 10, "m", id="keeps-in-place"
+    ),
+    # memory follows demand: a last touched a page 38 ticks ago (>= active), so it goes
+    pytest.param(
+        FakeAccount("a", 100, 2, 2), FakeAccount("m", 100, 3, 39), 40, "a", id="idle-goes"
+    ),
+    # a's oldest idles 9, the mover's 2 < 9 * 7/8: the plain weighted LRU
+    pytest.param(
+        FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 9, 10), 10, "a", id="much-older"
+    ),
+    # the first case's idle times, but the mover weighs 3 times more: 8/300 < 9/100 * 7/8
+    pytest.param(FakeAccount("a", 100, 2, 9), FakeAccount("m", 300, 3, 10), 10, "a", id="weighted"),
+]
 
-def test_choose_victim_keeps_memory_in_place_between_busy_guests() -> None:
-    # a's oldest idles 9, the mover's 8 >= 9 * 7/8, and a touched a page 1 tick ago: the
-    # mover gives up its own page rather than move memory from a's file to its own
-    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 3, 10)
-    assert choose_victim([busy, mover], 10) is busy
-    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is mover
 
-
-def test_choose_victim_takes_an_idle_guests_page_whatever_the_slack() -> None:
-    # Memory follows demand: a last touched a page 38 ticks ago (>= active), so it goes.
-    idle, mover = FakeAccount("a", 100, 2, 2), FakeAccount("m", 100, 3, 39)
-    assert choose_victim([idle, mover], 40, mover=mover, slack=SLACK, active=ACTIVE) is idle
-
-
-def test_choose_victim_moves_memory_when_the_other_page_is_much_older() -> None:
-    # a's oldest idles 9, the mover's 2 < 9 * 7/8: the plain weighted LRU.
-    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 100, 9, 10)
-    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is busy
-
-
-def test_choose_victim_slack_counts_in_weighted_scores() -> None:
-    # Same idle times as the first case, but the mover weighs 3 times more: 8/300 < 9/100 * 7/8.
-    busy, mover = FakeAccount("a", 100, 2, 9), FakeAccount("m", 300, 3, 10)
-    assert choose_victim([busy, mover], 10, mover=mover, slack=SLACK, active=ACTIVE) is busy
+@pytest.mark.parametrize(("other", "mover", "clock", "goes"), MOVER_CASES)
+def test_choose_victim_with_a_mover(
+    other: FakeAccount, mover: FakeAccount, clock: int, goes: str
+) -> None:
+    """The mover's own page goes instead of a busy neighbour's within the slack; an idle
+    neighbour's, or a much older one, goes as in the plain weighted LRU."""
+    assert choose_victim([other, mover], clock) is other  # the plain weighted LRU
+    chosen = choose_victim([other, mover], clock, mover=mover, slack=SLACK, active=ACTIVE)
+    assert chosen is not None and chosen.name == goes
 
 
 def test_choose_victim_without_slack_or_own_pages_is_the_plain_lru() -> None:
