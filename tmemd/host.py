@@ -33,7 +33,7 @@ from tmemclient.errors import (
 )
 from tmemclient.units import format_size
 from tmemd.config import GuestPolicy, Settings
-from tmemd.policy import DEFAULT_WEIGHT, validate_weight
+from tmemd.policy import validate_weight
 from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store
 
 log = structlog.get_logger("tmemd.host")
@@ -112,14 +112,19 @@ class Host:
             )
         guest = self.store.guests.get(name)
         if guest is None:
-            over = self.overrides.get(name, Override())
-            weight = over.weight if over.weight is not None else policy.weight
-            cap = over.cap if over.cap_set else policy.cap
-            guest = self.store.add_guest(name, weight=weight, cap=cap)
-            guest.frozen = self.frozen_all if over.frozen is None else over.frozen
+            guest = self._add_account(name, policy)
+            frozen = self.overrides.get(name, Override()).frozen
+            guest.frozen = self.frozen_all if frozen is None else frozen
         if member is not None:
             self.sessions.setdefault(name, set()).add(member)
         return guest
+
+    def _add_account(self, name: str, policy: GuestPolicy) -> Guest:
+        """A new store account: the policy's weight and cap, unless an admin set them."""
+        over = self.overrides.get(name, Override())
+        weight = over.weight if over.weight is not None else policy.weight
+        cap = over.cap if over.cap_set else policy.cap
+        return self.store.add_guest(name, weight=weight, cap=cap)
 
     def join(self, member: Member) -> None:
         """Record a connection that ``attach`` accounted for before it existed."""
@@ -187,13 +192,8 @@ class Host:
             )
         entry = self.shared.get(uuid)
         if entry is None:
-            account_name = f"shared:{uuid_module.UUID(bytes=uuid)}"
-            over = self.overrides.get(account_name, Override())  # set by an admin beforehand
-            account = self.store.add_guest(
-                account_name,
-                weight=DEFAULT_WEIGHT if over.weight is None else over.weight,
-                cap=over.cap if over.cap_set else None,
-            )
+            # Default weight, no cap, unless an admin set them (tmemctl set shared:UUID).
+            account = self._add_account(f"shared:{uuid_module.UUID(bytes=uuid)}", GuestPolicy())
             pool = self.store.new_pool(account, persistent=False, order=order, shared=True)
             entry = self.shared[uuid] = SharedPool(uuid, pool)
         elif entry.pool.order != order:
