@@ -194,6 +194,14 @@ class Daemon:
         self._owned.append(path)
         return sock
 
+    def _release(self, *listeners: trio.socket.SocketType | None) -> None:
+        """Close the listeners and remove the socket files this daemon created."""
+        for listener in listeners:
+            if listener is not None:
+                listener.close()
+        for path in self._owned:
+            unlink_quietly(path)
+
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and return."""
         settings = self.settings
@@ -211,10 +219,7 @@ class Daemon:
                     "guest", settings.socket, settings.socket_mode, None
                 )
             except BaseException:
-                if admin_listener is not None:
-                    admin_listener.close()
-                for path in self._owned:
-                    unlink_quietly(path)
+                self._release(admin_listener)
                 raise
             assert listener is not None
             try:
@@ -258,11 +263,7 @@ class Daemon:
                             await trio.sleep(0.05)
                     nursery.cancel_scope.cancel()
             finally:
-                listener.close()
-                if admin_listener is not None:
-                    admin_listener.close()
-                for path in self._owned:
-                    unlink_quietly(path)
+                self._release(listener, admin_listener)
                 self.notifier.close()
                 log.info("daemon_stopped", guests=len(self.host.sessions), used=self.store.used)
 
