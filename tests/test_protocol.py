@@ -5,6 +5,8 @@ Plain synchronous tests: bytes in, messages or exceptions out.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -55,6 +57,7 @@ from tmemclient.protocol import (
 )
 
 MAX_FRAME = 1 << 16
+SPEC = Path(__file__).resolve().parent.parent / "proto" / "PROTOCOL.md"
 
 
 def frame(body: bytes) -> bytes:
@@ -529,6 +532,50 @@ def test_hello_decode_refuses_bad_fields_as_invalid(message: Any) -> None:
     assert not isinstance(info.value, ProtocolError)
 
 
+@pytest.mark.parametrize(
+    ("hello", "options"),
+    [
+        (Hello(1, "cache", 256, ring=16), {"ring": 16}),
+        (Hello(1, "cache", 256, map=True), {"map": True}),
+        (Hello(1, "cache", 256, map=True, lend=True), {"map": True, "lend": True}),
+        (
+            Hello(1, "cache", 256, ring=8, map=True, lend=True),
+            {"ring": 8, "map": True, "lend": True},
+        ),
+    ],
+    ids=repr,
+)
+def test_hello_options_round_trip(hello: Hello, options: dict[str, Any]) -> None:
+    (message,) = decode_all(hello.encode())
+    assert message == [30, 1, 1, "cache", 256, options]
+    assert list(message[5]) == list(options)  # key order: ring, map, lend
+    assert Hello.decode(message) == hello
+
+
+def test_hello_lend_is_the_vector() -> None:
+    data = Hello(1, "cache", 256, map=True, lend=True).encode()
+    assert data.hex() == "00000019961e0101a56361636865cd010082a36d6170c3a46c656e64c3"  # hello_lend
+
+
+def test_hello_without_options_asks_for_nothing() -> None:
+    hello = Hello.decode([30, 1, 1, "a", 1, {}])
+    assert (hello.ring, hello.map, hello.lend) == (0, False, False)
+    assert Hello.decode([30, 1, 1, "a", 1, {"future": [1]}]) == Hello(1, "a", 1)
+
+
+def test_hello_lend_without_map_decodes() -> None:
+    """The daemon grants no loan without a mirror (PROTOCOL.md §4.8); the codec lets it be."""
+    assert Hello.decode([30, 1, 1, "a", 1, {"lend": True}]) == Hello(1, "a", 1, lend=True)
+
+
+@pytest.mark.parametrize("option", ["map", "lend"])
+@pytest.mark.parametrize("value", [1, 0, "true", None, [True], 1.0, b"\x01"], ids=repr)
+def test_hello_bool_options_refuse_non_bools_as_invalid(option: str, value: Any) -> None:
+    with pytest.raises(InvalidArgument, match=option) as info:
+        Hello.decode([30, 1, 1, "a", 1, {"map": True, option: value}])
+    assert not isinstance(info.value, ProtocolError)
+
+
 def test_hello_leaves_version_and_frames_ranges_to_the_daemon() -> None:
     """Version 2 is VERSION and frames 0 is LIMIT, decided after decoding (PROTOCOL.md §4.4)."""
     assert Hello.decode([30, 1, 2, "a", 0]) == Hello(2, "a", 0)
@@ -560,6 +607,23 @@ def test_limits_round_trip() -> None:
     assert list(limits.to_wire()) == list(WIRE_LIMITS)  # key order is the vectors'
 
 
+def test_limits_with_a_mirror_and_a_loan() -> None:
+    wire = {**WIRE_LIMITS, "map": 1 << 22, "lend": 1 << 22}
+    limits = Limits.from_wire(wire)
+    assert (limits.map, limits.lend) == (1 << 22, 1 << 22)
+    assert limits.to_wire() == wire
+    assert list(limits.to_wire()) == list(wire)  # key order is hello_lend_reply's
+
+
+def test_limits_omit_map_and_lend_when_not_granted() -> None:
+    limits = Limits(1, "1000/cache", 256, 1 << 20, 4096, 64, map=1 << 22)
+    assert limits.lend == 0 and "lend" not in limits.to_wire()
+    assert Limits.from_wire(limits.to_wire()) == limits
+    limits = Limits(1, "1000/cache", 256, 1 << 20, 4096, 64)
+    assert not {"map", "lend"} & set(limits.to_wire())
+    assert Limits.from_wire(WIRE_LIMITS).lend == 0  # absent: no loan
+
+
 def test_limits_ignore_unknown_keys() -> None:
     assert Limits.from_wire({**WIRE_LIMITS, "future": [1, 2]}) == Limits.from_wire(WIRE_LIMITS)
 
@@ -577,6 +641,10 @@ def test_limits_ignore_unknown_keys() -> None:
             if key != "ring"
         ),
         {**WIRE_LIMITS, "ring": -1},
+        {**WIRE_LIMITS, "map": True},
+        {**WIRE_LIMITS, "lend": -1},
+        {**WIRE_LIMITS, "lend": True},
+        {**WIRE_LIMITS, "lend": 1 << 32},
         {**WIRE_LIMITS, "max_frame": -1},
         {**WIRE_LIMITS, "max_batch": True},
         {**WIRE_LIMITS, "max_pools": "64"},
@@ -706,6 +774,7 @@ def test_op_and_status_numbers_are_the_spec_tables() -> None:
         "GET_MANY": 21,
         "FLUSH_MANY": 22,
         "TOUCH_MANY": 23,
+        "LEND": 24,
         "HELLO": 30,
         "PING": 31,
         "DOORBELL": 32,
@@ -723,6 +792,30 @@ def test_op_and_status_numbers_are_the_spec_tables() -> None:
         "NOT_FOUND": 9,
     }
     assert PROTOCOL_VERSION == 1
+
+
+def spec_table(heading: str) -> dict[str, int]:
+    """``Name: number`` of the first table under ``heading`` in PROTOCOL.md whose rows start
+    with a number and a name (§6's op table, §8's status table)."""
+    text = SPEC.read_text()
+    section = text[text.index(heading) :]
+    rows: dict[str, int] = {}
+    for line in section.splitlines()[1:]:
+        match = re.match(r"\| *(\d+) *\| *([A-Z_]+) *\|", line)
+        if match:
+            rows[match[2]] = int(match[1])
+        elif rows:
+            break
+    return rows
+
+
+def test_the_spec_tables_are_the_codes() -> None:
+    assert spec_table("## 6. Operations") == {op.name: int(op) for op in Op}
+    assert spec_table("## 8. Status codes") == {s.name: int(s) for s in Status}
+    headings = re.findall(r"^### 6\.\d+ (.*)$", SPEC.read_text(), re.M)
+    for op in Op:  # and every op but HELLO (§4.2) has a section of §6
+        if op != Op.HELLO:
+            assert [h for h in headings if re.search(rf"\b{op.name}\b", h)], op.name
 
 
 # ====================================================================================== statuses and errors

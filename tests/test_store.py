@@ -4,6 +4,8 @@ allocator and the size parser. No sockets, no daemon."""
 from __future__ import annotations
 
 import itertools
+import mmap
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from tmemclient.errors import InvalidArgument
 from tmemclient.region import FrameAllocator
 from tmemclient.units import format_size, parse_size
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim, validate_weight
-from tmemd.store import NIL, SLOT_SIZE, Mirror, Pool, Store, StoreError
+from tmemd.store import NIL, SLOT_SIZE, Guest, Mirror, Pool, Store, StoreError
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -776,12 +778,16 @@ class StoreModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = Store(MODEL_BUDGET_SLOTS * SLOT_SIZE)
+        self.now = 0  # the store's clock, in ns: rules move it
+        self.store = Store(MODEL_BUDGET_SLOTS * SLOT_SIZE, now_ns=lambda: self.now)
         self.guests = [
             self.store.add_guest("g0"),
             self.store.add_guest("g1", weight=300),
             self.store.add_guest("g2", cap=3 * SLOT_SIZE),
         ]
+        for guest in self.guests[1:]:  # two of them borrow memory (PROTOCOL.md §4.8)
+            self.store.map_guest(guest)
+            self.store.open_loan(guest)
         self.pools: list[Pool] = []
         for guest in self.guests:
             for persistent, order in MODEL_POOLS:
@@ -824,8 +830,48 @@ class StoreModel(RuleBasedStateMachine):
             self._count(pool, "puts_refused")
             guest = pool.guest
             if not (guest.frozen or pool.persistent or guest.cap_slots is not None):
-                room = self.store.budget_slots - sum(g.pers_slots for g in self.guests)
+                # Room: all but persistent pages and lent memory a put may not take (its own
+                # guest's, and busy guests' within their share).
+                kept = guest.lent_slots + sum(
+                    min(g.lent_slots, self.store._share(g, self.now, also=guest))
+                    for g in self.guests
+                    if g is not guest and not self.store._idle(g, self.now)
+                )
+                room = self.store.budget_slots - sum(g.pers_slots for g in self.guests) - kept
                 assert 1 << pool.order > room, "ephemeral put refused though eviction makes room"
+
+    @rule(g=st.integers(1, 2), want=st.integers(0, MODEL_BUDGET_SLOTS + 2))
+    def lend(self, g: int, want: int) -> None:
+        guest = self.guests[g]
+        had = guest.lent_slots
+        pers = sum(x.pers_slots for x in self.guests)
+        answer = self.store.lend(guest, want)
+        assert answer["lent"] == guest.lent_slots <= max(want, 0)
+        if want <= had:
+            assert guest.lent_slots == want  # gives back exactly what it does not want
+        assert answer["low"] <= had
+        assert answer["seq"] % 2 == 0
+        assert guest.mirror is not None
+        assert guest.mirror.ctl[1] == guest.lent_slots == guest.mirror.ctl[2]
+        # Persistent pages are never taken for it.
+        assert sum(x.pers_slots for x in self.guests) == pers
+
+    @rule(ms=st.sampled_from([1, 50, 150]))
+    def time_passes(self, ms: int) -> None:
+        self.now += ms * 1_000_000
+
+    @rule(g=st.integers(1, 2))
+    def guest_uses_its_loan(self, g: int) -> None:
+        loan = self.guests[g].loan
+        assert loan is not None
+        loan.mark_active(self.now)
+
+    @rule(slots=st.integers(1, MODEL_BUDGET_SLOTS))
+    def set_budget(self, slots: int) -> None:
+        self.store.set_budget(slots * SLOT_SIZE)
+        for p, oid, index in list(self.model):
+            if self.store.page_slots(self.pools[p], oid, index) is None:
+                self._learn_miss((p, oid, index))
 
     @rule(p=pool_no, oid=oid, count=st.integers(2, 4))
     def put_burst(self, p: int, oid: int, count: int) -> None:
@@ -955,9 +1001,11 @@ class StoreModel(RuleBasedStateMachine):
     def slot_accounting_adds_up(self) -> None:
         store = self.store
         by_pools = sum(pool.pages << pool.order for pool in self.pools)
+        lent = sum(g.lent_slots for g in self.guests)
         by_guests = sum(g.held_slots for g in self.guests)
-        assert store.used_slots == by_pools == by_guests
-        assert store.used_slots <= store.budget_slots
+        assert store.used_slots == by_pools + lent == by_guests
+        pers = sum(g.pers_slots for g in self.guests)
+        assert store.used_slots <= max(store.budget_slots, pers)
         for guest in self.guests:
             mine = [pool for pool in self.pools if pool.guest is guest]
             assert guest.eph_slots == sum(p.pages << p.order for p in mine if not p.persistent)
@@ -1499,3 +1547,194 @@ def test_a_mirror_that_cannot_be_made_is_a_store_error(
     with pytest.raises(StoreError, match="cannot make a mirror"):
         store.map_guest(guest)
     assert guest.mirror is None and not store._mirrors
+
+
+# ------------------------------------------------------------------------ lent memory (§4.8)
+
+
+class Clock:
+    """A store clock the test moves (CLOCK_MONOTONIC nanoseconds)."""
+
+    def __init__(self) -> None:
+        self.ns = 10**12
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def wait(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
+
+
+def lender(store: Store, name: str, **kwargs: int) -> Guest:
+    """A mapped guest with a loan file."""
+    guest = store.add_guest(name, **kwargs)
+    store.map_guest(guest)
+    store.open_loan(guest)
+    return guest
+
+
+def loan_map(guest: Guest) -> mmap.mmap:
+    """The guest's own read-write mapping of its loan file (as a client would map it)."""
+    assert guest.loan is not None
+    fd = guest.loan.writable_fd()
+    try:
+        return mmap.mmap(fd, guest.loan.size)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_lending_gives_free_memory_and_bills_it(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a = lender(store, "a")
+    answer = store.lend(a, 10)
+    assert answer == {"lent": 10, "low": 0, "seq": 0, "room": 6}
+    assert a.lent_slots == 10 and a.held_slots == 10 and store.used_slots == 10
+    assert a.mirror is not None and list(a.mirror.ctl) == [0, 10, 10]
+    # Asking for less gives the rest back; the guest asked, so it is not a recall.
+    answer = store.lend(a, 4)
+    assert answer["lent"] == 4 and answer["low"] == 4 and store.used_slots == 4
+    assert store.recalled_slots == 0
+    store.close()
+
+
+def test_a_busy_guest_gets_its_share_of_another_busy_guests_loan(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), lender(store, "b", weight=300)
+    assert store.lend(a, 16)["lent"] == 16  # alone: all of it
+    clock.wait(0.01)  # both busy: a's last LEND was 10 ms ago
+    answer = store.lend(b, 16)
+    assert answer["lent"] == 12  # its share by weight, 300 / (100 + 300), and no more
+    assert a.lent_slots == 4  # a keeps its own share
+    assert a.mirror is not None and list(a.mirror.ctl) == [2, 4, 4]  # a recall: seq went round
+    assert store.recalled_slots == 12
+    clock.wait(0.01)
+    assert store.lend(a, 16)["lent"] == 4  # at its share: nothing from b's
+    store.close()
+
+
+def test_an_idle_guests_loan_goes_first_and_whole(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), lender(store, "b")
+    store.lend(a, 16)
+    mem = loan_map(a)
+    mem[SLOT_SIZE : SLOT_SIZE + 5] = b"hello"  # slot 0 of a's loan
+    clock.wait(store.lend_idle + 0.01)  # a leaves it unused
+    assert store.lend(b, 16)["lent"] == 16
+    assert a.lent_slots == 0
+    assert mem[SLOT_SIZE : SLOT_SIZE + 5] == bytes(5)  # punched: a reads zeros now
+    # a learns it at its next LEND: it had 0 slots at the least since its last ask.
+    assert store.lend(a, 0) == {"lent": 0, "low": 0, "seq": 2, "room": 0}
+    mem.close()
+    store.close()
+
+
+def test_a_guest_that_uses_its_loan_keeps_it(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), lender(store, "b")
+    store.lend(a, 8)
+    clock.wait(store.lend_idle * 3)
+    assert a.loan is not None
+    a.loan.mark_active(clock())  # the guest's own word: it used the memory just now
+    assert store.lend(b, 16)["lent"] == 8  # the free half only
+    assert a.lent_slots == 8
+    store.close()
+
+
+def test_a_put_takes_a_busy_loan_down_to_its_share_and_an_idle_one_whole(clock: Clock) -> None:
+    store = Store(4 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), store.add_guest("b")
+    pool = store.new_pool(b, persistent=False, order=0)
+    store.lend(a, 4)
+    for i in range(4):
+        assert put(store, pool, 1, i, page(i))  # never refused: b evicts its own at its share
+    assert a.lent_slots == 2 and pool.pages == 2  # equal weights: half each
+    clock.wait(store.lend_idle + 0.01)  # a stops using its memory
+    for i in range(4, 8):
+        assert put(store, pool, 1, i, page(i))
+    assert a.lent_slots == 0 and pool.pages == 4
+    assert store.recalled_slots == 4
+    store.close()
+
+
+def test_lending_evicts_ephemeral_pages_never_persistent(clock: Clock) -> None:
+    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), store.add_guest("b")
+    eph = store.new_pool(b, persistent=False, order=0)
+    pers = store.new_pool(b, persistent=True, order=0)
+    for i in range(4):
+        assert put(store, eph, 1, i, page(i))
+        assert put(store, pers, 1, i, page(10 + i))
+    assert store.lend(a, 8)["lent"] == 4  # the ephemeral half, by the LRU
+    assert eph.pages == 0 and pers.pages == 4
+    assert store.lend(a, 8)["room"] == 0
+    store.close()
+
+
+def test_caps_and_budget_cover_lent_memory(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a = lender(store, "a", cap=6 * SLOT_SIZE)
+    pool = store.new_pool(a, persistent=True, order=0)
+    assert put(store, pool, 1, 0, page(0))
+    assert store.lend(a, 16)["lent"] == 5  # cap 6, one slot holds a page
+    store.set_cap(a, 3 * SLOT_SIZE)
+    assert a.lent_slots == 2 and a.held_slots == 3
+    store.set_cap(a, None)
+    store.lend(a, 15)
+    store.set_budget(8 * SLOT_SIZE)  # an administrator shrinks it: lent memory comes back
+    assert store.used_slots == 8 and a.lent_slots == 7
+    store.close()
+
+
+def test_memory_written_beyond_the_loan_is_punched_at_the_next_ask(clock: Clock) -> None:
+    store = Store(64 * SLOT_SIZE, now_ns=clock)
+    a = lender(store, "a")
+    store.lend(a, 2)
+    mem = loan_map(a)
+    for slot in range(2, 40):  # far beyond its 2 slots
+        mem[(slot + 1) * SLOT_SIZE] = 1
+    assert a.loan is not None and a.loan.resident() >= 38 * SLOT_SIZE
+    store.lend(a, 2)
+    assert a.loan.resident() <= 3 * SLOT_SIZE  # the header and its own 2 slots
+    assert mem[3 * SLOT_SIZE] == 0
+    mem.close()
+    store.close()
+
+
+def test_closing_a_loan_returns_its_memory(clock: Clock) -> None:
+    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    a = lender(store, "a")
+    store.lend(a, 16)
+    with pytest.raises(StoreError, match="borrows memory already"):
+        store.open_loan(a)
+    store.remove_guest(a)
+    assert store.used_slots == 0 and not store.lenders
+    b = store.add_guest("b")
+    with pytest.raises(StoreError, match="no mirror"):
+        store.open_loan(b)
+    store.close()
+
+
+def test_a_guest_that_never_borrows_still_gets_its_share_for_puts(clock: Clock) -> None:
+    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    a, b = lender(store, "a"), store.add_guest("b")
+    pool = store.new_pool(b, persistent=False, order=0)
+    assert store.lend(a, 8)["lent"] == 8  # all of it, and a stays busy
+    for i in range(8):
+        put(store, pool, 1, i, page(i))
+    assert pool.pages == 4 and a.lent_slots == 4  # b's half by weight, a keeps its own
+    store.close()
+
+
+def test_a_frozen_guest_may_give_back_but_not_borrow_more(clock: Clock) -> None:
+    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    a = lender(store, "a")
+    store.lend(a, 2)
+    a.frozen = True
+    assert store.lend(a, 8)["lent"] == 2
+    assert store.lend(a, 1)["lent"] == 1
+    store.close()

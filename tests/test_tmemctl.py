@@ -43,6 +43,8 @@ STATUS_KEYS = {
     "shared_pools",
     "evictions",
     "moved",
+    "lent",
+    "recalled",
     "frozen_all",
     "uptime",
 }
@@ -57,6 +59,7 @@ GUEST_KEYS = {
     "mapped",
     "ephemeral_bytes",
     "persistent_bytes",
+    "lent_bytes",
     "pages",
     "pools",
 } | COUNTER_KEYS
@@ -353,10 +356,11 @@ def test_top_prints_one_table_per_refresh(admin: Admin, guest: tmemclient.Client
         status, header, *rows = table.splitlines()
         assert status.startswith("tmemd  budget 16.0MiB")
         assert header.split() == [
-            "NAME", "WEIGHT", "CAP", "FROZEN", "EPHEMERAL", "PERSISTENT", "HIT%", "EVICT/S", "PUTS/S",
+            "NAME", "WEIGHT", "CAP", "FROZEN", "EPHEMERAL", "PERSISTENT", "LENT", "HIT%",
+            "EVICT/S", "PUTS/S",
         ]  # fmt: skip
         (row,) = rows
-        assert row.split()[:6] == [GUEST, "100", "-", "no", "4.0KiB", "0B"]
+        assert row.split()[:7] == [GUEST, "100", "-", "no", "4.0KiB", "0B", "0B"]
 
 
 def test_top_clears_the_screen_on_a_tty(admin: Admin) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tmemclient._plans import lend_reply
 from tmemclient.errors import (
     DaemonShuttingDown,
     GuestConflict,
@@ -81,6 +82,7 @@ SPEC_ARGS: dict[int, tuple[str, ...]] = {
     Op.GET_MANY: ("pool", "entries"),
     Op.FLUSH_MANY: ("pool", "entries"),
     Op.TOUCH_MANY: ("pool", "entries"),
+    Op.LEND: ("want",),
     Op.PING: (),
     Op.DOORBELL: (),
 }
@@ -157,6 +159,8 @@ def check_arguments(op: int, m: list[Any]) -> None:
     for name in ("index", "offset", "length", "frame"):
         if name in args:
             check_uint(args[name], INDEX_BITS, name)
+    if "want" in args:
+        check_uint(args["want"], 64, "want")
     if "length" in args and (args["length"] < 1 or args["offset"] + args["length"] > FRAME_SIZE):
         raise InvalidArgument("offset + length outside the page")
     if "entries" in args:
@@ -195,16 +199,28 @@ def verdict(data: bytes, *, hello: bool) -> str:
 
 
 class VectorSession:
-    """A real daemon Session whose pools answer to the vectors' made-up handles."""
+    """A real daemon Session whose pools answer to the vectors' made-up handles.
 
-    def __init__(self) -> None:
-        store = Store(1 << 22)
-        self.host = Host(store, Settings(socket=Path("/nonexistent/tmemd.sock"), budget=1 << 22))
+    ``lend``: granted ``map`` and ``lend`` as by the hello_lend vector (a real mirror and loan
+    file: PUT_MANY answers with tokens; LEND is served), as the request vectors assume. Else
+    only marked mapped (TOUCH_MANY needs it) with no mirror: PUT_MANY answers with bools and
+    LEND is INVALID."""
+
+    BUDGET = 1 << 23  # 8 MiB: what the lend vector asks for, all of it free
+
+    def __init__(self, *, lend: bool = False) -> None:
+        store = Store(self.BUDGET)
+        self.host = Host(
+            store, Settings(socket=Path("/nonexistent/tmemd.sock"), budget=self.BUDGET)
+        )
         guest = self.host.attach("1000/cache", GuestPolicy())
         region = memoryview(bytearray(256 * FRAME_SIZE))  # the HELLO vector's 256 frames
         self.session = Session(self.host, guest, region, DEFAULTS)
-        # As if granted a mapping (TOUCH_MANY needs one); without a mirror nothing else changes.
         self.session.mapped = True
+        if lend:  # what the server grants for hello_lend (PROTOCOL.md §4.7, §4.8)
+            store.map_guest(guest)
+            store.open_loan(guest)
+            self.session.lending = True
         self.host.join(self.session)
         self.host.grant(SHARED_UUID, "1000/cache")
         for alias, flags, uuid in (
@@ -344,7 +360,7 @@ def test_new_pool_reply_matches_its_request(case: dict[str, Any]) -> None:
 
 
 def test_requests_are_served_ok_by_a_real_session() -> None:
-    vs = VectorSession()
+    vs = VectorSession(lend=True)
     for case in REQUESTS:
         message = from_json(case["message"])
         if message[0] == Op.HELLO:
@@ -354,6 +370,39 @@ def test_requests_are_served_ok_by_a_real_session() -> None:
             continue
         req_id, status, result = vs.ask(message)
         assert (req_id, status) == (message[1], Status.OK), (case["name"], result)
+    vs.session.close()
+
+
+def test_lend_is_answered_exactly_as_the_vector() -> None:
+    """A fresh lending session with 8 MiB free answers the lend vector with lend_reply's bytes:
+    the keys in the order tmemd builds them (PROTOCOL.md §6.10)."""
+    (request,) = [c for c in REQUESTS if c["name"] == "lend"]
+    (reply,) = [c for c in REPLIES if c["name"] == "lend_reply"]
+    vs = VectorSession(lend=True)
+    assert vs.session.handle(from_json(request["message"])).hex() == reply["hex"]
+    vs.session.close()
+
+
+def test_lend_needs_a_loan() -> None:
+    (request,) = [c for c in REQUESTS if c["name"] == "lend"]
+    vs = VectorSession()  # mapped, but granted no loan
+    message = from_json(request["message"])
+    req_id, status, result = vs.ask(message)
+    assert (req_id, status) == (message[1], Status.INVALID)
+    assert "loan" in result
+    vs.session.close()
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in INVALID if c["name"].startswith("lend_")], ids=lambda c: c["name"]
+)
+def test_invalid_lend_is_refused_for_its_argument(case: dict[str, Any]) -> None:
+    """On a connection with a loan, so that the refusal is the argument's, not the loan's."""
+    vs = VectorSession(lend=True)
+    message = decode_one(frame_bytes(case))
+    req_id, status, result = vs.ask(message)
+    assert (req_id, status) == (message[1], Status.INVALID)
+    assert "want" in result, result
     vs.session.close()
 
 
@@ -400,6 +449,38 @@ def test_hello_reply_carries_the_default_limits() -> None:
     assert encode_frame([1, 0, limits.to_wire()]) == frame_bytes(case)
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in REPLIES if c["name"].startswith("hello")], ids=lambda c: c["name"]
+)
+def test_hello_replies_round_trip_through_limits(case: dict[str, Any]) -> None:
+    """Limits keeps every key the HELLO replies carry, in their order (``map``, ``lend`` only
+    when granted)."""
+    _, _, result = split_reply(from_json(case["message"]))
+    assert encode_frame([1, 0, Limits.from_wire(result).to_wire()]) == frame_bytes(case)
+
+
+def test_hello_lend_reply_answers_the_hello_lend_vector() -> None:
+    (hello,) = [c for c in REQUESTS if c["name"] == "hello_lend"]
+    (reply,) = [c for c in REPLIES if c["name"] == "hello_lend_reply"]
+    asked = Hello.decode(from_json(hello["message"]))
+    assert asked.map and asked.lend
+    limits = Limits.from_wire(from_json(reply["message"])[2])
+    assert limits.map > 0 and limits.lend == limits.map  # tmemd: the loan has the mirror's slots
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in REPLIES if c["name"].startswith("lend_reply")], ids=lambda c: c["name"]
+)
+def test_lend_reply_shape(case: dict[str, Any]) -> None:
+    (request,) = [c for c in REQUESTS if c["name"] == "lend"]
+    req_id, status, result = split_reply(from_json(case["message"]))
+    assert (req_id, status) == (request["message"][1], Status.OK)  # answers the lend vector
+    assert list(result) == ["lent", "low", "seq", "room"]
+    assert lend_reply(result) == result  # the client's own check
+    assert all(result[key] % FRAME_SIZE == 0 for key in ("lent", "low", "room"))
+    assert result["seq"] % 2 == 0  # never answered while a recall is under way
+
+
 def test_hello_reply_answers_the_hello_vector() -> None:
     (hello,) = [c for c in REQUESTS if c["name"] == "hello"]
     (reply,) = [c for c in REPLIES if c["name"] == "hello_reply"]
@@ -424,7 +505,7 @@ def test_invalid_frame_is_refused_by_the_codec(case: dict[str, Any]) -> None:
 def test_invalid_frame_is_refused_by_a_real_session(case: dict[str, Any]) -> None:
     """The daemon's Session agrees with the vector: PROTOCOL raises (the server then closes the
     connection), INVALID is answered and the session goes on serving."""
-    vs = VectorSession()
+    vs = VectorSession(lend=True)
     decoder = FrameDecoder(DEFAULTS.max_frame)
     decoder.feed(frame_bytes(case))
     if case["status"] == "PROTOCOL":

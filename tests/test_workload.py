@@ -50,8 +50,12 @@ def test_a_small_run_adds_up(tmp_path: Path) -> None:
         # 2 guests; phases: 2 rounds of 96 reads each, the others: 96 reads at once; 4 pages a read.
         reads = 2 * 2 * 96 * 4 if scenario == "phases" else 2 * 96 * 4
         assert total["pages_read"] == reads
+        assert total["lent_hits"] <= total["local_hits"]  # pages kept in lent memory (§4.8)
         if setup == "static":
             assert total["tmem_hits"] == total["puts"] == total["tmem_gets"] == 0
+            assert total["lends"] == total["lent_hits"] == 0
+        else:
+            assert total["lends"] > 0  # the tmem guests borrowed memory
         assert run["timeline"][-1][1] == total["disk_reads"]
     # Both setups read the same pages: the same accesses, only the memory differs.
     for scenario in workload.SCENARIOS:

@@ -12,7 +12,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tmemclient.errors import InvalidArgument
+from tmemclient.errors import InvalidArgument, ProtocolError
 from tmemclient.protocol import (
     FRAME_SIZE,
     INDEX_BITS,
@@ -123,6 +123,18 @@ def frame_op(op: Op, pool: PoolInfo, oid: int, index: int, frame: int) -> Plan[b
     """PUT or GET naming a frame the caller manages (the zero-copy path)."""
     (ok,) = yield [[op, pool.handle, encode_oid(oid), index, frame]]
     return bool(ok)
+
+
+def lend_reply(result: Any) -> dict[str, int]:
+    """Check a LEND answer: a map with four unsigned integers (PROTOCOL.md §6.10; keys we do
+    not know are ignored, as a later daemon may add some)."""
+    keys = ("lent", "low", "seq", "room")
+    if type(result) is not dict or not set(keys) <= set(result):
+        raise ProtocolError(f"a LEND answer must be a map of {', '.join(keys)}")
+    try:
+        return {key: check_uint(result[key], 64, key) for key in keys}
+    except InvalidArgument as exc:
+        raise ProtocolError(f"bad LEND answer: {exc}") from exc
 
 
 def simple(op: Op, *args: Any) -> Plan[Any]:

@@ -79,6 +79,11 @@ class AsyncPool(PoolOps):
         super().__init__(client._view, client.limits, info)
         self._client = client
 
+    @property
+    def client(self) -> AsyncClient:
+        """The connection the pool belongs to."""
+        return self._client
+
     async def put(self, oid: int, index: int, data: Any) -> bool:
         """Store one page; False if the daemon declines (no room, frozen, over cap)."""
         return bool(await self._client._run(self._put(oid, index, data)))
@@ -233,6 +238,13 @@ class AsyncClient:
     async def ping(self) -> None:
         """One round trip that does nothing."""
         await self._exchange([[Op.PING]], None)
+
+    async def lend(self, want: int) -> dict[str, int]:
+        """Ask to borrow ``want`` bytes in all (see ``Client.lend``)."""
+        result: dict[str, int] = _plans.lend_reply(
+            (await self._exchange([[Op.LEND, want]], None))[0]
+        )
+        return result
 
     # ------------------------------------------------------------------ driving plans
 
@@ -415,10 +427,12 @@ async def open_client(
     frames: int = DEFAULT_FRAMES,
     timeout: float = 10.0,
     map_pages: bool = False,
+    lend_memory: bool = False,
 ) -> AsyncIterator[AsyncClient]:
     """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``;
-    ``map_pages`` too: ``client.mapping``, ``AsyncPool.read_mapped``)."""
-    hello = hello_message(name, frames, 0, map_pages)
+    ``map_pages`` too: ``client.mapping``, ``AsyncPool.read_mapped``; and ``lend_memory``:
+    ``client.lend``, ``client.mapping.loan``)."""
+    hello = hello_message(name, frames, 0, map_pages, lend_memory)
     fd, region = create_region(frames)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client: AsyncClient | None = None
@@ -440,14 +454,14 @@ async def open_client(
             decoder = FrameDecoder(1 << 16)
             while (message := decoder.next_message()) is NEED_DATA:
                 data, ancdata, msg_flags, _ = await sock.recvmsg(
-                    4096, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                    4096, socket.CMSG_SPACE(8), socket.MSG_CMSG_CLOEXEC
                 )
                 fds += _fds(ancdata, msg_flags)
                 if not data:
                     raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
                 decoder.feed(data)
             limits = hello_reply(message)
-            mapping = hello_mapping(limits, fds, map_pages)
+            mapping = hello_mapping(limits, fds, map_pages, lend_memory)
     except trio.TooSlowError as exc:
         sock.close()
         region.close()

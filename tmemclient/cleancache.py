@@ -76,7 +76,7 @@ from typing import Any, ClassVar
 from tmemclient.aclient import AsyncPool
 from tmemclient.client import OnAnswer, Pool
 from tmemclient.errors import DaemonGone, InvalidArgument
-from tmemclient.mapping import Mapping, Token, token_of
+from tmemclient.mapping import LentMemory, Mapping, Token, token_of
 from tmemclient.protocol import FRAME_SIZE
 
 PAGE = FRAME_SIZE  # a file page
@@ -85,6 +85,7 @@ Page = bytes | memoryview  # a page read from the file, or a view of a block tme
 DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
 
 DENSE = 0.75  # under pressure, a tmem page is put only if it carries this much of its size
+ASK_MIN, ASK_MAX = 8, 256  # blocks with no lent frame to go to before asking to borrow more
 _FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode generation, where supported
 
 
@@ -112,6 +113,10 @@ class CacheStats:
     puts_skipped: int = 0  # tmem pages not put again: tmem still holds them as they are
     backoffs: int = 0
     resumes: int = 0
+    lent_hits: int = 0  # of local_hits, pages found in lent memory
+    lent_lost: int = 0  # blocks in lent memory tmemd took back before we came back
+    lends: int = 0  # LEND round trips
+    lent_bytes: int = 0  # bytes borrowed at the last LEND
     tmem_seconds: float = 0.0  # waiting for tmem (gets and puts)
     put_seconds: float = 0.0  # of which sending puts
     disk_seconds: float = 0.0  # reading the file
@@ -230,6 +235,7 @@ class _CacheCore:
         window: int = 256,
         disk_read: DiskRead | None = None,
         overlap: bool = False,
+        borrow: int = 0,
     ) -> None:
         if pool is not None and not isinstance(pool, self._pool_type):
             raise InvalidArgument(f"{type(self).__name__} needs a {self._pool_type.__name__}")
@@ -242,6 +248,7 @@ class _CacheCore:
             ("put_batch", put_batch, 1),
             ("sample", sample, 1),
             ("window", window, 4),
+            ("borrow", borrow, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
@@ -280,11 +287,28 @@ class _CacheCore:
         self._costs = _Costs()
         self._known: dict[int, _Known] = {}
         self._files: dict[int, CachedFile] = {}
+        # Lent memory (PROTOCOL.md §4.8), in 4 KiB frames: blocks the local LRU lets go
+        # of wait there, in LRU order, before tmem; tmemd may take any of it back at any time.
+        self.borrow = borrow
+        loan = None if self._mapping is None else self._mapping.loan
+        self._loan: LentMemory | None = loan if borrow else None
+        # block -> (the 4 KiB frame of each page it holds, in order; its page mask)
+        self._lent: OrderedDict[Key, tuple[list[int], int]] = OrderedDict()
+        self._lent_pages = 0
+        self._frames_free: list[int] = []  # lowest last: used first
+        self._room = True  # the last LEND said a put would find room in tmem
+        self._pressure = self._ask_every = ASK_MIN
 
     @property
     def cached_pages(self) -> int:
-        """File pages held locally (including blocks gathering for a put batch)."""
-        return self._local_pages + self._pending_pages
+        """File pages held locally (including blocks gathering for a put batch and blocks in
+        lent memory)."""
+        return self._local_pages + self._pending_pages + self._lent_pages
+
+    @property
+    def _putting(self) -> bool:
+        """Do evicted blocks go to tmem? Not while the daemon says it has no room for them."""
+        return self.tmem and self._room
 
     # ------------------------------------------------------------------ plans
 
@@ -313,21 +337,25 @@ class _CacheCore:
         end = min(offset + length, f.size)
         if offset >= end:
             return b""
+        if self._loan is not None:
+            self._loan.mark_active()
         first, last = offset // PAGE, (end - 1) // PAGE
         bp, pp = self.block_pages, self.part_pages
         pages: dict[int, Page] = {}
         missing: list[int] = []
         ahead = self._readahead
-        for index in range(first, last + 1):
-            block = self._local_block((f.oid, index // bp))
-            data = None if block is None else block.pages[index % bp]
-            if data is None:
-                missing.append(index)
-            else:
-                pages[index] = data
-                if ahead and (f.oid, index // pp) in ahead:
-                    ahead.discard((f.oid, index // pp))
-                    self._outcome(hit=True)
+        for b in range(first // bp, last // bp + 1):
+            lo, hi = max(first, b * bp), min(last, b * bp + bp - 1)
+            block = self._serving_block((f.oid, b), ((2 << hi - lo) - 1) << lo - b * bp)
+            for index in range(lo, hi + 1):
+                data = None if block is None else block.pages[index % bp]
+                if data is None:
+                    missing.append(index)
+                else:
+                    pages[index] = data
+                    if ahead and (f.oid, index // pp) in ahead:
+                        ahead.discard((f.oid, index // pp))
+                        self._outcome(hit=True)
         self.stats.pages_read += last - first + 1
         self.stats.local_hits += len(pages)
         if missing:
@@ -343,7 +371,7 @@ class _CacheCore:
         """Bring the missing pages of a read in: tmem first (one batch), then the file."""
         oid, bp, pp = f.oid, self.block_pages, self.part_pages
         asked: list[Key] = []
-        if self.tmem:
+        if self.tmem and (self._shadow or self._ghost):  # else nothing we put is there
             wanted: dict[int, int] = {}  # tmem page -> mask of the pages we miss
             for index in missing:
                 wanted[index // pp] = wanted.get(index // pp, 0) | 1 << index % pp
@@ -400,6 +428,8 @@ class _CacheCore:
         self._evict()
         if not asked:  # else they go behind the next lookup
             yield from self._put_pending(force=False)
+        if self._loan is not None and self.tmem and self._pressure >= self._ask_every:
+            yield from self._borrow()
 
     def _disk_page(self, f: CachedFile, index: int) -> Page:
         """Read a page from the file into its local block."""
@@ -645,7 +675,7 @@ class _CacheCore:
         return self._mapping.valid(entry[2])
 
     def _invalidate_object(self, oid: int) -> Plan:
-        for key in [k for k in (*self._local, *self._pending) if k[0] == oid]:
+        for key in [k for k in (*self._local, *self._pending, *self._lent) if k[0] == oid]:
             self._forget(key)  # a block
         for table in (self._shadow, self._ghost):
             for key in [k for k in table if k[0] == oid]:
@@ -656,17 +686,43 @@ class _CacheCore:
 
     # ------------------------------------------------------------------ local blocks
 
+    def _serving_block(self, key: Key, need: int) -> _Block | None:
+        """The block ``key`` for a read of the pages in mask ``need``: local, or a copy of those
+        pages if lent memory holds them all (the block stays there, most recently used), or
+        taken back from the put batch or lent memory."""
+        block = self._local.get(key)
+        if block is not None:
+            self._local.move_to_end(key)
+            return block
+        entry = self._lent.get(key) if self._lent else None
+        if entry is None or not self._loan_sync() or (entry := self._lent.get(key)) is None:
+            return self._local_block(key)
+        self.stats.lent_hits += (need & entry[1]).bit_count()
+        if need & ~entry[1]:  # some must come from elsewhere: the block becomes local again
+            return self._local_block(key)
+        self._lent.move_to_end(key)
+        block = self._lent_read(*entry, need)
+        if block is None:  # taken back as we read it
+            self._free_frames(self._lent.pop(key)[0])
+            self.stats.lent_lost += 1
+        return block
+
     def _local_block(self, key: Key) -> _Block | None:
         block = self._local.get(key)
         if block is not None:
             self._local.move_to_end(key)
         else:
             block = self._pending.pop(key, None)  # not put yet: still ours
-            if block is None:
+            if block is not None:
+                self._pending_pages -= block.held
+                self._local_pages += block.held
+                self._local[key] = block
+            elif self._lent and (block := self._lent_take(key)) is not None:
+                self._local_pages += block.held
+                self._local[key] = block
+                self._evict()  # its frame is free: the oldest local block takes it
+            else:
                 return None
-            self._pending_pages -= block.held
-            self._local_pages += block.held
-            self._local[key] = block
         return block
 
     def _block_for(self, key: Key) -> _Block:
@@ -682,16 +738,131 @@ class _CacheCore:
         return [(oid, b * self._parts + p) for p in range(self._parts)]
 
     def _evict(self) -> None:
-        # With tmem, a batch's worth of the capacity is kept for the batch being gathered.
-        limit = self.capacity - self._batch_pages() if self.tmem else self.capacity
+        # With puts, a batch's worth of the capacity is kept for the batch being gathered.
+        limit = self.capacity - self._batch_pages() if self._putting else self.capacity
         while self._local_pages > limit and self._local:
             key, block = self._local.popitem(last=False)
             self._local_pages -= block.held
             if self._readahead:
                 self._readahead.difference_update(self._parts_of(key))
-            if self.tmem and self._eligible(key, block=True):
-                self._pending[key] = block
-                self._pending_pages += block.held
+            if self._loan is None or not self._lend_block(key, block):
+                self._to_tmem(key, block)
+
+    def _to_tmem(self, key: Key, block: _Block) -> None:
+        """An evicted block goes to the put batch (if puts go, and it is in the sample)."""
+        if self._putting and self._eligible(key, block=True):
+            self._pending[key] = block
+            self._pending_pages += block.held
+
+    # ------------------------------------------------------------------ lent memory
+
+    def _lend_block(self, key: Key, block: _Block) -> bool:
+        """Keep an evicted block in lent memory, a page to a 4 KiB frame, sending the oldest
+        blocks there on to tmem while too few frames are free; False if there is no lent
+        memory to keep it in."""
+        loan = self._loan
+        assert loan is not None
+        if loan.words[0] != loan.seq and not self._loan_sync():
+            return False
+        lent, free = self._lent, self._frames_free
+        stale = lent.pop(key, None)  # an older copy (met while a recall was under way)
+        if stale is not None:
+            self._free_frames(stale[0])
+        held = block.held
+        if len(free) < held:
+            self._pressure += 1
+            while len(free) < held and lent:
+                old, (frames, mask) = lent.popitem(last=False)
+                self._free_frames(frames)
+                if self._putting and self._eligible(old, block=True):
+                    moved = self._lent_read(frames, mask)
+                    if moved is not None:
+                        self._to_tmem(old, moved)
+            if len(free) < held:
+                return False
+        frames = free[-held:]
+        del free[-held:]
+        mem = loan.mem
+        for frame, page in zip(frames, [p for p in block.pages if p is not None], strict=True):
+            mem[frame << 12 : (frame << 12) + PAGE] = page
+        lent[key] = (frames, block.mask)
+        self._lent_pages += held
+        return True
+
+    def _free_frames(self, frames: list[int]) -> None:
+        self._lent_pages -= len(frames)
+        self._frames_free.extend(frames)
+
+    def _lent_take(self, key: Key) -> _Block | None:
+        """The block ``key`` out of lent memory (its frames are free again), or None."""
+        if not self._loan_sync():
+            return None
+        entry = self._lent.pop(key, None)
+        if entry is None:
+            return None
+        self._free_frames(entry[0])
+        block = self._lent_read(*entry)
+        if block is None:
+            self.stats.lent_lost += 1
+        return block
+
+    def _lent_read(self, frames: list[int], mask: int, want: int = -1) -> _Block | None:
+        """A copy of the pages in mask ``want`` (default all) of a block kept in ``frames``, or
+        None if tmemd took memory back meanwhile."""
+        loan = self._loan
+        assert loan is not None
+        seq, mem = loan.seq, loan.mem
+        pages: list[Page | None] = [None] * self.block_pages
+        n = 0
+        for i in range(self.block_pages):
+            if mask >> i & 1:
+                if want >> i & 1:
+                    f = frames[n] << 12
+                    pages[i] = mem[f : f + PAGE].tobytes()
+                n += 1
+        if loan.words[0] != seq:
+            return None
+        return _Block(pages)
+
+    def _loan_sync(self) -> bool:
+        """Drop what tmemd took back since we last looked; False while it is taking some."""
+        loan = self._loan
+        assert loan is not None
+        low = loan.changed()
+        if low is None:
+            return True
+        if low == LentMemory.BUSY:
+            return False
+        self._lost(low, loan.lent)
+        return True
+
+    def _lost(self, low: int, lent: int) -> None:
+        """Everything we kept in lent memory from byte ``low`` on is gone; ``lent`` bytes are
+        ours now."""
+        frames = lent // PAGE
+        first = min(low // PAGE, frames)
+        gone = [key for key, (held, _) in self._lent.items() if max(held) >= first]
+        for key in gone:
+            self._lent_pages -= len(self._lent.pop(key)[0])
+        self.stats.lent_lost += len(gone)
+        used = {frame for held, _ in self._lent.values() for frame in held}
+        self._frames_free = [f for f in range(frames - 1, -1, -1) if f not in used]
+
+    def _borrow(self) -> Plan:
+        """Ask to borrow ``borrow`` bytes in all; learn what we have and whether puts find room."""
+        loan = self._loan
+        assert loan is not None
+        self._pressure = 0
+        had = len(self._frames_free) + len(self._lent)
+        reply = yield ("lend", self.borrow)
+        if reply is None:
+            return
+        self.stats.lends += 1
+        self.stats.lent_bytes = reply["lent"]
+        self._lost(loan.answered(reply), reply["lent"])
+        self._room = reply["room"] >= self.part_pages * PAGE
+        grew = len(self._frames_free) + len(self._lent) > had
+        self._ask_every = ASK_MIN if grew else min(self._ask_every * 2, ASK_MAX)
 
     def _forget(self, key: Key) -> None:
         block = self._local.pop(key, None)
@@ -700,6 +871,9 @@ class _CacheCore:
         block = self._pending.pop(key, None)
         if block is not None:
             self._pending_pages -= block.held
+        lent = self._lent.pop(key, None)
+        if lent is not None:
+            self._free_frames(lent[0])
         for part in self._parts_of(key):
             self._shadow.pop(part, None)
             self._ghost.pop(part, None)
@@ -974,6 +1148,8 @@ class PageCache(_CacheCore):
                 return _put_batch(pool, *arg)
             if kind == "answers":
                 return pool.wait_deferred()
+            if kind == "lend":
+                return pool.client.lend(arg)
             if kind == "flush":
                 return pool.flush_many(arg)
             return pool.flush_object(arg)
@@ -1052,6 +1228,8 @@ class AsyncPageCache(_CacheCore):
                 return None
             if kind == "answers":
                 return await pool.wait_deferred()
+            if kind == "lend":
+                return await pool.client.lend(arg)
             if kind == "flush":
                 return await pool.flush_many(arg)
             return await pool.flush_object(arg)

@@ -60,14 +60,20 @@ def hello_reply(message: Any) -> Limits:
     return Limits.from_wire(result)
 
 
-def hello_message(name: str, frames: int, ring_frames: int = 0, map_pages: bool = False) -> bytes:
+def hello_message(
+    name: str, frames: int, ring_frames: int = 0, map_pages: bool = False, lend: bool = False
+) -> bytes:
     """The HELLO frame, after local checks of its arguments."""
     if not isinstance(name, str) or not valid_guest_name(name):
         raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
     ring_frames = check_ring_frames(ring_frames)
-    return Hello(PROTOCOL_VERSION, name, frames, ring_frames, bool(map_pages)).encode()
+    if lend and not map_pages:
+        raise InvalidArgument(
+            "lend_memory needs map_pages: the lent memory's state is in the mirror"
+        )
+    return Hello(PROTOCOL_VERSION, name, frames, ring_frames, bool(map_pages), bool(lend)).encode()
 
 
 class DeferredStats:
@@ -149,6 +155,11 @@ class Pool(PoolOps):
     def __init__(self, client: Client, info: _plans.PoolInfo) -> None:
         super().__init__(client._view, client.limits, info)
         self._client = client
+
+    @property
+    def client(self) -> Client:
+        """The connection the pool belongs to."""
+        return self._client
 
     def put(self, oid: int, index: int, data: Any) -> bool:
         """Store one page; False if the daemon declines (no room, frozen, over cap)."""
@@ -349,6 +360,14 @@ class Client:
     def ping(self) -> None:
         """One round trip that does nothing."""
         self._exchange([[Op.PING]])
+
+    def lend(self, want: int) -> dict[str, int]:
+        """Ask to borrow ``want`` bytes in all (``connect(lend_memory=True)``; PROTOCOL.md §4.8):
+        fewer than we have gives the rest back. The answer: ``lent`` (bytes we may use now),
+        ``low`` (what we kept from there up is gone), ``seq`` and ``room`` (bytes a put could
+        have). Pass it to ``client.mapping.loan.answered``."""
+        result: dict[str, int] = _plans.lend_reply(self._exchange([[Op.LEND, want]])[0])
+        return result
 
     def close(self) -> None:
         """Close the connection; the daemon frees every private page of this guest."""
@@ -654,6 +673,7 @@ def connect(
     ring_frames: int | None = None,
     spin_us: int = DEFAULT_SPIN_US,
     map_pages: bool = False,
+    lend_memory: bool = False,
 ) -> Client:
     """Connect to tmemd as guest ``name`` with a shared region of ``frames`` 4 KiB frames.
 
@@ -663,11 +683,13 @@ def connect(
     ``spin_us``: how long to watch the reply ring before sleeping on the socket.
     ``map_pages`` asks for a read-only mapping of this guest's own pages (``client.mapping``,
     ``Pool.read_mapped``; PROTOCOL.md §4.7); where the daemon declines, ``client.mapping`` is None.
+    ``lend_memory`` (with ``map_pages``) asks for a file to borrow memory in (``client.lend``,
+    ``client.mapping.loan``; §4.8); where the daemon declines, ``client.mapping.loan`` is None.
     Raises DaemonGone if no daemon answers at ``path``, and the daemon's refusal otherwise.
     """
     if ring_frames is None:
         ring_frames = ring.DEFAULT_RING_FRAMES if ring.supported() else 0
-    hello = hello_message(name, frames, ring_frames, map_pages)
+    hello = hello_message(name, frames, ring_frames, map_pages, lend_memory)
     fd, region = create_region(frames, ring.ring_bytes(ring_frames))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     fds: list[int] = []
@@ -685,7 +707,7 @@ def connect(
         buf = bytearray(4096)
         while (message := decoder.next_message()) is NEED_DATA:
             n, ancdata, msg_flags, _ = sock.recvmsg_into(
-                [buf], socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                [buf], socket.CMSG_SPACE(8), socket.MSG_CMSG_CLOEXEC
             )
             fds += _fds(ancdata, msg_flags)
             if not n:
@@ -694,7 +716,7 @@ def connect(
         limits = hello_reply(message)
         if limits.ring not in (0, ring_frames) or limits.frames != frames:
             raise ProtocolError(f"tmemd granted a region other than the one asked: {limits}")
-        mapping = hello_mapping(limits, fds, map_pages)
+        mapping = hello_mapping(limits, fds, map_pages, lend_memory)
         sock.settimeout(None)
         client = Client(sock, region, limits, spin_us=spin_us)
         client.mapping = mapping
@@ -713,16 +735,25 @@ def connect(
             os.close(received)
 
 
-def hello_mapping(limits: Limits, fds: list[int], map_pages: bool) -> Mapping | None:
-    """The mapping of the mirror that came with the HELLO reply, if one was asked for and
-    granted (the caller closes ``fds`` either way)."""
-    if len(fds) != (1 if limits.map else 0) or (limits.map and not map_pages):
+def hello_mapping(
+    limits: Limits, fds: list[int], map_pages: bool, lend: bool = False
+) -> Mapping | None:
+    """The mapping of the mirror (and of the loan file) that came with the HELLO reply, if
+    asked for and granted (the caller closes ``fds`` either way)."""
+    want = (1 if limits.map else 0) + (1 if limits.lend else 0)
+    if (
+        len(fds) != want
+        or (limits.map and not map_pages)
+        or (limits.lend and not (lend and limits.map))
+    ):
         raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
-    return Mapping(fds[0], limits.map) if limits.map else None
+    if not limits.map:
+        return None
+    return Mapping(fds[0], limits.map, fds[1] if limits.lend else None, limits.lend)
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
     """The descriptors that came with the HELLO reply (SCM_RIGHTS)."""
     return fds_from_ancillary(
-        ancdata, msg_flags, "tmemd sent more fds with its HELLO reply than one mirror"
+        ancdata, msg_flags, "tmemd sent more fds with its HELLO reply than a mirror and a loan"
     )

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from typing import Any
 
 from tmemclient.errors import ProtocolError
 
 SLOT = 4096
+CTL_WORDS = 3  # the mirror's control page: seq, lent slots, low slots (PROTOCOL.md §4.8)
 
 Token = tuple[int, int]  # (head slot, generation)
 
@@ -37,13 +39,17 @@ def token_of(result: Any) -> Token | None:
 
 
 class Mapping:
-    """The guest's read-only view of its mirror."""
+    """The guest's read-only view of its mirror (and, if it borrows memory, of that: ``loan``)."""
 
-    def __init__(self, fd: int, slots: int) -> None:
+    def __init__(
+        self, fd: int, slots: int, loan_fd: int | None = None, loan_slots: int = 0
+    ) -> None:
         self.slots = slots
         gen_offset = slots * SLOT
         link_offset = gen_offset + 8 * slots
-        size = -(-(link_offset + 4 * slots) // SLOT) * SLOT
+        ctl_offset = -(-(link_offset + 4 * slots) // SLOT) * SLOT
+        # The control page after the links matters only with a loan (§4.8).
+        size = ctl_offset + (SLOT if loan_fd is not None else 0)
         if os.fstat(fd).st_size < size:
             raise ProtocolError(f"tmemd's page mirror is smaller than {slots} slots need")
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -52,7 +58,18 @@ class Mapping:
         self._mem = view[:gen_offset]
         self._gen = view[gen_offset:link_offset].cast("Q")
         self._link = view[link_offset : link_offset + 4 * slots].cast("I")
+        self._ctl = (
+            view[ctl_offset : ctl_offset + 8 * CTL_WORDS].cast("Q") if loan_fd is not None else None
+        )
         self.reads = self.misses = 0
+        self.loan: LentMemory | None = None
+        if loan_fd is not None:
+            try:
+                assert self._ctl is not None
+                self.loan = LentMemory(loan_fd, loan_slots, self._ctl)
+            except BaseException:
+                self.close()
+                raise
 
     def read(self, token: Token, order: int) -> bytes | None:
         """The page the token names, or None if tmem no longer holds it as it was put."""
@@ -87,6 +104,80 @@ class Mapping:
 
     def close(self) -> None:
         """Unmap."""
-        for view in (self._mem, self._gen, self._link, self._view):
+        if self.loan is not None:
+            self.loan.close()
+            self.loan = None
+        for view in (self._mem, self._gen, self._link, self._ctl, self._view):
+            if view is not None:
+                view.release()
+        self._map.close()
+
+
+class LentMemory:
+    """Memory tmemd lent this guest to use as its own (PROTOCOL.md §4.8): a file mapped
+    read-write, of which the first ``lent`` bytes are ours for now. The daemon may take back any
+    part above a new, lower ``lent`` at any time, without asking: it bumps the mirror's seq word
+    (odd while it works), lowers ``lent`` and ``low``, and punches the memory out (it reads as
+    zeros from then on). So a user of lent memory
+
+    - calls ``changed()`` before it reads or writes there: ``None`` if nothing was taken back
+      since it last looked; else the offset from which everything it kept is gone (or
+      ``BUSY`` while a recall is under way: leave the memory alone for now);
+    - checks ``still(seq)`` after copying something out, and drops the copy if not.
+
+    Memory is asked for with LEND (``Client.lend``); its answer's ``low`` counts as a
+    ``changed()`` too. ``mark_active()`` on each use tells tmemd the memory is busy: memory left
+    unused for a while (tmemd's ``lend_idle_ms``) is the first it takes back.
+    """
+
+    BUSY = -1
+
+    def __init__(self, fd: int, slots: int, ctl: memoryview) -> None:
+        size = (slots + 1) * SLOT
+        if os.fstat(fd).st_size < size:
+            raise ProtocolError(f"tmemd's loan file is smaller than {slots} slots need")
+        self.size = slots * SLOT  # the most it could ever lend
+        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        view = memoryview(self._map)
+        self._view = view
+        self.mem = view[SLOT:]
+        self._active = view[:8].cast("Q")
+        self._ctl = self.words = ctl  # the mirror's control words (read-only)
+        self.seq = ctl[0]  # as last seen
+
+    @property
+    def lent(self) -> int:
+        """Bytes we may use now."""
+        return self._ctl[1] * SLOT
+
+    def changed(self) -> int | None:
+        """None if nothing was taken back since we last looked; else the offset from which
+        what we kept is gone (``BUSY``: a recall is under way, leave it all alone)."""
+        ctl = self._ctl
+        seq = ctl[0]
+        if seq == self.seq:
+            return None
+        if seq & 1:
+            return self.BUSY
+        low = ctl[2] * SLOT  # read after an even seq: the recall's words are all there
+        self.seq = seq
+        return low
+
+    def still(self, seq: int) -> bool:
+        """Was nothing taken back since seq (what was copied out meanwhile is whole)?"""
+        return self._ctl[0] == seq
+
+    def answered(self, reply: dict[str, int]) -> int:
+        """Take a LEND answer in; returns the offset from which what we kept is gone."""
+        self.seq = reply["seq"]
+        return reply["low"]
+
+    def mark_active(self) -> None:
+        """We use the memory (a word of ours tmemd reads)."""
+        self._active[0] = time.monotonic_ns()
+
+    def close(self) -> None:
+        """Unmap."""
+        for view in (self.mem, self._active, self._view):
             view.release()
         self._map.close()

@@ -72,6 +72,7 @@ class Op(enum.IntEnum):
     GET_MANY = 21
     FLUSH_MANY = 22
     TOUCH_MANY = 23  # pages read through the mapping, reported afterwards (PROTOCOL.md §4.7)
+    LEND = 24  # borrow memory to use as the guest's own, or give it back (PROTOCOL.md §4.8)
     HELLO = 30
     PING = 31
     DOORBELL = 32  # "look at the request ring"; never answered (PROTOCOL.md §4.6)
@@ -334,13 +335,15 @@ class PoolSpec:
 class Hello:
     """The handshake request: protocol version, the guest name asked for, region size in frames,
     and options: ``ring``, frames per request/reply ring, 0 for none (PROTOCOL.md §4.6); ``map``,
-    true to read its pages through a mapping (§4.7)."""
+    true to read its pages through a mapping (§4.7); ``lend``, true to borrow memory (§4.8; needs
+    ``map``)."""
 
     version: int
     name: str
     frames: int
     ring: int = 0
     map: bool = False
+    lend: bool = False
 
     def encode(self) -> bytes:
         """The HELLO frame (req_id 1); the region fd travels with it as SCM_RIGHTS."""
@@ -350,6 +353,8 @@ class Hello:
             options["ring"] = self.ring
         if self.map:
             options["map"] = True
+        if self.lend:
+            options["lend"] = True
         if options:
             message.append(options)
         return encode_frame(message)
@@ -377,7 +382,7 @@ class Hello:
             )
         frames = check_uint(frames, 32, "region frames")
         ring = 0
-        mapped = False
+        mapped = lend = False
         if rest:
             options = rest[0]
             if type(options) is not dict or len(options) > MAX_HELLO_OPTIONS:
@@ -388,9 +393,13 @@ class Hello:
             # was granted.
             ring = check_ring_frames(options.get("ring", 0))
             mapped = options.get("map", False)
-            if type(mapped) is not bool:
-                raise InvalidArgument(f"map must be true or false, got {type(mapped).__name__}")
-        return cls(version, name, frames, ring, mapped)
+            lend = options.get("lend", False)
+            for option, value in (("map", mapped), ("lend", lend)):
+                if type(value) is not bool:
+                    raise InvalidArgument(
+                        f"{option} must be true or false, got {type(value).__name__}"
+                    )
+        return cls(version, name, frames, ring, mapped, lend)
 
 
 _NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -413,6 +422,7 @@ class Limits:
     max_pools: int
     ring: int = 0  # frames per ring granted; 0: requests go over the socket only
     map: int = 0  # slots of the page mirror sent with the reply (§4.7); 0: none
+    lend: int = 0  # slots of the loan file sent after the mirror (§4.8); 0: none
 
     def to_wire(self) -> dict[str, Any]:
         """The HELLO reply's result map (``map`` only when granted)."""
@@ -427,6 +437,8 @@ class Limits:
         }
         if self.map:
             wire["map"] = self.map
+        if self.lend:
+            wire["lend"] = self.lend
         return wire
 
     @classmethod
@@ -444,6 +456,7 @@ class Limits:
                 max_pools=check_uint(value["max_pools"], 32, "max_pools"),
                 ring=check_uint(value.get("ring", 0), 32, "ring"),
                 map=check_uint(value.get("map", 0), 32, "map"),
+                lend=check_uint(value.get("lend", 0), 32, "lend"),
             )
         except (KeyError, InvalidArgument) as exc:
             raise ProtocolError(f"bad HELLO reply: {exc}") from exc

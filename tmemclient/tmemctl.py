@@ -248,6 +248,8 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "free": _size,
     "capacity": _size,
     "moved": _size,
+    "lent": _size,
+    "recalled": _size,
     "frozen_all": _yes,
     "uptime": lambda v: _duration(float(v)),
 }
@@ -267,7 +269,7 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
     """``guests`` as a table."""
     headers = (
         "NAME", "KIND", "SESS", "WEIGHT", "CAP", "FROZEN", "MAPPED", "EPHEMERAL", "PERSISTENT",
-        "PAGES", "POOLS", "PUTS", "REFUSED", "HIT%", "EVICTED",
+        "LENT", "PAGES", "POOLS", "PUTS", "REFUSED", "HIT%", "EVICTED",
     )  # fmt: skip
     body = [
         [
@@ -280,6 +282,7 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
             _yes(r.get("mapped")),
             _size(r.get("ephemeral_bytes")),
             _size(r.get("persistent_bytes")),
+            _size(r.get("lent_bytes")),
             _count(r.get("pages")),
             _count(r.get("pools")),
             _count(r.get("puts_ok")),
@@ -385,6 +388,7 @@ class Rates:
                     _yes(r.get("frozen")),
                     _size(r.get("ephemeral_bytes")),
                     _size(r.get("persistent_bytes")),
+                    _size(r.get("lent_bytes")),
                     hit,
                     evict,
                     puts,
@@ -396,7 +400,8 @@ class Rates:
 
 
 TOP_HEADERS: Final = (
-    "NAME", "WEIGHT", "CAP", "FROZEN", "EPHEMERAL", "PERSISTENT", "HIT%", "EVICT/S", "PUTS/S",
+    "NAME", "WEIGHT", "CAP", "FROZEN", "EPHEMERAL", "PERSISTENT", "LENT", "HIT%", "EVICT/S",
+    "PUTS/S",
 )  # fmt: skip
 
 

@@ -174,7 +174,11 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
     pool = None
     if cfg["socket"]:
         client = tmemclient.connect(
-            cfg["socket"], name=cfg["name"], frames=cfg["frames"], map_pages=cfg["map"]
+            cfg["socket"],
+            name=cfg["name"],
+            frames=cfg["frames"],
+            map_pages=cfg["map"],
+            lend_memory=cfg["map"] and cfg["borrow"] > 0,
         )
         pool = client.new_pool(page_size=cfg["tmem_page_pages"] * PAGE)
     cache = PageCache(
@@ -185,6 +189,7 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
         put_batch=cfg["put_batch"],
         disk_read=disk.read,
         overlap=cfg["overlap"],
+        borrow=cfg["borrow"],
     )
     handles = [cache.open(path) for path in cfg["files"]]
     send(stdout, {"ready": True})
@@ -193,6 +198,17 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
         if cmd["cmd"] == "quit":
             break
         send(stdout, run_reads(cache, client, handles, cfg, cmd))
+    print(
+        "DBG",
+        cfg["name"],
+        cache.stats.lent_bytes,
+        cache.stats.lends,
+        len(cache._lent),
+        len(cache._frames_free),
+        cache._local_pages,
+        cache._room,
+        file=sys.stderr,
+    )
     send(stdout, {"final": counters(cache, client)})
     cache.close()
     if client is not None:
@@ -369,6 +385,7 @@ def guest_config(
         "put_batch": args.put_batch,
         "overlap": args.overlap,
         "map": args.map,
+        "borrow": args.memory if args.lend and setup.tmem else 0,
         "files": data,
         "pages": args.file_pages,
         "run": args.run,
@@ -488,6 +505,9 @@ COUNTERS = (
     "mapped_reads",
     "puts_skipped",
     "sparse_dropped",
+    "lent_hits",
+    "lent_lost",
+    "lends",
     "tmem_seconds",
     "put_seconds",
     "disk_seconds",
@@ -640,7 +660,7 @@ def pct(part: int, whole: int) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """The cache scenarios as a markdown table."""
     head = (
-        "| scenario | setup | guest | pages read | local hit | tmem hit | disk reads | "
+        "| scenario | setup | guest | pages read | local hit (lent) | tmem hit | disk reads | "
         "block puts (refused, skipped) | lookups | mapped reads | wall s |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -648,7 +668,8 @@ def table(results: list[dict[str, Any]]) -> str:
         for row in [*res["rows"], res["total"]]:
             lines.append(
                 f"| {res['scenario']} | {res['setup']} | {row['guest']} | {row['pages_read']} | "
-                f"{pct(row['local_hits'], row['pages_read'])} | "
+                f"{pct(row['local_hits'], row['pages_read'])} "
+                f"({pct(row['lent_hits'], row['pages_read'])}) | "
                 f"{pct(row['tmem_hits'], row['pages_read'])} | {row['disk_reads']} | "
                 f"{row['puts']} ({row['puts_refused']}, {row['puts_skipped']}) | "
                 f"{row['tmem_gets']} | {row['mapped_reads']} | {row['seconds']:.2f} |"
@@ -772,6 +793,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tmem guests read their pages through a read-only mapping, with no round trip "
         "(PROTOCOL.md 4.7)",
     )
+    add(
+        "--lend",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tmem guests borrow memory from tmemd to use as their own, which it takes back when "
+        "others need it (PROTOCOL.md 4.8; needs --map)",
+    )
     add("--disk-latency-us", type=float, default=80.0, help="added latency per disk read")
     add("--swap", action=argparse.BooleanOptionalAction, default=True, help="frontswap scenario")
     add("--swap-ram", type=int, default=256, help="frontswap: RAM pages")
@@ -810,6 +838,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the scenarios; exit 1 if any count did not add up or a page read back wrong."""
     args = parse_args(argv)
     if args.as_guest:
+        if os.environ.get("EXP_PROF"):
+            import cProfile
+
+            prof = cProfile.Profile()
+            rc = prof.runcall(guest_main, sys.stdin, sys.stdout)
+            prof.dump_stats(f"{os.environ['EXP_PROF']}/{os.getpid()}.prof")
+            return rc
         return guest_main(sys.stdin, sys.stdout)
     precise_timers()
     share = args.memory // PAGE // args.guests

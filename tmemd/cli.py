@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let guests that ask read their own pages through a read-only mapping, with no "
         "round trip (default: on)",
     )
+    p.add_argument(
+        "--lend-memory",
+        action=argparse.BooleanOptionalAction,
+        help="let mapped guests that ask borrow memory from the budget to use as their own, "
+        "taken back when others need it (default: on)",
+    )
     return p
 
 
@@ -109,6 +115,7 @@ LIMIT_OPTIONS = (
     "ring_poll_us",
     "ring_poll_max_us",
     "map_pages",
+    "lend_memory",
 )
 SETTING_OPTIONS = (
     "socket",
@@ -175,6 +182,7 @@ class Daemon:
             settings.budget,
             capacity=max(settings.budget, physical_memory()),
             move_slack=settings.limits.move_slack,
+            lend_idle=settings.limits.lend_idle_ms / 1000,
         )
         self.host = Host(self.store, settings)
         self.guest_server = GuestServer(self.host, settings.limits)
@@ -310,6 +318,7 @@ class Daemon:
         self.settings = new
         self.guest_server.limits = new.limits  # new connections get the new limits
         self.store.move_slack = new.limits.move_slack  # arbitration: at once
+        self.store.lend_idle = new.limits.lend_idle_ms / 1000
         log.info(
             "config_reloaded",
             config=str(self.args.config),

@@ -34,6 +34,8 @@ class Limits:
     ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
     ring_poll_max_us: int = 1000  # ...growing to this for a guest whose gaps are short
     map_pages: bool = True  # a guest may read its pages through a mapping (PROTOCOL.md §4.7)
+    lend_memory: bool = True  # a mapped guest may borrow memory as its own (PROTOCOL.md §4.8)
+    lend_idle_ms: int = 100  # lent memory unused this long is taken back before anything else
     # A mapped guest's put takes its own oldest page rather than a busy neighbour's unless
     # that one is older by more than this fraction: saves moving memory between their files
     # (policy.py). 0: the plain weighted LRU.
@@ -56,6 +58,8 @@ class Limits:
         for name in ("ring_poll_us", "ring_poll_max_us"):
             if not 0 <= getattr(self, name) <= 10_000:
                 raise ValueError(f"{name} must be 0..10000 (microseconds)")
+        if not 1 <= self.lend_idle_ms <= 60_000:
+            raise ValueError("lend_idle_ms must be 1..60000 (milliseconds)")
         if not 0 <= self.move_slack <= 0.5:
             raise ValueError("move_slack must be 0..0.5 (a fraction of a page's idle time)")
 

@@ -230,6 +230,8 @@ class Host:
             "shared_pools": len(self.shared),
             "evictions": store.evictions,
             "moved": store.moved_slots << SLOT_SHIFT,
+            "lent": sum(g.lent_slots for g in store.lenders.values()) << SLOT_SHIFT,
+            "recalled": store.recalled_slots << SLOT_SHIFT,
             "frozen_all": self.frozen_all,
             "uptime": round(time.time() - self.started, 3),
         }
@@ -252,6 +254,7 @@ class Host:
             "mapped": g.mirror is not None,  # reads its pages through a mapping (§4.7)
             "ephemeral_bytes": g.eph_slots << SLOT_SHIFT,
             "persistent_bytes": g.pers_slots << SLOT_SHIFT,
+            "lent_bytes": g.lent_slots << SLOT_SHIFT,  # memory it borrowed (§4.8)
             "pages": pages,
             "pools": len(g.pools),
             **g.stats.as_dict(),

@@ -244,10 +244,22 @@ class GuestServer:
         rings = Rings(view[len(pages) :], granted, "host") if granted else None
         mirror_fd = self._map_grant(guest) if hello.map else None
         session.mapped = mirror_fd is not None
+        fds = [] if mirror_fd is None else [mirror_fd]
+        if (
+            mirror_fd is not None
+            and hello.lend
+            and (loan_fd := self._lend_grant(guest)) is not None
+        ):
+            fds.append(loan_fd)
+            session.lending = True
         self.host.join(session)
         clog = log.bind(guest=name, pid=pid, uid=uid)
         clog.info(
-            "guest_connected", frames=hello.frames, ring=granted, mapped=mirror_fd is not None
+            "guest_connected",
+            frames=hello.frames,
+            ring=granted,
+            mapped=mirror_fd is not None,
+            lending=session.lending,
         )
         reason = "closed by guest"
         try:
@@ -260,15 +272,16 @@ class GuestServer:
                 max_pools=self.limits.max_pools,
                 ring=granted,
                 map=0 if mirror_fd is None else self.store.capacity_slots,
+                lend=self.store.capacity_slots if session.lending else 0,
             )
             answer = encode_reply(1, Status.OK, reply.to_wire())
-            if mirror_fd is None:
+            if not fds:
                 await send_all(sock, answer)
-            else:  # the mirror's read-only fd rides on the reply's first byte
-                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [mirror_fd]))]
+            else:  # the mirror's read-only fd (and the loan's) ride on the reply's first byte
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                 sent = await sock.sendmsg([answer], rights)
-                os.close(mirror_fd)
-                mirror_fd = None
+                close_all(fds)
+                fds = []
                 await send_all(sock, answer[sent:])
             reason = await self._serve_frames(sock, session, leftover, rings)
         except (OSError, trio.BrokenResourceError) as exc:
@@ -276,8 +289,7 @@ class GuestServer:
         except trio.TooSlowError:
             reason = f"guest left replies unread for {self.limits.send_timeout}s"
         finally:
-            if mirror_fd is not None:
-                os.close(mirror_fd)
+            close_all(fds)
             pools = len(session.pools)
             freed = session.close()
             traffic: dict[str, int] = {}
@@ -299,10 +311,20 @@ class GuestServer:
     def _map_grant(self, guest: Guest) -> int | None:
         """A read-only fd of the guest's page mirror (made on its first ask), or None when the
         guest already holds pages outside one, or mapping is off (``map_pages``)."""
-        if not self.limits.map_pages:
-            return None
+        if not self.limits.map_pages or not rings_mod.supported():
+            return None  # off, or this machine does not keep the load order §4.7 needs
         try:
             return self.store.map_guest(guest).read_only_fd()
+        except StoreError:
+            return None
+
+    def _lend_grant(self, guest: Guest) -> int | None:
+        """A read-write fd of a new loan file for the guest (PROTOCOL.md §4.8), or None when
+        lending is off (``lend_memory``) or another session of the guest borrows already."""
+        if not self.limits.lend_memory:
+            return None
+        try:
+            return self.store.open_loan(guest).writable_fd()
         except StoreError:
             return None
 

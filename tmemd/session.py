@@ -33,7 +33,7 @@ from tmemclient.protocol import (
 )
 from tmemd.config import Limits
 from tmemd.host import Host
-from tmemd.store import Guest, Pool
+from tmemd.store import SLOT_SHIFT, Guest, Pool
 
 _ARGS: dict[int, tuple[str, ...]] = {
     Op.NEW_POOL: ("flags", "uuid"),
@@ -49,6 +49,7 @@ _ARGS: dict[int, tuple[str, ...]] = {
     Op.GET_MANY: ("pool", "entries"),
     Op.FLUSH_MANY: ("pool", "entries"),
     Op.TOUCH_MANY: ("pool", "entries"),
+    Op.LEND: ("want",),
     Op.PING: (),
     Op.DOORBELL: (),
 }
@@ -64,6 +65,7 @@ class Session:
         self.region = region
         self.frames = len(region) // FRAME_SIZE
         self.mapped = False  # granted a mirror in HELLO: PUT_MANY answers with tokens (§4.7)
+        self.lending = False  # granted a loan file in HELLO: may LEND (§4.8)
         self.limits = limits
         self.pools: dict[int, Pool] = {}
         # Handles are a random bijection of a counter: never reused within the session (a stale
@@ -86,6 +88,7 @@ class Session:
             Op.GET_MANY: self._get_many,
             Op.FLUSH_MANY: self._flush_many,
             Op.TOUCH_MANY: self._touch_many,
+            Op.LEND: self._lend,
             Op.PING: lambda m: None,
             Op.DOORBELL: lambda m: None,  # only reached with arguments: an error
         }
@@ -125,6 +128,9 @@ class Session:
             if not pool.shared:
                 freed += self.store.destroy_pool(pool)
         self.pools.clear()
+        if self.lending:  # the loan was this session's: all of it comes back
+            self.store.close_loan(self.guest)
+            self.lending = False
         self.host.detach(self)
         return freed
 
@@ -310,6 +316,19 @@ class Session:
                 check_uint(head, 32, f"entry {i} slot")
                 check_uint(gen, 64, f"entry {i} generation")
         self.store.touch_many(pool, heads, gens)
+
+    def _lend(self, m: list[Any]) -> dict[str, int]:
+        if not self.lending:
+            raise InvalidArgument(
+                "LEND needs a loan file; this connection has none (ask for one in HELLO: "
+                "map true, lend true; the daemon may have lending off, or lend to another "
+                "session of this guest already)"
+            )
+        want = check_uint(m[2], 64, "want") >> SLOT_SHIFT
+        result = self.store.lend(self.guest, want)
+        return {
+            key: value << SLOT_SHIFT if key != "seq" else value for key, value in result.items()
+        }
 
 
 def _plain_uints(values: list[Any], bits: int) -> bool:

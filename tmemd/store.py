@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
@@ -44,6 +45,9 @@ from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, cho
 SLOT_SHIFT: Final = 12
 SLOT_SIZE: Final = 1 << SLOT_SHIFT
 NIL: Final = -1
+CTL_WORDS: Final = 3  # a mirror's control words: seq, lent slots, low slots (PROTOCOL.md §4.8)
+LEND_IDLE: Final = 0.1  # seconds without use after which lent memory is taken back first
+LOAN_SLACK_SLOTS: Final = 16  # a guest may hold this much beyond its loan before it is punched
 _GROW: Final = 4096  # metadata arrays grow by this many slots at a time
 _INTERNED_INDEXES: Final = 1 << 16  # page indexes below this share their int objects
 
@@ -94,7 +98,8 @@ class Mirror:
         self.slots = slots
         self.gen_offset = slots << SLOT_SHIFT
         self.link_offset = self.gen_offset + 8 * slots
-        self.size = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
+        self.ctl_offset = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
+        self.size = self.ctl_offset + SLOT_SIZE  # then a page of control words (lent memory)
         self.fd = os.memfd_create("tmem-mirror", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size)  # sparse: memory is used only where pages are
@@ -111,6 +116,9 @@ class Mirror:
         self.mem = view[: self.gen_offset]
         self.gen = view[self.gen_offset : self.link_offset].cast("Q")
         self.link = view[self.link_offset : self.link_offset + 4 * slots].cast("I")
+        # Lent memory's state, for the guest to read (PROTOCOL.md §4.8): [seq, lent slots,
+        # low slots]; seq is odd while a recall is under way.
+        self.ctl = view[self.ctl_offset : self.ctl_offset + 8 * CTL_WORDS].cast("Q")
         self._view = view
 
     def read_only_fd(self) -> int:
@@ -126,8 +134,66 @@ class Mirror:
     def close(self) -> None:
         """Free everything (the guest's own mapping may still hold the pages it touched)."""
         self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
-        for view in (self.mem, self.gen, self.link, self._view):
+        for view in (self.mem, self.gen, self.link, self.ctl, self._view):
             view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+class Loan:
+    """Memory lent to a mapped guest to use as its own (PROTOCOL.md §4.8): a sealed memfd of a
+    header page and then ``slots`` slots, which the guest maps read-write. The guest may use the
+    first ``lent`` slots (its mirror's control words say how many); the daemon takes back any
+    part above that at any time, by punching it out of the file. The header's first word is the
+    guest's: the CLOCK_MONOTONIC nanoseconds of its last use, which tell a busy loan from an
+    idle one."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.size = (slots + 1) << SLOT_SHIFT
+        self.fd = os.memfd_create("tmem-loan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)  # sparse: the guest's writes bring the memory in
+            fcntl.fcntl(
+                self.fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
+            self._map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._active = memoryview(self._map)[:8].cast("Q")
+
+    @property
+    def active_ns(self) -> int:
+        """When the guest last used its lent memory (its own word; monotonic nanoseconds)."""
+        return self._active[0]
+
+    def mark_active(self, now_ns: int) -> None:
+        """A request of the guest's is a use too."""
+        if self._active[0] < now_ns:
+            self._active[0] = now_ns
+
+    def writable_fd(self) -> int:
+        """A new read-write descriptor of the file, for the guest (closed by the caller once
+        sent); the seals keep its size."""
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+
+    def resident(self) -> int:
+        """Bytes of memory the file holds now."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def punch_from(self, slot: int) -> None:
+        """Take back every lent slot from ``slot`` on (the guest reads zeros there now)."""
+        start = (slot + 1) << SLOT_SHIFT
+        if start < self.size:
+            self._map.madvise(mmap.MADV_REMOVE, start, self.size - start)
+
+    def close(self) -> None:
+        """Free everything (the guest's mapping keeps what it touched until it unmaps)."""
+        self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
+        self._active.release()
         self._map.close()
         os.close(self.fd)
 
@@ -140,6 +206,8 @@ class Guest:
         "cap_slots",
         "eph_slots",
         "frozen",
+        "lent_slots",
+        "loan",
         "lru_head",
         "lru_tail",
         "mirror",
@@ -161,6 +229,8 @@ class Guest:
         self.lru_head = NIL  # least recently used ephemeral page (head slot)
         self.lru_tail = NIL  # most recently used
         self.mirror: Mirror | None = None  # set by Store.map_guest
+        self.loan: Loan | None = None  # set by Store.open_loan
+        self.lent_slots = 0  # of the loan, the slots the guest may use now
         self.pools: set[Pool] = set()
         self.stats = Stats()
 
@@ -178,8 +248,8 @@ class Guest:
 
     @property
     def held_slots(self) -> int:
-        """Slots billed to this guest, ephemeral and persistent."""
-        return self.eph_slots + self.pers_slots
+        """Slots billed to this guest: ephemeral and persistent pages, and lent memory."""
+        return self.eph_slots + self.pers_slots + self.lent_slots
 
     def __repr__(self) -> str:
         return f"Guest({self.name!r})"
@@ -216,16 +286,25 @@ class Store:
     """Pages of every guest in one budget. Not thread-safe: one event loop drives it."""
 
     def __init__(
-        self, budget: int, *, capacity: int | None = None, move_slack: float = MOVE_SLACK
+        self,
+        budget: int,
+        *,
+        capacity: int | None = None,
+        move_slack: float = MOVE_SLACK,
+        lend_idle: float = LEND_IDLE,
+        now_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
         ``move_slack``: how much older another busy guest's page must be for a mapped guest's
         put to take it rather than the guest's own (policy.choose_victim; 0: the plain
-        weighted LRU)."""
+        weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
+        is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC)."""
         if budget < SLOT_SIZE:
             raise ValueError(f"budget must be at least {SLOT_SIZE} bytes")
         self.move_slack = move_slack
+        self.lend_idle = lend_idle
+        self.now_ns = now_ns
         capacity = max(capacity or budget, budget)
         self.capacity_slots = capacity >> SLOT_SHIFT
         self.budget_slots = budget >> SLOT_SHIFT
@@ -251,6 +330,8 @@ class Store:
         self._index_ints = list(range(_INTERNED_INDEXES))  # 2.3 MiB, once
         self.evictions = 0
         self.moved_slots = 0  # slots punched out of a mapped guest's file for another guest
+        self.lenders: dict[str, Guest] = {}  # guests with lent memory (a Loan)
+        self.recalled_slots = 0  # lent slots taken back without the guest asking
 
     # ---------------------------------------------------------------- guests and pools
 
@@ -267,6 +348,7 @@ class Store:
     def remove_guest(self, guest: Guest) -> int:
         """Destroy every pool of the guest (scrubbing its memory); return pages freed."""
         freed = sum(self.destroy_pool(pool) for pool in list(guest.pools))
+        self.close_loan(guest)
         self.guests.pop(guest.name, None)
         if guest.mirror is not None:
             del self._mirrors[guest.mirror.ident]  # its slots' owner numbers go stale: see _alloc
@@ -289,6 +371,150 @@ class Store:
                 raise StoreError(f"cannot make a mirror for {guest.name!r}: {exc}") from exc
             guest.mirror = self._mirrors[ident] = mirror
         return guest.mirror
+
+    # ---------------------------------------------------------------- lent memory
+
+    def open_loan(self, guest: Guest) -> Loan:
+        """Give a mapped guest a file to borrow memory in (PROTOCOL.md §4.8); nothing is lent
+        until it asks (``lend``). One loan per guest."""
+        mirror = guest.mirror
+        if mirror is None:
+            raise StoreError(f"guest {guest.name!r} has no mirror: lent memory needs one")
+        if guest.loan is not None:
+            raise StoreError(f"guest {guest.name!r} borrows memory already")
+        try:
+            guest.loan = Loan(self.capacity_slots)
+        except OSError as exc:
+            raise StoreError(f"cannot make a loan file for {guest.name!r}: {exc}") from exc
+        mirror.ctl[1] = mirror.ctl[2] = 0
+        self.lenders[guest.name] = guest
+        return guest.loan
+
+    def close_loan(self, guest: Guest) -> None:
+        """Take back all the guest's lent memory and close its file (its session ended)."""
+        loan = guest.loan
+        if loan is None:
+            return
+        self._recall(guest, 0, asked=True)
+        self.lenders.pop(guest.name, None)
+        guest.loan = None
+        loan.close()
+
+    def lend(self, guest: Guest, want: int) -> dict[str, int]:
+        """The guest asks to borrow ``want`` slots in all (fewer: it gives the rest back).
+
+        It gets, above what it has, memory that is free, then memory idle guests left lent
+        (unused for ``lend_idle``), then ephemeral pages by the weighted LRU; and, while it
+        holds less than its *share* (the budget split by weight between the guests using
+        lent memory now), the part of busy guests' loans above their own share. Returns
+        what it has now, in slots: ``lent``; ``low``, the fewest it had since it last asked
+        (everything it kept from there up is gone); ``seq``, the mirror's seq word then; and
+        ``room``, slots a put could get without taking anyone's busy loan.
+        """
+        loan, mirror = guest.loan, guest.mirror
+        if loan is None or mirror is None:
+            raise StoreError(f"guest {guest.name!r} has no loan file")
+        now = self.now_ns()
+        loan.mark_active(now)
+        want = min(want, loan.slots)
+        if guest.frozen:  # an administrator froze it: it may give back, not grow
+            want = min(want, guest.lent_slots)
+        if guest.cap_slots is not None:
+            want = min(want, max(0, guest.cap_slots - guest.eph_slots - guest.pers_slots))
+        if want < guest.lent_slots:
+            self._recall(guest, want, asked=True)
+        elif want > guest.lent_slots:
+            got = self._reclaim(guest, want - guest.lent_slots, now)
+            guest.lent_slots += got
+            self.used_slots += got
+            mirror.ctl[1] = guest.lent_slots
+        if loan.resident() > (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT:
+            loan.punch_from(guest.lent_slots)  # written beyond its loan: not its memory
+        ctl = mirror.ctl
+        low = ctl[2]
+        ctl[2] = guest.lent_slots
+        room = self._room(guest, now)
+        return {"lent": guest.lent_slots, "low": low, "seq": ctl[0], "room": room}
+
+    def _idle(self, guest: Guest, now: int) -> bool:
+        loan = guest.loan
+        return loan is not None and now - loan.active_ns > self.lend_idle * 1e9
+
+    def _share(self, guest: Guest, now: int, also: Guest | None = None) -> int:
+        """The guest's share of the budget among the guests using lent memory now (and
+        ``also``, a guest that needs memory for a put)."""
+        weights = guest.weight + sum(
+            g.weight for g in self.lenders.values() if g is not guest and not self._idle(g, now)
+        )
+        if also is not None and also is not guest and also.name not in self.lenders:
+            weights += also.weight
+        return self.budget_slots * guest.weight // max(1, weights)
+
+    def _room(self, guest: Guest, now: int) -> int:
+        """Slots a put of ``guest`` could have without taking a busy guest's lent memory."""
+        idle = sum(
+            g.lent_slots for g in self.lenders.values() if g is not guest and self._idle(g, now)
+        )
+        pages = sum(g.eph_slots for g in self.guests.values())
+        return max(0, self.budget_slots - self.used_slots) + pages + idle
+
+    def _reclaim(self, asker: Guest, need: int, now: int) -> int:
+        """Free up to ``need`` slots for ``asker``'s loan (see ``lend``); return how many."""
+
+        def short() -> int:
+            return need - (self.budget_slots - self.used_slots)
+
+        self._recall_idle(short, now, asker)
+        while short() > 0:
+            victim = choose_victim(self.guests.values(), self.clock)
+            if victim is None:
+                break
+            self._evict(victim.lru_head)
+        # Busy guests' loans above their share, while the asker is below its own.
+        may = self._share(asker, now) - asker.lent_slots - (self.budget_slots - self.used_slots)
+        busy = [g for g in self.lenders.values() if g is not asker and g.lent_slots]
+        for g in sorted(busy, key=lambda g: self._share(g, now) - g.lent_slots):
+            take = min(short(), may, g.lent_slots - self._share(g, now))
+            if take <= 0:
+                continue
+            self._recall(g, g.lent_slots - take)
+            may -= take
+        return max(0, min(need, self.budget_slots - self.used_slots))
+
+    def _recall_idle(self, short: Callable[[], int], now: int, keep: Guest | None) -> bool:
+        """Take back idle guests' lent memory (longest idle first; never ``keep``'s) while
+        ``short()`` is above 0; True if any was taken."""
+        idle = [
+            (g.loan.active_ns, g)
+            for g in self.lenders.values()
+            if g is not keep and g.lent_slots and g.loan is not None and self._idle(g, now)
+        ]
+        taken = False
+        for _, g in sorted(idle, key=lambda pair: pair[0]):
+            need = short()
+            if need <= 0:
+                break
+            self._recall(g, max(0, g.lent_slots - need))
+            taken = True
+        return taken
+
+    def _recall(self, guest: Guest, keep: int, *, asked: bool = False) -> None:
+        """Take the guest's lent memory down to ``keep`` slots: a seqlock write of its control
+        words around the punch, so a guest reading lent memory meanwhile knows to drop it."""
+        old = guest.lent_slots
+        loan, mirror = guest.loan, guest.mirror
+        if keep >= old or loan is None or mirror is None:
+            return
+        ctl = mirror.ctl
+        ctl[0] += 1  # odd: under way
+        ctl[1] = keep
+        ctl[2] = min(ctl[2], keep)
+        loan.punch_from(keep)
+        ctl[0] += 1
+        guest.lent_slots = keep
+        self.used_slots -= old - keep
+        if not asked:
+            self.recalled_slots += old - keep
 
     def token(self, pool: Pool, oid: int, index: int) -> list[int] | None:
         """[head slot, generation] of a page of a mapped guest's pool, for a mapped read."""
@@ -376,6 +602,9 @@ class Store:
             while guest.held_slots > guest.cap_slots and guest.lru_head != NIL:
                 self._evict(guest.lru_head)
                 evicted += 1
+            over = guest.held_slots - guest.cap_slots
+            if over > 0:
+                self._recall(guest, max(0, guest.lent_slots - over))
         return evicted
 
     def drop_ephemeral(self, guest: Guest) -> int:
@@ -394,6 +623,12 @@ class Store:
                 break
             self._evict(victim.lru_head)
             evicted += 1
+        # Then lent memory: idle guests' first, then the biggest loans.
+        self._recall_idle(lambda: self.used_slots - slots, self.now_ns(), None)
+        for g in sorted(self.lenders.values(), key=lambda g: -g.lent_slots):
+            if self.used_slots <= slots:
+                break
+            self._recall(g, max(0, g.lent_slots - (self.used_slots - slots)))
         return evicted
 
     @property
@@ -644,7 +879,7 @@ class Store:
         """Evict ephemeral pages until ``need`` slots fit the budget and the guest's cap."""
         cap = guest.cap_slots
         if cap is not None:
-            if guest.pers_slots + need > cap:
+            if guest.pers_slots + guest.lent_slots + need > cap:
                 return False
             while guest.held_slots + need > cap:
                 if guest.lru_head == NIL:  # pragma: no cover - implied by the check above
@@ -653,6 +888,8 @@ class Store:
         if need > self.budget_slots:
             return False
         while self.used_slots + need > self.budget_slots:
+            if self.lenders and self._recall_for_put(guest, need):
+                continue
             # A mapped guest's own page rather than another busy guest's nearly as old one:
             # that would move memory between their files (policy.py).
             victim = choose_victim(
@@ -666,6 +903,24 @@ class Store:
                 return False
             self._evict(victim.lru_head)
         return True
+
+    def _recall_for_put(self, guest: Guest, need: int) -> bool:
+        """Lent memory for a put, before any page is evicted: idle guests' first, then what
+        busy guests hold above their share (counting the putting guest in, so a guest that
+        never borrows still has its share). True if any was taken."""
+        now = self.now_ns()
+
+        def short() -> int:
+            return self.used_slots + need - self.budget_slots
+
+        if self._recall_idle(short, now, guest):
+            return True
+        for g in self.lenders.values():
+            excess = g.lent_slots - self._share(g, now, also=guest)
+            if g is not guest and excess > 0 and short() > 0:
+                self._recall(g, g.lent_slots - min(excess, short()))
+                return True
+        return False
 
     def _evict(self, head: int) -> None:
         pool = self._pool[head]
