@@ -243,3 +243,76 @@ async def test_the_trio_page_cache_borrows_too(daemon: Daemon, tmp_path: Path) -
             assert cache.stats.lends >= 1 and cache.stats.lent_hits > 0
             assert cache.cached_pages > 32
             cache.close()
+
+
+def test_a_recall_in_the_middle_of_a_read_never_returns_a_punched_page(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The rival takes memory back while the cache is reading the file for a read whose other
+    pages sit in lent memory: the read is made again, and counted once."""
+    daemon = start_daemon("--memory", "1MiB")
+    paths = cache_files(tmp_path, 1, 256)
+    with borrower(daemon, "cache") as client, borrower(daemon, "rival") as rival:
+        lr = loan_of(rival)
+        recalls = 0
+
+        def disk_read(fd: int, length: int, offset: int) -> bytes:
+            nonlocal recalls
+            data = os.pread(fd, length, offset)
+            if armed and recalls < 3:
+                recalls += 1
+                lr.mark_active()  # busy, and below its share: takes the cache's
+                lr.answered(rival.lend(MIB))
+                lr.answered(rival.lend(0))  # and gives it straight back to the budget
+            return data
+
+        armed = False
+        pool = client.new_pool(page_size=8 * PAGE)
+        cache = PageCache(pool, 16, block_pages=8, put_batch=8, borrow=MIB, disk_read=disk_read)
+        f = cache.open(paths[0])
+        for first in range(0, 248, 8):  # fill: most of it lands in lent memory
+            assert cache.read(f, first * PAGE, 8 * PAGE) == expected(0, first, 8)
+        assert cache.stats.lent_hits == 0 and loan_of(client).lent > 0
+        armed = True
+        reads = 0
+        rng = random.Random(9)
+        while recalls < 3 and reads < 500:
+            first = rng.randrange(256 - 12)
+            assert cache.read(f, first * PAGE, 12 * PAGE) == expected(0, first, 12)
+            reads += 1
+        assert recalls == 3, "no read reached the file"
+        stats = cache.stats
+        assert stats.lent_lost > 0
+        assert stats.pages_read == 31 * 8 + 12 * reads
+        assert stats.local_hits + stats.tmem_hits + stats.disk_reads == stats.pages_read
+        cache.close()
+
+
+class _BusyLoan:
+    """A loan whose recall never ends (seq stays odd): the cache must leave it alone."""
+
+    BUSY = LentMemory.BUSY
+
+    def __init__(self) -> None:
+        self.words = [1, 0, 0]
+        self.seq = 0
+        self.mem = memoryview(bytearray(64 * PAGE))
+        self.lent = 64 * PAGE
+
+    def mark_active(self) -> None:
+        pass
+
+    def changed(self) -> int:
+        return self.BUSY
+
+
+def test_a_read_during_a_recall_comes_straight_from_the_file(tmp_path: Path) -> None:
+    paths = cache_files(tmp_path, 1, 64)
+    cache = PageCache(None, 16, block_pages=8)
+    cache._loan = _BusyLoan()  # type: ignore[assignment]
+    f = cache.open(paths[0])
+    for first in (0, 3, 3, 40):
+        assert cache.read(f, first * PAGE + 5, 8 * PAGE) == expected(0, first, 9)[5 : 5 + 8 * PAGE]
+    stats = cache.stats
+    assert stats.pages_read == stats.disk_reads == 4 * 9 and stats.local_hits == 0
+    cache.close()

@@ -50,6 +50,19 @@ reserve 1/``sample`` the size, so tmem traffic falls to 1/sample while the sampl
 at 1 in 4 again it goes back to full use. Outcomes, not recent misses, are judged, so a cold start
 (puts whose pages are not wanted yet) is not mistaken for waste.
 
+Lent memory. With ``borrow=N`` and a client connected with ``map_pages`` and ``lend_memory``,
+the cache asks tmemd to lend it up to N bytes to use as its own (PROTOCOL.md §4.8: LEND, when
+blocks must leave for lack of room; more often while the loan grows). Lent memory extends the
+local cache: one LRU over all blocks, a page kept in our own memory while ``capacity`` has room
+and else copied into a free 4 KiB frame of lent memory (4 KiB, not a block: partly read blocks
+would waste a third of it), so a block leaving frees what it held wherever it was, and a read
+serves pages from either with no copy but the one every read makes. Evicted blocks go to tmem
+only while tmemd says a put would find room (LEND's ``room``): with lent memory at its share a
+guest makes no puts at all. tmemd may take any lent memory back at any time: a read that used
+it checks the mirror's seq word after copying out, and is made again if memory was taken back
+meanwhile (its pages count once); during a recall a read comes straight from the file. Pages
+lost that way count in ``lent_lost``; ``lent_hits`` counts the pages reads found in lent memory.
+
 Coherency. One object id per file, from st_dev, st_ino and (where the filesystem has one) the
 inode generation; a file replaced under the same name is a new inode, so a new object. ``open``
 revalidates what the cache knew of the inode (ctime, mtime, size): a file changed behind the
@@ -114,7 +127,7 @@ class CacheStats:
     backoffs: int = 0
     resumes: int = 0
     lent_hits: int = 0  # of local_hits, pages found in lent memory
-    lent_lost: int = 0  # blocks in lent memory tmemd took back before we came back
+    lent_lost: int = 0  # pages in lent memory tmemd took back before we came back
     lends: int = 0  # LEND round trips
     lent_bytes: int = 0  # bytes borrowed at the last LEND
     tmem_seconds: float = 0.0  # waiting for tmem (gets and puts)
@@ -192,12 +205,14 @@ def _generation(fd: int) -> int:
 class _Block:
     """The pages of one block that the cache holds (None where it holds none)."""
 
-    __slots__ = ("held", "mask", "pages")
+    __slots__ = ("held", "lent", "lent_mask", "mask", "pages")
 
     def __init__(self, pages: list[Page | None]) -> None:
         self.pages = pages
         self.mask = sum(1 << i for i, page in enumerate(pages) if page is not None)
         self.held = self.mask.bit_count()
+        self.lent: dict[int, int] | None = None  # page -> lent memory frame, for pages kept there
+        self.lent_mask = 0  # of those pages
 
     def add(self, slot: int, page: Page) -> None:
         """Hold one more page."""
@@ -287,17 +302,18 @@ class _CacheCore:
         self._costs = _Costs()
         self._known: dict[int, _Known] = {}
         self._files: dict[int, CachedFile] = {}
-        # Lent memory (PROTOCOL.md §4.8), in 4 KiB frames: blocks the local LRU lets go
-        # of wait there, in LRU order, before tmem; tmemd may take any of it back at any time.
+        # Lent memory (PROTOCOL.md §4.8), in 4 KiB frames: it extends the local cache (one LRU);
+        # a page comes in there when our own ``capacity`` is full. tmemd may take any of it
+        # back at any time: we then drop the pages that were there.
         self.borrow = borrow
         loan = None if self._mapping is None else self._mapping.loan
         self._loan: LentMemory | None = loan if borrow else None
-        # block -> (the 4 KiB frame of each page it holds, in order; its page mask)
-        self._lent: OrderedDict[Key, tuple[list[int], int]] = OrderedDict()
-        self._lent_pages = 0
-        self._frames_free: list[int] = []  # lowest last: used first
+        self._lent_pages = 0  # pages of local blocks kept in lent memory (not in _local_pages)
+        self._frames_free: list[int] = []  # 4 KiB frames of lent memory; lowest last: used first
+        self._frames = 0  # frames of lent memory we know we have
         self._room = True  # the last LEND said a put would find room in tmem
         self._pressure = self._ask_every = ASK_MIN
+        self._reads = 0
 
     @property
     def cached_pages(self) -> int:
@@ -337,8 +353,34 @@ class _CacheCore:
         end = min(offset + length, f.size)
         if offset >= end:
             return b""
-        if self._loan is not None:
-            self._loan.mark_active()
+        loan = self._loan
+        if loan is None:
+            return (yield from self._read_pages(f, offset, end))
+        self._reads += 1
+        if not self._reads & 7:  # (every read would cost a clock read each)
+            loan.mark_active()
+        for _ in range(4):  # bounded: each round means tmemd took memory back meanwhile
+            if loan.words[0] != loan.seq and not self._loan_sync():
+                break  # a recall under way
+            seq, stats = loan.seq, self.stats
+            before = (stats.pages_read, stats.local_hits, stats.lent_hits, stats.tmem_hits)
+            data = yield from self._read_pages(f, offset, end)
+            if loan.words[0] == seq:
+                return data
+            # Pages read from lent memory may be punched: read again. Its pages count once
+            # (those the first try read from the file count as file reads, and are local now).
+            stats.pages_read, stats.local_hits, stats.lent_hits, stats.tmem_hits = before
+            stats.disk_reads -= (
+                stats.local_hits + stats.tmem_hits + stats.disk_reads - stats.pages_read
+            )
+        # A recall under way, or still racing: straight from the file, as file reads.
+        first, last = offset // PAGE, (end - 1) // PAGE
+        self.stats.pages_read += last - first + 1
+        f.next_page = last + 1
+        data = b"".join([self._read_disk(f, i) for i in range(first, last + 1)])
+        return data[offset % PAGE : offset % PAGE + end - offset]
+
+    def _read_pages(self, f: CachedFile, offset: int, end: int) -> Plan:
         first, last = offset // PAGE, (end - 1) // PAGE
         bp, pp = self.block_pages, self.part_pages
         pages: dict[int, Page] = {}
@@ -346,7 +388,11 @@ class _CacheCore:
         ahead = self._readahead
         for b in range(first // bp, last // bp + 1):
             lo, hi = max(first, b * bp), min(last, b * bp + bp - 1)
-            block = self._serving_block((f.oid, b), ((2 << hi - lo) - 1) << lo - b * bp)
+            block = self._local_block((f.oid, b))
+            if block is not None and block.lent_mask:
+                self.stats.lent_hits += (
+                    block.lent_mask >> lo - b * bp & (2 << hi - lo) - 1
+                ).bit_count()
             for index in range(lo, hi + 1):
                 data = None if block is None else block.pages[index % bp]
                 if data is None:
@@ -410,6 +456,8 @@ class _CacheCore:
                 # them while we read the file, and our next lookup does not queue behind them.
                 yield from self._put_pending(force=False)
         stats, local = self.stats, self._local
+        if self._loan is not None:
+            self._room_for(len(missing), oid, missing)
         for index in missing:
             if index in pages:
                 continue  # read from the file while the lookup was on its way
@@ -419,11 +467,9 @@ class _CacheCore:
             if data is not None:
                 stats.tmem_hits += 1
             else:
-                data = self._read_disk(f, index)
                 if block is None:
                     block = local[key] = _Block([None] * bp)
-                block.add(index % bp, data)
-                self._local_pages += 1
+                data = self._hold(key, block, index % bp, self._read_disk(f, index))
             pages[index] = data
         self._evict()
         if not asked:  # else they go behind the next lookup
@@ -439,9 +485,7 @@ class _CacheCore:
         block = self._local.get(key)
         if block is None:
             block = self._local[key] = _Block([None] * bp)
-        block.add(index % bp, data)
-        self._local_pages += 1
-        return data
+        return self._hold(key, block, index % bp, data)
 
     def _get(
         self, f: CachedFile, asked: list[Key], demand: int, early: list[int], pages: dict[int, Page]
@@ -501,12 +545,12 @@ class _CacheCore:
                 shadow.pop(key, None)
                 self._ghost.pop(key, None)
             view = memoryview(data)  # pages are views of the tmem page: no copy
-            block = self._block_for((key[0], key[1] // parts))
+            bkey = (key[0], key[1] // parts)
+            block = self._block_for(bkey)
             base = key[1] % parts * pp
             for i in range(pp):
                 if mask >> i & 1 and block.pages[base + i] is None:
-                    block.add(base + i, view[i * PAGE : (i + 1) * PAGE])
-                    self._local_pages += 1
+                    self._hold(bkey, block, base + i, view[i * PAGE : (i + 1) * PAGE])
             if n < demand:
                 self._outcome(hit=True)
             else:
@@ -675,7 +719,7 @@ class _CacheCore:
         return self._mapping.valid(entry[2])
 
     def _invalidate_object(self, oid: int) -> Plan:
-        for key in [k for k in (*self._local, *self._pending, *self._lent) if k[0] == oid]:
+        for key in [k for k in (*self._local, *self._pending) if k[0] == oid]:
             self._forget(key)  # a block
         for table in (self._shadow, self._ghost):
             for key in [k for k in table if k[0] == oid]:
@@ -685,27 +729,6 @@ class _CacheCore:
             yield ("flush_object", oid)
 
     # ------------------------------------------------------------------ local blocks
-
-    def _serving_block(self, key: Key, need: int) -> _Block | None:
-        """The block ``key`` for a read of the pages in mask ``need``: local, or a copy of those
-        pages if lent memory holds them all (the block stays there, most recently used), or
-        taken back from the put batch or lent memory."""
-        block = self._local.get(key)
-        if block is not None:
-            self._local.move_to_end(key)
-            return block
-        entry = self._lent.get(key) if self._lent else None
-        if entry is None or not self._loan_sync() or (entry := self._lent.get(key)) is None:
-            return self._local_block(key)
-        self.stats.lent_hits += (need & entry[1]).bit_count()
-        if need & ~entry[1]:  # some must come from elsewhere: the block becomes local again
-            return self._local_block(key)
-        self._lent.move_to_end(key)
-        block = self._lent_read(*entry, need)
-        if block is None:  # taken back as we read it
-            self._free_frames(self._lent.pop(key)[0])
-            self.stats.lent_lost += 1
-        return block
 
     def _local_block(self, key: Key) -> _Block | None:
         block = self._local.get(key)
@@ -717,10 +740,6 @@ class _CacheCore:
                 self._pending_pages -= block.held
                 self._local_pages += block.held
                 self._local[key] = block
-            elif self._lent and (block := self._lent_take(key)) is not None:
-                self._local_pages += block.held
-                self._local[key] = block
-                self._evict()  # its frame is free: the oldest local block takes it
             else:
                 return None
         return block
@@ -737,16 +756,78 @@ class _CacheCore:
         oid, b = key
         return [(oid, b * self._parts + p) for p in range(self._parts)]
 
+    def _limit(self) -> int:
+        """Pages our own memory holds: with puts, a batch's worth of the capacity is kept for
+        the batch being gathered."""
+        if self.tmem and self._room:
+            return self.capacity - self._batch_pages()
+        return self.capacity
+
     def _evict(self) -> None:
-        # With puts, a batch's worth of the capacity is kept for the batch being gathered.
-        limit = self.capacity - self._batch_pages() if self._putting else self.capacity
+        limit = self._limit()
         while self._local_pages > limit and self._local:
-            key, block = self._local.popitem(last=False)
-            self._local_pages -= block.held
-            if self._readahead:
-                self._readahead.difference_update(self._parts_of(key))
-            if self._loan is None or not self._lend_block(key, block):
-                self._to_tmem(key, block)
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        """The least recently used block leaves: to the put batch, or dropped."""
+        key, block = self._local.popitem(last=False)
+        if self._readahead:
+            self._readahead.difference_update(self._parts_of(key))
+        if block.lent:
+            if self._putting and self._eligible(key, block=True):
+                for i in block.lent:  # its frames are reused before the batch goes
+                    block.pages[i] = bytes(block.pages[i])  # type: ignore[arg-type]
+            self._free_lent(block)
+        self._local_pages -= block.held
+        self._to_tmem(key, block)
+
+    def _room_for(self, pages: int, oid: int, missing: list[int]) -> None:
+        """With lent memory: evict the oldest blocks (never one of this read's) until ``pages``
+        more fit in our own memory and free lent frames together."""
+        local, free = self._local, self._frames_free
+        limit = self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
+        if len(free) + limit - self._local_pages >= pages:
+            return
+        bp = self.block_pages
+        keep = {(oid, index // bp) for index in missing}
+        while len(free) + limit - self._local_pages < pages and local:
+            if next(iter(local)) in keep:
+                break  # the rest are newer still: this read overshoots until _evict
+            self._evict_oldest()
+            self._pressure += 1
+
+    def _hold(self, key: Key, block: _Block, i: int, page: Page) -> Page:
+        """Add a page to a local block: in our own memory while it has room, else in a free
+        frame of lent memory (``_room_for`` made them free); returns the page as held."""
+        loan = self._loan
+        if loan is not None and self._frames_free:  # (a recall meanwhile: _read_plan reads again)
+            limit = (
+                self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
+            )
+            if self._local_pages >= limit:
+                frame = self._frames_free.pop()
+                view = loan.mem[frame * PAGE : (frame + 1) * PAGE]
+                view[:] = page
+                block.add(i, view)
+                if block.lent is None:
+                    block.lent = {}
+                block.lent[i] = frame
+                block.lent_mask |= 1 << i
+                self._lent_pages += 1
+                return view
+        block.add(i, page)  # our own memory (or over it until _evict, as without a loan)
+        self._local_pages += 1
+        return page
+
+    def _free_lent(self, block: _Block) -> None:
+        """A block leaves: its lent frames are free again."""
+        lent = block.lent
+        assert lent is not None
+        self._frames_free.extend(lent.values())
+        self._lent_pages -= len(lent)
+        self._local_pages += len(lent)  # the caller takes the whole block off
+        block.lent = None
+        block.lent_mask = 0
 
     def _to_tmem(self, key: Key, block: _Block) -> None:
         """An evicted block goes to the put batch (if puts go, and it is in the sample)."""
@@ -755,74 +836,6 @@ class _CacheCore:
             self._pending_pages += block.held
 
     # ------------------------------------------------------------------ lent memory
-
-    def _lend_block(self, key: Key, block: _Block) -> bool:
-        """Keep an evicted block in lent memory, a page to a 4 KiB frame, sending the oldest
-        blocks there on to tmem while too few frames are free; False if there is no lent
-        memory to keep it in."""
-        loan = self._loan
-        assert loan is not None
-        if loan.words[0] != loan.seq and not self._loan_sync():
-            return False
-        lent, free = self._lent, self._frames_free
-        stale = lent.pop(key, None)  # an older copy (met while a recall was under way)
-        if stale is not None:
-            self._free_frames(stale[0])
-        held = block.held
-        if len(free) < held:
-            self._pressure += 1
-            while len(free) < held and lent:
-                old, (frames, mask) = lent.popitem(last=False)
-                self._free_frames(frames)
-                if self._putting and self._eligible(old, block=True):
-                    moved = self._lent_read(frames, mask)
-                    if moved is not None:
-                        self._to_tmem(old, moved)
-            if len(free) < held:
-                return False
-        frames = free[-held:]
-        del free[-held:]
-        mem = loan.mem
-        for frame, page in zip(frames, [p for p in block.pages if p is not None], strict=True):
-            mem[frame << 12 : (frame << 12) + PAGE] = page
-        lent[key] = (frames, block.mask)
-        self._lent_pages += held
-        return True
-
-    def _free_frames(self, frames: list[int]) -> None:
-        self._lent_pages -= len(frames)
-        self._frames_free.extend(frames)
-
-    def _lent_take(self, key: Key) -> _Block | None:
-        """The block ``key`` out of lent memory (its frames are free again), or None."""
-        if not self._loan_sync():
-            return None
-        entry = self._lent.pop(key, None)
-        if entry is None:
-            return None
-        self._free_frames(entry[0])
-        block = self._lent_read(*entry)
-        if block is None:
-            self.stats.lent_lost += 1
-        return block
-
-    def _lent_read(self, frames: list[int], mask: int, want: int = -1) -> _Block | None:
-        """A copy of the pages in mask ``want`` (default all) of a block kept in ``frames``, or
-        None if tmemd took memory back meanwhile."""
-        loan = self._loan
-        assert loan is not None
-        seq, mem = loan.seq, loan.mem
-        pages: list[Page | None] = [None] * self.block_pages
-        n = 0
-        for i in range(self.block_pages):
-            if mask >> i & 1:
-                if want >> i & 1:
-                    f = frames[n] << 12
-                    pages[i] = mem[f : f + PAGE].tobytes()
-                n += 1
-        if loan.words[0] != seq:
-            return None
-        return _Block(pages)
 
     def _loan_sync(self) -> bool:
         """Drop what tmemd took back since we last looked; False while it is taking some."""
@@ -838,14 +851,31 @@ class _CacheCore:
 
     def _lost(self, low: int, lent: int) -> None:
         """Everything we kept in lent memory from byte ``low`` on is gone; ``lent`` bytes are
-        ours now."""
+        ours now. (A scan of the blocks holding lent pages, when some are lost.)"""
         frames = lent // PAGE
         first = min(low // PAGE, frames)
-        gone = [key for key, (held, _) in self._lent.items() if max(held) >= first]
-        for key in gone:
-            self._lent_pages -= len(self._lent.pop(key)[0])
-        self.stats.lent_lost += len(gone)
-        used = {frame for held, _ in self._lent.values() for frame in held}
+        if first >= self._frames:  # nothing lost: only new frames, if any
+            self._frames_free[:0] = range(frames - 1, self._frames - 1, -1)
+            self._frames = frames
+            return
+        self._frames = frames
+        used: set[int] = set()
+        for key, block in list(self._local.items()):
+            if not block.lent:
+                continue
+            for i, frame in list(block.lent.items()):
+                if frame < first:
+                    used.add(frame)
+                    continue
+                del block.lent[i]
+                block.lent_mask &= ~(1 << i)
+                block.pages[i] = None
+                block.mask &= ~(1 << i)
+                block.held -= 1
+                self._lent_pages -= 1
+                self.stats.lent_lost += 1
+            if not block.held:
+                del self._local[key]
         self._frames_free = [f for f in range(frames - 1, -1, -1) if f not in used]
 
     def _borrow(self) -> Plan:
@@ -853,7 +883,7 @@ class _CacheCore:
         loan = self._loan
         assert loan is not None
         self._pressure = 0
-        had = len(self._frames_free) + len(self._lent)
+        had = len(self._frames_free) + self._lent_pages
         reply = yield ("lend", self.borrow)
         if reply is None:
             return
@@ -861,19 +891,18 @@ class _CacheCore:
         self.stats.lent_bytes = reply["lent"]
         self._lost(loan.answered(reply), reply["lent"])
         self._room = reply["room"] >= self.part_pages * PAGE
-        grew = len(self._frames_free) + len(self._lent) > had
+        grew = len(self._frames_free) + self._lent_pages > had
         self._ask_every = ASK_MIN if grew else min(self._ask_every * 2, ASK_MAX)
 
     def _forget(self, key: Key) -> None:
         block = self._local.pop(key, None)
         if block is not None:
+            if block.lent:
+                self._free_lent(block)
             self._local_pages -= block.held
         block = self._pending.pop(key, None)
         if block is not None:
             self._pending_pages -= block.held
-        lent = self._lent.pop(key, None)
-        if lent is not None:
-            self._free_frames(lent[0])
         for part in self._parts_of(key):
             self._shadow.pop(part, None)
             self._ghost.pop(part, None)
@@ -1108,9 +1137,10 @@ class PageCache(_CacheCore):
     ``sample`` blocks is used; ``window`` blocks' worth of outcomes are judged at a time (see the
     module docstring); ``disk_read`` replaces ``os.pread`` for file reads (the benchmark adds a
     device's latency there); ``overlap`` reads the file while a lookup is on its way (a helper
-    thread makes the get; ``close`` ends it). ``stats`` counts what the cache did, ``sampling`` is
-    True while it has backed off, and ``tmem`` turns False once the daemon went away. Not
-    thread-safe.
+    thread makes the get; ``close`` ends it); ``borrow`` bytes of memory are asked of tmemd to
+    extend the cache (its client connected with ``lend_memory``; see "Lent memory" above).
+    ``stats`` counts what the cache did, ``sampling`` is True while it has backed off, and
+    ``tmem`` turns False once the daemon went away. Not thread-safe.
     """
 
     _pool_type = Pool

@@ -198,17 +198,6 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
         if cmd["cmd"] == "quit":
             break
         send(stdout, run_reads(cache, client, handles, cfg, cmd))
-    print(
-        "DBG",
-        cfg["name"],
-        cache.stats.lent_bytes,
-        cache.stats.lends,
-        len(cache._lent),
-        len(cache._frames_free),
-        cache._local_pages,
-        cache._room,
-        file=sys.stderr,
-    )
     send(stdout, {"final": counters(cache, client)})
     cache.close()
     if client is not None:
@@ -838,13 +827,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the scenarios; exit 1 if any count did not add up or a page read back wrong."""
     args = parse_args(argv)
     if args.as_guest:
-        if os.environ.get("EXP_PROF"):
-            import cProfile
-
-            prof = cProfile.Profile()
-            rc = prof.runcall(guest_main, sys.stdin, sys.stdout)
-            prof.dump_stats(f"{os.environ['EXP_PROF']}/{os.getpid()}.prof")
-            return rc
         return guest_main(sys.stdin, sys.stdout)
     precise_timers()
     share = args.memory // PAGE // args.guests
