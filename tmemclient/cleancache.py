@@ -96,6 +96,12 @@ PAGE = FRAME_SIZE  # a file page
 Key = tuple[int, int]  # (object id, block index): a tmem handle
 Page = bytes | memoryview  # a page read from the file, or a view of a block tmem returned
 DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
+DiskReadInto = Callable[[int, memoryview, int], int]  # (fd, buffer, offset) -> bytes read
+
+
+def _preadv(fd: int, buf: memoryview, offset: int) -> int:
+    return os.preadv(fd, [buf], offset)
+
 
 DENSE = 0.75  # under pressure, a tmem page is put only if it carries this much of its size
 ASK_MIN, ASK_MAX = 8, 256  # blocks with no lent frame to go to before asking to borrow more
@@ -251,6 +257,7 @@ class _CacheCore:
         disk_read: DiskRead | None = None,
         overlap: bool = False,
         borrow: int = 0,
+        disk_readinto: DiskReadInto | None = None,
     ) -> None:
         if pool is not None and not isinstance(pool, self._pool_type):
             raise InvalidArgument(f"{type(self).__name__} needs a {self._pool_type.__name__}")
@@ -287,6 +294,8 @@ class _CacheCore:
         self.tmem = tmem  # False without a pool, or once the daemon is gone
         self.sampling = False
         self._disk_read: DiskRead = disk_read or os.pread
+        # Reading a page straight into lent memory saves a copy (the default, or the caller's).
+        self._disk_readinto = disk_readinto or (None if disk_read else _preadv)
         self._zero = bytes(PAGE)
         self._local: OrderedDict[Key, _Block] = OrderedDict()
         self._local_pages = 0
@@ -469,7 +478,7 @@ class _CacheCore:
             else:
                 if block is None:
                     block = local[key] = _Block([None] * bp)
-                data = self._hold(key, block, index % bp, self._read_disk(f, index))
+                data = self._hold_disk(key, block, index % bp, f, index)
             pages[index] = data
         self._evict()
         if not asked:  # else they go behind the next lookup
@@ -486,6 +495,26 @@ class _CacheCore:
         if block is None:
             block = self._local[key] = _Block([None] * bp)
         return self._hold(key, block, index % bp, data)
+
+    def _hold_disk(self, key: Key, block: _Block, i: int, f: CachedFile, index: int) -> Page:
+        """``_hold`` of a page read from the file: read straight into lent memory if it goes
+        there."""
+        frame = self._lent_frame()
+        if frame < 0 or self._disk_readinto is None:
+            if frame >= 0:
+                self._frames_free.append(frame)
+            return self._hold(key, block, i, self._read_disk(f, index))
+        assert self._loan is not None
+        view = self._loan.mem[frame * PAGE : (frame + 1) * PAGE]
+        started = time.perf_counter()
+        got = self._disk_readinto(f.fd, view, index * PAGE)
+        took = time.perf_counter() - started
+        if got < PAGE:
+            view[got:] = bytes(PAGE - got)
+        self.stats.disk_reads += 1
+        self.stats.disk_seconds += took
+        self._costs.disk.add(took)
+        return self._lend_frame(block, i, frame, view)
 
     def _get(
         self, f: CachedFile, asked: list[Key], demand: int, early: list[int], pages: dict[int, Page]
@@ -788,10 +817,10 @@ class _CacheCore:
         limit = self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
         if len(free) + limit - self._local_pages >= pages:
             return
-        bp = self.block_pages
-        keep = {(oid, index // bp) for index in missing}
+        lo, hi = missing[0] // self.block_pages, missing[-1] // self.block_pages
         while len(free) + limit - self._local_pages < pages and local:
-            if next(iter(local)) in keep:
+            oldest = next(iter(local))
+            if oldest[0] == oid and lo <= oldest[1] <= hi:
                 break  # the rest are newer still: this read overshoots until _evict
             self._evict_oldest()
             self._pressure += 1
@@ -799,25 +828,33 @@ class _CacheCore:
     def _hold(self, key: Key, block: _Block, i: int, page: Page) -> Page:
         """Add a page to a local block: in our own memory while it has room, else in a free
         frame of lent memory (``_room_for`` made them free); returns the page as held."""
-        loan = self._loan
-        if loan is not None and self._frames_free:  # (a recall meanwhile: _read_plan reads again)
-            limit = (
-                self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
-            )
-            if self._local_pages >= limit:
-                frame = self._frames_free.pop()
-                view = loan.mem[frame * PAGE : (frame + 1) * PAGE]
-                view[:] = page
-                block.add(i, view)
-                if block.lent is None:
-                    block.lent = {}
-                block.lent[i] = frame
-                block.lent_mask |= 1 << i
-                self._lent_pages += 1
-                return view
-        block.add(i, page)  # our own memory (or over it until _evict, as without a loan)
-        self._local_pages += 1
-        return page
+        frame = self._lent_frame()
+        if frame < 0:
+            block.add(i, page)  # our own memory (or over it until _evict, as without a loan)
+            self._local_pages += 1
+            return page
+        assert self._loan is not None
+        view = self._loan.mem[frame * PAGE : (frame + 1) * PAGE]
+        view[:] = page
+        return self._lend_frame(block, i, frame, view)
+
+    def _lent_frame(self) -> int:
+        """A free frame of lent memory for the next page, if it goes there (our own memory is
+        full); else -1. (A recall meanwhile: _read_plan reads again.)"""
+        if self._loan is None or not self._frames_free:
+            return -1
+        limit = self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
+        return self._frames_free.pop() if self._local_pages >= limit else -1
+
+    def _lend_frame(self, block: _Block, i: int, frame: int, view: memoryview) -> memoryview:
+        """Page ``i`` of the block is now ``view``, lent memory's frame ``frame``."""
+        block.add(i, view)
+        if block.lent is None:
+            block.lent = {}
+        block.lent[i] = frame
+        block.lent_mask |= 1 << i
+        self._lent_pages += 1
+        return view
 
     def _free_lent(self, block: _Block) -> None:
         """A block leaves: its lent frames are free again."""

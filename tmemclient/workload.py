@@ -104,6 +104,14 @@ class LatencyDisk:
         self.wait_until(deadline)
         return data
 
+    def readinto(self, fd: int, buf: memoryview, offset: int) -> int:
+        """preadv into ``buf``, then wait out the device latency."""
+        deadline = time.perf_counter() + self.latency
+        got = os.preadv(fd, [buf], offset)
+        self.requests += 1
+        self.wait_until(deadline)
+        return got
+
     def write(self, fd: int, pages: list[tuple[int, bytes]]) -> None:
         """A batch of page writes submitted together: one device latency for the batch."""
         deadline = time.perf_counter() + self.latency
@@ -188,6 +196,7 @@ def guest_main(stdin: TextIO, stdout: TextIO) -> int:
         readahead=cfg["readahead"],
         put_batch=cfg["put_batch"],
         disk_read=disk.read,
+        disk_readinto=disk.readinto,
         overlap=cfg["overlap"],
         borrow=cfg["borrow"],
     )
