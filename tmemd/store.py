@@ -89,6 +89,21 @@ def _each_run(slots: list[int], call: Callable[[int, int], object]) -> None:
             start = prev = slot
 
 
+def _sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """A sparse memfd of ``size`` bytes (memory is used only where written), sealed against
+    resizing so whoever else maps it can never fault, and the daemon's mapping of it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        )
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Mirror:
     """Where a mapped guest's pages live: a sealed memfd of ``slots`` slots of page data, then a
     u64 generation word and a u32 link per slot. The guest gets a read-only descriptor of it."""
@@ -100,18 +115,7 @@ class Mirror:
         self.link_offset = self.gen_offset + 8 * slots
         self.ctl_offset = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
         self.size = self.ctl_offset + SLOT_SIZE  # then a page of control words (lent memory)
-        self.fd = os.memfd_create("tmem-mirror", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, self.size)  # sparse: memory is used only where pages are
-            fcntl.fcntl(
-                self.fd,
-                fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-            )
-            self._map = mmap.mmap(self.fd, self.size)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self._map = _sealed_memfd("tmem-mirror", self.size)
         view = memoryview(self._map)
         self.mem = view[: self.gen_offset]
         self.gen = view[self.gen_offset : self.link_offset].cast("Q")
@@ -151,18 +155,7 @@ class Loan:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.size = (slots + 1) << SLOT_SHIFT
-        self.fd = os.memfd_create("tmem-loan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, self.size)  # sparse: the guest's writes bring the memory in
-            fcntl.fcntl(
-                self.fd,
-                fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-            )
-            self._map = mmap.mmap(self.fd, self.size)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self._map = _sealed_memfd("tmem-loan", self.size)  # the guest's writes fill it
         self._active = memoryview(self._map)[:8].cast("Q")
 
     @property
