@@ -233,6 +233,38 @@ async def test_the_trio_client_reads_through_its_mapping_too(daemon: Daemon) -> 
                 (await plain.new_pool()).read_mapped((0, 1))
 
 
+class _SlowSend:
+    """A trio socket whose send returns only well after the bytes went: the reader task takes
+    the answer in meanwhile."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    async def send(self, data: Any) -> int:
+        sent: int = await self._sock.send(data)
+        await trio.sleep(0.05)
+        return sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+async def test_a_trio_put_answered_before_its_send_returns_still_reaches_on_answer(
+    daemon: Daemon,
+) -> None:
+    with trio.fail_after(30):
+        async with tmemclient.open_client(daemon.socket, name="t", map_pages=True) as client:
+            pool = await client.new_pool()
+            client._sock = _SlowSend(client._sock)  # type: ignore[assignment]
+            answers: list[Any] = []
+            await pool.put_many_nowait(
+                [(1, i, bytes([i]) * PAGE) for i in range(3)],
+                lambda first, results: answers.extend(results),
+            )
+            await pool.wait_deferred()
+            assert [type(a) for a in answers] == [list] * 3  # every token came
+
+
 def test_put_many_tokens_says_where_each_page_went_or_that_it_was_refused(
     start_daemon: Any,
 ) -> None:

@@ -283,10 +283,10 @@ class AsyncClient:
             plan = job.factory(start, count)
             requests = next(plan)
             plan.close()
-            waiters = await self._send_requests(requests, run, deferred=True)
-            if on_answer is not None:
-                for waiter, at in zip(waiters, _plans.first_items(requests, first), strict=True):
-                    waiter.on_answer = (at, on_answer)
+            # The answers' handler goes with the waiters, before the send: the reader task may
+            # take an answer in while the send yields.
+            answer = None if on_answer is None else (first, on_answer)
+            await self._send_requests(requests, run, deferred=True, on_answer=answer)
             return None
         try:
             return await self._drive(job.factory(start, count), run)
@@ -334,17 +334,26 @@ class AsyncClient:
         return results
 
     async def _send_requests(
-        self, requests: list[list[Any]], run: tuple[int, int] | None, *, deferred: bool
+        self,
+        requests: list[list[Any]],
+        run: tuple[int, int] | None,
+        *,
+        deferred: bool,
+        on_answer: tuple[int, OnAnswer] | None = None,
     ) -> list[_Waiter]:
         """Register a waiter per request and send them together; ``run`` (if any) is freed by
-        the reader when the last of them is answered."""
+        the reader when the last of them is answered; ``on_answer`` (first item, handler) is
+        handed each answer of a batch split into requests (``put_many_nowait``)."""
         if self._closed is not None:
             raise self._closed
         waiters = []
         frames = []
-        for request in requests:
+        firsts = [] if on_answer is None else _plans.first_items(requests, on_answer[0])
+        for n, request in enumerate(requests):
             self._req_id = self._req_id % 0xFFFFFFFF + 1
             waiter = _Waiter(deferred)
+            if on_answer is not None:
+                waiter.on_answer = (firsts[n], on_answer[1])
             self._waiting[self._req_id] = waiter
             waiters.append(waiter)
             frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
