@@ -833,7 +833,7 @@ class StoreModel(RuleBasedStateMachine):
                 # Room: all but persistent pages and lent memory a put may not take (its own
                 # guest's, and busy guests' within their share).
                 kept = guest.lent_slots + sum(
-                    min(g.lent_slots, self.store._share(g, self.now, also=guest))
+                    min(g.lent_slots, self.store._shares(self.now, guest)(g))
                     for g in self.guests
                     if g is not guest and not self.store._idle(g, self.now)
                 )

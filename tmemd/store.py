@@ -433,15 +433,21 @@ class Store:
         loan = guest.loan
         return loan is not None and now - loan.active_ns > self.lend_idle * 1e9
 
-    def _share(self, guest: Guest, now: int, also: Guest | None = None) -> int:
-        """The guest's share of the budget among the guests using lent memory now (and
-        ``also``, a guest that needs memory for a put)."""
-        weights = guest.weight + sum(
-            g.weight for g in self.lenders.values() if g is not guest and not self._idle(g, now)
-        )
-        if also is not None and also is not guest and also.name not in self.lenders:
-            weights += also.weight
-        return self.budget_slots * guest.weight // max(1, weights)
+    def _shares(self, now: int, *needing: Guest) -> Callable[[Guest], int]:
+        """Each guest's share of the budget, split by weight between the guests using lent
+        memory now, the ``needing`` ones (asking for memory) and the guest itself. Made once per
+        decision: O(guests)."""
+        busy = {g.name for g in self.lenders.values() if not self._idle(g, now)}
+        busy.update(g.name for g in needing)
+        total = sum(self.guests[name].weight for name in busy if name in self.guests)
+        total += sum(g.weight for g in needing if g.name not in self.guests)
+        budget = self.budget_slots
+
+        def share(guest: Guest) -> int:
+            weights = total if guest.name in busy else total + guest.weight
+            return budget * guest.weight // max(1, weights)
+
+        return share
 
     def _room(self, guest: Guest, now: int) -> int:
         """Slots a put of ``guest`` could have without taking a busy guest's lent memory."""
@@ -464,10 +470,11 @@ class Store:
                 break
             self._evict(victim.lru_head)
         # Busy guests' loans above their share, while the asker is below its own.
-        may = self._share(asker, now) - asker.lent_slots - (self.budget_slots - self.used_slots)
-        busy = [g for g in self.lenders.values() if g is not asker and g.lent_slots]
-        for g in sorted(busy, key=lambda g: self._share(g, now) - g.lent_slots):
-            take = min(short(), may, g.lent_slots - self._share(g, now))
+        share = self._shares(now, asker)
+        may = share(asker) - asker.lent_slots - (self.budget_slots - self.used_slots)
+        busy = [(share(g) - g.lent_slots, g) for g in self.lenders.values() if g is not asker]
+        for _, g in sorted((pair for pair in busy if pair[0] < 0), key=lambda pair: pair[0]):
+            take = min(short(), may, g.lent_slots - share(g))
             if take <= 0:
                 continue
             self._recall(g, g.lent_slots - take)
@@ -908,8 +915,9 @@ class Store:
 
         if self._recall_idle(short, now, guest):
             return True
+        share = self._shares(now, guest)
         for g in self.lenders.values():
-            excess = g.lent_slots - self._share(g, now, also=guest)
+            excess = g.lent_slots - share(g)
             if g is not guest and excess > 0 and short() > 0:
                 self._recall(g, g.lent_slots - min(excess, short()))
                 return True
