@@ -316,3 +316,29 @@ def test_a_read_during_a_recall_comes_straight_from_the_file(tmp_path: Path) -> 
     stats = cache.stats
     assert stats.pages_read == stats.disk_reads == 4 * 9 and stats.local_hits == 0
     cache.close()
+
+
+async def test_tasks_sharing_a_trio_page_cache_take_turns(daemon: Daemon, tmp_path: Path) -> None:
+    """Reads of several tasks interleave at their awaits (a LEND, a put): each still gets its
+    own bytes, though another's eviction reuses lent frames meanwhile."""
+    paths = cache_files(tmp_path, 2, 128)
+    with trio.fail_after(60):
+        async with tmemclient.open_client(
+            daemon.socket, name="t", map_pages=True, lend_memory=True
+        ) as client:
+            pool = await client.new_pool(page_size=8 * PAGE)
+            cache = AsyncPageCache(pool, 16, block_pages=8, put_batch=8, borrow=64 * PAGE)
+            files = [await cache.open(p) for p in paths]
+
+            async def reader(seed: int) -> None:
+                rng = random.Random(seed)
+                for _ in range(150):
+                    i, first = rng.randrange(2), rng.randrange(128 - 12)
+                    got = await cache.read(files[i], first * PAGE, 12 * PAGE)
+                    assert got == expected(i, first, 12)
+
+            async with trio.open_nursery() as nursery:
+                for seed in range(4):
+                    nursery.start_soon(reader, seed)
+            assert cache.stats.lent_hits > 0
+            cache.close()

@@ -86,6 +86,8 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import trio
+
 from tmemclient.aclient import AsyncPool
 from tmemclient.client import OnAnswer, Pool
 from tmemclient.errors import DaemonGone, InvalidArgument
@@ -1263,18 +1265,23 @@ class PageCache(_CacheCore):
 
 class AsyncPageCache(_CacheCore):
     """The trio page cache: ``PageCache``'s logic over an ``AsyncPool``. File reads are short
-    blocking calls made from the task, as a page cache's would be."""
+    blocking calls made from the task, as a page cache's would be. Tasks may share one: its
+    operations take turns (a read in progress holds pages another's eviction would reuse)."""
 
     _pool_type = AsyncPool
     _pool: AsyncPool | None
+    _turns: trio.Lock | None = None
 
     async def _drive(self, plan: Plan) -> Any:
-        try:
-            request = next(plan)
-            while True:
-                request = plan.send(await self._do(request))
-        except StopIteration as stop:
-            return stop.value
+        if self._turns is None:
+            self._turns = trio.Lock()
+        async with self._turns:
+            try:
+                request = next(plan)
+                while True:
+                    request = plan.send(await self._do(request))
+            except StopIteration as stop:
+                return stop.value
 
     async def _do(self, request: Request) -> Any:
         pool = self._pool
