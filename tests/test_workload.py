@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tmemclient import workload
 
@@ -91,3 +92,20 @@ def test_the_latency_disk_reads_what_is_in_the_file(tmp_path: Path) -> None:
         assert disk.requests == 2
     finally:
         os.close(fd)
+
+
+def test_the_verdict_goes_by_the_median_of_repeated_runs() -> None:
+    def run(scenario: str, setup: str, repeat: int, seconds: float, disk: int) -> dict[str, Any]:
+        total = {"seconds": seconds, "disk_reads": disk}
+        return {"scenario": scenario, "setup": setup, "repeat": repeat, "total": total}
+
+    results = []
+    for n, (static, tmem) in enumerate([(1.0, 1.20), (1.0, 1.04), (1.0, 1.02)]):
+        results += [run("uniform", "static", n, static, 100), run("uniform", "tmem", n, tmem, 90)]
+    (line,) = workload.verdicts(results)
+    assert "(1.20x)" in line  # the first run's own figures
+    assert "median of 3 runs 1.04x (1.20, 1.04, 1.02)" in line
+    assert line.endswith("target (<= 1.05x): MET")
+    # One run: its ratio is the verdict, as before.
+    (line,) = workload.verdicts(results[:2])
+    assert "median" not in line and line.endswith("NOT MET")
