@@ -8,6 +8,8 @@ import errno
 import os
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,22 +229,31 @@ def test_a_page_cache_keeps_blocks_in_lent_memory_and_survives_recalls(
         cache.close()
 
 
-async def test_the_trio_page_cache_borrows_too(daemon: Daemon, tmp_path: Path) -> None:
-    paths = cache_files(tmp_path, 1, 128)
+@asynccontextmanager
+async def trio_cache(daemon: Daemon, capacity: int, borrow: int) -> AsyncIterator[AsyncPageCache]:
+    """A trio page cache of ``capacity`` pages that borrows up to ``borrow`` bytes."""
     with trio.fail_after(60):
         async with tmemclient.open_client(
             daemon.socket, name="t", map_pages=True, lend_memory=True
         ) as client:
             pool = await client.new_pool(page_size=8 * PAGE)
-            cache = AsyncPageCache(pool, 32, block_pages=8, put_batch=8, borrow=MIB)
-            f = await cache.open(paths[0])
-            rng = random.Random(3)
-            for _ in range(400):
-                first = rng.randrange(128 - 8)
-                assert await cache.read(f, first * PAGE, 8 * PAGE) == expected(0, first, 8)
-            assert cache.stats.lends >= 1 and cache.stats.lent_hits > 0
-            assert cache.cached_pages > 32
-            cache.close()
+            cache = AsyncPageCache(pool, capacity, block_pages=8, put_batch=8, borrow=borrow)
+            try:
+                yield cache
+            finally:
+                cache.close()
+
+
+async def test_the_trio_page_cache_borrows_too(daemon: Daemon, tmp_path: Path) -> None:
+    paths = cache_files(tmp_path, 1, 128)
+    async with trio_cache(daemon, 32, MIB) as cache:
+        f = await cache.open(paths[0])
+        rng = random.Random(3)
+        for _ in range(400):
+            first = rng.randrange(128 - 8)
+            assert await cache.read(f, first * PAGE, 8 * PAGE) == expected(0, first, 8)
+        assert cache.stats.lends >= 1 and cache.stats.lent_hits > 0
+        assert cache.cached_pages > 32
 
 
 def test_a_recall_in_the_middle_of_a_read_never_returns_a_punched_page(
@@ -322,23 +333,17 @@ async def test_tasks_sharing_a_trio_page_cache_take_turns(daemon: Daemon, tmp_pa
     """Reads of several tasks interleave at their awaits (a LEND, a put): each still gets its
     own bytes, though another's eviction reuses lent frames meanwhile."""
     paths = cache_files(tmp_path, 2, 128)
-    with trio.fail_after(60):
-        async with tmemclient.open_client(
-            daemon.socket, name="t", map_pages=True, lend_memory=True
-        ) as client:
-            pool = await client.new_pool(page_size=8 * PAGE)
-            cache = AsyncPageCache(pool, 16, block_pages=8, put_batch=8, borrow=64 * PAGE)
-            files = [await cache.open(p) for p in paths]
+    async with trio_cache(daemon, 16, 64 * PAGE) as cache:
+        files = [await cache.open(p) for p in paths]
 
-            async def reader(seed: int) -> None:
-                rng = random.Random(seed)
-                for _ in range(150):
-                    i, first = rng.randrange(2), rng.randrange(128 - 12)
-                    got = await cache.read(files[i], first * PAGE, 12 * PAGE)
-                    assert got == expected(i, first, 12)
+        async def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(150):
+                i, first = rng.randrange(2), rng.randrange(128 - 12)
+                got = await cache.read(files[i], first * PAGE, 12 * PAGE)
+                assert got == expected(i, first, 12)
 
-            async with trio.open_nursery() as nursery:
-                for seed in range(4):
-                    nursery.start_soon(reader, seed)
-            assert cache.stats.lent_hits > 0
-            cache.close()
+        async with trio.open_nursery() as nursery:
+            for seed in range(4):
+                nursery.start_soon(reader, seed)
+        assert cache.stats.lent_hits > 0
