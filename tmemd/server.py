@@ -324,8 +324,13 @@ class GuestServer:
         if not self.limits.lend_memory:
             return None
         try:
-            return self.store.open_loan(guest).writable_fd()
+            loan = self.store.open_loan(guest)
         except StoreError:
+            return None
+        try:
+            return loan.writable_fd()
+        except OSError:  # out of descriptors: the guest does without
+            self.store.close_loan(guest)
             return None
 
     def _ring_grant(self, asked: int) -> int:
