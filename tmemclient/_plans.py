@@ -246,11 +246,19 @@ def _entries(batch: Batch, part: range, first_frame: int | None, fpp: int) -> li
 
 
 def put_many(
-    region: memoryview, pool: PoolInfo, limits: Limits, start: int, count: int, batch: Batch
-) -> Plan[list[bool]]:
-    """PUT_MANY: as many pages per pipeline round as the staging run holds."""
-    flags: list[bool] = yield from _page_batch(
-        region, pool, limits, start, count, Op.PUT_MANY, batch
+    region: memoryview,
+    pool: PoolInfo,
+    limits: Limits,
+    start: int,
+    count: int,
+    batch: Batch,
+    *,
+    answers: bool = False,
+) -> Plan[list[Any]]:
+    """PUT_MANY: as many pages per pipeline round as the staging run holds. A bool per page,
+    or with ``answers`` what the daemon answered for each (a token, for a mapped client)."""
+    flags: list[Any] = yield from _page_batch(
+        region, pool, limits, start, count, Op.PUT_MANY, batch, answers
     )
     return flags
 
@@ -273,6 +281,7 @@ def _page_batch(
     count: int,
     op: Op,
     batch: Batch,
+    answers: bool = False,
 ) -> Plan[Any]:
     fpp = pool.frames_per_page
     ps = pool.page_size
@@ -296,7 +305,7 @@ def _page_batch(
         replies = yield requests
         flags = [flag for reply in replies for flag in reply]
         if datas is not None:
-            results.extend(map(bool, flags))
+            results.extend(flags if answers else map(bool, flags))
         else:
             for k, hit in enumerate(flags):
                 results.append(bytes(region[base + k * ps : base + (k + 1) * ps]) if hit else None)

@@ -164,7 +164,11 @@ class PoolOps:
             lambda start, _n: _plans.write(self._region, info, start, op, oid, index, offset, view),
         )
 
-    def _put_many(self, items: Sequence[tuple[int, int, Any]]) -> Job | list[bool]:
+    def _put_many(
+        self, items: Sequence[tuple[int, int, Any]], *, answers: bool = False
+    ) -> Job | list[bool]:
+        """The job of a PUT_MANY; its result is a bool per page, or with ``answers`` each
+        page's answer as the daemon gave it (a mapped client's token)."""
         info = self._alive()
         items = items if isinstance(items, (list, tuple)) else list(items)
         if not items:
@@ -172,7 +176,9 @@ class PoolOps:
         batch = _plans.check_batch(items, 3, info.page_size)
         return Job(
             len(batch) * info.frames_per_page,
-            lambda start, n: _plans.put_many(self._region, info, self._limits, start, n, batch),
+            lambda start, n: _plans.put_many(
+                self._region, info, self._limits, start, n, batch, answers=answers
+            ),
             unit=info.frames_per_page,
         )
 

@@ -139,7 +139,7 @@ class AsyncPool(PoolOps):
         await self.report_reads()
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
         for i in range(0, len(items), step):
-            job = self._put_many(items[i : i + step])
+            job = self._put_many(items[i : i + step], answers=True)
             if not isinstance(job, list):
                 await self._client._run(job, wait=False, on_answer=on_answer, first=i)
 
@@ -287,12 +287,20 @@ class AsyncClient:
             # take an answer in while the send yields.
             answer = None if on_answer is None else (first, on_answer)
             await self._send_requests(requests, run, deferred=True, on_answer=answer)
+            self.deferred.sent += 1
             return None
         try:
-            return await self._drive(job.factory(start, count), run)
+            results = await self._drive(job.factory(start, count), run)
         finally:
             if run is not None and not self._deferred(run):
                 await self._release(run)
+        if not wait:  # a no-wait batch answered the slow way (no room to stage it whole)
+            self.deferred.sent += 1
+            self.deferred.count(Status.OK, results)
+            if on_answer is not None:
+                on_answer(first, results)
+            return None
+        return results
 
     def _deferred(self, run: tuple[int, int]) -> bool:
         """True if a reply still due will release the run (see the module docstring)."""

@@ -225,7 +225,7 @@ class Pool(PoolOps):
         # to the previous one is still on its way.
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
         for i in range(0, len(items), step):
-            job = self._put_many(items[i : i + step])
+            job = self._put_many(items[i : i + step], answers=True)
             if not isinstance(job, list):
                 self._client._run(job, wait=False, on_answer=on_answer, first=i)
 
@@ -422,9 +422,10 @@ class Client:
             if fits or not self._deferred:
                 break
             self._read_one_reply({})  # frames held by no-wait puts come back with answers
-        wait = wait or count < job.need  # no room to stage it whole: send it the slow way
+        slow = not wait and count < job.need  # no room to stage it whole: the slow way
+        wait = wait or slow
         if not count and self._reclaim_single():
-            return self._run(job, wait=wait)
+            return self._run(job, wait=not slow, on_answer=on_answer, first=first)
         start = self._alloc.alloc(count) if count else None
         if start is None:
             raise LimitExceeded(
@@ -434,9 +435,16 @@ class Client:
         if not wait:
             return self._send_nowait(job, start, count, on_answer, first)
         try:
-            return self._drive(job.factory(start, count))
+            results = self._drive(job.factory(start, count))
         finally:
             self._alloc.release(start, count)
+        if slow:  # a no-wait batch answered the slow way: its answers go where they would have
+            self.deferred.sent += 1
+            self.deferred.count(Status.OK, results)
+            if on_answer is not None:
+                on_answer(first, results)
+            return None
+        return results
 
     def _reclaim_single(self) -> bool:
         """Give back the single-op staging run (the caller's needs come first)."""
