@@ -20,6 +20,7 @@ from conftest import Daemon
 
 import tmemclient
 from tmemclient.admin import AdminClient
+from tmemclient.cleancache import AsyncPageCache
 from tmemclient.client import hello_message
 from tmemclient.mapping import Token
 from tmemclient.protocol import FRAME_SIZE, NEED_DATA, FrameDecoder
@@ -265,6 +266,43 @@ async def test_a_trio_put_answered_before_its_send_returns_still_reaches_on_answ
             assert [type(a) for a in answers] == [list] * 3  # every token came
 
 
+def test_a_no_wait_put_too_big_to_stage_whole_still_answers_on_answer(daemon: Daemon) -> None:
+    """With most of the region reserved by the caller, a batch goes the slow way (staged in
+    pieces, answered before the call returns): its answers still reach on_answer."""
+    client = tmemclient.connect(daemon.socket, name="m", frames=16, map_pages=True)
+    with client, client.reserve_frames(12):
+        pool = client.new_pool()
+        answers: list[Any] = [None] * 7
+        items = [(1, i, bytes([i]) * PAGE) for i in range(7)]  # 7 pages, 4 free frames
+
+        def on_answer(first: int, results: Any) -> None:
+            answers[first : first + len(results)] = results
+
+        pool.put_many_nowait(items, on_answer)
+        client.wait_deferred()
+        assert [pool.read_mapped(as_token(a)) for a in answers] == [d for _, _, d in items]
+        assert client.deferred.stored == 7
+
+
+async def test_the_trio_client_answers_a_slow_no_wait_put_too(daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        async with tmemclient.open_client(
+            daemon.socket, name="t", frames=16, map_pages=True
+        ) as client:
+            pool = await client.new_pool()
+            with client.reserve_frames(12):
+                answers: list[Any] = [None] * 7
+                items = [(1, i, bytes([i]) * PAGE) for i in range(7)]
+
+                def on_answer(first: int, results: Any) -> None:
+                    answers[first : first + len(results)] = results
+
+                await pool.put_many_nowait(items, on_answer)
+                await pool.wait_deferred()
+            assert [pool.read_mapped(as_token(a)) for a in answers] == [d for _, _, d in items]
+            assert client.deferred.stored == 7
+
+
 def test_put_many_tokens_says_where_each_page_went_or_that_it_was_refused(
     start_daemon: Any,
 ) -> None:
@@ -372,3 +410,25 @@ async def test_the_trio_pool_reports_its_mapped_reads_too(start_daemon: Any, tmp
             rows = await trio.to_thread.run_sync(lambda: AdminClient(admin).call("guests"))
             row = {r["name"].split("/")[-1]: r for r in rows}["t"]
             assert row["gets_hit"] == 2 and client.deferred.errors == 0
+
+
+async def test_a_trio_page_cache_keeps_tokens_answered_before_the_send_returns(
+    daemon: Daemon, tmp_path: Any
+) -> None:
+    """The put's answer (where each block went) comes while the send still yields: the page
+    cache must already know the blocks, or it loses their places and looks them up."""
+    path = tmp_path / "f"
+    path.write_bytes(b"".join(bytes([p % 251]) * PAGE for p in range(128)))
+    with trio.fail_after(30):
+        async with tmemclient.open_client(daemon.socket, name="t", map_pages=True) as client:
+            pool = await client.new_pool(page_size=2 * PAGE)
+            client._sock = _SlowSend(client._sock)  # type: ignore[assignment]
+            cache = AsyncPageCache(pool, capacity=16, put_batch=8)
+            f = await cache.open(path)
+            for _ in range(2):
+                for first in range(0, 128, 4):
+                    got = await cache.read(f, first * PAGE, 4 * PAGE)
+                    assert got == b"".join(bytes([p % 251]) * PAGE for p in range(first, first + 4))
+            assert cache.stats.mapped_reads > 0
+            assert cache.stats.tmem_gets == 0  # every block's place was known: no lookup
+            cache.close()

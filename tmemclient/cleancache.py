@@ -715,26 +715,34 @@ class _CacheCore:
         self.stats.pages_put += put
         if not items:
             return
-        started = time.perf_counter()
+        # Every page goes into the shadow before the put is sent: a trio client may hand us
+        # its answer (where the page went) before the send returns.
+        shadow = self._shadow
+        seqs: list[int] = []
+        for n, (oid, index, _) in enumerate(items):
+            key = (oid, index)
+            shadow.pop(key, None)
+            self._ghost.pop(key, None)
+            self._seq += 1
+            shadow[key] = (self._seq, masks[n], None)
+            seqs.append(self._seq)
         on_answer = None
         if mapping is not None:
-            keys = [(oid, index) for oid, index, _ in items]
-            on_answer = self._answered(keys, list(range(self._seq + 1, self._seq + 1 + len(keys))))
+            on_answer = self._answered([(oid, index) for oid, index, _ in items], seqs)
+        started = time.perf_counter()
         flags = yield ("put", (items, on_answer))
         took = time.perf_counter() - started
         self.stats.tmem_seconds += took
         self.stats.put_seconds += took
         self.stats.put_batches += 1
         self.stats.puts += len(items)
-        shadow = self._shadow
-        for n, (oid, index, _) in enumerate(items):
-            key = (oid, index)
-            shadow.pop(key, None)
-            self._ghost.pop(key, None)
-            if flags is None or flags[n]:
-                self._seq += 1
-                shadow[key] = (self._seq, masks[n], None)
-            else:
+        if flags is not None:  # answered now: a page refused is not in tmem
+            for n, (oid, index, _) in enumerate(items):
+                if flags[n]:
+                    continue
+                entry = shadow.get((oid, index))
+                if entry is not None and entry[0] == seqs[n]:
+                    del shadow[(oid, index)]
                 self.stats.puts_refused += 1
                 self._outcome(hit=False)
         limit = self.shadow_limit // self.sample if self.sampling else self.shadow_limit
