@@ -294,11 +294,8 @@ class AsyncClient:
         finally:
             if run is not None and not self._deferred(run):
                 await self._release(run)
-        if not wait:  # a no-wait batch answered the slow way (no room to stage it whole)
-            self.deferred.sent += 1
-            self.deferred.count(Status.OK, results)
-            if on_answer is not None:
-                on_answer(first, results)
+        if not wait:  # no room to stage it whole: it went the slow way
+            self.deferred.answered_now(results, first, on_answer)
             return None
         return results
 

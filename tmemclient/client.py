@@ -86,6 +86,14 @@ class DeferredStats:
         self.errors = 0  # requests answered with an error (e.g. the pool was destroyed)
         self.last_error: str | None = None
 
+    def answered_now(self, results: list[Any], first: int, on_answer: OnAnswer | None) -> None:
+        """A no-wait batch that went the slow way (it could not be staged whole) was answered
+        before the call returned: count it, and hand the answers on as a no-wait one's."""
+        self.sent += 1
+        self.count(Status.OK, results)
+        if on_answer is not None:
+            on_answer(first, results)
+
     def count(self, status: int, result: Any) -> None:
         """Count one answer."""
         if status != Status.OK:
@@ -438,11 +446,8 @@ class Client:
             results = self._drive(job.factory(start, count))
         finally:
             self._alloc.release(start, count)
-        if slow:  # a no-wait batch answered the slow way: its answers go where they would have
-            self.deferred.sent += 1
-            self.deferred.count(Status.OK, results)
-            if on_answer is not None:
-                on_answer(first, results)
+        if slow:
+            self.deferred.answered_now(results, first, on_answer)
             return None
         return results
 
