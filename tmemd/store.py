@@ -439,8 +439,7 @@ class Store:
         decision: O(guests)."""
         busy = {g.name for g in self.lenders.values() if not self._idle(g, now)}
         busy.update(g.name for g in needing)
-        total = sum(self.guests[name].weight for name in busy if name in self.guests)
-        total += sum(g.weight for g in needing if g.name not in self.guests)
+        total = sum(self.guests[name].weight for name in busy)
         budget = self.budget_slots
 
         def share(guest: Guest) -> int:
@@ -472,14 +471,30 @@ class Store:
         # Busy guests' loans above their share, while the asker is below its own.
         share = self._shares(now, asker)
         may = share(asker) - asker.lent_slots - (self.budget_slots - self.used_slots)
-        busy = [(share(g) - g.lent_slots, g) for g in self.lenders.values() if g is not asker]
-        for _, g in sorted((pair for pair in busy if pair[0] < 0), key=lambda pair: pair[0]):
-            take = min(short(), may, g.lent_slots - share(g))
-            if take <= 0:
-                continue
-            self._recall(g, g.lent_slots - take)
-            may -= take
+        self._recall_excess(short, share, asker, may)
         return max(0, min(need, self.budget_slots - self.used_slots))
+
+    def _recall_excess(
+        self,
+        short: Callable[[], int],
+        share: Callable[[Guest], int],
+        keep: Guest,
+        may: int | None = None,
+    ) -> bool:
+        """Take back what busy guests hold above their share (furthest above first; never
+        ``keep``'s) while ``short()`` is above 0, ``may`` slots at most; True if any was
+        taken."""
+        over = [(g.lent_slots - share(g), g) for g in self.lenders.values() if g is not keep]
+        taken = False
+        for excess, g in sorted(over, key=lambda pair: -pair[0]):
+            take = min(short(), excess if may is None else min(excess, may))
+            if take <= 0:
+                break  # the rest are no further above their share, or no more is wanted
+            self._recall(g, g.lent_slots - take)
+            taken = True
+            if may is not None:
+                may -= take
+        return taken
 
     def _recall_idle(self, short: Callable[[], int], now: int, keep: Guest | None) -> bool:
         """Take back idle guests' lent memory (longest idle first; never ``keep``'s) while
@@ -887,9 +902,11 @@ class Store:
                 self._evict(guest.lru_head)
         if need > self.budget_slots:
             return False
+        lent = bool(self.lenders)  # lent memory to take back first, as long as some is found
         while self.used_slots + need > self.budget_slots:
-            if self.lenders and self._recall_for_put(guest, need):
+            if lent and self._recall_for_put(guest, need):
                 continue
+            lent = False
             # A mapped guest's own page rather than another busy guest's nearly as old one:
             # that would move memory between their files (policy.py).
             victim = choose_victim(
@@ -915,13 +932,7 @@ class Store:
 
         if self._recall_idle(short, now, guest):
             return True
-        share = self._shares(now, guest)
-        for g in self.lenders.values():
-            excess = g.lent_slots - share(g)
-            if g is not guest and excess > 0 and short() > 0:
-                self._recall(g, g.lent_slots - min(excess, short()))
-                return True
-        return False
+        return self._recall_excess(short, self._shares(now, guest), guest)
 
     def _evict(self, head: int) -> None:
         pool = self._pool[head]
