@@ -480,7 +480,7 @@ class _CacheCore:
             else:
                 if block is None:
                     block = local[key] = _Block([None] * bp)
-                data = self._hold_disk(key, block, index % bp, f, index)
+                data = self._hold_disk(block, index % bp, f, index)
             pages[index] = data
         self._evict()
         if not asked:  # else they go behind the next lookup
@@ -496,26 +496,17 @@ class _CacheCore:
         block = self._local.get(key)
         if block is None:
             block = self._local[key] = _Block([None] * bp)
-        return self._hold(key, block, index % bp, data)
+        return self._hold(block, index % bp, data)
 
-    def _hold_disk(self, key: Key, block: _Block, i: int, f: CachedFile, index: int) -> Page:
+    def _hold_disk(self, block: _Block, i: int, f: CachedFile, index: int) -> Page:
         """``_hold`` of a page read from the file: read straight into lent memory if it goes
-        there."""
-        frame = self._lent_frame()
-        if frame < 0 or self._disk_readinto is None:
-            if frame >= 0:
-                self._frames_free.append(frame)
-            return self._hold(key, block, i, self._read_disk(f, index))
+        there (and the device can read into a buffer)."""
+        frame = self._lent_frame() if self._disk_readinto is not None else -1
+        if frame < 0:
+            return self._hold(block, i, self._read_disk(f, index))
         assert self._loan is not None
         view = self._loan.mem[frame * PAGE : (frame + 1) * PAGE]
-        started = time.perf_counter()
-        got = self._disk_readinto(f.fd, view, index * PAGE)
-        took = time.perf_counter() - started
-        if got < PAGE:
-            view[got:] = bytes(PAGE - got)
-        self.stats.disk_reads += 1
-        self.stats.disk_seconds += took
-        self._costs.disk.add(took)
+        self._read_disk(f, index, view)
         return self._lend_frame(block, i, frame, view)
 
     def _get(
@@ -576,12 +567,11 @@ class _CacheCore:
                 shadow.pop(key, None)
                 self._ghost.pop(key, None)
             view = memoryview(data)  # pages are views of the tmem page: no copy
-            bkey = (key[0], key[1] // parts)
-            block = self._block_for(bkey)
+            block = self._block_for((key[0], key[1] // parts))
             base = key[1] % parts * pp
             for i in range(pp):
                 if mask >> i & 1 and block.pages[base + i] is None:
-                    self._hold(bkey, block, base + i, view[i * PAGE : (i + 1) * PAGE])
+                    self._hold(block, base + i, view[i * PAGE : (i + 1) * PAGE])
             if n < demand:
                 self._outcome(hit=True)
             else:
@@ -798,9 +788,7 @@ class _CacheCore:
     def _limit(self) -> int:
         """Pages our own memory holds: with puts, a batch's worth of the capacity is kept for
         the batch being gathered."""
-        if self.tmem and self._room:
-            return self.capacity - self._batch_pages()
-        return self.capacity
+        return self.capacity - self._batch_pages() if self._putting else self.capacity
 
     def _evict(self) -> None:
         limit = self._limit()
@@ -823,8 +811,7 @@ class _CacheCore:
     def _room_for(self, pages: int, oid: int, missing: list[int]) -> None:
         """With lent memory: evict the oldest blocks (never one of this read's) until ``pages``
         more fit in our own memory and free lent frames together."""
-        local, free = self._local, self._frames_free
-        limit = self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
+        local, free, limit = self._local, self._frames_free, self._limit()
         if len(free) + limit - self._local_pages >= pages:
             return
         lo, hi = missing[0] // self.block_pages, missing[-1] // self.block_pages
@@ -835,7 +822,7 @@ class _CacheCore:
             self._evict_oldest()
             self._pressure += 1
 
-    def _hold(self, key: Key, block: _Block, i: int, page: Page) -> Page:
+    def _hold(self, block: _Block, i: int, page: Page) -> Page:
         """Add a page to a local block: in our own memory while it has room, else in a free
         frame of lent memory (``_room_for`` made them free); returns the page as held."""
         frame = self._lent_frame()
@@ -853,8 +840,7 @@ class _CacheCore:
         full); else -1. (A recall meanwhile: _read_plan reads again.)"""
         if self._loan is None or not self._frames_free:
             return -1
-        limit = self.capacity - self._batch_pages() if self.tmem and self._room else self.capacity
-        return self._frames_free.pop() if self._local_pages >= limit else -1
+        return self._frames_free.pop() if self._local_pages >= self._limit() else -1
 
     def _lend_frame(self, block: _Block, i: int, frame: int, view: memoryview) -> memoryview:
         """Page ``i`` of the block is now ``view``, lent memory's frame ``frame``."""
@@ -955,9 +941,18 @@ class _CacheCore:
             self._ghost.pop(part, None)
             self._readahead.discard(part)
 
-    def _read_disk(self, f: CachedFile, index: int) -> Page:
+    def _read_disk(self, f: CachedFile, index: int, into: memoryview | None = None) -> Page:
+        """A page of the file (short at its end: padded with zeros), or read ``into`` a
+        page-sized buffer with the ``disk_readinto`` hook, which is then returned."""
         started = time.perf_counter()
-        data = self._disk_read(f.fd, PAGE, index * PAGE)
+        if into is None:
+            data: Page = self._disk_read(f.fd, PAGE, index * PAGE)
+        else:
+            assert self._disk_readinto is not None
+            got = self._disk_readinto(f.fd, into, index * PAGE)
+            if got < PAGE:
+                into[got:] = bytes(PAGE - got)
+            data = into
         took = time.perf_counter() - started
         self.stats.disk_reads += 1
         self.stats.disk_seconds += took
