@@ -142,18 +142,18 @@ class LentMemory:
         self._view = view
         self.mem = view[SLOT:]
         self._active = view[:8].cast("Q")
-        self._ctl = self.words = ctl  # the mirror's control words (read-only)
+        self.words = ctl  # the mirror's control words (read-only): seq, lent, low
         self.seq = ctl[0]  # as last seen
 
     @property
     def lent(self) -> int:
         """Bytes we may use now."""
-        return self._ctl[1] * SLOT
+        return self.words[1] * SLOT
 
     def changed(self) -> int | None:
         """None if nothing was taken back since we last looked; else the offset from which
         what we kept is gone (``BUSY``: a recall is under way, leave it all alone)."""
-        ctl = self._ctl
+        ctl = self.words
         seq = ctl[0]
         if seq == self.seq:
             return None
@@ -165,7 +165,7 @@ class LentMemory:
 
     def still(self, seq: int) -> bool:
         """Was nothing taken back since seq (what was copied out meanwhile is whole)?"""
-        return self._ctl[0] == seq
+        return self.words[0] == seq
 
     def answered(self, reply: dict[str, int]) -> int:
         """Take a LEND answer in; returns the offset from which what we kept is gone."""
