@@ -228,6 +228,16 @@ class _Block:
         self.mask |= 1 << slot
         self.held += 1
 
+    def lend(self, slot: int, view: memoryview, frame: int) -> None:
+        """Hold one more page, ``view``: lent memory's frame ``frame``."""
+        self.pages[slot] = view
+        self.mask |= 1 << slot
+        self.held += 1
+        if self.lent is None:
+            self.lent = {}
+        self.lent[slot] = frame
+        self.lent_mask |= 1 << slot
+
 
 # An I/O request of a plan: ("get", keys) -> list[bytes | None]; ("get_start", keys) -> None, then
 # ("get_wait", keys) -> (list[bytes | None], seconds the round trip took or None): the same get,
@@ -467,8 +477,15 @@ class _CacheCore:
                 # them while we read the file, and our next lookup does not queue behind them.
                 yield from self._put_pending(force=False)
         stats, local = self.stats, self._local
+        # Where the pages read from the file go: our own memory while it has room, then free
+        # frames of lent memory (read straight into them), then our own memory over its limit
+        # until _evict. Decided here for the whole read, not page by page.
+        limit, free, lent = self._limit(), self._frames_free, 0
+        own, mem = len(missing), memoryview(self._zero)
         if self._loan is not None:
-            self._room_for(len(missing), oid, missing)
+            own = self._room_for(len(missing), oid, missing, limit)
+            mem = self._loan.mem
+        readinto = self._disk_readinto is not None
         for index in missing:
             if index in pages:
                 continue  # read from the file while the lookup was on its way
@@ -480,9 +497,22 @@ class _CacheCore:
             else:
                 if block is None:
                     block = local[key] = _Block([None] * bp)
-                data = self._hold_disk(block, index % bp, f, index)
+                if own > 0 or not free:
+                    own -= 1
+                    data = self._read_disk(f, index)
+                    block.add(index % bp, data)
+                    self._local_pages += 1
+                elif not readinto:  # the device cannot read into a buffer: copied in
+                    data = self._hold(block, index % bp, self._read_disk(f, index))
+                else:
+                    frame = free.pop()
+                    data = view = mem[frame * PAGE : (frame + 1) * PAGE]
+                    self._read_disk(f, index, view)
+                    block.lend(index % bp, view, frame)
+                    lent += 1
             pages[index] = data
-        self._evict()
+        self._lent_pages += lent
+        self._evict(limit)
         if not asked:  # else they go behind the next lookup
             yield from self._put_pending(force=False)
         if self._loan is not None and self.tmem and self._pressure >= self._ask_every:
@@ -497,17 +527,6 @@ class _CacheCore:
         if block is None:
             block = self._local[key] = _Block([None] * bp)
         return self._hold(block, index % bp, data)
-
-    def _hold_disk(self, block: _Block, i: int, f: CachedFile, index: int) -> Page:
-        """``_hold`` of a page read from the file: read straight into lent memory if it goes
-        there (and the device can read into a buffer)."""
-        frame = self._lent_frame() if self._disk_readinto is not None else -1
-        if frame < 0:
-            return self._hold(block, i, self._read_disk(f, index))
-        assert self._loan is not None
-        view = self._loan.mem[frame * PAGE : (frame + 1) * PAGE]
-        self._read_disk(f, index, view)
-        return self._lend_frame(block, i, frame, view)
 
     def _get(
         self, f: CachedFile, asked: list[Key], demand: int, early: list[int], pages: dict[int, Page]
@@ -790,8 +809,11 @@ class _CacheCore:
         the batch being gathered."""
         return self.capacity - self._batch_pages() if self._putting else self.capacity
 
-    def _evict(self) -> None:
-        limit = self._limit()
+    def _evict(self, limit: int | None = None) -> None:
+        """Evict the oldest blocks while our own memory holds more than ``limit`` pages (by
+        default ``_limit()``)."""
+        if limit is None:
+            limit = self._limit()
         while self._local_pages > limit and self._local:
             self._evict_oldest()
 
@@ -808,12 +830,13 @@ class _CacheCore:
         self._local_pages -= block.held
         self._to_tmem(key, block)
 
-    def _room_for(self, pages: int, oid: int, missing: list[int]) -> None:
+    def _room_for(self, pages: int, oid: int, missing: list[int], limit: int) -> int:
         """With lent memory: evict the oldest blocks (never one of this read's) until ``pages``
-        more fit in our own memory and free lent frames together."""
-        local, free, limit = self._local, self._frames_free, self._limit()
+        more fit in our own memory (of ``limit`` pages) and free lent frames together. Returns
+        how many fit in our own memory."""
+        local, free = self._local, self._frames_free
         if len(free) + limit - self._local_pages >= pages:
-            return
+            return limit - self._local_pages
         lo, hi = missing[0] // self.block_pages, missing[-1] // self.block_pages
         while len(free) + limit - self._local_pages < pages and local:
             oldest = next(iter(local))
@@ -821,6 +844,7 @@ class _CacheCore:
                 break  # the rest are newer still: this read overshoots until _evict
             self._evict_oldest()
             self._pressure += 1
+        return limit - self._local_pages
 
     def _hold(self, block: _Block, i: int, page: Page) -> Page:
         """Add a page to a local block: in our own memory while it has room, else in a free
@@ -844,11 +868,7 @@ class _CacheCore:
 
     def _lend_frame(self, block: _Block, i: int, frame: int, view: memoryview) -> memoryview:
         """Page ``i`` of the block is now ``view``, lent memory's frame ``frame``."""
-        block.add(i, view)
-        if block.lent is None:
-            block.lent = {}
-        block.lent[i] = frame
-        block.lent_mask |= 1 << i
+        block.lend(i, view, frame)
         self._lent_pages += 1
         return view
 
