@@ -11,8 +11,9 @@ pages). The same accesses run in two setups of equal total memory:
            tmem pages of ``--tmem-page-pages`` pages (only those holding something: random
            reads leave blocks partly read, and tmem is not spent on their holes)
 
-The guests of both setups run side by side and take turns (static, then tmem, with the same
-accesses), so a machine that speeds up or slows down during the run affects both alike. Every page
+The guests of both setups run side by side and take turns with the same accesses (static first,
+then tmem; the other way round in every second ``--repeats`` run), so a machine that speeds up or
+slows down during the run affects both alike. Every page
 read from a data file pays ``--disk-latency-us`` on top of the real pread (an NVMe-like device: the
 file is in the host's own page cache, so the added latency is the device); the caches read the
 file page by page. Swap-file writes go in batches, one latency per batch.
@@ -398,10 +399,12 @@ def run_scenario(
     setups: list[Setup],
     data: list[list[str]],
     workdir: Path,
+    repeat: int = 0,
 ) -> list[dict[str, Any]]:
     """One scenario in every setup, interleaved: the guests of both setups run side by side and
-    take turns (static, then tmem, with the same accesses), so a machine that slows down or
-    speeds up during the run affects both alike. Returns each setup's summary."""
+    take turns with the same accesses, so a machine that slows down or speeds up during the
+    run affects both alike. Who goes first alternates with ``repeat`` (static first in even
+    repeats), as going first or second is not quite the same. Returns each setup's summary."""
     with running_tmemd(workdir, args.memory, tuple(args.tmemd_arg)) as (sock, admin):
         progress(f"  watch memory follow demand: tmemctl --admin-socket {admin} top")
         guests: dict[str, list[Guest]] = {}
@@ -419,8 +422,11 @@ def run_scenario(
             busy = dict.fromkeys(guests, 0.0)  # seconds each setup spent on the scenario
             daemon_cpu = process_cpu(str(sock))
 
+            began: dict[str, float] = {}  # when each setup's first turn began
+
             def turn(name: str, members: list[int], cmd: dict[str, Any]) -> None:
                 started = time.monotonic()
+                began.setdefault(name, started)
                 for g in members:
                     guests[name][g].tell(cmd | {"seed": cmd["seed"] + g})
                 for g in members:
@@ -430,10 +436,11 @@ def run_scenario(
                 busy[name] += time.monotonic() - started
 
             everyone = list(range(args.guests))
+            order = list(guests) if repeat % 2 == 0 else list(reversed(guests))
             if scenario == "phases":
                 for rnd in range(args.rounds):
                     for g in everyone:
-                        for name in guests:
+                        for name in order:
                             cmd = command(args.phase_pattern, args.phase_reads, args.seed, rnd)
                             turn(name, [g], cmd)
                         progress(
@@ -442,7 +449,7 @@ def run_scenario(
                             + ", ".join(f"{n} {runs[n][g][-1]['seconds']:.2f}s" for n in guests)
                         )
             else:
-                for name in guests:
+                for name in order:
                     turn(name, everyone, command(scenario, args.busy_reads, args.seed, 0))
             daemon_rows = AdminClient(admin).call("guests")  # the tmem guests' accounts
             if daemon_cpu is not None:  # only the tmem guests talk to it
@@ -462,6 +469,7 @@ def run_scenario(
             busy[setup.name],
             daemon_cpu if setup.tmem else None,
         )
+        | {"began": began[setup.name]}
         for setup in setups
     ]
 
@@ -826,8 +834,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=1,
-        help="run each cache scenario this many times; the verdict goes by the median time ratio "
-        "(the table and plots show the first run)",
+        help="run each cache scenario this many times, with static and tmem taking the first turn "
+        "in turn; the verdict goes by the median time ratio (the table and plots show the first "
+        "run)",
     )
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("bench/results"), help="where plots and JSON go")
@@ -881,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(args.repeats):
                 run_dir = workdir / scenario / str(n)
                 run_dir.mkdir(parents=True)
-                for res in run_scenario(args, scenario, setups, data, run_dir):
+                for res in run_scenario(args, scenario, setups, data, run_dir, n):
                     progress(
                         f"  {res['setup']}: {res['total']['disk_reads']} disk reads, "
                         f"{res['total']['seconds']:.2f}s"
