@@ -21,21 +21,23 @@ SMALL = [
 ]
 
 
-def test_a_small_run_adds_up(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_small(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The runner on the SMALL setup (and ``args``), writing to ``tmp_path``; it must succeed."""
     proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "tmemclient.workload", *SMALL),
-            *("--scenarios", "phases,uniform,zipf,scan", "--out", str(tmp_path)),
-        ],
+        [sys.executable, "-m", "tmemclient.workload", *SMALL, *args, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         cwd=tmp_path,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_a_small_run_adds_up(tmp_path: Path) -> None:
+    proc = run_small(tmp_path, "--scenarios", "phases,uniform,zipf,scan")
     assert "| phases | static | total |" in proc.stdout and "| file + tmem |" in proc.stdout
     assert "phase 4/4 (vm1 busy)" in proc.stderr  # progress goes to stderr
     result = json.loads((tmp_path / "workload.json").read_text())
@@ -75,20 +77,7 @@ def test_a_small_run_adds_up(tmp_path: Path) -> None:
 def test_repeated_runs_take_the_first_turn_in_turn(tmp_path: Path) -> None:
     """Going first or second is not quite the same on a busy machine: with --repeats, static
     goes first in even runs and tmem in odd ones."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "tmemclient.workload", *SMALL, "--no-swap"),
-            *("--scenarios", "uniform", "--repeats", "2", "--out", str(tmp_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_small(tmp_path, "--no-swap", "--scenarios", "uniform", "--repeats", "2")
     runs = {
         (r["repeat"], r["setup"]): r
         for r in json.loads((tmp_path / "workload.json").read_text())["cache"]
