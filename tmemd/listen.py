@@ -35,29 +35,60 @@ def remove_stale_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise SocketInUse(f"another daemon is listening on {path}; stop it or choose another path")
+    raise _in_use(path)
+
+
+def _in_use(path: Path) -> SocketInUse:
+    return SocketInUse(f"another daemon is listening on {path}; stop it or choose another path")
+
+
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path holds 108, with the NUL)
 
 
 async def bind_unix(
     path: Path, mode: int, backlog: int = 128, *, gid: int | None = None
 ) -> trio.socket.SocketType:
     """A listening socket at ``path`` with permissions ``mode`` from the start (no window in which
-    the socket exists with wider permissions)."""
+    the socket exists with wider permissions).
+
+    The socket is bound, given its mode and made to listen under a staging name beside ``path``,
+    then linked in: ``path`` appears only once it accepts connections. So a client that waits
+    for the file never finds it refusing them, and another daemon's stale-socket probe never
+    takes a starting daemon's socket for a dead one's and removes it. (A path too long for a
+    staging name is bound in place, as before.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(path)
+    staging: Path | None = path.with_name(f".{path.name}.{os.getpid()}")
+    if len(os.fsencode(path)) + len(f"..{os.getpid()}") > SUN_PATH_MAX:
+        staging = None
+    where = staging or path
+    if staging is not None:
+        unlink_quietly(staging)  # left by a daemon that had our pid and died here
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:
-        await sock.bind(str(path))
+        await sock.bind(str(where))
     except BaseException:
         sock.close()
         raise
     finally:
         os.umask(old_umask)
-    if gid is not None:
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
-    sock.listen(backlog)
+    try:
+        if gid is not None:
+            os.chown(where, -1, gid)
+        os.chmod(where, mode)
+        sock.listen(backlog)
+        if staging is not None:
+            try:
+                os.link(staging, path)  # fails if something took the path meanwhile
+            except FileExistsError:
+                raise _in_use(path) from None
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if staging is not None:
+            unlink_quietly(staging)
     return sock
 
 
