@@ -852,7 +852,7 @@ class StoreModel(RuleBasedStateMachine):
         assert answer["low"] <= had
         assert answer["seq"] % 2 == 0
         assert guest.mirror is not None
-        assert guest.mirror.ctl[1] == guest.lent_slots == guest.mirror.ctl[2]
+        assert guest.mirror.published()[1] == guest.lent_slots == guest.mirror.published()[2]
         # Persistent pages are never taken for it.
         assert sum(x.pers_slots for x in self.guests) == pers
 
@@ -1460,7 +1460,11 @@ def test_removing_a_mapped_guest_frees_its_mirror(make_store: MakeStore) -> None
     with pytest.raises(ValueError):
         mirror.mem.tobytes()  # released
     again = store.add_guest("g")
-    assert store.map_guest(again).ident == mirror.ident  # the number is free again
+    fresh = store.map_guest(again)
+    # Numbers are never reused: a slot still tagged with the old one names no live mirror.
+    assert fresh.ident != mirror.ident and fresh.owned == 0
+    assert put(store, store.new_pool(again, persistent=True, order=1), 1, 0, page(2, 1))
+    assert fresh.owned == 2  # the slots the gone mirror held are this one's now
 
 
 class MappedStoreModel(StoreModel):
@@ -1594,7 +1598,7 @@ def test_lending_gives_free_memory_and_bills_it(clock: Clock) -> None:
     answer = store.lend(a, 10)
     assert answer == {"lent": 10, "low": 0, "seq": 0, "room": 6}
     assert a.lent_slots == 10 and a.held_slots == 10 and store.used_slots == 10
-    assert a.mirror is not None and list(a.mirror.ctl) == [0, 10, 10]
+    assert a.mirror is not None and a.mirror.published() == [0, 10, 10]
     # Asking for less gives the rest back; the guest asked, so it is not a recall.
     answer = store.lend(a, 4)
     assert answer["lent"] == 4 and answer["low"] == 4 and store.used_slots == 4
@@ -1610,7 +1614,7 @@ def test_a_busy_guest_gets_its_share_of_another_busy_guests_loan(clock: Clock) -
     answer = store.lend(b, 16)
     assert answer["lent"] == 12  # its share by weight, 300 / (100 + 300), and no more
     assert a.lent_slots == 4  # a keeps its own share
-    assert a.mirror is not None and list(a.mirror.ctl) == [2, 4, 4]  # a recall: seq went round
+    assert a.mirror is not None and a.mirror.published() == [2, 4, 4]  # a recall: seq went round
     assert store.recalled_slots == 12
     clock.wait(0.01)
     assert store.lend(a, 16)["lent"] == 4  # at its share: nothing from b's

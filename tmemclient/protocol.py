@@ -164,6 +164,15 @@ class FrameDecoder:
         self._pos = 0  # consumed bytes at the front of _buf, dropped lazily
         self._broken = False
 
+    def has_message(self) -> bool:
+        """Will ``next_message`` give a message, or an error, rather than NEED_DATA? (A frame
+        header outside 1..max_frame counts: it is an error as soon as it is seen.)"""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return False
+        length: int = HEADER.unpack_from(buf, pos)[0]
+        return not 0 < length <= self.max_frame or len(buf) >= pos + 4 + length
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
@@ -192,9 +201,14 @@ class FrameDecoder:
         end = pos + 4 + length
         if len(buf) < end:
             return NEED_DATA
-        self._pos = end
+        body = bytes(buf[pos + 4 : end])
+        if end == len(buf):  # all consumed: drop it now, not at the next feed
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         try:
-            return decode_body(bytes(buf[pos + 4 : end]))
+            return decode_body(body)
         except ProtocolError:
             self._broken = True
             raise

@@ -150,14 +150,18 @@ class Rings:
         """Has the peer published bytes we have not taken?"""
         return self.words[self._in_tail] != self.read
 
-    def take(self) -> bytes:
-        """Every byte the peer has published, copied out; the space is given back at once."""
+    def take(self, limit: int | None = None) -> bytes:
+        """The bytes the peer has published (at most ``limit`` of them), copied out; the space
+        is given back at once."""
         tail = self.words[self._in_tail]
         n = tail - self.read
         if not n:
             return b""
         if not 0 < n <= self.size:
             raise ProtocolError(f"ring producer counter is corrupt ({n} bytes claimed)")
+        if limit is not None and n > limit:
+            n = limit
+            tail = self.read + n
         pos = self.read & self._mask
         first = min(n, self.size - pos)
         data = bytes(self._in[pos : pos + first])

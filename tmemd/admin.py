@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import grp
 import os
+import select
 import socket
 import uuid as uuid_module
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from tmemclient.errors import InvalidArgument, ProtocolError, TmemError
 from tmemclient.protocol import FrameDecoder, Status, encode_reply, status_for_error
 from tmemd.host import Host
 from tmemd.region import peer_credentials
-from tmemd.server import send_all
+from tmemd.server import ACCEPT_BACKOFF, send_all
 
 log = structlog.get_logger("tmemd.admin")
 audit = structlog.get_logger("tmemd.audit")
@@ -72,14 +74,20 @@ def _str(args: dict[str, Any], key: str, *, optional: bool = False) -> Any:
 
 
 class AdminServer:
-    """Serves administrators against a Host."""
+    """Serves administrators against a Host. Its requests go ahead of guests': a guest that
+    used up its turn first asks ``waiting`` and, if an administrator's request is ready, waits
+    (briefly) for ``served`` (GuestServer.yield_turn)."""
 
     def __init__(self, host: Host, *, gid: int | None) -> None:
         self.host = host
         self.gid = gid
+        self._ready = select.poll()  # the listener and every admin connection
+        self._fds: set[int] = set()
+        self._served = trio.Event()
         self.ops: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": lambda a: host.status(),
             "guests": lambda a: host.guests(),
+            "uids": lambda a: host.uids(),
             "pools": lambda a: host.pools(_str(a, "guest", optional=True)),
             "set": self._set,
             "freeze": lambda a: host.freeze(_str(a, "guest", optional=True), True),
@@ -107,17 +115,60 @@ class AdminServer:
             return True
         return self.gid is not None and (gid == self.gid or self.gid in groups)
 
+    def waiting(self) -> bool:
+        """Is an administrator's connection or request ready to be served?"""
+        return bool(self._fds) and bool(self._ready.poll(0))
+
+    async def served(self) -> None:
+        """Until the admin server next served something."""
+        await self._served.wait()
+
+    def _done(self) -> None:
+        self._served.set()
+        self._served = trio.Event()
+
+    def _watch(self, fd: int) -> None:
+        self._ready.register(fd, select.POLLIN)
+        self._fds.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._fds:
+            self._fds.discard(fd)
+            self._ready.unregister(fd)
+
     async def run(
         self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept admin connections until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(self._serve, sock)
+        lfd = listener.fileno()
+        self._watch(lfd)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                            raise
+                        log.warning("admin_accept_failed", error=str(exc), retry=ACCEPT_BACKOFF)
+                        self._done()
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    nursery.start_soon(self._serve, sock)
+        finally:
+            self._unwatch(lfd)
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
+        fd = sock.fileno()
+        self._watch(fd)
+        try:
+            await self._serve_peer(sock)
+        finally:
+            self._unwatch(fd)
+            self._done()
+
+    async def _serve_peer(self, sock: trio.socket.SocketType) -> None:
         with sock:
             try:
                 pid, uid, gid = peer_credentials(sock)  # type: ignore[arg-type]
@@ -158,6 +209,8 @@ class AdminServer:
                 replies.append(encode_reply(0, Status.PROTOCOL, str(exc)))
                 await send_all(sock, b"".join(replies))
                 return
+            finally:
+                self._done()
             if replies:
                 await send_all(sock, b"".join(replies))
 
@@ -179,6 +232,6 @@ class AdminServer:
             result = handler(args)
         except TmemError as exc:
             return encode_reply(req_id, status_for_error(exc), str(exc))
-        if op not in ("status", "guests", "pools", "shares"):
+        if op not in ("status", "guests", "uids", "pools", "shares"):
             audit.info("admin_op", op=op, uid=uid, args=args)
         return encode_reply(req_id, Status.OK, result)

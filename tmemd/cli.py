@@ -146,9 +146,15 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# Descriptors a guest costs tmemd: its socket and mmap's copy of its region memfd; with a
+# mirror (map_pages), the mirror's memfd and mmap's copy of it; with a loan (lend_memory), the
+# loan file's two. (The arena's two are tmemd's own.)
+FDS_PER_GUEST = {"plain": 2, "mapped": 4, "mapped_lending": 6}
+
+
 def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit: each guest costs two fds (its socket and
-    mmap's copy of its region memfd). Returns (soft, hard) as they are afterwards."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each guest costs tmemd up to six fds,
+    FDS_PER_GUEST). Returns (soft, hard) as they are afterwards."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
     if target == resource.RLIM_INFINITY:  # the kernel caps NOFILE at fs.nr_open anyway
@@ -183,6 +189,7 @@ class Daemon:
             capacity=max(settings.budget, physical_memory()),
             move_slack=settings.limits.move_slack,
             lend_idle=settings.limits.lend_idle_ms / 1000,
+            deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
         )
         self.host = Host(self.store, settings)
         self.guest_server = GuestServer(self.host, settings.limits)
@@ -232,15 +239,13 @@ class Daemon:
             assert listener is not None
             try:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self.guest_server.maintain)
                     await nursery.start(self.guest_server.run, listener)
                     admin_scope = trio.CancelScope()
                     if admin_listener is not None:
-                        nursery.start_soon(
-                            self._admin,
-                            AdminServer(self.host, gid=gid),
-                            admin_listener,
-                            admin_scope,
-                        )
+                        admin = AdminServer(self.host, gid=gid)
+                        self.guest_server.admin_gate = admin
+                        nursery.start_soon(self._admin, admin, admin_listener, admin_scope)
                     log.info(
                         "daemon_ready",
                         socket=str(settings.socket)
@@ -387,7 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
     soft, hard = raise_fd_limit()
-    log.info("fd_limit", soft=soft, hard=hard, fds_per_guest=2)
+    log.info(
+        "fd_limit",
+        soft=soft,
+        hard=hard,
+        fds_per_guest=FDS_PER_GUEST,
+        guests_at_most=soft // FDS_PER_GUEST["mapped_lending"],
+    )
     try:
         trio.run(Daemon(settings, args, activated).run)
     except SocketInUse as exc:

@@ -25,7 +25,7 @@ class Limits:
     max_pools: int = 64  # live pools per guest
     max_region_frames: int = 1 << 16  # 256 MiB of guest region at most
     max_connections: int = 1024  # guest connections in all
-    max_connections_per_uid: int = 256
+    max_connections_per_uid: int = 256  # for uids without their own [uids.N] connections
     handshake_timeout: float = 5.0  # seconds to complete HELLO after connecting
     send_timeout: float = 30.0  # seconds a guest may leave replies unread before it is dropped
     shutdown_grace: float = 5.0  # seconds guests are served after SIGTERM, at most
@@ -40,6 +40,17 @@ class Limits:
     # that one is older by more than this fraction: saves moving memory between their files
     # (policy.py). 0: the plain weighted LRU.
     move_slack: float = MOVE_SLACK
+    # Fairness (one guest must not keep the others waiting): a connection serves requests for
+    # at most this long before the others get their turn; a batch is served in slices of this
+    # many bytes of pages between looks at that clock.
+    turn_us: int = 200
+    slice_bytes: int = 256 << 10
+    # Backpressure: replies a guest has not read, held per connection at most; past this the
+    # daemon reads nothing more from it until they are sent.
+    max_unsent: int = 64 << 10
+    # How often the memory a guest can fill on its own (its loan, its mirror's holes) is
+    # measured and held to what it was granted.
+    audit_ms: int = 250
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -62,6 +73,14 @@ class Limits:
             raise ValueError("lend_idle_ms must be 1..60000 (milliseconds)")
         if not 0 <= self.move_slack <= 0.5:
             raise ValueError("move_slack must be 0..0.5 (a fraction of a page's idle time)")
+        if not 20 <= self.turn_us <= 100_000:
+            raise ValueError("turn_us must be 20..100000 (microseconds)")
+        if not FRAME_SIZE <= self.slice_bytes <= 64 << 20:
+            raise ValueError(f"slice_bytes must be {FRAME_SIZE}..{64 << 20}")
+        if not 4096 <= self.max_unsent <= 64 << 20:
+            raise ValueError("max_unsent must be 4096..67108864 bytes")
+        if not 10 <= self.audit_ms <= 60_000:
+            raise ValueError("audit_ms must be 10..60000 (milliseconds)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,15 @@ class GuestPolicy:
     weight: int = DEFAULT_WEIGHT
     cap: int | None = None  # bytes
     sessions: int = 1  # connections of this name allowed at once
+
+
+@dataclass(frozen=True)
+class UidPolicy:
+    """What the config says of one uid, a tenant: limits that hold across every guest name it
+    uses (a uid that caps its listed name cannot escape the cap by connecting under another)."""
+
+    cap: int | None = None  # bytes held by all its guests together
+    max_connections: int | None = None  # None: [limits] max_connections_per_uid
 
 
 UNLISTED = ("namespaced", "deny")
@@ -90,9 +118,16 @@ class Settings:
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     guests: dict[str, GuestPolicy] = field(default_factory=dict)
+    uids: dict[int, UidPolicy] = field(default_factory=dict)
+    # A uid without its own [uids.N] table: the cap on all its guests together (None: none).
+    uid_cap: int | None = None
     # Names not in [guests]: "namespaced" serves them as UID/NAME (the embedded default, so no
     # user can impersonate another's guest); "deny" refuses them.
     unlisted_guests: str = "namespaced"
+
+    def uid_policy(self, uid: int) -> UidPolicy:
+        """The limits of uid ``uid``: its [uids.N] table, else the defaults."""
+        return self.uids.get(uid) or UidPolicy(cap=self.uid_cap)
 
     def __post_init__(self) -> None:
         if self.budget < FRAME_SIZE:
@@ -112,8 +147,10 @@ _DAEMON_KEYS = {
     "log_format": str,
     "log_level": str,
     "unlisted_guests": str,
+    "uid_cap": (str, int),
 }
 _GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
+_UID_KEYS = {"cap": (str, int), "max_connections": int}
 
 
 def _check_keys(table: Any, allowed: dict[str, Any], where: str) -> dict[str, Any]:
@@ -175,6 +212,21 @@ def parse_guest(name: str, table: Any) -> GuestPolicy:
     return GuestPolicy(frozenset(uids), weight, cap, sessions)
 
 
+def parse_uid(key: str, table: Any) -> tuple[int, UidPolicy]:
+    """One [uids.N] table."""
+    where = f"uids.{key}"
+    if not key.isdigit() or int(key) >= 1 << 32:
+        raise ConfigError(f"[{where}]: a uid is a number (0..4294967295), e.g. [uids.1000]")
+    t = _check_keys(table, _UID_KEYS, where)
+    cap = None if "cap" not in t else _size(t["cap"], f"{where}.cap")
+    if cap is not None and cap < 0:
+        raise ConfigError(f"{where}.cap must not be negative")
+    connections = t.get("max_connections")
+    if connections is not None and not 1 <= connections <= 1 << 20:
+        raise ConfigError(f"{where}.max_connections must be 1..1048576")
+    return int(key), UidPolicy(cap, connections)
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from a TOML file; ``overrides`` (from the command line) win over the file."""
     try:
@@ -190,8 +242,10 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Settings
 def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Settings:
     """Settings from a parsed config document plus command-line overrides."""
     for key in doc:
-        if key not in ("daemon", "limits", "guests"):
-            raise ConfigError(f"unknown table [{key}]; known: [daemon], [limits], [guests.NAME]")
+        if key not in ("daemon", "limits", "guests", "uids"):
+            raise ConfigError(
+                f"unknown table [{key}]; known: [daemon], [limits], [guests.NAME], [uids.N]"
+            )
     daemon = _check_keys(doc.get("daemon", {}), _DAEMON_KEYS, "daemon")
     types = {"float": (int, float), "bool": bool}
     limit_types = {f.name: types.get(str(f.type), int) for f in fields(Limits)}
@@ -200,12 +254,18 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
     if not isinstance(guests_table, dict):
         raise ConfigError("[guests] must hold one table per guest: [guests.NAME]")
     guests = {name: parse_guest(name, t) for name, t in guests_table.items()}
+    uids_table = doc.get("uids", {})
+    if not isinstance(uids_table, dict):
+        raise ConfigError("[uids] must hold one table per uid: [uids.N]")
+    uids = dict(parse_uid(key, t) for key, t in uids_table.items())
     values: dict[str, Any] = {}
     for key in ("socket", "admin_socket"):
         if key in daemon:
             values[key] = Path(daemon[key])
     if "memory" in daemon:
         values["budget"] = _size(daemon["memory"], "daemon.memory")
+    if "uid_cap" in daemon:
+        values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
     for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
@@ -217,6 +277,6 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         raise ConfigError("no guest socket: set daemon.socket in the config or pass --socket")
     values.setdefault("budget", 256 << 20)
     try:
-        return Settings(limits=Limits(**limit_values), guests=guests, **values)
+        return Settings(limits=Limits(**limit_values), guests=guests, uids=uids, **values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc

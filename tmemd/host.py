@@ -34,7 +34,7 @@ from tmemclient.errors import (
 from tmemclient.units import format_size
 from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
-from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store
+from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store, Tenant
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -44,6 +44,7 @@ class Member(Protocol):
     """What the host needs of a guest connection (a Session)."""
 
     guest: Guest
+    uid: int
 
     def detach_pool(self, pool: Pool) -> None:
         """Forget a pool handle at once (its grant was revoked)."""
@@ -68,6 +69,9 @@ class Override:
     frozen: bool | None = None  # None: follow the freeze-all state
 
 
+UID_PREFIX = "uid:"  # tmemctl set uid:N --cap SIZE: a tenant's cap, across all its names
+
+
 class Host:
     """Policy and bookkeeping around one Store."""
 
@@ -78,6 +82,7 @@ class Host:
         self.grants: set[tuple[bytes, str]] = set()
         self.shared: dict[bytes, SharedPool] = {}
         self.overrides: dict[str, Override] = {}
+        self.uid_caps: dict[int, int | None] = {}  # caps an administrator set per uid (tmemctl)
         self.frozen_all = False
         self.started = time.time()
 
@@ -102,8 +107,13 @@ class Host:
             )
         return f"{uid}/{asked}", GuestPolicy()
 
-    def attach(self, name: str, policy: GuestPolicy, member: Member | None = None) -> Guest:
-        """Account for a new connection of guest ``name``; GuestConflict past its sessions."""
+    def attach(
+        self, name: str, policy: GuestPolicy, member: Member | None = None, *, uid: int = 0
+    ) -> Guest:
+        """Account for a new connection of guest ``name`` (by ``uid``); GuestConflict past its
+        sessions. A new account counts in ``uid``'s tenant: the uid's cap holds across every
+        name it uses. (A listed name that several uids may use is billed to the uid of the
+        connection that opened its account.)"""
         live = self.sessions.get(name, set())
         if len(live) >= policy.sessions:
             raise GuestConflict(
@@ -112,19 +122,33 @@ class Host:
             )
         guest = self.store.guests.get(name)
         if guest is None:
-            guest = self._add_account(name, policy)
+            guest = self._add_account(name, policy, self._tenant(uid))
             frozen = self.overrides.get(name, Override()).frozen
             guest.frozen = self.frozen_all if frozen is None else frozen
         if member is not None:
             self.sessions.setdefault(name, set()).add(member)
         return guest
 
-    def _add_account(self, name: str, policy: GuestPolicy) -> Guest:
+    def _tenant(self, uid: int) -> Tenant:
+        """Uid ``uid``'s account in the store, with its cap (an administrator's, else the
+        config's)."""
+        tenant = self.store.tenant(uid)
+        cap = self.uid_caps[uid] if uid in self.uid_caps else self.settings.uid_policy(uid).cap
+        tenant.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        return tenant
+
+    def max_connections(self, uid: int, default: int) -> int:
+        """Connections uid ``uid`` may hold at once: its [uids.N] max_connections, else
+        ``default`` ([limits] max_connections_per_uid)."""
+        limit = self.settings.uid_policy(uid).max_connections
+        return default if limit is None else limit
+
+    def _add_account(self, name: str, policy: GuestPolicy, tenant: Tenant | None = None) -> Guest:
         """A new store account: the policy's weight and cap, unless an admin set them."""
         over = self.overrides.get(name, Override())
         weight = over.weight if over.weight is not None else policy.weight
         cap = over.cap if over.cap_set else policy.cap
-        return self.store.add_guest(name, weight=weight, cap=cap)
+        return self.store.add_guest(name, weight=weight, cap=cap, tenant=tenant)
 
     def join(self, member: Member) -> None:
         """Record a connection that ``attach`` accounted for before it existed."""
@@ -132,16 +156,20 @@ class Host:
 
     def detach(self, member: Member) -> None:
         """A connection ended (its private pools already destroyed): leave its shared pools;
-        drop the guest's account with its last connection."""
-        for entry in list(self.shared.values()):
-            if member in entry.members:
-                self._leave(entry, member)
-        name = member.guest.name
-        live = self.sessions.get(name)
-        if live is not None:
-            live.discard(member)
-            if not live:
-                del self.sessions[name]
+        drop the guest's account with its last connection. The account goes even if leaving a
+        shared pool failed: a connection always leaves whole."""
+        try:
+            for entry in list(self.shared.values()):
+                if member in entry.members:
+                    self._leave(entry, member)
+        finally:
+            name = member.guest.name
+            live = self.sessions.get(name)
+            if live is not None:
+                live.discard(member)
+                if not live:
+                    del self.sessions[name]
+            if not live and self.store.guests.get(name) is member.guest:
                 self.store.remove_guest(member.guest)
 
     def reload(self, settings: Settings) -> list[str]:
@@ -169,6 +197,14 @@ class Host:
                     cap=policy.cap,
                     evicted=evicted,
                 )
+        for uid, tenant in self.store.tenants.items():
+            if old.uid_policy(uid) == settings.uid_policy(uid):
+                continue
+            changed.append(f"{UID_PREFIX}{uid}")
+            self.uid_caps.pop(uid, None)
+            cap = settings.uid_policy(uid).cap
+            evicted = self.store.set_tenant_cap(tenant, cap)
+            log.info("uid_policy_reloaded", uid=uid, cap=cap, evicted=evicted)
         for name in set(old.guests) - set(settings.guests):
             changed.append(name)
             if name in self.sessions:
@@ -260,6 +296,31 @@ class Host:
             **g.stats.as_dict(),
         }
 
+    def uids(self) -> list[dict[str, Any]]:
+        """One row per tenant (uid): what all of its guests hold together, and its limits."""
+        store, settings = self.store, self.settings
+        rows = []
+        for uid in sorted(set(store.tenants) | set(settings.uids) | set(self.uid_caps)):
+            tenant = store.tenants.get(uid)
+            guests = sorted(tenant.guests, key=lambda g: g.name) if tenant is not None else []
+            cap = self.uid_caps[uid] if uid in self.uid_caps else settings.uid_policy(uid).cap
+            rows.append(
+                {
+                    "uid": uid,
+                    "guests": [g.name for g in guests],
+                    "sessions": sum(len(self.sessions.get(g.name, ())) for g in guests),
+                    "cap": cap,
+                    "max_connections": self.max_connections(
+                        uid, settings.limits.max_connections_per_uid
+                    ),
+                    "ephemeral_bytes": sum(g.eph_slots for g in guests) << SLOT_SHIFT,
+                    "persistent_bytes": sum(g.pers_slots for g in guests) << SLOT_SHIFT,
+                    "lent_bytes": sum(g.lent_slots for g in guests) << SLOT_SHIFT,
+                    "held_bytes": sum(g.held_slots for g in guests) << SLOT_SHIFT,
+                }
+            )
+        return rows
+
     def pools(self, guest: str | None = None) -> list[dict[str, Any]]:
         """One row per pool, of one guest or of all."""
         if guest is not None:
@@ -309,7 +370,10 @@ class Host:
     def set_guest(self, name: str, *, weight: Any = None, cap: Any = ...) -> dict[str, Any]:
         """Change weight and/or cap (``cap=None`` removes it). Applies now and on reconnect.
         A shared pool's account (``shared:UUID``, billed its members' pages) takes them too: a
-        grant lets guests put there, and the cap is what bounds that."""
+        grant lets guests put there, and the cap is what bounds that. ``uid:N`` is a tenant:
+        its cap holds across all the guests of that uid."""
+        if name.startswith(UID_PREFIX):
+            return self._set_uid(name, weight, cap)
         known = self._known_shared if name.startswith("shared:") else self._known_guest
         guest = known(name)
         if weight is not None:
@@ -317,16 +381,8 @@ class Host:
                 weight = validate_weight(weight)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from exc
-        if (
-            cap is not ...
-            and cap is not None
-            and (
-                isinstance(cap, bool)
-                or not isinstance(cap, int)
-                or not 0 <= cap <= self.store.capacity
-            )
-        ):
-            raise InvalidArgument(f"cap must be 0..{self.store.capacity} bytes, or none")
+        if cap is not ...:
+            self._check_cap(cap)
         over = self.overrides.setdefault(name, Override())
         evicted = 0
         if weight is not None:
@@ -347,6 +403,29 @@ class Host:
         if guest is None:
             return {"name": name, "connected": False, "weight": over.weight, "cap": over.cap}
         return {**self._guest_row(guest), "evicted": evicted}
+
+    def _set_uid(self, name: str, weight: Any, cap: Any) -> dict[str, Any]:
+        text = name.removeprefix(UID_PREFIX)
+        if not text.isdigit() or int(text) >= 1 << 32:
+            raise InvalidArgument(f"{name!r} is not uid:N (a numeric uid)")
+        if weight is not None:
+            raise InvalidArgument("a uid has a cap, not a weight: set weights per guest")
+        if cap is ...:
+            raise InvalidArgument("set uid:N needs a cap (a size, or none)")
+        self._check_cap(cap)
+        uid = int(text)
+        self.uid_caps[uid] = cap
+        tenant = self.store.tenants.get(uid)
+        evicted = 0 if tenant is None else self.store.set_tenant_cap(tenant, cap)
+        log.info("uid_policy_set", uid=uid, cap=cap, evicted=evicted)
+        row = next(r for r in self.uids() if r["uid"] == uid)
+        return {**row, "evicted": evicted}
+
+    def _check_cap(self, cap: Any) -> None:
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= self.store.capacity
+        ):
+            raise InvalidArgument(f"cap must be 0..{self.store.capacity} bytes, or none")
 
     def freeze(self, name: str | None, frozen: bool) -> list[str]:
         """Freeze (puts refused) or thaw one guest or, with None, every guest."""

@@ -4,11 +4,16 @@ A guest that could shrink a file the daemon has mapped would kill the daemon wit
 next access. So before mapping we insist on a regular shmem file (F_GET_SEALS fails with EINVAL
 on anything that cannot carry seals) with F_SEAL_SHRINK and F_SEAL_GROW set and exactly the
 announced size. Then no later ftruncate by the guest can succeed.
+
+Seals alone are not enough: a memfd on hugetlbfs (MFD_HUGETLB) carries them too, and a hole
+there is filled from the huge page pool on access, raising SIGBUS once that is empty. So the
+file must also live on tmpfs (``fstatfs``), where a hole is just a page of memory.
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
 import fcntl
 import mmap
 import os
@@ -20,6 +25,27 @@ from tmemclient.protocol import FRAME_SIZE
 from tmemclient.region import fds_from_ancillary as _fds
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+TMPFS_MAGIC = 0x01021994  # <linux/magic.h>: shmem, where memfds live
+HUGETLBFS_MAGIC = 0x958458F6
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 120)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
+_fstatfs.restype = ctypes.c_int
+
+
+def filesystem_type(fd: int) -> int:
+    """The magic number of the file system ``fd`` lives on (fstatfs's f_type)."""
+    buf = _StatFs()
+    if _fstatfs(fd, ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
@@ -46,6 +72,13 @@ def map_region(fd: int, frames: int, max_frames: int, extra: int = 0) -> mmap.mm
         ) from exc
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise InvalidArgument("region memfd must have F_SEAL_SHRINK and F_SEAL_GROW set")
+    fs = filesystem_type(fd)
+    if fs != TMPFS_MAGIC:
+        kind = "hugetlbfs (MFD_HUGETLB)" if fs == HUGETLBFS_MAGIC else f"file system 0x{fs:08x}"
+        raise InvalidArgument(
+            f"region memfd lives on {kind}, where an access can fault: create it with "
+            "memfd_create(MFD_ALLOW_SEALING) and no MFD_HUGETLB"
+        )
     size = frames * FRAME_SIZE + extra
     if st.st_size != size:
         rings = f" and {extra} bytes of rings" if extra else ""

@@ -1,24 +1,26 @@
 """The guest server: a thin trio adapter between Unix-socket connections and Sessions.
 
-One task per connection. A connection's failure is caught and logged in its own handler and
-never reaches the server's nursery, so no guest can take another down.
+One task per connection (tmemd/connection.py serves it once the handshake is done). A
+connection's failure is caught and logged in its own handler and never reaches the server's
+nursery, so no guest can take another down: whatever goes wrong while serving one guest, its
+session is closed (pools freed, loan taken back, account dropped with its last connection) and
+every descriptor it cost is closed.
 
-Per wakeup the connection drains every complete frame it has received, serves them in order and
-sends all replies in one write: a guest that pipelines many requests pays one syscall pair for
-the lot.
+Beside the connections, one maintenance task (``maintain``) does the work no single request
+should pay for: freeing big pools and punching big ranges of memory in slices and worker
+threads (Store.reap, Store.later_work), and auditing what guests hold in the files they map
+(Store.audit).
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
+import errno
 import mmap
 import os
-import select
 import socket
-import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -30,7 +32,6 @@ from tmemclient.protocol import (
     HEADER,
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
-    FrameDecoder,
     Hello,
     Status,
     decode_body,
@@ -41,23 +42,24 @@ from tmemclient.protocol import (
     Limits as WireLimits,
 )
 from tmemclient.region import close_all
-from tmemclient.ring import PollWindow, Rings, SpinGate, fence, ring_bytes
-from tmemd.config import Limits
+from tmemclient.ring import Rings, SpinGate, ring_bytes
+from tmemd.config import GuestPolicy, Limits
+from tmemd.connection import RECV_SIZE, Connection
 from tmemd.host import Host
 from tmemd.region import fds_from_ancillary, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
-from tmemd.store import Guest, StoreError
+from tmemd.store import StoreError
 
 log = structlog.get_logger("tmemd.server")
+audit_log = structlog.get_logger("tmemd.audit")
 
-RECV_SIZE = 256 * 1024
-_LET_OTHERS_RUN = 20e-6  # seconds a ring poll loop may run before other tasks get a turn
-_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's __and__ is Python code on the hot path
-_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-
-
-SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
-DOORBELL_NOTICE = encode_reply(0, Status.OK, None)  # "replies are in your ring" (§4.6)
+# accept() errors that mean "out of something, for now": back off and go on (as trio's
+# serve_listeners does); the connection stays queued in the backlog meanwhile.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF = 0.1  # seconds
+ADMIN_WAIT = 0.002  # seconds a guest's turn waits for a ready admin request to be served
+REAP_STEP = 2048  # pages a maintenance step frees at most before the others get a turn
+AUDIT_STEP = 64  # guests one maintenance step audits before the others get a turn
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
@@ -66,6 +68,15 @@ async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> No
     while view:
         sent = await sock.send(view)
         view = view[sent:]
+
+
+class AdminGate(Protocol):
+    """What a guest's turn asks of the admin server: is an administrator's request ready, and
+    wait (briefly) until it is served. The admin socket goes ahead of guests."""
+
+    def waiting(self) -> bool: ...
+
+    async def served(self) -> None: ...
 
 
 class GuestServer:
@@ -78,10 +89,17 @@ class GuestServer:
         self.connections = 0
         self._per_uid: Counter[int] = Counter()
         self._accepting = trio.CancelScope()
-        self._raw: set[socket.socket] = set()  # connections in their frame loop
-        self._gate = SpinGate()  # watch rings only while the machine has a CPU to spare
+        self._conns: dict[Session, Connection] = {}  # connections in their serving loop
+        self._raw: set[socket.socket] = set()  # their sockets (shutdown wakes them)
+        self.gate = SpinGate()  # watch rings only while the machine has a CPU to spare
+        self.admin_gate: AdminGate | None = None
         self.stopping = False
-        self._grace_deadline = float("inf")
+        self.grace_deadline = float("inf")
+        # One receive buffer for every connection: each copies what it read out at once.
+        self._recv_buf = bytearray(RECV_SIZE)
+        self.recv_view = memoryview(self._recv_buf)
+        self._work = trio.Event()  # set when the store has deferred work for ``maintain``
+        self.accept_errors = 0
 
     async def run(
         self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -91,20 +109,128 @@ class GuestServer:
             task_status.started()
             with self._accepting:
                 while True:
-                    sock, _ = await listener.accept()
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno not in _ACCEPT_RETRY:
+                            raise
+                        self._accept_failed(exc)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
                     nursery.start_soon(self._serve, sock)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (or memory) for a new connection: say so, not too often."""
+        self.accept_errors += 1
+        if self.accept_errors & (self.accept_errors - 1) == 0:  # 1st, 2nd, 4th, 8th, ...
+            log.warning(
+                "accept_failed",
+                error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                times=self.accept_errors,
+                connections=self.connections,
+                hint="tmemd is out of file descriptors: raise LimitNOFILE, or lower "
+                "max_connections / max_connections_per_uid; retrying",
+            )
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting; tell every guest the daemon is going away (a SHUTDOWN notice, req_id
         0); keep serving what they send for at most ``grace`` seconds, closing each connection
         once its guest goes quiet (``drain_idle``) or closes it."""
         self.stopping = True
-        self._grace_deadline = trio.current_time() + grace
+        self.grace_deadline = trio.current_time() + grace
         self._accepting.cancel()
         for raw in list(self._raw):
             # Wake connections idle in wait_readable so they send the notice now; the socket
             # stays open (the woken task sees ClosedResourceError and carries on).
             trio.lowlevel.notify_closing(raw)
+
+    async def yield_turn(self) -> None:
+        """A connection used up its turn: an administrator's ready request goes first, then
+        every other task gets a turn."""
+        gate = self.admin_gate
+        if gate is not None and gate.waiting():
+            with trio.move_on_after(ADMIN_WAIT):
+                await gate.served()
+        await trio.lowlevel.checkpoint()
+        if self.store.busy:
+            self._work.set()
+
+    def kick(self, name: str, reason: str) -> int:
+        """End every connection of guest ``name`` (with a PROTOCOL notice saying ``reason``);
+        returns how many."""
+        kicked = 0
+        for conn in list(self._conns.values()):
+            if conn.session.guest.name == name:
+                conn.kick(reason)
+                kicked += 1
+        return kicked
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def maintain(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Deferred store work (dying pools freed a step at a time; big punches in a worker
+        thread) and, every ``audit_ms``, the audit of what guests hold in their files. Runs
+        until cancelled."""
+        store = self.store
+        task_status.started()
+        next_audit = trio.current_time()
+        while True:
+            if store.busy:
+                later = store.later_work()
+                if later is not None:
+                    await trio.to_thread.run_sync(later.run)
+                    store.finish(later)
+                else:
+                    store.reap(REAP_STEP)
+                    await trio.lowlevel.checkpoint()
+                continue
+            now = trio.current_time()
+            if now >= next_audit:
+                await self._audit_all()
+                next_audit = trio.current_time() + self.limits.audit_ms / 1000
+                continue
+            self._work = trio.Event()
+            with trio.move_on_at(next_audit):
+                await self._work.wait()
+
+    async def _audit_all(self) -> None:
+        """Hold every mapped guest to its grant (Store.audit); close one that took far more."""
+        store = self.store
+        guests = [g for g in store.guests.values() if g.mirror is not None or g.loan is not None]
+        for i, guest in enumerate(guests):
+            if i and i % AUDIT_STEP == 0:
+                await trio.lowlevel.checkpoint()
+            if store.guests.get(guest.name) is not guest:
+                continue  # gone meanwhile
+            try:
+                found = store.audit(guest)
+            except OSError as exc:  # pragma: no cover - fstat/lseek of our own memfd
+                log.error("audit_failed", guest=guest.name, error=str(exc))
+                continue
+            if not found:
+                continue
+            if found.close:
+                audit_log.warning(
+                    "guest_overdrawn",
+                    guest=guest.name,
+                    loan_pages=found.loan,
+                    mirror_pages=found.mirror,
+                    action="closed",
+                )
+                self.kick(
+                    guest.name,
+                    "it held memory it was not granted (its loan file above what is lent, or "
+                    "pages of its mirror it holds nothing in); see PROTOCOL.md §4.7, §4.8",
+                )
+            else:
+                log.info(
+                    "guest_memory_punched",
+                    guest=guest.name,
+                    loan_pages=found.loan,
+                    mirror_pages=found.mirror,
+                )
+
+    # ------------------------------------------------------------------ connections
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
         try:
@@ -129,10 +255,8 @@ class GuestServer:
                     del self._per_uid[uid]
 
     def _admit(self, uid: int) -> bool:
-        return (
-            self.connections < self.limits.max_connections
-            and self._per_uid[uid] < self.limits.max_connections_per_uid
-        )
+        per_uid = self.host.max_connections(uid, self.limits.max_connections_per_uid)
+        return self.connections < self.limits.max_connections and self._per_uid[uid] < per_uid
 
     async def _refuse(self, sock: trio.socket.SocketType, pid: int, uid: int) -> None:
         log.warning("connection_refused", pid=pid, uid=uid, reason="connection limit")
@@ -156,7 +280,7 @@ class GuestServer:
                 await send_all(sock, encode_reply(1, status_for_error(exc), str(exc)))
             return
         try:
-            region, guest = self._open_region(hello, region_fd, uid)
+            name, policy, region = self._open_region(hello, region_fd, uid)
         except TmemError as exc:
             log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
             with trio.move_on_after(1), _quiet():
@@ -165,12 +289,16 @@ class GuestServer:
         finally:
             os.close(region_fd)
         try:
-            await self._run_session(sock, pid, uid, guest, hello, region, leftover)
+            await self._run_session(sock, pid, uid, name, policy, hello, region, leftover)
+        except TmemError as exc:  # refused by the host (a name already connected)
+            log.info("handshake_refused", pid=pid, uid=uid, reason=str(exc))
+            with trio.move_on_after(1), _quiet():
+                await send_all(sock, encode_reply(1, status_for_error(exc), str(exc)))
         finally:
             try:
                 region.close()
             except BufferError:  # pragma: no cover - a view escaped; the mmap is freed with it
-                log.error("region_still_referenced", guest=guest.name)
+                log.error("region_still_referenced", guest=name)
 
     async def _read_hello(self, sock: trio.socket.SocketType) -> tuple[Hello, int, bytes]:
         """The HELLO frame and the one fd that came with its first byte."""
@@ -210,7 +338,7 @@ class GuestServer:
             raise
         return hello, fds[0], bytes(buf[4 + length :])
 
-    def _open_region(self, hello: Hello, fd: int, uid: int) -> tuple[mmap.mmap, Guest]:
+    def _open_region(self, hello: Hello, fd: int, uid: int) -> tuple[str, GuestPolicy, mmap.mmap]:
         if hello.version != PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"protocol version {hello.version} is not supported; this tmemd speaks "
@@ -220,49 +348,49 @@ class GuestServer:
         region = map_region(
             fd, hello.frames, self.limits.max_region_frames, extra=ring_bytes(hello.ring)
         )
-        try:
-            return region, self.host.attach(name, policy)
-        except BaseException:
-            region.close()
-            raise
+        return name, policy, region
 
     async def _run_session(
         self,
         sock: trio.socket.SocketType,
         pid: int,
         uid: int,
-        guest: Guest,
+        name: str,
+        policy: GuestPolicy,
         hello: Hello,
         region: mmap.mmap,
         leftover: bytes,
     ) -> None:
-        name = guest.name
+        """Attach the guest, grant what it asked for, answer HELLO, serve it; and whatever
+        happens after the attach, close its session (so its account, pools and loan go) and
+        every fd it cost."""
+        guest = self.host.attach(name, policy, uid=uid)  # GuestConflict: nothing to undo yet
         view = memoryview(region)
         pages = view[: hello.frames * FRAME_SIZE]
-        session = Session(self.host, guest, pages, self.limits)
-        granted = self._ring_grant(hello.ring)
-        rings = Rings(view[len(pages) :], granted, "host") if granted else None
-        mirror_fd = self._map_grant(guest) if hello.map else None
-        session.mapped = mirror_fd is not None
-        fds = [] if mirror_fd is None else [mirror_fd]
-        if (
-            mirror_fd is not None
-            and hello.lend
-            and (loan_fd := self._lend_grant(guest)) is not None
-        ):
-            fds.append(loan_fd)
-            session.lending = True
+        session = Session(self.host, guest, pages, self.limits, uid=uid)
         self.host.join(session)
+        rings: Rings | None = None
+        fds: list[int] = []
         clog = log.bind(guest=name, pid=pid, uid=uid)
-        clog.info(
-            "guest_connected",
-            frames=hello.frames,
-            ring=granted,
-            mapped=mirror_fd is not None,
-            lending=session.lending,
-        )
         reason = "closed by guest"
+        conn: Connection | None = None
         try:
+            granted = self._ring_grant(hello.ring)
+            rings = Rings(view[len(pages) :], granted, "host") if granted else None
+            mirror_fd = self._map_grant(guest) if hello.map else None
+            session.mapped = mirror_fd is not None
+            if mirror_fd is not None:
+                fds.append(mirror_fd)
+                if hello.lend and (loan_fd := self._lend_grant(guest)) is not None:
+                    fds.append(loan_fd)
+                    session.lending = True
+            clog.info(
+                "guest_connected",
+                frames=hello.frames,
+                ring=granted,
+                mapped=session.mapped,
+                lending=session.lending,
+            )
             reply = WireLimits(
                 version=PROTOCOL_VERSION,
                 guest=name,
@@ -283,42 +411,63 @@ class GuestServer:
                 close_all(fds)
                 fds = []
                 await send_all(sock, answer[sent:])
-            reason = await self._serve_frames(sock, session, leftover, rings)
+            # The hot loop talks to the plain socket and waits with wait_readable: half the
+            # per-request overhead of trio's socket wrappers (tmemd/connection.py).
+            raw = socket.socket(fileno=sock.detach())
+            raw.setblocking(False)
+            conn = Connection(self, raw, session, rings, leftover)
+            self._conns[session] = conn
+            self._raw.add(raw)
+            try:
+                reason = await conn.run()
+            finally:
+                self._raw.discard(raw)
+                raw.close()
         except (OSError, trio.BrokenResourceError) as exc:
             reason = f"connection error: {exc}"
         except trio.TooSlowError:
             reason = f"guest left replies unread for {self.limits.send_timeout}s"
+        except Exception as exc:
+            reason = f"internal error: {type(exc).__name__}"
+            raise  # logged by _serve; the cleanup below still runs
         finally:
+            self._conns.pop(session, None)
             close_all(fds)
             pools = len(session.pools)
-            freed = session.close()
-            traffic: dict[str, int] = {}
-            if rings is not None:  # how much went through the rings rather than the socket
-                traffic = {"ring_request_bytes": rings.read, "ring_reply_bytes": rings.written}
-                rings.release()
-            pages.release()
-            view.release()
-            clog.info(
-                "guest_disconnected",
-                reason=reason,
-                requests=session.requests,
-                pools=pools,
-                pages_freed=freed,
-                **traffic,
-                **guest.stats.as_dict(),
-            )
+            freed = 0
+            try:
+                freed = session.close()
+            finally:
+                traffic: dict[str, int] = {}
+                if rings is not None:  # how much went through the rings rather than the socket
+                    traffic = {"ring_request_bytes": rings.read, "ring_reply_bytes": rings.written}
+                    rings.release()
+                pages.release()
+                view.release()
+                if self.store.busy:
+                    self._work.set()
+                clog.info(
+                    "guest_disconnected",
+                    reason=reason,
+                    requests=session.requests,
+                    pools=pools,
+                    pages_freed=freed,
+                    **traffic,
+                    **guest.stats.as_dict(),
+                )
 
-    def _map_grant(self, guest: Guest) -> int | None:
+    def _map_grant(self, guest: Any) -> int | None:
         """A read-only fd of the guest's page mirror (made on its first ask), or None when the
-        guest already holds pages outside one, or mapping is off (``map_pages``)."""
+        guest already holds pages outside one, mapping is off (``map_pages``), or tmemd is out
+        of descriptors or memfds (the guest does without)."""
         if not self.limits.map_pages or not rings_mod.supported():
             return None  # off, or this machine does not keep the load order §4.7 needs
         try:
             return self.store.map_guest(guest).read_only_fd()
-        except StoreError:
+        except (StoreError, OSError):
             return None
 
-    def _lend_grant(self, guest: Guest) -> int | None:
+    def _lend_grant(self, guest: Any) -> int | None:
         """A read-write fd of a new loan file for the guest (PROTOCOL.md §4.8), or None when
         lending is off (``lend_memory``) or another session of the guest borrows already."""
         if not self.limits.lend_memory:
@@ -339,222 +488,6 @@ class GuestServer:
         if asked and asked <= self.limits.max_ring_frames and rings_mod.supported():
             return asked
         return 0
-
-    async def _serve_frames(
-        self,
-        sock: trio.socket.SocketType,
-        session: Session,
-        leftover: bytes,
-        rings: Rings | None = None,
-    ) -> str:
-        # The hot loop talks to the plain socket and waits with trio.lowlevel.wait_readable:
-        # half the per-request overhead of trio's socket wrappers and a cancel scope per
-        # read, measured on a ping-pong (40 us against 74 us, both pinned to one core).
-        raw = socket.socket(fileno=sock.detach())
-        raw.setblocking(False)
-        self._raw.add(raw)
-        try:
-            return await self._frame_loop(raw, session, leftover, rings)
-        finally:
-            self._raw.discard(raw)
-            raw.close()
-
-    async def _frame_loop(
-        self, raw: socket.socket, session: Session, leftover: bytes, rings: Rings | None
-    ) -> str:
-        decoder = FrameDecoder(self.limits.max_frame)
-        decoder.feed(leftover)
-        ring_decoder = FrameDecoder(self.limits.max_frame)
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
-        handle = session.handle
-        anc_size = socket.CMSG_SPACE(4)
-        notified = False
-        waited = True  # did this round of reading wait (and so let other tasks run)?
-        poller = select.poll()
-        poller.register(raw, select.POLLIN)
-        limits = self.limits
-        watch = PollWindow(limits.ring_poll_us / 1e6, limits.ring_poll_max_us / 1e6)
-        while True:
-            replies: list[bytes] = []
-            ring_served = False
-            try:
-                for message in decoder.messages():
-                    replies.append(handle(message))
-                if rings is not None and rings.pending():
-                    await self._serve_ring(raw, rings, ring_decoder, handle, replies)
-                    ring_served = waited = True  # (_poll_ring lets the others run)
-                    replies = []
-            except ProtocolError as exc:
-                replies.append(protocol_error_reply(exc))
-                await self._last_word(raw, b"".join(replies))
-                return f"protocol error: {exc}"
-            if replies:
-                out = b"".join(replies) if len(replies) > 1 else replies[0]
-                if out:  # doorbells are not answered
-                    await self._send(raw, out)
-            if self.stopping and not notified:
-                notified = True
-                await self._last_word(raw, SHUTDOWN_NOTICE)
-            if rings is not None and not self.stopping and (ring_served or rings.pending()):
-                # A guest on its ring: watch the ring, not the socket (a syscall per look);
-                # _poll_ring looks at the socket now and then, and so do we before sleeping.
-                if await self._poll_ring(raw, rings, poller, watch):
-                    continue
-                if not poller.poll(0):
-                    if not await self._sleep(raw, rings, notified, watch):
-                        return "daemon shutting down"
-                    continue
-            # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
-            # dropped), not silently discarded by the kernel (DESIGN.md §4: only in the handshake).
-            try:
-                n, ancdata, msg_flags, _ = raw.recvmsg_into([buf], anc_size, _CMSG_CLOEXEC)
-            except BlockingIOError:
-                if rings is not None and (
-                    rings.pending()
-                    or (not self.stopping and await self._poll_ring(raw, rings, poller, watch))
-                ):
-                    continue
-                if not await self._sleep(raw, rings, notified, watch):
-                    return "daemon shutting down"
-                waited = True
-                continue
-            if ancdata or msg_flags & _CTRUNC:
-                with contextlib.suppress(ProtocolError):
-                    close_all(fds_from_ancillary(ancdata, msg_flags))
-                fd_error = ProtocolError("fds are accepted only with HELLO (one region memfd)")
-                await self._last_word(raw, protocol_error_reply(fd_error))
-                return f"protocol error: {fd_error}"
-            if not n:
-                return "closed by guest" if not decoder.buffered else "closed mid-frame"
-            decoder.feed(view[:n])
-            if not waited:
-                # Data was there without waiting (a pipelining guest): let the others run too.
-                await trio.lowlevel.checkpoint()
-            waited = False
-
-    async def _serve_ring(
-        self,
-        raw: socket.socket,
-        rings: Rings,
-        decoder: FrameDecoder,
-        handle: Any,
-        replies: list[bytes],
-    ) -> None:
-        """Serve the frames in the request ring, after ``replies`` (answers to socket frames,
-        which came first). Replies go into the reply ring; one that does not fit there goes
-        over the socket, as does everything after it (the guest matches replies by req_id), and
-        so does every reply once the daemon is stopping.
-        Raises ProtocolError for a malformed frame or a corrupt ring counter."""
-        decoder.feed(rings.take())
-        answers = replies + [handle(message) for message in decoder.messages()]
-        # Once stopping, every reply takes the socket, behind the SHUTDOWN notice: a busy guest
-        # reads its socket only when its ring is quiet.
-        spilling = self.stopping
-        spill: list[bytes] = []
-        for reply in answers:
-            if reply and (spilling or not rings.write(reply)):
-                spilling = True
-                spill.append(reply)
-        fence()  # we stored the reply tail; now load the guest's "waiting" word
-        if rings.peer_sleeping():
-            spill.append(DOORBELL_NOTICE)
-        if spill:
-            await self._send(raw, b"".join(spill))
-
-    async def _poll_ring(
-        self, raw: socket.socket, rings: Rings, poller: select.poll, watch: PollWindow
-    ) -> bool:
-        """Watch the request ring for a while (``watch``: ``ring_poll_us``, grown towards
-        ``ring_poll_max_us`` for a guest whose requests come in short gaps) before sleeping: a
-        busy guest's next request is then picked up with no syscall and no wakeup on either
-        side. Each round yields the CPU (a guest pinned to our core gets to run) and, when
-        other guests are connected, lets their tasks run. Not while the machine has more
-        runnable tasks than CPUs (SpinGate): then we would hold a CPU from the guests. True if
-        a request arrived (in the ring or the socket)."""
-        if not watch.window or not self._gate.open():
-            watch.started = None
-            return False
-        clock = time.perf_counter
-        now = watch.started = clock()
-        deadline = now + watch.window
-        others_at = now + _LET_OTHERS_RUN
-        rounds = 0
-        while True:
-            if rings.pending():
-                return True
-            now = clock()
-            if now > deadline:
-                return False
-            os.sched_yield()
-            rounds += 1
-            if rounds % 8 == 0 and poller.poll(0):
-                return True
-            if now > others_at and self.connections > 1:
-                # A pass of trio's run loop costs more than a round here: take one every
-                # _LET_OTHERS_RUN, so another guest's request waits at most that long.
-                await trio.lowlevel.checkpoint()
-                others_at = clock() + _LET_OTHERS_RUN
-
-    async def _sleep(
-        self, raw: socket.socket, rings: Rings | None, notified: bool, watch: PollWindow
-    ) -> bool:
-        """Wait for the guest's next word (``_wait_readable``). A guest with rings is told we
-        sleep, so it rings the doorbell; then the ring is looked at once more, as a request
-        stored before our word was seen needs no doorbell. How long the guest kept us waiting
-        sizes the next watch of its ring."""
-        if rings is None:
-            return await self._wait_readable(raw, notified)
-        rings.sleeping(True)
-        fence()  # the guest stores its tail then loads our word; we the reverse
-        try:
-            if rings.pending():
-                return True
-            return await self._wait_readable(raw, notified)
-        finally:
-            rings.sleeping(False)
-            watch.woke(time.perf_counter())
-
-    async def _wait_readable(self, raw: socket.socket, notified: bool) -> bool:
-        """Wait for the guest; False when, after the shutdown notice, it stayed silent for
-        drain_idle or the grace period ended. ``shutdown`` wakes every waiting connection."""
-        try:
-            if not self.stopping:
-                await trio.lowlevel.wait_readable(raw)
-                return True
-            deadline = min(self._grace_deadline, trio.current_time() + self.limits.drain_idle)
-            with trio.move_on_at(deadline):
-                await trio.lowlevel.wait_readable(raw)
-                return True
-            return not notified
-        except trio.ClosedResourceError:  # woken by shutdown(): loop round to send the notice
-            return True
-
-    async def _send(self, raw: socket.socket, data: bytes) -> None:
-        """Write all of ``data``: at once if the socket takes it (the usual case), else wait,
-        shielded so a shutdown never cuts a reply in half, for at most send_timeout."""
-        try:
-            sent = raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return
-        rest = memoryview(data)[sent:]
-        with trio.CancelScope(shield=True), trio.fail_after(self.limits.send_timeout):
-            while rest:
-                try:
-                    await trio.lowlevel.wait_writable(raw)
-                except trio.ClosedResourceError:
-                    continue  # shutdown() woke us; the socket is still ours
-                try:
-                    rest = rest[raw.send(rest) :]
-                except BlockingIOError:
-                    continue
-
-    async def _last_word(self, raw: socket.socket, data: bytes) -> None:
-        """Best effort, briefly: the peer may be gone or not reading."""
-        with trio.move_on_after(1), contextlib.suppress(OSError, trio.TooSlowError):
-            await self._send(raw, data)
 
 
 class _quiet:

@@ -35,6 +35,8 @@ from tmemd.config import Limits
 from tmemd.host import Host
 from tmemd.store import SLOT_SHIFT, Guest, Pool
 
+FLUSH_SLICE = 256  # flushes of one request between two looks at the turn's clock
+
 _ARGS: dict[int, tuple[str, ...]] = {
     Op.NEW_POOL: ("flags", "uuid"),
     Op.DESTROY_POOL: ("pool",),
@@ -55,11 +57,55 @@ _ARGS: dict[int, tuple[str, ...]] = {
 }
 
 
+class Job:
+    """A request too big to serve in one go (a batch of many pages, a flush of a big object):
+    served a slice at a time, so the server can give other guests their turns in between.
+    ``step`` serves one slice and returns the encoded reply once the last one is done.
+
+    Between slices the world may change as it may between two requests (another guest's put
+    evicts a page, an administrator freezes the guest or revokes a shared pool): each slice
+    is served as the same single requests would be at that moment, and a pool that went away
+    meanwhile answers the rest of the batch as misses and refused puts."""
+
+    __slots__ = ("_finish", "_next", "req_id")
+
+    def __init__(
+        self, req_id: int, next_slice: Callable[[], bool], finish: Callable[[], Any]
+    ) -> None:
+        self.req_id = req_id
+        self._next = next_slice  # serves a slice; True once the request is complete
+        self._finish = finish  # the result, once complete
+
+    def step(self) -> bytes | None:
+        """Serve the next slice; the reply once the request is complete, else None."""
+        if not self._next():
+            return None
+        return encode_reply(self.req_id, Status.OK, self._finish())
+
+
+def _slices(total: int, per_slice: int, run: Callable[[int, int], None]) -> Callable[[], bool]:
+    """A ``next_slice`` for a Job that calls ``run(start, end)`` over ``range(total)`` in
+    slices of ``per_slice``."""
+    per_slice = max(1, per_slice)
+    pos = [0]
+
+    def next_slice() -> bool:
+        start = pos[0]
+        end = pos[0] = min(start + per_slice, total)
+        run(start, end)
+        return end >= total
+
+    return next_slice
+
+
 class Session:
     """The daemon's side of one guest connection."""
 
-    def __init__(self, host: Host, guest: Guest, region: memoryview, limits: Limits) -> None:
+    def __init__(
+        self, host: Host, guest: Guest, region: memoryview, limits: Limits, *, uid: int = 0
+    ) -> None:
         self.host = host
+        self.uid = uid  # of the peer (SO_PEERCRED)
         self.store = host.store
         self.guest = guest
         self.region = region
@@ -74,6 +120,9 @@ class Session:
         self._handle_add = secrets.randbits(32)
         self._pools_made = 0
         self.requests = 0
+        self._req_id = 0  # of the request being served (for the Jobs it makes)
+        # Pages of one batch between two looks at the turn's clock (server: bounded turns).
+        self._slice_bytes = limits.slice_bytes
         self._handlers: dict[int, Callable[[list[Any]], Any]] = {
             Op.NEW_POOL: self._new_pool,
             Op.DESTROY_POOL: self._destroy_pool,
@@ -93,8 +142,9 @@ class Session:
             Op.DOORBELL: lambda m: None,  # only reached with arguments: an error
         }
 
-    def handle(self, message: Any) -> bytes:
-        """Serve one request and return its encoded reply.
+    def handle(self, message: Any) -> bytes | Job:
+        """Serve one request and return its encoded reply, or a Job that serves it in slices
+        (``Job.step`` until it returns the reply).
 
         Raises ProtocolError when the message is not a request at all; the caller answers it
         (``protocol_error_reply``) and closes the connection.
@@ -113,25 +163,33 @@ class Session:
                     f"{Op(op).name} takes {len(want)} arguments ({', '.join(want) or 'none'}), "
                     f"got {len(m) - 2}"
                 )
+            self._req_id = req_id
             result = handler(m)
         except ProtocolError:
             raise
         except TmemError as exc:
             return encode_reply(req_id, status_for_error(exc), str(exc))
+        if type(result) is Job:
+            return result
         return encode_reply(req_id, Status.OK, result)
 
     def close(self) -> int:
         """Free every page of this connection's private pools, leave its shared pools, and
-        leave the host; return private pages freed."""
+        leave the host; return private pages freed (or, for big pools, being freed). Every
+        step runs even if one before it failed: a connection always leaves whole."""
         freed = 0
-        for pool in self.pools.values():
-            if not pool.shared:
-                freed += self.store.destroy_pool(pool)
-        self.pools.clear()
-        if self.lending:  # the loan was this session's: all of it comes back
-            self.store.close_loan(self.guest)
-            self.lending = False
-        self.host.detach(self)
+        try:
+            pools, self.pools = list(self.pools.values()), {}
+            for pool in pools:
+                if not pool.shared and not pool.dead:
+                    freed += self.store.destroy_pool(pool)
+        finally:
+            try:
+                if self.lending:  # the loan was this session's: all of it comes back
+                    self.lending = False
+                    self.store.close_loan(self.guest)
+            finally:
+                self.host.detach(self)
         return freed
 
     def detach_pool(self, pool: Pool) -> None:
@@ -236,10 +294,6 @@ class Session:
         pool = self._pool(m[2])
         self.store.flush(pool, decode_oid(m[3]), check_uint(m[4], INDEX_BITS, "index"))
 
-    def _flush_object(self, m: list[Any]) -> None:
-        pool = self._pool(m[2])
-        self.store.flush_object(pool, decode_oid(m[3]))
-
     def _read(self, m: list[Any]) -> bool:
         pool = self._pool(m[2])
         oid, index, offset, view = self._sub_range(pool, m)
@@ -279,28 +333,87 @@ class Session:
                 self._page_frames(frame, pool, f"entry {i} frame")
         return pool, oids, idxs, frames
 
-    def _put_many(self, m: list[Any]) -> list[Any]:
-        pool, oids, idxs, frames = self._page_batch(m)
-        flags = self.store.put_many(pool, oids, idxs, frames, self.region, frozen=self.guest.frozen)
-        if not self.mapped or pool.guest.mirror is None:
-            return flags
-        # A mapped guest's pool: each stored page's [head slot, generation] (PROTOCOL.md §4.7).
-        token = self.store.token
-        return [
-            token(pool, oid, index) if ok else False
-            for oid, index, ok in zip(oids, idxs, flags, strict=True)
-        ]
+    def _per_slice(self, pool: Pool) -> int:
+        return self._slice_bytes >> (SLOT_SHIFT + pool.order)
 
-    def _get_many(self, m: list[Any]) -> list[bool]:
-        pool, oids, idxs, frames = self._page_batch(m)
-        return self.store.get_many(pool, oids, idxs, frames, self.region)
+    def _live(self, handle: int, pool: Pool) -> bool:
+        """Is ``pool`` still reachable by ``handle`` (not destroyed, not revoked)?"""
+        return not pool.dead and self.pools.get(handle) is pool
 
-    def _flush_many(self, m: list[Any]) -> None:
+    def _put_many(self, m: list[Any]) -> list[Any] | Job:
+        pool, oids, idxs, frames = self._page_batch(m)
+        store, region, mapped = self.store, self.region, self.mapped
+        if len(oids) <= self._per_slice(pool):
+            return store.put_many(
+                pool, oids, idxs, frames, region, frozen=self.guest.frozen, tokens=mapped
+            )
+        results: list[Any] = []
+        handle = m[2]
+
+        def run(a: int, b: int) -> None:
+            if not self._live(handle, pool):
+                results.extend([False] * (b - a))
+                return
+            results.extend(
+                store.put_many(
+                    pool,
+                    oids[a:b],
+                    idxs[a:b],
+                    frames[a:b],
+                    region,
+                    frozen=self.guest.frozen,
+                    tokens=mapped,
+                )
+            )
+
+        return Job(self._req_id, _slices(len(oids), self._per_slice(pool), run), lambda: results)
+
+    def _get_many(self, m: list[Any]) -> list[bool] | Job:
+        pool, oids, idxs, frames = self._page_batch(m)
+        store, region = self.store, self.region
+        if len(oids) <= self._per_slice(pool):
+            return store.get_many(pool, oids, idxs, frames, region)
+        results: list[bool] = []
+        handle = m[2]
+
+        def run(a: int, b: int) -> None:
+            if not self._live(handle, pool):
+                results.extend([False] * (b - a))
+                return
+            results.extend(store.get_many(pool, oids[a:b], idxs[a:b], frames[a:b], region))
+
+        return Job(self._req_id, _slices(len(oids), self._per_slice(pool), run), lambda: results)
+
+    def _flush_many(self, m: list[Any]) -> Job | None:
         pool = self._pool(m[2])
         oids, idxs = self._columns(self._entries(m[3], 2), 2)
         flush = self.store.flush
-        for oid, index in zip(oids, idxs, strict=True):
-            flush(pool, oid, index)
+        handle = m[2]
+
+        def run(a: int, b: int) -> None:
+            if self._live(handle, pool):
+                for oid, index in zip(oids[a:b], idxs[a:b], strict=True):
+                    flush(pool, oid, index)
+
+        if len(oids) <= FLUSH_SLICE:
+            run(0, len(oids))
+            return None
+        return Job(self._req_id, _slices(len(oids), FLUSH_SLICE, run), lambda: None)
+
+    def _flush_object(self, m: list[Any]) -> Job | None:
+        pool = self._pool(m[2])
+        oid = decode_oid(m[3])
+        store, handle = self.store, m[2]
+        if store.flush_object(pool, oid, FLUSH_SLICE) < FLUSH_SLICE:
+            return None
+        # A big object: the rest in slices, until one finds fewer pages than it may take.
+
+        def next_slice() -> bool:
+            if not self._live(handle, pool):
+                return True
+            return store.flush_object(pool, oid, FLUSH_SLICE, counted=False) < FLUSH_SLICE
+
+        return Job(self._req_id, next_slice, lambda: None)
 
     def _touch_many(self, m: list[Any]) -> None:
         pool = self._pool(m[2])

@@ -1,21 +1,22 @@
 """The page store: pure, synchronous, no trio and no sockets.
 
-Memory layout. The arena is one anonymous mapping (MAP_NORESERVE, touched only as pages are
-stored) cut into 4 KiB *slots*. A page of order k occupies 2**k slots, not necessarily adjacent,
-so no size class can fragment the budget; its first slot (the *head*) names the page.
+Memory layout. The arena is one sealed memfd (sparse: memory comes in only as pages are stored)
+cut into 4 KiB *slots*. A page of order k occupies 2**k slots, not necessarily adjacent, so no
+size class can fragment the budget; its first slot (the *head*) names the page.
 
 Per-page metadata lives in flat arrays indexed by head slot (pool, object id, index, LRU links,
-last-use stamp). The only Python objects per page are the entry in its object's index dict and
-the slot number it maps to, so metadata per page stays near a hundred bytes.
+last-use stamp, generation, owner). The only Python objects per page are the entry in its
+object's index dict and the slot number it maps to, so metadata per page stays near a hundred
+bytes.
 
 Index: pool -> object id -> {index: head slot}, as Xen's pool/object/radix-tree, so flushing an
 object costs O(its pages), not O(pool).
 
 Semantics (DESIGN.md §2): put replaces, a refused put of an existing handle flushes the old copy,
 ephemeral private get is exclusive, persistent pages are never evicted. Slots freed when a pool
-or guest goes are scrubbed (MADV_DONTNEED: the kernel zero-fills them on next touch) before any
-other guest can be given them; slots taken by eviction are reused whole-page-overwritten by the
-put that evicted them, so their old bytes are never readable either.
+or guest goes are scrubbed (punched out of their file: the kernel zero-fills them on next touch)
+before any other guest can be given them; slots taken by eviction are reused
+whole-page-overwritten by the put that evicted them, so their old bytes are never readable either.
 
 Mapped guests (``Store.map_guest``): the pages billed to such a guest live not in the arena but in
 the guest's own *mirror*, a memfd the guest maps read-only, at the same slot numbers. Each page's
@@ -25,29 +26,67 @@ to the next. A guest that was told (head, generation) by its put reads the page 
 trip, and trusts what it copied only if the generation is the same before and after the copy
 (PROTOCOL.md §4.7). A mirror holds only its own guest's bytes. A slot the guest no longer uses
 keeps its memory in that file (so the guest's next page there costs no page fault) until the
-slot is given to another owner: then it is punched out of the file (MADV_REMOVE), so memory in
-all files together stays within what the arena alone would use.
+slot is given to another owner: then it is punched out of the file, so memory in all files
+together stays within what the arena alone would use.
+
+Trust boundary (tmemd/memfiles.py): every file a guest can map is guest-writable. The store
+reads nothing back from one but a loan's ACTIVE claim: generations live in ``_gen``, the lent
+memory control words in the Mirror object, and both are only written out. What a guest brings
+into its files on its own is measured and punched again by ``audit``.
+
+Heavy work. A put, a get or a flush touches O(1) pages; freeing a pool, a guest or a big loan
+touches all of theirs. With ``deferred`` on (the daemon sets it), such work is queued instead of
+done in the caller's turn: ``reap`` frees dying pools' pages a bounded number at a time, and
+``later_work`` hands out large punches to run in a worker thread. Slots being scrubbed stay
+counted in ``used_slots`` until their punch is done, so they cannot be reused under it. With
+``deferred`` off (the default, and what the unit tests use) everything happens at once.
 """
 
 from __future__ import annotations
 
-import fcntl
-import mmap
-import os
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from typing import Final
 
+from tmemd.memfiles import (
+    CTL_WORDS as CTL_WORDS,
+)
+from tmemd.memfiles import (
+    SLOT_SHIFT,
+    SLOT_SIZE,
+    Loan,
+    MemFile,
+    Mirror,
+    data_extents,
+)
 from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 
-SLOT_SHIFT: Final = 12
-SLOT_SIZE: Final = 1 << SLOT_SHIFT
+__all__ = [
+    "CTL_WORDS",
+    "NIL",
+    "SLOT_SHIFT",
+    "SLOT_SIZE",
+    "Guest",
+    "Loan",
+    "Mirror",
+    "Pool",
+    "Stats",
+    "Store",
+    "StoreError",
+    "Tenant",
+]
+
 NIL: Final = -1
-CTL_WORDS: Final = 3  # a mirror's control words: seq, lent slots, low slots (PROTOCOL.md §4.8)
 LEND_IDLE: Final = 0.1  # seconds without use after which lent memory is taken back first
 LOAN_SLACK_SLOTS: Final = 16  # a guest may hold this much beyond its loan before it is punched
+MIRROR_SLACK_SLOTS: Final = 64  # ...and this much of its mirror beyond its own slots
+OVERDRAW_CLOSE_SLOTS: Final = 256  # one audit finding this much more: the guest is closed
+AUDIT_SLOTS: Final = 16384  # pages of a file one audit step looks at, at most
+BIG_PUNCH: Final = 4 << 20  # bytes: a punch at least this big runs later, off the event loop
+REAP_INLINE: Final = 256  # pages: a pool at most this big is freed at once even when deferred
 _GROW: Final = 4096  # metadata arrays grow by this many slots at a time
 _INTERNED_INDEXES: Final = 1 << 16  # page indexes below this share their int objects
 
@@ -74,121 +113,72 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def _each_run(slots: list[int], call: Callable[[int, int], object]) -> None:
-    """``call(offset, length)`` for each run of adjacent slots (bytes; sorts ``slots``)."""
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """(offset, length) in bytes of each run of adjacent slots (sorts ``slots``)."""
+    runs: list[tuple[int, int]] = []
     if not slots:
-        return
+        return runs
     slots.sort()
     start = prev = slots[0]
     for slot in [*slots[1:], None]:
         if slot is not None and slot == prev + 1:
             prev = slot
             continue
-        call(start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT)
+        runs.append((start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT))
         if slot is not None:
             start = prev = slot
+    return runs
 
 
-def _sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-    """A sparse memfd of ``size`` bytes (memory is used only where written), sealed against
-    resizing so whoever else maps it can never fault, and the daemon's mapping of it."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(
-            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-        )
-        return fd, mmap.mmap(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
+class Later:
+    """Work queued off the event loop: punches (``run``, any thread, GIL released), then
+    ``done`` in the event loop's thread (slots freed, files closed)."""
+
+    def __init__(
+        self,
+        file: MemFile,
+        ranges: list[tuple[int, int]],
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        self.file = file
+        self.ranges = ranges
+        self._done = done
+        self.failed = 0
+
+    def run(self) -> None:
+        """The punches."""
+        for start, length in self.ranges:
+            if not self.file.punch(start, length):
+                self.failed += 1
+
+    def done(self) -> None:
+        """What follows the punches."""
+        if self._done is not None:
+            self._done()
 
 
-class Mirror:
-    """Where a mapped guest's pages live: a sealed memfd of ``slots`` slots of page data, then a
-    u64 generation word and a u32 link per slot. The guest gets a read-only descriptor of it."""
+class Tenant:
+    """A uid and every guest account it uses: a cap here holds across all of its names."""
 
-    def __init__(self, slots: int, ident: int) -> None:
-        self.ident = ident  # its number in Store._owner (0 is the arena)
-        self.slots = slots
-        self.gen_offset = slots << SLOT_SHIFT
-        self.link_offset = self.gen_offset + 8 * slots
-        self.ctl_offset = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
-        self.size = self.ctl_offset + SLOT_SIZE  # then a page of control words (lent memory)
-        self.fd, self._map = _sealed_memfd("tmem-mirror", self.size)
-        view = memoryview(self._map)
-        self.mem = view[: self.gen_offset]
-        self.gen = view[self.gen_offset : self.link_offset].cast("Q")
-        self.link = view[self.link_offset : self.link_offset + 4 * slots].cast("I")
-        # Lent memory's state, for the guest to read (PROTOCOL.md §4.8): [seq, lent slots,
-        # low slots]; seq is odd while a recall is under way.
-        self.ctl = view[self.ctl_offset : self.ctl_offset + 8 * CTL_WORDS].cast("Q")
-        self._view = view
+    __slots__ = ("cap_slots", "guests", "uid")
 
-    def read_only_fd(self) -> int:
-        """A new descriptor of the mirror that can only be mapped for reading (the caller
-        closes it once sent)."""
-        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-
-    def punch(self, slots: list[int]) -> None:
-        """Give the slots' memory back (adjacent slots in one call): whoever maps the file
-        reads zeros there from now on."""
-        _each_run(slots, lambda start, n: self._map.madvise(mmap.MADV_REMOVE, start, n))
-
-    def close(self) -> None:
-        """Free everything (the guest's own mapping may still hold the pages it touched)."""
-        self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
-        for view in (self.mem, self.gen, self.link, self.ctl, self._view):
-            view.release()
-        self._map.close()
-        os.close(self.fd)
-
-
-class Loan:
-    """Memory lent to a mapped guest to use as its own (PROTOCOL.md §4.8): a sealed memfd of a
-    header page and then ``slots`` slots, which the guest maps read-write. The guest may use the
-    first ``lent`` slots (its mirror's control words say how many); the daemon takes back any
-    part above that at any time, by punching it out of the file. The header's first word is the
-    guest's: the CLOCK_MONOTONIC nanoseconds of its last use, which tell a busy loan from an
-    idle one."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.size = (slots + 1) << SLOT_SHIFT
-        self.fd, self._map = _sealed_memfd("tmem-loan", self.size)  # the guest's writes fill it
-        self._active = memoryview(self._map)[:8].cast("Q")
+    def __init__(self, uid: int, cap_slots: int | None = None) -> None:
+        self.uid = uid
+        self.cap_slots = cap_slots
+        self.guests: set[Guest] = set()
 
     @property
-    def active_ns(self) -> int:
-        """When the guest last used its lent memory (its own word; monotonic nanoseconds)."""
-        return self._active[0]
+    def held_slots(self) -> int:
+        """Slots billed to all of the tenant's guests."""
+        return sum(g.held_slots for g in self.guests)
 
-    def mark_active(self, now_ns: int) -> None:
-        """A request of the guest's is a use too."""
-        if self._active[0] < now_ns:
-            self._active[0] = now_ns
+    @property
+    def fixed_slots(self) -> int:
+        """Slots that eviction cannot take: persistent pages and lent memory."""
+        return sum(g.pers_slots + g.lent_slots for g in self.guests)
 
-    def writable_fd(self) -> int:
-        """A new read-write descriptor of the file, for the guest (closed by the caller once
-        sent); the seals keep its size."""
-        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
-
-    def resident(self) -> int:
-        """Bytes of memory the file holds now."""
-        return os.fstat(self.fd).st_blocks * 512
-
-    def punch_from(self, slot: int) -> None:
-        """Take back every lent slot from ``slot`` on (the guest reads zeros there now)."""
-        start = (slot + 1) << SLOT_SHIFT
-        if start < self.size:
-            self._map.madvise(mmap.MADV_REMOVE, start, self.size - start)
-
-    def close(self) -> None:
-        """Free everything (the guest's mapping keeps what it touched until it unmaps)."""
-        self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
-        self._active.release()
-        self._map.close()
-        os.close(self.fd)
+    def __repr__(self) -> str:
+        return f"Tenant({self.uid})"
 
 
 class Guest:
@@ -205,9 +195,11 @@ class Guest:
         "lru_tail",
         "mirror",
         "name",
+        "overdrawn",
         "pers_slots",
         "pools",
         "stats",
+        "tenant",
         "weight",
     )
 
@@ -226,6 +218,8 @@ class Guest:
         self.lent_slots = 0  # of the loan, the slots the guest may use now
         self.pools: set[Pool] = set()
         self.stats = Stats()
+        self.tenant: Tenant | None = None  # set by Store.add_guest
+        self.overdrawn = 0  # slots of memory found (and punched) beyond its grant, ever
 
     @property
     def oldest_stamp(self) -> int | None:
@@ -251,7 +245,17 @@ class Guest:
 class Pool:
     """A pool of pages of one size, ephemeral or persistent, owned by (billed to) one guest."""
 
-    __slots__ = ("guest", "objects", "order", "pages", "persistent", "pool_id", "shared", "stats")
+    __slots__ = (
+        "dead",
+        "guest",
+        "objects",
+        "order",
+        "pages",
+        "persistent",
+        "pool_id",
+        "shared",
+        "stats",
+    )
 
     def __init__(
         self, pool_id: int, guest: Guest, persistent: bool, order: int, shared: bool = False
@@ -264,6 +268,7 @@ class Pool:
         self.objects: dict[int, dict[int, int]] = {}
         self.pages = 0
         self.stats = Stats()
+        self.dead = False  # destroyed: no request reaches it; its pages may still be freeing
 
     @property
     def page_size(self) -> int:
@@ -273,6 +278,21 @@ class Pool:
     def __repr__(self) -> str:
         kind = "persistent" if self.persistent else "ephemeral"
         return f"Pool({self.pool_id}, {kind}, order={self.order}, guest={self.guest.name!r})"
+
+
+class Overdraft:
+    """What one audit of a guest's files found: slots of memory it held beyond its grant
+    (punched again) and whether that was so much that the guest must be closed."""
+
+    __slots__ = ("close", "loan", "mirror")
+
+    def __init__(self) -> None:
+        self.mirror = 0
+        self.loan = 0
+        self.close = False
+
+    def __bool__(self) -> bool:
+        return bool(self.mirror or self.loan)
 
 
 class Store:
@@ -286,27 +306,30 @@ class Store:
         move_slack: float = MOVE_SLACK,
         lend_idle: float = LEND_IDLE,
         now_ns: Callable[[], int] = time.monotonic_ns,
+        deferred: bool = False,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
         ``move_slack``: how much older another busy guest's page must be for a mapped guest's
         put to take it rather than the guest's own (policy.choose_victim; 0: the plain
         weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
-        is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC)."""
+        is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
+        ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring)."""
         if budget < SLOT_SIZE:
             raise ValueError(f"budget must be at least {SLOT_SIZE} bytes")
         self.move_slack = move_slack
         self.lend_idle = lend_idle
         self.now_ns = now_ns
+        self.deferred = deferred
         capacity = max(capacity or budget, budget)
         self.capacity_slots = capacity >> SLOT_SHIFT
         self.budget_slots = budget >> SLOT_SHIFT
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self._arena = mmap.mmap(-1, self.capacity_slots << SLOT_SHIFT, flags=flags)
-        self._mem = memoryview(self._arena)
+        self.arena = MemFile("tmem-arena", self.capacity_slots << SLOT_SHIFT)
+        self._mem = self.arena.view
         self.used_slots = 0
         self.clock = 0  # logical clock: one tick per page operation
         self.guests: dict[str, Guest] = {}
+        self.tenants: dict[int, Tenant] = {}
         self._next_pool_id = 1
         self._free: array[int] = array("i")  # stack of freed slots, reused first (warm memory)
         self._fresh = 0  # slots >= this were never used
@@ -317,36 +340,70 @@ class Store:
         self._prev = array("i")
         self._next = array("i")
         self._stamp = array("Q")
+        # The generation of a mapped guest's page, as its mirror shows it: kept here, because
+        # the guest can write its mirror and we must never trust what we read back there.
+        self._gen = array("Q")
         self._tails: dict[int, tuple[int, ...]] = {}  # head -> other slots of an order>0 page
-        self._owner = array("H")  # per slot: whose memory holds it (a Mirror.ident; 0: arena)
+        self._owner = array("I")  # per slot: whose file holds its memory (Mirror.ident; 0: arena)
         self._mirrors: dict[int, Mirror] = {}
+        self._next_ident = 1  # never reused: a stale owner number names no live mirror
         self._index_ints = list(range(_INTERNED_INDEXES))  # 2.3 MiB, once
         self.evictions = 0
         self.moved_slots = 0  # slots punched out of a mapped guest's file for another guest
         self.lenders: dict[str, Guest] = {}  # guests with lent memory (a Loan)
         self.recalled_slots = 0  # lent slots taken back without the guest asking
+        self.punch_failures = 0  # punches the kernel refused (that memory simply stayed)
+        self.overdrawn_slots = 0  # memory found in guests' files beyond their grant, punched
+        self._dying: deque[Pool] = deque()  # destroyed pools whose pages are still freeing
+        self._later: deque[Later] = deque()  # large punches waiting for a worker thread
+        self._put_head = NIL  # head slot of the page the last successful put stored
 
     # ---------------------------------------------------------------- guests and pools
 
     def add_guest(
-        self, name: str, *, weight: int = DEFAULT_WEIGHT, cap: int | None = None
+        self,
+        name: str,
+        *,
+        weight: int = DEFAULT_WEIGHT,
+        cap: int | None = None,
+        tenant: Tenant | None = None,
     ) -> Guest:
-        """Register a guest by its unique name."""
+        """Register a guest by its unique name (``tenant``: the uid account it counts in)."""
         if name in self.guests:
             raise StoreError(f"guest {name!r} exists")
         guest = Guest(self, name, weight, None if cap is None else cap >> SLOT_SHIFT)
+        if tenant is not None:
+            guest.tenant = tenant
+            tenant.guests.add(guest)
         self.guests[name] = guest
         return guest
 
+    def tenant(self, uid: int) -> Tenant:
+        """The account of uid ``uid`` (made on first use)."""
+        tenant = self.tenants.get(uid)
+        if tenant is None:
+            tenant = self.tenants[uid] = Tenant(uid)
+        return tenant
+
     def remove_guest(self, guest: Guest) -> int:
-        """Destroy every pool of the guest (scrubbing its memory); return pages freed."""
-        freed = sum(self.destroy_pool(pool) for pool in list(guest.pools))
+        """Destroy every pool of the guest (scrubbing its memory), take back its lent memory and
+        close its files; return pages freed (or being freed, when deferred)."""
         self.close_loan(guest)
-        self.guests.pop(guest.name, None)
-        if guest.mirror is not None:
-            del self._mirrors[guest.mirror.ident]  # its slots' owner numbers go stale: see _alloc
-            guest.mirror.close()
+        mirror = guest.mirror
+        if mirror is not None:
+            # Its pages die with it: nobody reads them again, so the whole file is punched at
+            # once rather than slot by slot, and its slots are freed without punching.
             guest.mirror = None
+            del self._mirrors[mirror.ident]
+            self._close_file(mirror)
+        freed = sum(self.destroy_pool(pool) for pool in list(guest.pools))
+        self.guests.pop(guest.name, None)
+        tenant = guest.tenant
+        if tenant is not None:
+            guest.tenant = None
+            tenant.guests.discard(guest)
+            if not tenant.guests:
+                self.tenants.pop(tenant.uid, None)
         return freed
 
     def map_guest(self, guest: Guest) -> Mirror:
@@ -355,15 +412,185 @@ class Store:
         if guest.mirror is None:
             if guest.held_slots:
                 raise StoreError(f"guest {guest.name!r} holds pages: map it before any put")
-            ident = next((i for i in range(1, 1 << 16) if i not in self._mirrors), 0)
-            if not ident:
-                raise StoreError("65535 guests are mapped already")
+            ident = self._next_ident
+            if ident >= 1 << 32:  # pragma: no cover - four billion mapped guests
+                raise StoreError("out of mirror numbers")
             try:
                 mirror = Mirror(self.capacity_slots, ident)
             except OSError as exc:  # no address space or memfds left: the guest does without
                 raise StoreError(f"cannot make a mirror for {guest.name!r}: {exc}") from exc
+            self._next_ident += 1
             guest.mirror = self._mirrors[ident] = mirror
         return guest.mirror
+
+    def new_pool(self, guest: Guest, *, persistent: bool, order: int, shared: bool = False) -> Pool:
+        """Create an empty pool billed to ``guest``."""
+        if shared and persistent:
+            raise StoreError("shared persistent pools are not supported")
+        pool = Pool(self._next_pool_id, guest, persistent, order, shared)
+        self._next_pool_id += 1
+        guest.pools.add(pool)
+        return pool
+
+    def destroy_pool(self, pool: Pool) -> int:
+        """Free every page of the pool and scrub the memory; return pages freed. With
+        ``deferred``, a big pool is only marked dead here and freed by ``reap``."""
+        pool.dead = True
+        pool.guest.pools.discard(pool)
+        pages = pool.pages
+        if self.deferred and pages > REAP_INLINE:
+            self._dying.append(pool)
+        else:
+            self._free_pages(pool, pages)
+        return pages
+
+    def _free_pages(self, pool: Pool, limit: int) -> int:
+        """Remove and scrub up to ``limit`` pages of a dead pool; return how many."""
+        freed_slots: list[int] = []
+        objects = pool.objects
+        count = 0
+        while count < limit and objects:
+            oid, pages_of_oid = objects.popitem()  # popitem: O(1), leaves no holes behind
+            while count < limit and pages_of_oid:
+                _, head = pages_of_oid.popitem()
+                freed_slots.extend(self._unlink(pool, head))
+                count += 1
+            if pages_of_oid:
+                objects[oid] = pages_of_oid
+        self._scrub(freed_slots)
+        return count
+
+    # ---------------------------------------------------------------- heavy work, deferred
+
+    @property
+    def busy(self) -> bool:
+        """Is there deferred work (dying pools to free, punches to run)?"""
+        return bool(self._dying or self._later)
+
+    def reap(self, max_pages: int) -> int:
+        """Free up to ``max_pages`` pages of destroyed pools; return how many."""
+        done = 0
+        dying = self._dying
+        while dying and done < max_pages:
+            pool = dying[0]
+            done += self._free_pages(pool, max_pages - done)
+            if not pool.objects:
+                dying.popleft()
+        return done
+
+    def later_work(self) -> Later | None:
+        """The next large punch to run off the event loop (``Later.run`` in a worker thread,
+        then ``finish``), or None."""
+        return self._later[0] if self._later else None
+
+    def finish(self, later: Later) -> None:
+        """A punch from ``later_work`` ran: free what waited for it."""
+        if self._later and self._later[0] is later:
+            self._later.popleft()
+        else:  # pragma: no cover - the daemon finishes them in order
+            self._later.remove(later)
+        later.file.queued -= 1
+        self.punch_failures += later.failed
+        later.done()
+
+    def drain(self) -> None:
+        """Do every deferred thing now (at exit, and in tests)."""
+        while self._dying:
+            self.reap(1 << 30)
+        while (later := self.later_work()) is not None:
+            later.run()
+            self.finish(later)
+
+    def _punch_later(
+        self, file: MemFile, ranges: list[tuple[int, int]], done: Callable[[], None] | None
+    ) -> None:
+        """Punch ``ranges`` of ``file`` and then call ``done``: now, or (when deferred and
+        large) from a worker thread."""
+        later = Later(file, ranges, done)
+        # A file with a punch queued queues the next one too: its punches run in order, and
+        # it is closed only after them.
+        if self.deferred and (file.queued or sum(n for _, n in ranges) >= BIG_PUNCH):
+            file.queued += 1
+            self._later.append(later)
+            return
+        later.run()
+        self.punch_failures += later.failed
+        later.done()
+
+    def _close_file(self, file: MemFile) -> None:
+        """Free all of a file's memory and close it (its guest's mapping shows zeros)."""
+        self._punch_later(file, [(0, file.size)], file.close)
+
+    # ---------------------------------------------------------------- the trust boundary
+
+    def audit(self, guest: Guest) -> Overdraft:
+        """Hold a mapped guest to its grant: memory its files hold beyond what it was given
+        (written into its loan above what is lent, or holes of its mirror it touched) is
+        punched again and counted. A guest found with much more than a race can explain
+        (``OVERDRAW_CLOSE_SLOTS``) is to be closed (``close``)."""
+        found = Overdraft()
+        loan = guest.loan
+        if loan is not None and not loan.pending:
+            allowed = (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT
+            excess = loan.resident() - allowed
+            if excess > 0:
+                found.loan = excess >> SLOT_SHIFT
+                loan.punch_from(guest.lent_slots)
+        mirror = guest.mirror
+        if mirror is not None:
+            allowed = (mirror.owned + MIRROR_SLACK_SLOTS) << SLOT_SHIFT
+            allowed += mirror.meta_bytes(self._fresh)
+            excess = mirror.resident() - allowed
+            if excess > 0:
+                found.mirror = self._audit_mirror(mirror)
+                if excess >> SLOT_SHIFT > OVERDRAW_CLOSE_SLOTS:
+                    found.close = True
+            else:
+                mirror.audit_from = 0
+        if found.loan > OVERDRAW_CLOSE_SLOTS:
+            found.close = True
+        if found:
+            guest.overdrawn += found.loan + found.mirror
+            self.overdrawn_slots += found.loan + found.mirror
+        return found
+
+    def _audit_mirror(self, mirror: Mirror) -> int:
+        """Punch the memory of a mirror that is not the guest's: data slots whose memory is
+        elsewhere, and generation/link pages of slots never used. Looks at most AUDIT_SLOTS
+        pages, resuming where the last walk stopped; returns pages punched."""
+        owners, ident, fresh = self._owner, mirror.ident, self._fresh
+        data_end = mirror.gen_offset
+        meta_used = (
+            (mirror.gen_offset, mirror.gen_offset + 8 * fresh),
+            (mirror.link_offset, mirror.link_offset + 4 * fresh),
+        )
+        stray: list[int] = []  # page numbers of the file
+        budget = AUDIT_SLOTS
+        resume = 0
+        for start, end in data_extents(mirror.fd, mirror.audit_from, mirror.ctl_offset, budget):
+            first, last = start >> SLOT_SHIFT, -(-end // SLOT_SIZE)
+            if last - first > budget:
+                last = first + budget
+                resume = last << SLOT_SHIFT
+            budget -= last - first
+            for page in range(first, last):
+                offset = page << SLOT_SHIFT
+                if offset < data_end:
+                    if page >= fresh or owners[page] != ident:
+                        stray.append(page)
+                elif not any(lo - SLOT_SIZE < offset < hi for lo, hi in meta_used):
+                    stray.append(page)
+            if resume or budget <= 0:
+                resume = resume or (last << SLOT_SHIFT)
+                break
+        mirror.audit_from = resume
+        for start, length in _runs(stray):
+            self._count_punch(mirror.punch(start, length))
+        return len(stray)
+
+    def _count_punch(self, ok: bool) -> None:
+        if not ok:
+            self.punch_failures += 1
 
     # ---------------------------------------------------------------- lent memory
 
@@ -379,7 +606,8 @@ class Store:
             guest.loan = Loan(self.capacity_slots)
         except OSError as exc:
             raise StoreError(f"cannot make a loan file for {guest.name!r}: {exc}") from exc
-        mirror.ctl[1] = mirror.ctl[2] = 0
+        mirror.lent = mirror.low = 0
+        mirror.publish()
         self.lenders[guest.name] = guest
         return guest.loan
 
@@ -388,10 +616,10 @@ class Store:
         loan = guest.loan
         if loan is None:
             return
-        self._recall(guest, 0, asked=True)
+        self._recall(guest, 0, asked=True, punch=False)
         self.lenders.pop(guest.name, None)
         guest.loan = None
-        loan.close()
+        self._close_file(loan)
 
     def lend(self, guest: Guest, want: int) -> dict[str, int]:
         """The guest asks to borrow ``want`` slots in all (fewer: it gives the rest back).
@@ -410,28 +638,45 @@ class Store:
         now = self.now_ns()
         loan.mark_active(now)
         want = min(want, loan.slots)
-        if guest.frozen:  # an administrator froze it: it may give back, not grow
+        if guest.frozen or loan.pending:
+            # An administrator froze it, or memory it gave back is still being punched out of
+            # the file (lending it again now could let that punch hit new data): it may give
+            # back, not grow.
             want = min(want, guest.lent_slots)
-        if guest.cap_slots is not None:
-            want = min(want, max(0, guest.cap_slots - guest.eph_slots - guest.pers_slots))
+        want = min(want, guest.lent_slots + self._cap_room(guest))
         if want < guest.lent_slots:
             self._recall(guest, want, asked=True)
         elif want > guest.lent_slots:
             got = self._reclaim(guest, want - guest.lent_slots, now)
             guest.lent_slots += got
             self.used_slots += got
-            mirror.ctl[1] = guest.lent_slots
-        if loan.resident() > (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT:
+            mirror.lent = guest.lent_slots
+            mirror.publish()
+        if (
+            not loan.pending
+            and loan.resident() > (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT
+        ):
             loan.punch_from(guest.lent_slots)  # written beyond its loan: not its memory
-        ctl = mirror.ctl
-        low = ctl[2]
-        ctl[2] = guest.lent_slots
+        low = mirror.low
+        mirror.low = guest.lent_slots
+        mirror.publish()
         room = self._room(guest, now)
-        return {"lent": guest.lent_slots, "low": low, "seq": ctl[0], "room": room}
+        return {"lent": guest.lent_slots, "low": low, "seq": mirror.seq, "room": room}
+
+    def _cap_room(self, guest: Guest) -> int:
+        """Slots the guest may still add under its cap and its tenant's, not evicting anything
+        of its own (lent memory never evicts the borrower's own pages)."""
+        room = self.capacity_slots
+        if guest.cap_slots is not None:
+            room = guest.cap_slots - guest.held_slots
+        tenant = guest.tenant
+        if tenant is not None and tenant.cap_slots is not None:
+            room = min(room, tenant.cap_slots - tenant.held_slots)
+        return max(0, room)
 
     def _idle(self, guest: Guest, now: int) -> bool:
         loan = guest.loan
-        return loan is not None and now - loan.active_ns > self.lend_idle * 1e9
+        return loan is not None and now - loan.active_ns(now) > self.lend_idle * 1e9
 
     def _shares(self, now: int, *needing: Guest) -> Callable[[Guest], int]:
         """Each guest's share of the budget, split by weight between the guests using lent
@@ -439,7 +684,7 @@ class Store:
         decision: O(guests)."""
         busy = {g.name for g in self.lenders.values() if not self._idle(g, now)}
         busy.update(g.name for g in needing)
-        total = sum(self.guests[name].weight for name in busy)
+        total = sum(self.guests[name].weight for name in busy if name in self.guests)
         budget = self.budget_slots
 
         def share(guest: Guest) -> int:
@@ -462,6 +707,7 @@ class Store:
         def short() -> int:
             return need - (self.budget_slots - self.used_slots)
 
+        self._reap_for(short)
         self._recall_idle(short, now, asker)
         while short() > 0:
             victim = choose_victim(self.guests.values(), self.clock)
@@ -500,7 +746,7 @@ class Store:
         """Take back idle guests' lent memory (longest idle first; never ``keep``'s) while
         ``short()`` is above 0; True if any was taken."""
         idle = [
-            (g.loan.active_ns, g)
+            (g.loan.active_ns(now), g)
             for g in self.lenders.values()
             if g is not keep and g.lent_slots and g.loan is not None and self._idle(g, now)
         ]
@@ -513,19 +759,26 @@ class Store:
             taken = True
         return taken
 
-    def _recall(self, guest: Guest, keep: int, *, asked: bool = False) -> None:
+    def _recall(self, guest: Guest, keep: int, *, asked: bool = False, punch: bool = True) -> None:
         """Take the guest's lent memory down to ``keep`` slots: a seqlock write of its control
-        words around the punch, so a guest reading lent memory meanwhile knows to drop it."""
+        words (seq odd while they change), then the punch. A large punch may run later, in a
+        worker thread: the guest no longer uses that memory (seq changed, lent lowered), and
+        the loan grows no more until it is done (``Loan.pending``). ``punch=False``: the whole
+        file is about to be punched anyway."""
         old = guest.lent_slots
         loan, mirror = guest.loan, guest.mirror
         if keep >= old or loan is None or mirror is None:
             return
-        ctl = mirror.ctl
-        ctl[0] += 1  # odd: under way
-        ctl[1] = keep
-        ctl[2] = min(ctl[2], keep)
-        loan.punch_from(keep)
-        ctl[0] += 1
+        mirror.seq += 1  # odd: under way
+        mirror.lent = keep
+        mirror.low = min(mirror.low, keep)
+        mirror.publish()
+        if punch:
+            start = (keep + 1) << SLOT_SHIFT
+            loan.pending += 1
+            self._punch_later(loan, [(start, loan.size - start)], loan.punched)
+        mirror.seq += 1
+        mirror.publish()
         guest.lent_slots = keep
         self.used_slots -= old - keep
         if not asked:
@@ -533,11 +786,10 @@ class Store:
 
     def token(self, pool: Pool, oid: int, index: int) -> list[int] | None:
         """[head slot, generation] of a page of a mapped guest's pool, for a mapped read."""
-        mirror = pool.guest.mirror
         head = self._lookup(pool, oid, index)
-        if mirror is None or head == NIL:
+        if pool.guest.mirror is None or head == NIL:
             return None
-        return [head, mirror.gen[head]]
+        return [head, self._gen[head]]
 
     def touch_many(self, pool: Pool, heads: Sequence[int], gens: Sequence[int]) -> int:
         """Reads of ``pool``'s pages through its guest's mirror, as the guest reports them (the
@@ -545,10 +797,9 @@ class Store:
         as a get hit and, if ephemeral, becomes the most recently used, as after a GET or a
         READ. Tokens of pages gone or changed since, or not of this pool, are ignored; returns
         how many counted."""
-        mirror = pool.guest.mirror
-        if mirror is None:
+        if pool.guest.mirror is None:
             return 0
-        owners, gen, known = self._pool, mirror.gen, len(self._pool)
+        owners, gen, known = self._pool, self._gen, len(self._pool)
         guest = pool.guest
         hits = 0
         for head, generation in zip(heads, gens, strict=True):
@@ -559,27 +810,6 @@ class Store:
                 hits += 1
         self._count_gets(pool, hits, hits)
         return hits
-
-    def new_pool(self, guest: Guest, *, persistent: bool, order: int, shared: bool = False) -> Pool:
-        """Create an empty pool billed to ``guest``."""
-        if shared and persistent:
-            raise StoreError("shared persistent pools are not supported")
-        pool = Pool(self._next_pool_id, guest, persistent, order, shared)
-        self._next_pool_id += 1
-        guest.pools.add(pool)
-        return pool
-
-    def destroy_pool(self, pool: Pool) -> int:
-        """Free every page of the pool and scrub the memory; return pages freed."""
-        freed_slots: list[int] = []
-        pages = 0
-        for oid, pages_of_oid in list(pool.objects.items()):
-            for index in list(pages_of_oid):
-                freed_slots.extend(self._remove(pool, oid, index))
-                pages += 1
-        pool.guest.pools.discard(pool)
-        self._scrub(freed_slots)
-        return pages
 
     # ---------------------------------------------------------------- budget
 
@@ -622,6 +852,26 @@ class Store:
                 self._recall(guest, max(0, guest.lent_slots - over))
         return evicted
 
+    def set_tenant_cap(self, tenant: Tenant, cap: int | None) -> int:
+        """Change a uid's cap across all its guests (bytes, None for none); evict their
+        ephemeral pages (oldest first, by the weighted LRU among them), then take back their
+        lent memory, down to it. Returns pages evicted."""
+        tenant.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        evicted = 0
+        if tenant.cap_slots is not None:
+            while tenant.held_slots > tenant.cap_slots:
+                victim = choose_victim(tenant.guests, self.clock)
+                if victim is None:
+                    break
+                self._evict(victim.lru_head)
+                evicted += 1
+            for g in sorted(tenant.guests, key=lambda g: -g.lent_slots):
+                over = tenant.held_slots - tenant.cap_slots
+                if over <= 0:
+                    break
+                self._recall(g, max(0, g.lent_slots - over))
+        return evicted
+
     def drop_ephemeral(self, guest: Guest) -> int:
         """Evict every ephemeral page billed to ``guest`` (an administrator's flush)."""
         evicted = 0
@@ -631,6 +881,7 @@ class Store:
         return evicted
 
     def _shrink_to(self, slots: int) -> int:
+        self.reap(self.used_slots)  # dying pools first: their pages are gone already
         evicted = 0
         while self.used_slots > slots:
             victim = choose_victim(self.guests.values(), self.clock)
@@ -681,16 +932,33 @@ class Store:
         region: memoryview,
         *,
         frozen: bool = False,
-    ) -> list[bool]:
-        """``put`` of each (oid, index) from region frame ``frames[i]``, in order."""
+        tokens: bool = False,
+    ) -> list[bool] | list[list[int] | bool]:
+        """``put`` of each (oid, index) from region frame ``frames[i]``, in order. With
+        ``tokens`` (a mapped guest's pool), each stored page's result is its token [head slot,
+        generation] as the put left it, even if a later entry of the batch evicted it (then
+        the token simply no longer reads: a mapped read of it misses)."""
         put = self._put
         size = SLOT_SIZE << pool.order
-        flags = [
-            put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen)
-            for oid, index, f in zip(oids, idxs, frames, strict=True)
-        ]
-        self._count_puts(pool, len(flags), sum(flags))
-        return flags
+        if not tokens or pool.guest.mirror is None:
+            flags = [
+                put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen)
+                for oid, index, f in zip(oids, idxs, frames, strict=True)
+            ]
+            self._count_puts(pool, len(flags), sum(flags))
+            return flags
+        gen = self._gen
+        results: list[list[int] | bool] = []
+        stored = 0
+        for oid, index, f in zip(oids, idxs, frames, strict=True):
+            if put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen):
+                head = self._put_head
+                results.append([head, gen[head]])
+                stored += 1
+            else:
+                results.append(False)
+        self._count_puts(pool, len(results), stored)
+        return results
 
     def get_many(
         self,
@@ -750,9 +1018,10 @@ class Store:
                 off = head << SLOT_SHIFT
                 mem[off : off + SLOT_SIZE] = src
             if mirror is not None:
-                mirror.gen[head] = self.clock
+                mirror.gen[head] = self._gen[head] = self.clock
             if not pool.persistent:
                 self._touch(guest, head)
+            self._put_head = head
             return True
         need = 1 << order
         if not self._make_room(guest, need, pool.persistent):
@@ -764,7 +1033,8 @@ class Store:
                 slots = self._slots_of(head, order)
                 for slot, after in pairwise(slots):
                     mirror.link[slot] = after
-            mirror.gen[head] = self.clock  # last: the page is whole before it can be read
+            # Last: the page is whole before it can be read.
+            mirror.gen[head] = self._gen[head] = self.clock
         # Re-fetch: making room may have evicted this object's last page and dropped its dict.
         pages_of_oid = pool.objects.get(oid)
         if pages_of_oid is None:
@@ -782,6 +1052,7 @@ class Store:
         else:
             guest.eph_slots += need
             self._lru_append(guest, head)
+        self._put_head = head
         return True
 
     def _get(self, pool: Pool, oid: int, index: int, dst: memoryview) -> bool:
@@ -813,18 +1084,25 @@ class Store:
         self._release(self._remove(pool, oid, index))
         return True
 
-    def flush_object(self, pool: Pool, oid: int) -> int:
-        """Remove every page of one object; return how many."""
+    def flush_object(
+        self, pool: Pool, oid: int, limit: int | None = None, *, counted: bool = True
+    ) -> int:
+        """Remove every page of one object (or at most ``limit`` of them: call again, with
+        ``counted=False``, until it returns fewer); return how many."""
         self.clock += 1
-        pool.stats.flushes += 1
-        pool.guest.stats.flushes += 1
+        if counted:
+            pool.stats.flushes += 1
+            pool.guest.stats.flushes += 1
         pages_of_oid = pool.objects.get(oid)
         if not pages_of_oid:
             return 0
         count = 0
-        for index in list(pages_of_oid):
-            self._release(self._remove(pool, oid, index))
+        while pages_of_oid and (limit is None or count < limit):
+            _, head = pages_of_oid.popitem()
+            self._release(self._unlink(pool, head))
             count += 1
+        if not pages_of_oid:
+            del pool.objects[oid]
         return count
 
     def read(self, pool: Pool, oid: int, index: int, offset: int, dst: memoryview) -> bool:
@@ -880,7 +1158,8 @@ class Store:
         head = self._lookup(pool, oid, index)
         mirror = pool.guest.mirror
         if changes and head != NIL and mirror is not None:
-            mirror.gen[head] = 0  # changed in place: no mapped read may trust it again
+            # Changed in place: no mapped read may trust it again.
+            mirror.gen[head] = self._gen[head] = 0
         if head != NIL and not pool.persistent:
             self._touch(pool.guest, head)
         return head
@@ -891,7 +1170,8 @@ class Store:
         return False
 
     def _make_room(self, guest: Guest, need: int, persistent: bool) -> bool:
-        """Evict ephemeral pages until ``need`` slots fit the budget and the guest's cap."""
+        """Evict ephemeral pages until ``need`` slots fit the budget, the guest's cap and its
+        tenant's cap."""
         cap = guest.cap_slots
         if cap is not None:
             if guest.pers_slots + guest.lent_slots + need > cap:
@@ -900,8 +1180,19 @@ class Store:
                 if guest.lru_head == NIL:  # pragma: no cover - implied by the check above
                     return False
                 self._evict(guest.lru_head)
+        tenant = guest.tenant
+        if tenant is not None and tenant.cap_slots is not None:
+            if tenant.fixed_slots + need > tenant.cap_slots:
+                return False
+            while tenant.held_slots + need > tenant.cap_slots:
+                victim = choose_victim(tenant.guests, self.clock)
+                if victim is None:  # pragma: no cover - implied by the check above
+                    return False
+                self._evict(victim.lru_head)
         if need > self.budget_slots:
             return False
+        if self.used_slots + need > self.budget_slots:
+            self._reap_for(lambda: self.used_slots + need - self.budget_slots)
         lent = bool(self.lenders)  # lent memory to take back first, as long as some is found
         while self.used_slots + need > self.budget_slots:
             if lent and self._recall_for_put(guest, need):
@@ -920,6 +1211,12 @@ class Store:
                 return False
             self._evict(victim.lru_head)
         return True
+
+    def _reap_for(self, short: Callable[[], int]) -> None:
+        """Free dying pools' pages while ``short()`` slots are missing: they are gone already,
+        and must not cost anyone a live page."""
+        while self._dying and (missing := short()) > 0:
+            self.reap(missing)
 
     def _recall_for_put(self, guest: Guest, need: int) -> bool:
         """Lent memory for a put, before any page is evicted: idle guests' first, then what
@@ -948,6 +1245,11 @@ class Store:
         head = pages_of_oid.pop(index)
         if not pages_of_oid:
             del pool.objects[oid]
+        return self._unlink(pool, head)
+
+    def _unlink(self, pool: Pool, head: int) -> list[int]:
+        """A page already out of its pool's index: out of the LRU and the accounting; return
+        its slots (not yet free)."""
         pool.pages -= 1
         guest = pool.guest
         n = 1 << pool.order
@@ -963,6 +1265,7 @@ class Store:
             slots.extend(self._tails.pop(head))
         if guest.mirror is not None:
             guest.mirror.gen[head] = 0  # its memory stays the guest's until _alloc moves it
+        self._gen[head] = 0
         return slots
 
     def _release(self, slots: list[int]) -> None:
@@ -971,26 +1274,38 @@ class Store:
 
     def _scrub(self, slots: list[int]) -> None:
         """Zero and give back to the kernel, wherever the slots' memory is (arena or a
-        mirror), coalescing adjacent slots into one call."""
-        self._give_back([(self._owner[slot], slot) for slot in slots])
-        self._release(slots)
+        mirror), coalescing adjacent slots; then free the slots. A large scrub (deferred) keeps
+        the slots in use until its punch is done, so nothing new can be written under it."""
+        if not slots:
+            return
+        by_file: dict[int, list[int]] = {}
+        for slot in slots:
+            by_file.setdefault(self._owner[slot], []).append(slot)
+        pending = [len(by_file)]
+
+        def release() -> None:
+            pending[0] -= 1
+            if not pending[0]:
+                self._release(slots)
+
+        for owner, owned in by_file.items():
+            file = self.arena if not owner else self._mirrors.get(owner)
+            if file is None:  # that mirror is closed: its whole file was punched
+                release()
+                continue
+            self._punch_later(file, _runs(owned), release)
 
     def _give_back(self, held: list[tuple[int, int]]) -> None:
-        """Free the memory of (owner, slot) pairs: arena slots are zeroed (MADV_DONTNEED), a
-        mirror's punched out of its file."""
+        """Free the memory of (owner, slot) pairs now: in the arena, or punched out of a
+        mirror's file."""
         by_owner: dict[int, list[int]] = {}
         for owner, slot in held:
             by_owner.setdefault(owner, []).append(slot)
         for owner, slots in by_owner.items():
-            if not owner:
-                _each_run(slots, self._zero_arena)
-            elif (mirror := self._mirrors.get(owner)) is not None:
-                mirror.punch(slots)
-            # else: that mirror is closed and all its memory gone (a reused number is
-            # harmless too: a free slot holds no page of anyone's, so punching it loses none)
-
-    def _zero_arena(self, start: int, length: int) -> None:
-        self._arena.madvise(mmap.MADV_DONTNEED, start, length)
+            file = self.arena if not owner else self._mirrors.get(owner)
+            if file is not None:  # else: that mirror is closed and all its memory gone
+                for start, length in _runs(slots):
+                    self._count_punch(file.punch(start, length))
 
     def _alloc(self, need: int, order: int, owner: int) -> int:
         slots = [self._alloc_slot() for _ in range(need)]
@@ -1000,10 +1315,17 @@ class Store:
         if moved:
             # The slots' memory is in another file (or the arena): free it there, so the
             # memory of all files stays that of the slots in use.
-            self.moved_slots += sum(1 for old, _ in moved if old)
-            self._give_back(moved)
-            for _, slot in moved:
+            mirrors = self._mirrors
+            for old, slot in moved:
+                if old:
+                    self.moved_slots += 1
+                    was = mirrors.get(old)
+                    if was is not None:
+                        was.owned -= 1
                 owners[slot] = owner
+            if owner:
+                self._mirrors[owner].owned += len(moved)
+            self._give_back(moved)
         if order:
             self._tails[slots[0]] = tuple(slots[1:])
         return slots[0]
@@ -1023,6 +1345,7 @@ class Store:
             self._prev.extend([NIL] * grow)
             self._next.extend([NIL] * grow)
             self._stamp.extend([0] * grow)
+            self._gen.extend([0] * grow)
             self._owner.extend([0] * grow)
         return slot
 
@@ -1100,10 +1423,14 @@ class Store:
 
     def close(self) -> None:
         """Release the arena and the mirrors (the store is unusable afterwards)."""
+        self.deferred = False
+        self.drain()
         for guest in self.guests.values():
             guest.mirror = None
+            if guest.loan is not None:
+                guest.loan.close()
+                guest.loan = None
         for mirror in self._mirrors.values():
             mirror.close()
         self._mirrors.clear()
-        self._mem.release()
-        self._arena.close()
+        self.arena.close()
