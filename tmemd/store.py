@@ -502,14 +502,21 @@ class Store:
             self.finish(later)
 
     def _punch_later(
-        self, file: MemFile, ranges: list[tuple[int, int]], done: Callable[[], None] | None
+        self,
+        file: MemFile,
+        ranges: list[tuple[int, int]],
+        done: Callable[[], None] | None,
+        cost: int | None = None,
     ) -> None:
         """Punch ``ranges`` of ``file`` and then call ``done``: now, or (when deferred and
-        large) from a worker thread."""
+        costly) from a worker thread. ``cost``: bytes of memory the ranges are expected to
+        hold (what a punch costs: a hole is free), by default their whole length."""
         later = Later(file, ranges, done)
+        if cost is None:
+            cost = sum(n for _, n in ranges)
         # A file with a punch queued queues the next one too: its punches run in order, and
         # it is closed only after them.
-        if self.deferred and (file.queued or sum(n for _, n in ranges) >= BIG_PUNCH):
+        if self.deferred and (file.queued or cost >= BIG_PUNCH):
             file.queued += 1
             self._later.append(later)
             return
@@ -519,7 +526,8 @@ class Store:
 
     def _close_file(self, file: MemFile) -> None:
         """Free all of a file's memory and close it (its guest's mapping shows zeros)."""
-        self._punch_later(file, [(0, file.size)], file.close)
+        cost = file.resident() if self.deferred else None
+        self._punch_later(file, [(0, file.size)], file.close, cost)
 
     # ---------------------------------------------------------------- the trust boundary
 
@@ -776,7 +784,8 @@ class Store:
         if punch:
             start = (keep + 1) << SLOT_SHIFT
             loan.pending += 1
-            self._punch_later(loan, [(start, loan.size - start)], loan.punched)
+            cost = (old - keep) << SLOT_SHIFT  # what was lent there; the rest is holes
+            self._punch_later(loan, [(start, loan.size - start)], loan.punched, cost)
         mirror.seq += 1
         mirror.publish()
         guest.lent_slots = keep
