@@ -417,6 +417,33 @@ def test_batch_results_have_one_flag_per_entry() -> None:
     vs.session.close()
 
 
+def test_mapped_put_many_over_budget_answers_a_token_per_stored_page() -> None:
+    """A mapped guest's batch bigger than the budget: every page was stored, so every entry
+    gets the token its put gave it (never nil), as put_many_reply_mapped_over_budget shows;
+    the token of a page a later entry evicted simply no longer reads."""
+    (case,) = [c for c in REPLIES if c["name"] == "put_many_reply_mapped_over_budget"]
+    shape = from_json(case["message"])[2]
+    store = Store(2 * FRAME_SIZE)  # two pages
+    host = Host(store, Settings(socket=Path("/nonexistent/tmemd.sock"), budget=2 * FRAME_SIZE))
+    guest = host.attach("1000/cache", GuestPolicy())
+    session = Session(host, guest, memoryview(bytearray(4 * FRAME_SIZE)), DEFAULTS)
+    mirror = store.map_guest(guest)
+    session.mapped = True
+    host.join(session)
+    _, _, (handle, _) = decode_one(session.handle([int(Op.NEW_POOL), 1, 0x01000000, None]), 1 << 16)
+    entries = [oid for i in range(len(shape)) for oid in (i, 0, i)]
+    req_id, status, tokens = decode_one(
+        session.handle([int(Op.PUT_MANY), 12, handle, entries]), 1 << 16
+    )
+    assert (req_id, status) == (12, Status.OK)
+    assert [type(t) for t in tokens] == [type(t) for t in shape] == [list] * 3
+    assert tokens[2][0] == tokens[0][0]  # the third page took the first one's slot
+    assert [gen for _, gen in tokens] == sorted({gen for _, gen in tokens})  # each its own
+    assert mirror.gen[tokens[0][0]] == tokens[2][1] != tokens[0][1]  # the first no longer reads
+    session.close()
+    store.close()
+
+
 # ------------------------------------------------------------------------------ replies
 
 
