@@ -34,6 +34,8 @@ NOBODY = 65534
 
 # The --json field names tmemctl documents (README.md "Administration: tmemctl"): the daemon's keys.
 STATUS_KEYS = {
+    "resident",
+    "overdrawn",
     "budget",
     "used",
     "free",
@@ -50,6 +52,8 @@ STATUS_KEYS = {
 }
 COUNTER_KEYS = {"puts_ok", "puts_refused", "gets_hit", "gets_miss", "flushes", "evictions"}
 GUEST_KEYS = {
+    "resident_bytes",
+    "overdrawn_bytes",
     "name",
     "kind",
     "sessions",

@@ -110,11 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", "global figures: budget, used, free, guests, evictions, uptime")
     command("guests", "one row per guest (and per shared pool's account)")
+    command("uids", "one row per uid (tenant): what all of its guests hold, its cap")
     p = command("pools", "one row per pool, of one guest or of all")
     p.add_argument("guest", nargs="?", type=_guest_arg, metavar="GUEST")
 
-    p = command("set", "change a guest's weight and/or cap (now and when it reconnects)")
-    p.add_argument("guest", type=_guest_arg, metavar="GUEST")
+    p = command(
+        "set",
+        "change a guest's weight and/or cap (now and when it reconnects); uid:N sets a uid's "
+        "cap across all its guests",
+    )
+    p.add_argument("guest", type=_guest_arg, metavar="GUEST|shared:UUID|uid:N")
     p.add_argument("--weight", type=_weight_arg, metavar="N", help=f"1..{MAX_WEIGHT}")
     p.add_argument(
         "--cap",
@@ -250,6 +255,8 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "moved": _size,
     "lent": _size,
     "recalled": _size,
+    "resident": _size,
+    "overdrawn": _size,
     "frozen_all": _yes,
     "uptime": lambda v: _duration(float(v)),
 }
@@ -297,6 +304,28 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
         if body
         else "no guests"
     )
+
+
+def render_uids(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``uids`` as a table."""
+    headers = (
+        "UID", "GUESTS", "SESS", "CAP", "MAXCONN", "EPHEMERAL", "PERSISTENT", "LENT", "HELD",
+    )  # fmt: skip
+    body = [
+        [
+            str(r.get("uid")),
+            ",".join(r.get("guests") or []) or NONE,
+            _count(r.get("sessions")),
+            _size(r.get("cap")),
+            _count(r.get("max_connections")),
+            _size(r.get("ephemeral_bytes")),
+            _size(r.get("persistent_bytes")),
+            _size(r.get("lent_bytes")),
+            _size(r.get("held_bytes")),
+        ]
+        for r in rows
+    ]
+    return format_table(headers, body, left={"GUESTS"}) if body else "no uids"
 
 
 def render_pools(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -451,6 +480,11 @@ def run_top(path: str, timeout: float, interval: float, iterations: int | None, 
 
 
 def _describe_set(result: Mapping[str, Any]) -> str:
+    if "uid" in result:
+        evicted = result.get("evicted", 0)
+        return f"uid {result['uid']}: cap {_size(result.get('cap'))}" + (
+            f"; evicted {evicted} pages to fit the cap" if evicted else ""
+        )
     name = result.get("name")
     text = f"{name}: weight {_count(result.get('weight'))}, cap {_size(result.get('cap'))}"
     if result.get("connected") is False:
@@ -479,6 +513,9 @@ def run_command(args: argparse.Namespace, admin: AdminClient, out: TextIO, err: 
     elif command == "guests":
         result = admin.call("guests")
         out.write((_dumps(result) if args.json else render_guests(result)) + "\n")
+    elif command == "uids":
+        result = admin.call("uids")
+        out.write((_dumps(result) if args.json else render_uids(result)) + "\n")
     elif command == "pools":
         result = admin.call("pools", **({} if args.guest is None else {"guest": args.guest}))
         out.write((_dumps(result) if args.json else render_pools(result)) + "\n")

@@ -268,6 +268,11 @@ class Host:
             "moved": store.moved_slots << SLOT_SHIFT,
             "lent": sum(g.lent_slots for g in store.lenders.values()) << SLOT_SHIFT,
             "recalled": store.recalled_slots << SLOT_SHIFT,
+            # What the store's files really hold (fstat), against "used", what is accounted:
+            # free slots keep their memory for reuse, and guests may bring some in on their
+            # own (punched again by the audit: "overdrawn").
+            "resident": store.resident(),
+            "overdrawn": store.overdrawn_slots << SLOT_SHIFT,
             "frozen_all": self.frozen_all,
             "uptime": round(time.time() - self.started, 3),
         }
@@ -291,6 +296,10 @@ class Host:
             "ephemeral_bytes": g.eph_slots << SLOT_SHIFT,
             "persistent_bytes": g.pers_slots << SLOT_SHIFT,
             "lent_bytes": g.lent_slots << SLOT_SHIFT,  # memory it borrowed (§4.8)
+            # What its mirror and loan file hold now (fstat), and what audits found beyond its
+            # grant, ever.
+            "resident_bytes": self.store.files_resident(g),
+            "overdrawn_bytes": g.overdrawn << SLOT_SHIFT,
             "pages": pages,
             "pools": len(g.pools),
             **g.stats.as_dict(),

@@ -531,6 +531,14 @@ class Store:
 
     # ---------------------------------------------------------------- the trust boundary
 
+    def files_resident(self, guest: Guest) -> int:
+        """Bytes of memory the guest's mirror and loan file hold now."""
+        return sum(f.resident() for f in (guest.mirror, guest.loan) if f is not None)
+
+    def resident(self) -> int:
+        """Bytes of memory the arena and every guest's files hold now."""
+        return self.arena.resident() + sum(self.files_resident(g) for g in self.guests.values())
+
     def audit(self, guest: Guest) -> Overdraft:
         """Hold a mapped guest to its grant: memory its files hold beyond what it was given
         (written into its loan above what is lent, or holes of its mirror it touched) is
