@@ -9,6 +9,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -1569,7 +1570,7 @@ class Clock:
         self.ns += int(seconds * 1e9)
 
 
-def lender(store: Store, name: str, **kwargs: int) -> Guest:
+def lender(store: Store, name: str, **kwargs: Any) -> Guest:
     """A mapped guest with a loan file."""
     guest = store.add_guest(name, **kwargs)
     store.map_guest(guest)

@@ -340,7 +340,7 @@ def test_the_host_drops_an_account_even_when_leaving_a_shared_pool_fails() -> No
 
     host.grant(b"u" * 16, "g")
     host.open_shared(member, b"u" * 16, 0)  # type: ignore[arg-type]
-    host._leave = broken  # type: ignore[method-assign]
+    host._leave = broken  # type: ignore[method-assign, assignment]
     with pytest.raises(RuntimeError):
         host.detach(member)  # type: ignore[arg-type]
     assert "g" not in store.guests and "g" not in host.sessions
