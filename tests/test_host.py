@@ -37,6 +37,8 @@ UUID_A_TEXT = "00010203-0405-0607-0809-0a0b0c0d0e0f"
 class FakeMember:
     """A guest connection as the host sees it."""
 
+    uid = 0
+
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
         self.detached: list[Pool] = []
