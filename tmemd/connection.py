@@ -190,6 +190,8 @@ class Connection:
     async def _flush(self) -> None:
         """Send the queued replies (waiting while the guest does not read them)."""
         self._ring_doorbell()
+        if self.server.store.busy:  # a request left work for the maintenance task
+            self.server.wake_maintenance()
         if not self._out:
             return
         out = self._out

@@ -152,8 +152,10 @@ class GuestServer:
             with trio.move_on_after(ADMIN_WAIT):
                 await gate.served()
         await trio.lowlevel.checkpoint()
-        if self.store.busy:
-            self._work.set()
+
+    def wake_maintenance(self) -> None:
+        """The store has deferred work: ``maintain`` should not wait for its next audit."""
+        self._work.set()
 
     def kick(self, name: str, reason: str) -> int:
         """End every connection of guest ``name`` (with a PROTOCOL notice saying ``reason``);
@@ -445,7 +447,7 @@ class GuestServer:
                 pages.release()
                 view.release()
                 if self.store.busy:
-                    self._work.set()
+                    self.wake_maintenance()
                 clog.info(
                     "guest_disconnected",
                     reason=reason,
