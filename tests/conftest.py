@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,11 @@ START_TIMEOUT = 15.0
 class Daemon:
     """A running tmemd subprocess and what it logged."""
 
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, *args: str, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
+        """Start tmemd in ``workdir`` with ``args``; ``preexec_fn`` runs in the child before
+        tmemd starts (e.g. to lower its resource limits)."""
         self.workdir = workdir
         self.socket = workdir / "tmemd.sock"
         self.log_path = workdir / "tmemd.log"
@@ -36,6 +40,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            preexec_fn=preexec_fn,
         )
         self._wait_ready()
 

@@ -250,9 +250,9 @@ class Reference:
     sizes (with 64-bit and 192-bit object ids), which it must read back byte-exact after each
     bad input."""
 
-    def __init__(self, daemon: Daemon, name: str) -> None:
+    def __init__(self, daemon: Daemon, name: str, **connect: Any) -> None:
         self.daemon = daemon
-        self.client = tmemclient.connect(daemon.socket, name=name, frames=64)
+        self.client = tmemclient.connect(daemon.socket, name=name, frames=64, **connect)
         rng = random.Random(name)
         self.pool = self.client.new_pool(persistent=True)
         self.big = self.client.new_pool(persistent=True, page_size=4 * FRAME_SIZE)
