@@ -405,6 +405,16 @@ class World:
         status = self.admin.call("status")
         assert status["sessions"] >= 1
 
+    def survive(self, target: Target, uid: int | None = ATTACKER) -> dict[str, Any]:
+        """The usual shape of a test: start the attacker, and once it is at it, see the victim
+        served while it goes on; then stop it and return what it reported."""
+        attack = self.attack(target, uid)
+        attack.wait_ready()
+        self.served_during(attack)
+        attack.assert_running()
+        report: dict[str, Any] = attack.join()
+        return report
+
     def served_during(self, attack: Attack, rounds: int = 3) -> None:
         """The victim is served again and again while the attacker keeps going: after each of
         its round trips, the attacker makes progress again. (A daemon that served the victim
@@ -684,11 +694,7 @@ def ring_flood(path: str, name: str) -> Target:
 @needs_rings
 def test_ring_flood(world: Callable[..., World]) -> None:
     w = world()
-    attack = w.attack(ring_flood(w.path, "flood"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(ring_flood(w.path, "flood"))
     assert report["answered"] > 10_000
     w.finish((ATTACKER, "flood", effective_name(ATTACKER, "flood")))
 
@@ -804,11 +810,7 @@ def heavy_batches(path: str, name: str) -> Target:
 
 def test_legal_but_heavy(world: Callable[..., World]) -> None:
     w = world()
-    attack = w.attack(heavy_batches(w.path, "heavy"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(heavy_batches(w.path, "heavy"))
     assert report["max_batch"] == 4096 and report["batches"] > 2
     w.finish((ATTACKER, "heavy", effective_name(ATTACKER, "heavy")))
 
@@ -860,11 +862,7 @@ def test_hugetlbfs_region_is_refused(world: Callable[..., World]) -> None:
     except OSError as exc:
         pytest.skip(f"this kernel makes no sealed hugetlbfs memfd: {exc}")
     w = world()
-    attack = w.attack(hugetlb_hello(w.path, "huge"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(hugetlb_hello(w.path, "huge"))
     assert report["tries"] >= 2 and report["refusals"]
     w.finish((ATTACKER, "huge", effective_name(ATTACKER, "huge")))
 
@@ -1054,11 +1052,7 @@ def touch_mirror(path: str, name: str) -> Target:
 
 def test_mirror_hole_touching(world: Callable[..., World]) -> None:
     w = world(config=AUDIT_CONFIG)
-    attack = w.attack(touch_mirror(w.path, "toucher"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(touch_mirror(w.path, "toucher"))
     assert report["touched"] > MIRROR_SLACK_SLOTS + OVERDRAW_CLOSE_SLOTS
     assert "not granted" in report["notice"]
     name = effective_name(ATTACKER, "toucher")
@@ -1222,11 +1216,7 @@ def mapped_overflow(path: str, name: str) -> Target:
 
 def test_mapped_put_many_bigger_than_the_budget(world: Callable[..., World]) -> None:
     w = world()
-    attack = w.attack(mapped_overflow(w.path, "overflow"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(mapped_overflow(w.path, "overflow"))
     assert report["bad_count"] == 0, report["bad"]  # never nil, never a bare true
     assert report["stored"] > 0 and report["refused"] > 0  # bigger than the budget
     w.finish((ATTACKER, "overflow", effective_name(ATTACKER, "overflow")))
@@ -1287,11 +1277,7 @@ def strict_hellos(path: str, name: str) -> Target:
 
 def test_handshake_strictness(world: Callable[..., World]) -> None:
     w = world()
-    attack = w.attack(strict_hellos(w.path, "strict"))
-    attack.wait_ready()
-    w.served_during(attack)
-    attack.assert_running()
-    report = attack.join()
+    report = w.survive(strict_hellos(w.path, "strict"))
     for case in STRICT:
         reply, closed = report["seen"][case]
         assert reply != "EOF", f"{case}: closed without a reply"

@@ -341,12 +341,28 @@ class Session:
         return not pool.dead and self.pools.get(handle) is pool
 
     def _put_many(self, m: list[Any]) -> list[Any] | Job:
+        store, region = self.store, self.region
+        return self._sliced(
+            m,
+            lambda pool, oids, idxs, frames: store.put_many(
+                pool, oids, idxs, frames, region, frozen=self.guest.frozen, tokens=self.mapped
+            ),
+        )
+
+    def _get_many(self, m: list[Any]) -> list[Any] | Job:
+        store, region = self.store, self.region
+        return self._sliced(
+            m,
+            lambda pool, oids, idxs, frames: store.get_many(pool, oids, idxs, frames, region),
+        )
+
+    def _sliced(self, m: list[Any], serve: Callable[..., list[Any]]) -> list[Any] | Job:
+        """A PUT_MANY or GET_MANY, validated whole: served at once when it fits one slice, else
+        a Job serving ``serve(pool, oids, idxs, frames)`` a slice at a time."""
         pool, oids, idxs, frames = self._page_batch(m)
-        store, region, mapped = self.store, self.region, self.mapped
-        if len(oids) <= self._per_slice(pool):
-            return store.put_many(
-                pool, oids, idxs, frames, region, frozen=self.guest.frozen, tokens=mapped
-            )
+        per_slice = self._per_slice(pool)
+        if len(oids) <= per_slice:
+            return serve(pool, oids, idxs, frames)
         results: list[Any] = []
         handle = m[2]
 
@@ -354,35 +370,9 @@ class Session:
             if not self._live(handle, pool):
                 results.extend([False] * (b - a))
                 return
-            results.extend(
-                store.put_many(
-                    pool,
-                    oids[a:b],
-                    idxs[a:b],
-                    frames[a:b],
-                    region,
-                    frozen=self.guest.frozen,
-                    tokens=mapped,
-                )
-            )
+            results.extend(serve(pool, oids[a:b], idxs[a:b], frames[a:b]))
 
-        return Job(self._req_id, _slices(len(oids), self._per_slice(pool), run), lambda: results)
-
-    def _get_many(self, m: list[Any]) -> list[bool] | Job:
-        pool, oids, idxs, frames = self._page_batch(m)
-        store, region = self.store, self.region
-        if len(oids) <= self._per_slice(pool):
-            return store.get_many(pool, oids, idxs, frames, region)
-        results: list[bool] = []
-        handle = m[2]
-
-        def run(a: int, b: int) -> None:
-            if not self._live(handle, pool):
-                results.extend([False] * (b - a))
-                return
-            results.extend(store.get_many(pool, oids[a:b], idxs[a:b], frames[a:b], region))
-
-        return Job(self._req_id, _slices(len(oids), self._per_slice(pool), run), lambda: results)
+        return Job(self._req_id, _slices(len(oids), per_slice, run), lambda: results)
 
     def _flush_many(self, m: list[Any]) -> Job | None:
         pool = self._pool(m[2])
