@@ -8,6 +8,10 @@ the guest does: a full request ring, a socket stream of pipelined requests, a ba
 64 KiB pages (a Session Job, served in slices with the turn's clock read between slices). A
 guest that waits for its answers does not notice: its request is served, and it waits anyway.
 
+Turns are shared by tenant, not by connection: a connection serves only while it holds its
+uid's *turn* (a fair lock, ``GuestServer.turn_for``), so a uid with 64 busy connections gets one
+turn in each round, like a uid with one, and the others wait no longer for it.
+
 **Backpressure.** A connection holds at most ``max_unsent`` bytes of replies the guest has not
 read: past that it sends them, and while the guest does not read them it reads nothing more from
 it (the socket's own buffers then fill, and the guest's writes block). It reads the socket only
@@ -79,6 +83,8 @@ class Connection:
         self._poller.register(raw, select.POLLIN)
         self.notified = False  # the SHUTDOWN notice went out
         self.kicked: str | None = None  # the daemon ends this connection (an audit found it)
+        self.turn = server.turn_for(session.uid)  # held while serving: one per tenant at once
+        self._holding = False
 
     # ------------------------------------------------------------------ the loop
 
@@ -87,11 +93,17 @@ class Connection:
         rings, server = self.rings, self.server
         try:
             while True:
-                await self._serve_socket()
-                if rings is not None and (
-                    rings.pending() or (self.ring_decoder and self.ring_decoder.has_message())
+                if self.decoder.has_message() or (
+                    rings is not None
+                    and (rings.pending() or (self.ring_decoder and self.ring_decoder.has_message()))
                 ):
-                    await self._serve_ring()
+                    await self._take_turn()
+                    try:
+                        await self._serve_socket()
+                        if rings is not None:
+                            await self._serve_ring()
+                    finally:
+                        self._end_turn()
                 await self._flush()
                 if server.stopping and not self.notified:
                     self.notified = True
@@ -127,7 +139,7 @@ class Connection:
                 self._out.append(reply)
                 self._out_bytes += len(reply)
                 if self._out_bytes >= self.max_unsent:
-                    await self._flush()
+                    await self.next_turn()  # sent outside the turn: the guest may not read
             if time.perf_counter() > self.turn_end:
                 await self.next_turn()
 
@@ -169,11 +181,28 @@ class Connection:
         return reply
 
     async def next_turn(self) -> None:
-        """This connection used its turn: send what is ready, let everyone else go, and start
-        a new turn."""
+        """This connection used its turn: send what is ready, let everyone else go (its own
+        tenant's other connections first in line for its turn), and start a new turn."""
+        self._end_turn()
         await self._flush()
         await self.server.yield_turn()
+        await self._take_turn()
+
+    async def _take_turn(self) -> None:
+        """Hold the tenant's turn (waiting, in order, while another connection of the same uid
+        serves), and start the clock."""
+        turn = self.turn
+        try:
+            turn.acquire_nowait()  # the usual case, with no schedule point
+        except trio.WouldBlock:
+            await turn.acquire()
+        self._holding = True
         self.turn_end = time.perf_counter() + self.quantum
+
+    def _end_turn(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.turn.release()
 
     # ------------------------------------------------------------------ sending
 
@@ -215,12 +244,17 @@ class Connection:
         if sent == len(data):
             return
         rest = memoryview(data)[sent:]
-        with trio.CancelScope(shield=True), trio.fail_after(self.server.limits.send_timeout):
+        server = self.server
+        deadline = trio.current_time() + server.limits.send_timeout
+        with trio.CancelScope(shield=True):
             while rest:
-                try:
-                    await trio.lowlevel.wait_writable(raw)
-                except trio.ClosedResourceError:
-                    continue  # shutdown() or kick() woke us; the socket is still ours
+                # Once tmemd is stopping, the grace period bounds the wait too (shutdown()
+                # wakes us to look again).
+                with trio.fail_at(min(deadline, server.grace_deadline + 1)):
+                    try:
+                        await trio.lowlevel.wait_writable(raw)
+                    except trio.ClosedResourceError:
+                        continue  # shutdown() or kick() woke us; the socket is still ours
                 try:
                     rest = rest[raw.send(rest) :]
                 except BlockingIOError:

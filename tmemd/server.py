@@ -88,6 +88,7 @@ class GuestServer:
         self.limits = limits
         self.connections = 0
         self._per_uid: Counter[int] = Counter()
+        self._turns: dict[int, trio.Lock] = {}  # per connected uid: who of it serves now
         self._accepting = trio.CancelScope()
         self._conns: dict[Session, Connection] = {}  # connections in their serving loop
         self._raw: set[socket.socket] = set()  # their sockets (shutdown wakes them)
@@ -143,6 +144,15 @@ class GuestServer:
             # Wake connections idle in wait_readable so they send the notice now; the socket
             # stays open (the woken task sees ClosedResourceError and carries on).
             trio.lowlevel.notify_closing(raw)
+
+    def turn_for(self, uid: int) -> trio.Lock:
+        """The turn of tenant ``uid``: held by whichever of its connections serves now, so a
+        tenant is served one connection at a time however many it opens (a fair lock: its
+        connections take turns in order)."""
+        turn = self._turns.get(uid)
+        if turn is None:
+            turn = self._turns[uid] = trio.Lock()
+        return turn
 
     async def yield_turn(self) -> None:
         """A connection used up its turn: an administrator's ready request goes first, then
@@ -255,6 +265,7 @@ class GuestServer:
                 self._per_uid[uid] -= 1
                 if not self._per_uid[uid]:
                     del self._per_uid[uid]
+                    self._turns.pop(uid, None)
 
     def _admit(self, uid: int) -> bool:
         per_uid = self.host.max_connections(uid, self.limits.max_connections_per_uid)

@@ -343,7 +343,7 @@ class Store:
         # The generation of a mapped guest's page, as its mirror shows it: kept here, because
         # the guest can write its mirror and we must never trust what we read back there.
         self._gen = array("Q")
-        self._tails: dict[int, tuple[int, ...]] = {}  # head -> other slots of an order>0 page
+        self._tails: dict[int, array[int]] = {}  # head -> other slots of an order>0 page
         self._owner = array("I")  # per slot: whose file holds its memory (Mirror.ident; 0: arena)
         self._mirrors: dict[int, Mirror] = {}
         self._next_ident = 1  # never reused: a stale owner number names no live mirror
@@ -1344,7 +1344,7 @@ class Store:
                 self._mirrors[owner].owned += len(moved)
             self._give_back(moved)
         if order:
-            self._tails[slots[0]] = tuple(slots[1:])
+            self._tails[slots[0]] = array("i", slots[1:])  # 4 bytes a slot, no int objects
         return slots[0]
 
     def _alloc_slot(self) -> int:
