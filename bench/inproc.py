@@ -62,7 +62,9 @@ def pair() -> tuple[Client, Any]:
     def serve(_rings: ring.Rings | None = None) -> bool:
         decoder.feed(rings.take())
         for message in decoder.messages():
-            assert rings.write(session.handle(message))
+            reply = session.handle(message)
+            assert isinstance(reply, bytes)  # single-page requests are never served in slices
+            assert rings.write(reply)
         return True
 
     client._spin_for_reply = serve  # type: ignore[method-assign,assignment]

@@ -140,7 +140,11 @@ def test_the_audit_closes_a_guest_far_beyond_its_loan() -> None:
     mem[SLOT_SIZE : (1 + many) * SLOT_SIZE] = b"z" * (many * SLOT_SIZE)
     found = store.audit(g)
     assert found.close and found.loan > OVERDRAW_CLOSE_SLOTS
-    assert g.loan is not None and g.loan.resident() <= SLOT_SIZE
+    assert g.overdrawn == found.loan
+    loan = g.loan
+    assert loan is not None and loan.resident() >= many * SLOT_SIZE  # left for the close
+    store.remove_guest(g)  # what closing its connection does: the file is punched whole
+    assert loan.closed and store.lenders == {}
     mem.close()
     store.close()
 
@@ -160,12 +164,33 @@ def test_the_audit_punches_mirror_pages_the_guest_holds_nothing_in() -> None:
     touched = sum(view[i * SLOT_SIZE] for i in range(100, 100 + 600))
     assert touched == 0
     found = store.audit(g)
-    assert found.mirror >= 600 and found.close
+    assert found.mirror > OVERDRAW_CLOSE_SLOTS and found.close
     for i in range(8):  # its own pages are all there
         head = store.page_slots(pool, 1, i)
         assert head is not None
         assert view[head * SLOT_SIZE : (head + 1) * SLOT_SIZE] == page(i)
-    assert mirror.resident() < 64 * SLOT_SIZE
+    view.close()
+    store.close()
+
+
+def test_the_audit_punches_a_few_stray_mirror_pages_and_keeps_the_guest() -> None:
+    store = Store(32 * SLOT_SIZE, capacity=4 * MIB)
+    g = store.add_guest("g")
+    mirror = store.map_guest(g)
+    pool = store.new_pool(g, persistent=True, order=0)
+    for i in range(8):
+        assert put(store, pool, 1, i, page(i))
+    fd = mirror.read_only_fd()
+    view = mmap.mmap(fd, mirror.size, prot=mmap.PROT_READ)
+    os.close(fd)
+    assert sum(view[i * SLOT_SIZE] for i in range(100, 100 + 200)) == 0  # 200 stray pages
+    found = store.audit(g)
+    assert not found.close and found.mirror == 200
+    assert mirror.resident() < 64 * SLOT_SIZE  # punched again
+    for i in range(8):
+        head = store.page_slots(pool, 1, i)
+        assert head is not None
+        assert view[head * SLOT_SIZE : (head + 1) * SLOT_SIZE] == page(i)
     view.close()
     store.close()
 

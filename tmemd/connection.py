@@ -9,8 +9,10 @@ the guest does: a full request ring, a socket stream of pipelined requests, a ba
 guest that waits for its answers does not notice: its request is served, and it waits anyway.
 
 Turns are shared by tenant, not by connection: a connection serves only while it holds its
-uid's *turn* (a fair lock, ``GuestServer.turn_for``), so a uid with 64 busy connections gets one
-turn in each round, like a uid with one, and the others wait no longer for it.
+uid's *turn* (a fair lock, ``GuestServer.turn_for``), and it yields to the others *holding* it,
+handing it on to its own tenant's next connection only afterwards. So a uid with 64 busy
+connections has one of them runnable at a time and gets one turn in each round, like a uid with
+one, and the others wait no longer for it.
 
 **Backpressure.** A connection holds at most ``max_unsent`` bytes of replies the guest has not
 read: past that it sends them, and while the guest does not read them it reads nothing more from
@@ -139,7 +141,7 @@ class Connection:
                 self._out.append(reply)
                 self._out_bytes += len(reply)
                 if self._out_bytes >= self.max_unsent:
-                    await self.next_turn()  # sent outside the turn: the guest may not read
+                    await self._flush()  # (waiting for a slow reader, it lets go of the turn)
             if time.perf_counter() > self.turn_end:
                 await self.next_turn()
 
@@ -181,23 +183,29 @@ class Connection:
         return reply
 
     async def next_turn(self) -> None:
-        """This connection used its turn: send what is ready, let everyone else go (its own
-        tenant's other connections first in line for its turn), and start a new turn."""
-        self._end_turn()
+        """This connection used its turn: send what is ready, let every other tenant go (still
+        holding this tenant's turn, so none of its other connections goes meanwhile), then
+        pass the turn on to the tenant's next waiting connection, if any, and queue for it
+        again; and start a new turn."""
         await self._flush()
         await self.server.yield_turn()
-        await self._take_turn()
+        if self._holding and self.turn.statistics().tasks_waiting:
+            self._end_turn()
+            await self._take_turn()
+        self.turn_end = time.perf_counter() + self.quantum
 
     async def _take_turn(self) -> None:
         """Hold the tenant's turn (waiting, in order, while another connection of the same uid
-        serves), and start the clock."""
+        serves). The clock of the turn runs on from the last time this connection let the
+        others run (waited, slept, or yielded): serving, then watching the ring, then serving
+        again never yields by itself."""
         turn = self.turn
         try:
             turn.acquire_nowait()  # the usual case, with no schedule point
         except trio.WouldBlock:
             await turn.acquire()
+            self.turn_end = time.perf_counter() + self.quantum  # the others ran meanwhile
         self._holding = True
-        self.turn_end = time.perf_counter() + self.quantum
 
     def _end_turn(self) -> None:
         if self._holding:
@@ -246,6 +254,8 @@ class Connection:
         rest = memoryview(data)[sent:]
         server = self.server
         deadline = trio.current_time() + server.limits.send_timeout
+        held = self._holding
+        self._end_turn()  # a guest slow to read must not hold up its tenant's other connections
         with trio.CancelScope(shield=True):
             while rest:
                 # Once tmemd is stopping, the grace period bounds the wait too (shutdown()
@@ -259,6 +269,8 @@ class Connection:
                     rest = rest[raw.send(rest) :]
                 except BlockingIOError:
                     continue
+        if held:
+            await self._take_turn()
 
     async def last_word(self, data: bytes) -> None:
         """Best effort, briefly: the peer may be gone or not reading."""
@@ -322,11 +334,14 @@ class Connection:
             rounds += 1
             if rounds % 8 == 0 and self._poller.poll(0):
                 return True
-            if now > others_at and server.connections > 1:
-                # A pass of trio's run loop costs more than a round here: take one every
-                # _LET_OTHERS_RUN, so another guest's request waits at most that long.
-                await trio.lowlevel.checkpoint()
+            if now > self.turn_end or (now > others_at and server.connections > 1):
+                # Watching holds the event loop as serving does: the others get their turn
+                # when this one's time is up (the admin socket and the maintenance task too),
+                # and another guest's request waits at most _LET_OTHERS_RUN while guests are
+                # many (a pass of trio's run loop costs more than a round here).
+                await server.yield_turn()
                 others_at = clock() + _LET_OTHERS_RUN
+                self.turn_end = clock() + self.quantum
 
     async def _sleep(self) -> bool:
         """Wait for the guest's next word. A guest with rings is told we sleep, so it rings the

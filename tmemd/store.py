@@ -84,7 +84,7 @@ LEND_IDLE: Final = 0.1  # seconds without use after which lent memory is taken b
 LOAN_SLACK_SLOTS: Final = 16  # a guest may hold this much beyond its loan before it is punched
 MIRROR_SLACK_SLOTS: Final = 64  # ...and this much of its mirror beyond its own slots
 OVERDRAW_CLOSE_SLOTS: Final = 256  # one audit finding this much more: the guest is closed
-AUDIT_SLOTS: Final = 16384  # pages of a file one audit step looks at, at most
+AUDIT_SLOTS: Final = 4096  # pages of a file one audit step looks at (and punches), at most
 BIG_PUNCH: Final = 4 << 20  # bytes: a punch at least this big runs later, off the event loop
 REAP_INLINE: Final = 256  # pages: a pool at most this big is freed at once even when deferred
 _GROW: Final = 4096  # metadata arrays grow by this many slots at a time
@@ -543,28 +543,33 @@ class Store:
         """Hold a mapped guest to its grant: memory its files hold beyond what it was given
         (written into its loan above what is lent, or holes of its mirror it touched) is
         punched again and counted. A guest found with much more than a race can explain
-        (``OVERDRAW_CLOSE_SLOTS``) is to be closed (``close``)."""
+        (``OVERDRAW_CLOSE_SLOTS``) is to be closed (``close``): then nothing is punched here
+        (closing it punches its files whole, off the event loop), so an audit never spends more
+        than a small punch of the caller's time."""
         found = Overdraft()
-        loan = guest.loan
+        loan, mirror = guest.loan, guest.mirror
+        loan_excess = mirror_excess = 0
         if loan is not None and not loan.pending:
             allowed = (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT
-            excess = loan.resident() - allowed
-            if excess > 0:
-                found.loan = excess >> SLOT_SHIFT
-                loan.punch_from(guest.lent_slots)
-        mirror = guest.mirror
+            loan_excess = max(0, loan.resident() - allowed) >> SLOT_SHIFT
         if mirror is not None:
             allowed = (mirror.owned + MIRROR_SLACK_SLOTS) << SLOT_SHIFT
             allowed += mirror.meta_bytes(self._fresh)
-            excess = mirror.resident() - allowed
-            if excess > 0:
-                found.mirror = self._audit_mirror(mirror)
-                if excess >> SLOT_SHIFT > OVERDRAW_CLOSE_SLOTS:
-                    found.close = True
-            else:
+            mirror_excess = max(0, mirror.resident() - allowed) >> SLOT_SHIFT
+            if not mirror_excess:
                 mirror.audit_from = 0
-        if found.loan > OVERDRAW_CLOSE_SLOTS:
+        if max(loan_excess, mirror_excess) > OVERDRAW_CLOSE_SLOTS:
             found.close = True
+            found.loan, found.mirror = loan_excess, mirror_excess
+        else:
+            if loan_excess:
+                assert loan is not None
+                found.loan = loan_excess
+                if not loan.punch_from(guest.lent_slots):
+                    self.punch_failures += 1
+            if mirror_excess:
+                assert mirror is not None
+                found.mirror = self._audit_mirror(mirror)
         if found:
             guest.overdrawn += found.loan + found.mirror
             self.overdrawn_slots += found.loan + found.mirror
