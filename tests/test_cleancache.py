@@ -63,6 +63,14 @@ def slow_pread(fd: int, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
+def slower_pread(fd: int, length: int, offset: int) -> bytes:
+    """A device slow enough that a lookup never costs more than the read it saves, even one
+    that takes a few hundred microseconds on a busy machine (for tests that count disk reads:
+    at slow_pread's 300 us, one such lookup made the cache read a page from the file)."""
+    time.sleep(1e-3)
+    return os.pread(fd, length, offset)
+
+
 def read_all(cache: PageCache, f: CachedFile, pages: int, run: int = 4) -> bytes:
     """Read a file through the cache, ``run`` pages at a time."""
     return b"".join(cache.read(f, i * PAGE, run * PAGE) for i in range(0, pages, run))
@@ -80,7 +88,7 @@ def test_pages_evicted_to_tmem_come_back_byte_exact(
 ) -> None:
     data = make_file(tmp_path / "f", 1, 256)
     pool = client.new_pool(page_size=block_pages * PAGE)
-    with PageCache(pool, capacity=48, put_batch=16, disk_read=slow_pread) as cache:
+    with PageCache(pool, capacity=48, put_batch=16, disk_read=slower_pread) as cache:
         f = cache.open(tmp_path / "f")
         assert read_all(cache, f, 256) == data
         assert cache.stats.disk_reads == 256 and cache.stats.tmem_gets == 0  # cold: no lookups
