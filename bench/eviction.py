@@ -20,21 +20,22 @@ from pathlib import Path
 
 import tmemclient
 from bench.throughput import rate
+from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.workload import running_tmemd
-from tmemd.store import SLOT_SIZE, Store
+from tmemd.store import Store
 
-PAGE = memoryview(bytes(SLOT_SIZE))
+PAGE = memoryview(bytes(FRAME_SIZE))
 
 
 def store_put_ns(pages: int, guests: int, full: bool) -> float:
     """ns per put into a store that is empty, or full so that every put evicts."""
-    budget = (pages // 4 if full else pages * 2) * SLOT_SIZE
+    budget = (pages // 4 if full else pages * 2) * FRAME_SIZE
     store = Store(budget)
     pools = [
         store.new_pool(store.add_guest(f"g{i}"), persistent=False, order=0) for i in range(guests)
     ]
     if full:  # fill the budget first, spread over all guests
-        for i in range(budget // SLOT_SIZE):
+        for i in range(budget // FRAME_SIZE):
             store.put(pools[i % guests], 1, i, PAGE)
     start = time.perf_counter()
     for i in range(pages):

@@ -61,22 +61,18 @@ from typing import Any
 
 import tmemclient
 from bench import servers
-from tmemclient import ring as rings_mod
 from tmemclient.admin import AdminClient
 from tmemclient.client import hello_message
-from tmemclient.errors import TmemError
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    NEED_DATA,
-    FrameDecoder,
-    Op,
-    encode_frame,
-    encode_reply,
-    make_pool_flags,
-)
-from tmemclient.region import close_all, create_region, fds_from_ancillary
-from tmemclient.ring import Rings
-from tmemclient.units import format_size, parse_size
+from tmemclient.region import create_region
+from tmemclient.wire import layout
+from tmemclient.wire import ring as rings_mod
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.errors import TmemError
+from tmemclient.wire.fds import close_all, fds_from_ancillary
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Op, encode_reply, make_pool_flags
+from tmemclient.wire.ring import Rings
+from tmemclient.wire.units import format_size, parse_size
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "hostile.json"
 
@@ -403,7 +399,7 @@ class RawGuest:
         map_pages: bool = False,
         lend: bool = False,
     ) -> None:
-        fd, self.region = create_region(frames, rings_mod.ring_bytes(ring))
+        fd, self.region = create_region(frames, layout.ring_bytes(ring))
         self.frames = frames
         self.fds: list[int] = []
         self.rings: Rings | None = None

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tmemclient import ring
 from tmemclient.client import Client
-from tmemclient.protocol import FRAME_SIZE, FrameDecoder, Limits
 from tmemclient.region import create_region
+from tmemclient.wire import layout, ring
+from tmemclient.wire.codec import FrameDecoder
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Limits
 from tmemd.config import GuestPolicy, Settings
 from tmemd.config import Limits as DaemonLimits
 from tmemd.host import Host
@@ -36,8 +38,8 @@ RING = 16
 
 def pair() -> tuple[Client, Any]:
     """A client and a function that serves the daemon's side of its ring once."""
-    fd, region = create_region(FRAMES, ring.ring_bytes(RING))
-    daemon_region = map_region(fd, FRAMES, 1 << 16, extra=ring.ring_bytes(RING))
+    fd, region = create_region(FRAMES, layout.ring_bytes(RING))
+    daemon_region = map_region(fd, FRAMES, 1 << 16, extra=layout.ring_bytes(RING))
     view = memoryview(daemon_region)
     store = Store(64 << 20)
     host = Host(store, Settings(socket=Path("/nonexistent"), budget=64 << 20))

@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import servers, targets
 from bench.drivers import client_problem, guest_main, redis_parser
-from tmemclient.units import format_size, parse_size
+from tmemclient.wire.units import format_size, parse_size
 
 # tmemd-sock: a guest without rings; tmemd-map: a guest reading through its mapping (§4.7)
 SYSTEMS = ("tmemd", "tmemd-sock", "tmemd-map", "memcached", "redis")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tmemclient
-from tmemclient.units import parse_size
+from tmemclient.wire.units import parse_size
 from tmemclient.workload import running_tmemd
 
 PAGE = bytes(range(256)) * 16

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from tmemclient.protocol import HEADER
+from tmemclient.wire.codec import HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0

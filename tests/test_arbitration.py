@@ -32,16 +32,16 @@ from typing import Any
 import pytest
 from conftest import ROOT, Daemon, run_guest
 
-import tmemclient.errors as errors
+import tmemclient.wire.errors as errors
 from tmemclient.admin import AdminClient
-from tmemclient.errors import (
+from tmemclient.wire.errors import (
     GuestConflict,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     UnknownPool,
 )
-from tmemclient.protocol import Status
+from tmemclient.wire.messages import Status
 from tmemd.admin import AdminServer
 from tmemd.config import Settings
 from tmemd.host import Host
@@ -59,7 +59,7 @@ AGENT = r"""
 import json, struct, sys
 import tmemclient
 import tmemclient.client
-from tmemclient.errors import TmemError
+from tmemclient.wire.errors import TmemError
 
 PATH = sys.argv[1]
 clients = {}
@@ -721,7 +721,8 @@ def test_second_daemon_on_a_taken_socket_fails_and_leaves_nothing(bed: Any, tmp_
 
 READ_REFUSAL = """
 import json, socket, sys
-from tmemclient.protocol import NEED_DATA, FrameDecoder, split_reply
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder
+from tmemclient.wire.messages import split_reply
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
 s.connect(sys.argv[1])
@@ -739,7 +740,7 @@ print(json.dumps({"req_id": req_id, "status": status, "result": result, "closed"
 ADMIN_CLIENT_AFTER_REFUSAL = """
 import select, sys
 from tmemclient.admin import AdminClient
-from tmemclient.errors import TmemError
+from tmemclient.wire.errors import TmemError
 client = AdminClient(sys.argv[1])
 poll = select.poll()
 poll.register(client._sock, select.POLLRDHUP)

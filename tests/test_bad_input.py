@@ -40,21 +40,13 @@ import pytest
 from conftest import EOF, ROOT, Daemon, read_raw_frame
 
 import tmemclient
-from tmemclient import ring
 from tmemclient.client import hello_message
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    HEADER,
-    NEED_DATA,
-    PROTOCOL_VERSION,
-    FrameDecoder,
-    Op,
-    Status,
-    encode_frame,
-    make_pool_flags,
-)
 from tmemclient.region import create_region
-from tmemclient.ring import Rings
+from tmemclient.wire import layout, ring
+from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import PROTOCOL_VERSION, Op, Status, make_pool_flags
+from tmemclient.wire.ring import Rings
 
 TIMEOUT = 10.0  # generous bound on any one reply; nothing here asserts speed
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -1275,7 +1267,8 @@ def test_guest_closes_its_fd_and_mapping(env: Env) -> None:
 
 VICTIM = r"""
 import sys, tmemclient
-from tmemclient.protocol import Op, encode_frame
+from tmemclient.wire.codec import encode_frame
+from tmemclient.wire.messages import Op
 
 path, name, mode = sys.argv[1:4]
 client = tmemclient.connect(path, name=name, frames=1024)
@@ -1516,7 +1509,7 @@ needs_rings = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64
 
 def ring_guest(env: Env, ring_frames: int = 1) -> tuple[Raw, Rings]:
     """A raw guest granted rings of ``ring_frames`` frames, and its side of them."""
-    fd, region = create_region(GUEST_FRAMES, ring.ring_bytes(ring_frames))
+    fd, region = create_region(GUEST_FRAMES, layout.ring_bytes(ring_frames))
     raw = env.connect()
     raw.fd, raw.region = fd, region
     hello = [Op.HELLO, 1, PROTOCOL_VERSION, unique("ring"), GUEST_FRAMES, {"ring": ring_frames}]
@@ -1563,16 +1556,16 @@ def _not_a_request(rings: Rings) -> None:
 
 
 def _tail_beyond_the_ring(rings: Rings) -> None:
-    rings.words[ring.SQ_TAIL] = rings.size + 1
+    rings.words[layout.SQ_TAIL] = rings.size + 1
 
 
 def _tail_backwards(rings: Rings) -> None:
     rings.write(encode_frame([Op.PING, 5]))
-    rings.words[ring.SQ_TAIL] = 2**64 - 1
+    rings.words[layout.SQ_TAIL] = 2**64 - 1
 
 
 def _reply_head_ahead(rings: Rings) -> None:
-    rings.words[ring.CQ_HEAD] = 4096 * 9  # claims to have read replies never written
+    rings.words[layout.CQ_HEAD] = 4096 * 9  # claims to have read replies never written
     rings.write(encode_frame([Op.PING, 5]))
 
 

@@ -32,16 +32,10 @@ import msgpack
 from conftest import EOF, read_raw_frame
 
 import tmemclient
-from tmemclient.errors import ProtocolError
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    HEADER,
-    Op,
-    Status,
-    decode_body,
-    encode_frame,
-    split_request,
-)
+from tmemclient.wire.codec import HEADER, decode_body, encode_frame
+from tmemclient.wire.errors import ProtocolError
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Op, Status, split_request
 
 SEED = 0x7E3D
 CASES = 300

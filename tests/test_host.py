@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import structlog
 
-from tmemclient.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
+from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
+from tmemclient.wire.layout import FRAME_SIZE
 from tmemd.config import (
     ConfigError,
     GuestPolicy,
@@ -24,9 +25,9 @@ from tmemd.config import (
     settings_from_doc,
 )
 from tmemd.host import Host
-from tmemd.store import SLOT_SIZE, Guest, Pool, Store
+from tmemd.store import Guest, Pool, Store
 
-PAGE = SLOT_SIZE
+PAGE = FRAME_SIZE
 UUID_A = bytes(range(16))
 UUID_B = bytes(range(16, 32))
 UUID_A_TEXT = "00010203-0405-0607-0809-0a0b0c0d0e0f"
@@ -421,7 +422,7 @@ def test_unknown_guests_and_bad_arguments(store: Store) -> None:
         host.set_guest("shared:nope", weight=5)
     assert "cfg" not in host.overrides  # nothing half-applied
     assert not any(name.startswith("shared:") for name in host.overrides)
-    for budget in (0, -1, SLOT_SIZE - 1, store.capacity + 1, "1MiB", None, True, 1.5):
+    for budget in (0, -1, FRAME_SIZE - 1, store.capacity + 1, "1MiB", None, True, 1.5):
         with pytest.raises(InvalidArgument):
             host.set_budget(budget)
     assert store.budget == 64 * PAGE
@@ -607,12 +608,12 @@ def test_store_admin_operations_never_touch_persistent_pages() -> None:
         assert store.set_budget(4 * PAGE) == 10  # every ephemeral page of both guests
         assert store.used == 8 * PAGE and persistent_intact()
         assert (a.eph_slots, b.eph_slots) == (0, 0)
-        assert store.set_budget(SLOT_SIZE) == 0 and persistent_intact()
+        assert store.set_budget(FRAME_SIZE) == 0 and persistent_intact()
         assert not put(store, eb, 0)
         with pytest.raises(ValueError):
             store.set_budget(0)
         with pytest.raises(ValueError):
-            store.set_budget(store.capacity + SLOT_SIZE)
+            store.set_budget(store.capacity + FRAME_SIZE)
         assert store.set_budget(store.capacity) == 0
         assert put(store, eb, 0) and persistent_intact()
         assert store.flush(pa, 1, 0) and not store.flush(pa, 1, 0)  # only the guest's flush

@@ -50,21 +50,14 @@ import pytest
 from conftest import EOF, Daemon
 from test_bad_input import TIMEOUT, Raw, Reference, daemon_fds, frame_of, settled_fds
 
-from tmemclient import ring
 from tmemclient.admin import AdminClient
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    HEADER,
-    NEED_DATA,
-    PROTOCOL_VERSION,
-    FrameDecoder,
-    Op,
-    Status,
-    encode_frame,
-    make_pool_flags,
-)
-from tmemclient.region import create_region, fds_from_ancillary
-from tmemclient.ring import Rings
+from tmemclient.region import create_region
+from tmemclient.wire import layout, ring
+from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.fds import fds_from_ancillary
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import PROTOCOL_VERSION, Op, Status, make_pool_flags
+from tmemclient.wire.ring import Rings
 from tmemd.store import LOAN_SLACK_SLOTS, MIRROR_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS
 
 OK, INVALID, PROTOCOL, CONFLICT = Status.OK, Status.INVALID, Status.PROTOCOL, Status.CONFLICT
@@ -263,7 +256,7 @@ def hello(
     """A raw guest past a valid HELLO (PROTOCOL.md §4.2): the connection, the HELLO reply's
     limits, and the fds that rode on the reply (mirror, then loan file: §4.7, §4.8), received
     with room for two."""
-    fd, region = create_region(frames, ring.ring_bytes(ring_frames))
+    fd, region = create_region(frames, layout.ring_bytes(ring_frames))
     g = Raw(Path(path))
     g.fd, g.region = fd, region
     options: dict[str, Any] = {}

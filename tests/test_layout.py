@@ -13,7 +13,14 @@ PACKAGES = ("tmemclient", "tmemd")
 
 # Pure parts: the codec and the store (with the policy it uses), and the session handler that
 # only turns decoded messages into replies.
-PURE = ("tmemclient.protocol", "tmemd.store", "tmemd.policy", "tmemd.session")
+PURE = (
+    "tmemclient.wire.codec",
+    "tmemclient.wire.messages",
+    "tmemclient.wire.layout",
+    "tmemd.store",
+    "tmemd.policy",
+    "tmemd.session",
+)
 NO_IO = {"trio", "socket"}
 
 

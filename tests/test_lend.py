@@ -20,9 +20,10 @@ from conftest import Daemon
 import tmemclient
 from tmemclient.admin import AdminClient
 from tmemclient.cleancache import AsyncPageCache, PageCache
-from tmemclient.errors import InvalidArgument
 from tmemclient.mapping import LentMemory
-from tmemclient.protocol import FRAME_SIZE, Op
+from tmemclient.wire.errors import InvalidArgument
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Op
 
 PAGE = FRAME_SIZE
 MIB = 1 << 20

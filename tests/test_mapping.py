@@ -23,8 +23,9 @@ from tmemclient.admin import AdminClient
 from tmemclient.cleancache import AsyncPageCache
 from tmemclient.client import hello_message
 from tmemclient.mapping import Token
-from tmemclient.protocol import FRAME_SIZE, NEED_DATA, FrameDecoder
 from tmemclient.region import create_region
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder
+from tmemclient.wire.layout import FRAME_SIZE
 
 PAGE = FRAME_SIZE
 

@@ -7,7 +7,7 @@ from typing import Any
 import trio
 
 import tmemclient
-import tmemclient.protocol
+import tmemclient.wire.messages
 
 
 def page(i: int) -> bytes:
@@ -50,7 +50,7 @@ def test_nowait_error_answers_are_recorded(daemon: Any) -> None:
         pool = client.new_pool()
         other = client.new_pool()
         # Destroy the pool behind the client's back: the deferred put gets UnknownPool.
-        client._exchange([[tmemclient.protocol.Op.DESTROY_POOL, pool.handle]])
+        client._exchange([[tmemclient.wire.messages.Op.DESTROY_POOL, pool.handle]])
         pool.put_many_nowait([(4, 0, page(0))])
         other.put(5, 0, page(5))  # reading this answer also reads the deferred one
         assert client.deferred.errors == 1

@@ -1,4 +1,4 @@
-"""Unit tests of the sans-I/O codec in tmemclient.protocol (PROTOCOL.md §2, §3, §5, §7, §8).
+"""Unit tests of the sans-I/O codec in tmemclient.wire (codec, messages) (PROTOCOL.md §2, §3, §5, §7, §8).
 
 Plain synchronous tests: bytes in, messages or exceptions out.
 """
@@ -12,7 +12,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from tmemclient.errors import (
+from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, decode_body, encode_frame
+from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,
     GuestConflict,
@@ -25,17 +26,13 @@ from tmemclient.errors import (
     UnknownPool,
     VersionMismatch,
 )
-from tmemclient.protocol import (
+from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
+from tmemclient.wire.messages import (
     FLAG_PERSISTENT,
     FLAG_SHARED,
-    FRAME_SIZE,
-    HEADER,
     MAX_NAME_LEN,
-    MAX_ORDER,
-    NEED_DATA,
     OID_BYTES,
     PROTOCOL_VERSION,
-    FrameDecoder,
     Hello,
     Limits,
     Op,
@@ -43,9 +40,7 @@ from tmemclient.protocol import (
     Status,
     check_oid,
     check_uint,
-    decode_body,
     decode_oid,
-    encode_frame,
     encode_oid,
     encode_reply,
     error_for_status,

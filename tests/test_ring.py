@@ -20,11 +20,14 @@ import pytest
 from conftest import Daemon
 
 import tmemclient
-from tmemclient import ring
-from tmemclient.errors import InvalidArgument, ProtocolError
-from tmemclient.protocol import FRAME_SIZE, Hello, Op, encode_frame
 from tmemclient.region import create_region
-from tmemclient.ring import Rings
+from tmemclient.wire import layout, ring
+from tmemclient.wire.codec import encode_frame
+from tmemclient.wire.errors import InvalidArgument, ProtocolError
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Hello, Op
+from tmemclient.wire.ring import Rings
+from tmemd.connection import PollWindow
 
 pytestmark = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
 
@@ -35,7 +38,7 @@ pytestmark = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64"
 @pytest.fixture
 def pair() -> Iterator[tuple[Rings, Rings]]:
     """A guest side and a host side over one anonymous shared mapping, rings of one frame."""
-    area = mmap.mmap(-1, ring.ring_bytes(1))
+    area = mmap.mmap(-1, layout.ring_bytes(1))
     host = Rings(memoryview(area), 1, "host")
     guest = Rings(memoryview(area), 1, "guest")
     yield guest, host
@@ -82,7 +85,7 @@ def test_sleep_words_are_seen_by_the_other_side(pair: tuple[Rings, Rings]) -> No
     ring.fence()  # callable, and harmless
 
 
-@pytest.mark.parametrize("word", [ring.SQ_TAIL, ring.CQ_HEAD])
+@pytest.mark.parametrize("word", [layout.SQ_TAIL, layout.CQ_HEAD])
 @pytest.mark.parametrize("value", [FRAME_SIZE + 1, 2**64 - 1, 2**63])
 def test_a_corrupt_guest_counter_is_a_protocol_error(
     pair: tuple[Rings, Rings], word: int, value: int
@@ -90,13 +93,13 @@ def test_a_corrupt_guest_counter_is_a_protocol_error(
     guest, host = pair
     guest.words[word] = value
     with pytest.raises(ProtocolError, match="corrupt"):
-        host.take() if word == ring.SQ_TAIL else host.write(b"reply")
+        host.take() if word == layout.SQ_TAIL else host.write(b"reply")
 
 
 def test_ring_sizes() -> None:
-    assert ring.ring_bytes(0) == 0
-    assert ring.ring_bytes(16) == 33 * FRAME_SIZE
-    assert [n for n in range(300) if ring.valid_ring_frames(n)] == [
+    assert layout.ring_bytes(0) == 0
+    assert layout.ring_bytes(16) == 33 * FRAME_SIZE
+    assert [n for n in range(300) if layout.valid_ring_frames(n)] == [
         0,
         1,
         2,
@@ -321,7 +324,7 @@ def test_a_missed_spin_shuts_the_gate_longer_each_time(monkeypatch: pytest.Monke
 
 
 def test_the_poll_window_grows_to_cover_short_gaps_and_drops_after_long_ones() -> None:
-    watch = ring.PollWindow(50e-6, 1e-3)
+    watch = PollWindow(50e-6, 1e-3)
     assert watch.window == 50e-6
     watch.woke(1.0)  # no watch began: nothing learnt
     assert watch.window == 50e-6
@@ -341,7 +344,7 @@ def test_the_poll_window_grows_to_cover_short_gaps_and_drops_after_long_ones() -
     watch.started = 5.0
     watch.woke(5.0 + 20e-6)  # inside the window: stays
     assert watch.window == 50e-6
-    assert ring.PollWindow(2e-3, 1e-3).most == 2e-3  # the most is never below the base
+    assert PollWindow(2e-3, 1e-3).most == 2e-3  # the most is never below the base
 
 
 def test_a_guest_with_short_gaps_is_served_with_and_without_the_grown_watch(

@@ -16,11 +16,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tmemclient.errors import InvalidArgument
 from tmemclient.region import FrameAllocator
-from tmemclient.units import format_size, parse_size
+from tmemclient.wire.errors import InvalidArgument
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.units import format_size, parse_size
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim, validate_weight
-from tmemd.store import NIL, SLOT_SIZE, Guest, Mirror, Pool, Store, StoreError
+from tmemd.store import NIL, Guest, Mirror, Pool, Store, StoreError
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -29,7 +30,7 @@ MakeStore = Callable[[int], Store]
 
 def page(tag: int, order: int = 0) -> bytes:
     """A page whose every 4 KiB slot is different and which no other tag produces."""
-    return random.Random(tag).randbytes(SLOT_SIZE << order)
+    return random.Random(tag).randbytes(FRAME_SIZE << order)
 
 
 def get(store: Store, pool: Pool, oid: int, index: int) -> bytes | None:
@@ -71,7 +72,7 @@ def make_store() -> Iterator[MakeStore]:
     made: list[Store] = []
 
     def make(slots: int) -> Store:
-        store = Store(slots * SLOT_SIZE)
+        store = Store(slots * FRAME_SIZE)
         made.append(store)
         return store
 
@@ -477,7 +478,9 @@ def test_guest_at_its_cap_evicts_its_own_oldest_page(make_store: MakeStore) -> N
     store = make_store(16)
     other = store.new_pool(store.add_guest("other"), persistent=False, order=0)
     put(store, other, 1, 0, page(0))  # globally the oldest page
-    capped = store.new_pool(store.add_guest("capped", cap=2 * SLOT_SIZE), persistent=False, order=0)
+    capped = store.new_pool(
+        store.add_guest("capped", cap=2 * FRAME_SIZE), persistent=False, order=0
+    )
     for index in range(3):
         assert put(store, capped, 1, index, page(10 + index))
     assert [present(store, capped, 1, i) for i in range(3)] == [False, True, True]
@@ -487,7 +490,7 @@ def test_guest_at_its_cap_evicts_its_own_oldest_page(make_store: MakeStore) -> N
 
 def test_persistent_put_beyond_cap_is_refused(make_store: MakeStore) -> None:
     store = make_store(16)
-    pool = store.new_pool(store.add_guest("g", cap=2 * SLOT_SIZE), persistent=True, order=0)
+    pool = store.new_pool(store.add_guest("g", cap=2 * FRAME_SIZE), persistent=True, order=0)
     assert put(store, pool, 1, 0, page(0))
     assert put(store, pool, 1, 1, page(1))
     assert put(store, pool, 1, 2, page(2)) is False
@@ -496,7 +499,7 @@ def test_persistent_put_beyond_cap_is_refused(make_store: MakeStore) -> None:
 
 def test_ephemeral_put_is_refused_when_persistent_pages_fill_the_cap(make_store: MakeStore) -> None:
     store = make_store(16)
-    guest = store.add_guest("g", cap=2 * SLOT_SIZE)
+    guest = store.add_guest("g", cap=2 * FRAME_SIZE)
     pers = store.new_pool(guest, persistent=True, order=0)
     put(store, pers, 1, 0, page(0))
     put(store, pers, 1, 1, page(1))
@@ -507,7 +510,7 @@ def test_ephemeral_put_is_refused_when_persistent_pages_fill_the_cap(make_store:
 
 def test_persistent_put_under_cap_evicts_own_ephemeral_pages(make_store: MakeStore) -> None:
     store = make_store(16)
-    guest = store.add_guest("g", cap=2 * SLOT_SIZE)
+    guest = store.add_guest("g", cap=2 * FRAME_SIZE)
     eph = store.new_pool(guest, persistent=False, order=0)
     pers = store.new_pool(guest, persistent=True, order=0)
     put(store, eph, 1, 0, page(0))
@@ -566,9 +569,9 @@ def scattered(make_store: MakeStore) -> tuple[Store, Pool]:
 
 def test_read_across_slot_boundaries_returns_the_page_bytes(scattered: tuple[Store, Pool]) -> None:
     store, pool = scattered
-    dst = bytearray(2 * SLOT_SIZE + 20)
-    assert store.read(pool, 1, 0, SLOT_SIZE - 10, memoryview(dst))
-    assert bytes(dst) == page(1, 2)[SLOT_SIZE - 10 : 3 * SLOT_SIZE + 10]
+    dst = bytearray(2 * FRAME_SIZE + 20)
+    assert store.read(pool, 1, 0, FRAME_SIZE - 10, memoryview(dst))
+    assert bytes(dst) == page(1, 2)[FRAME_SIZE - 10 : 3 * FRAME_SIZE + 10]
 
 
 def test_write_across_slot_boundaries_changes_only_that_range(
@@ -586,7 +589,7 @@ def test_xchg_across_slot_boundaries_swaps_the_bytes(scattered: tuple[Store, Poo
     store, pool = scattered
     new = b"\xaa" * 100
     buf = bytearray(new)
-    offset = 3 * SLOT_SIZE - 50
+    offset = 3 * FRAME_SIZE - 50
     assert store.xchg(pool, 1, 0, offset, memoryview(buf))
     before = page(1, 2)
     assert bytes(buf) == before[offset : offset + 100]
@@ -616,7 +619,7 @@ def test_write_on_missing_page_does_not_create_it(make_store: MakeStore) -> None
 
 
 @pytest.mark.parametrize(
-    ("offset", "length"), [(-1, 4), (SLOT_SIZE - 3, 4), (SLOT_SIZE, 1), (0, SLOT_SIZE + 1)]
+    ("offset", "length"), [(-1, 4), (FRAME_SIZE - 3, 4), (FRAME_SIZE, 1), (0, FRAME_SIZE + 1)]
 )
 def test_sub_page_range_outside_the_page_is_a_store_error(
     make_store: MakeStore, offset: int, length: int
@@ -660,7 +663,7 @@ def test_destroy_pool_scrubs_its_slots(make_store: MakeStore) -> None:
     slots = slots_of(store, pool, 1, 0)
     store.destroy_pool(pool)
     for slot in slots:
-        assert not any(store._mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])
+        assert not any(store._mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE])
 
 
 def test_remove_guest_frees_every_page_and_forgets_the_guest(make_store: MakeStore) -> None:
@@ -685,10 +688,10 @@ def test_remove_guest_scrubs_the_slots_it_held(make_store: MakeStore) -> None:
     put(store, eph, 1, 0, page(1))
     put(store, pers, 1, 0, page(2, 2))
     held = slots_of(store, eph, 1, 0) + slots_of(store, pers, 1, 0)
-    assert any(store._mem[held[0] * SLOT_SIZE : (held[0] + 1) * SLOT_SIZE])
+    assert any(store._mem[held[0] * FRAME_SIZE : (held[0] + 1) * FRAME_SIZE])
     store.remove_guest(guest)
     for slot in held:
-        assert not any(store._mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE]), slot
+        assert not any(store._mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE]), slot
 
 
 def test_slots_of_a_removed_guest_serve_another_guest(make_store: MakeStore) -> None:
@@ -716,7 +719,7 @@ def test_adding_a_guest_twice_is_a_store_error(make_store: MakeStore) -> None:
         store.add_guest("g")
 
 
-@pytest.mark.parametrize("budget", [0, 1, SLOT_SIZE - 1])
+@pytest.mark.parametrize("budget", [0, 1, FRAME_SIZE - 1])
 def test_budget_smaller_than_one_page_is_rejected(budget: int) -> None:
     with pytest.raises(ValueError):
         Store(budget)
@@ -760,7 +763,7 @@ def test_stats_count_each_kind_of_operation(make_store: MakeStore) -> None:
 def model_page(serial: int, order: int) -> bytes:
     """Distinct per put and per slot, cheap to make."""
     return b"".join(
-        ((serial << 8) | k).to_bytes(8, "big") * (SLOT_SIZE // 8) for k in range(1 << order)
+        ((serial << 8) | k).to_bytes(8, "big") * (FRAME_SIZE // 8) for k in range(1 << order)
     )
 
 
@@ -780,11 +783,11 @@ class StoreModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0  # the store's clock, in ns: rules move it
-        self.store = Store(MODEL_BUDGET_SLOTS * SLOT_SIZE, now_ns=lambda: self.now)
+        self.store = Store(MODEL_BUDGET_SLOTS * FRAME_SIZE, now_ns=lambda: self.now)
         self.guests = [
             self.store.add_guest("g0"),
             self.store.add_guest("g1", weight=300),
-            self.store.add_guest("g2", cap=3 * SLOT_SIZE),
+            self.store.add_guest("g2", cap=3 * FRAME_SIZE),
         ]
         for guest in self.guests[1:]:  # two of them borrow memory (PROTOCOL.md §4.8)
             self.store.map_guest(guest)
@@ -869,7 +872,7 @@ class StoreModel(RuleBasedStateMachine):
 
     @rule(slots=st.integers(1, MODEL_BUDGET_SLOTS))
     def set_budget(self, slots: int) -> None:
-        self.store.set_budget(slots * SLOT_SIZE)
+        self.store.set_budget(slots * FRAME_SIZE)
         for p, oid, index in list(self.model):
             if self.store.page_slots(self.pools[p], oid, index) is None:
                 self._learn_miss((p, oid, index))
@@ -911,7 +914,7 @@ class StoreModel(RuleBasedStateMachine):
 
     def _draw_range(self, data: st.DataObject, page_size: int) -> tuple[int, int]:
         """An (offset, length) inside the page, often straddling a slot boundary."""
-        near_boundary = [SLOT_SIZE * k + d for k in (1, 2, 3) for d in (-8, -1)]
+        near_boundary = [FRAME_SIZE * k + d for k in (1, 2, 3) for d in (-8, -1)]
         offsets = st.integers(0, page_size - 1) | st.sampled_from(
             [o for o in near_boundary if o < page_size] or [0]
         )
@@ -1252,7 +1255,7 @@ def mapped_read(mirror: Mirror, token: list[int], order: int) -> bytes | None:
         return None
     parts, slot = [], head
     for _ in range(1 << order):
-        parts.append(bytes(mirror.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE]))
+        parts.append(bytes(mirror.mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE]))
         slot = mirror.link[slot]
     return b"".join(parts) if mirror.gen[head] == generation else None
 
@@ -1276,7 +1279,7 @@ def test_a_mapped_guests_pages_are_in_its_mirror_under_their_tokens(
         tokens[i] = token
     for i, token in tokens.items():
         assert mapped_read(mirror, token, order) == data[i]
-    assert not any(store._mem[: 16 * SLOT_SIZE])  # nothing went to the arena
+    assert not any(store._mem[: 16 * FRAME_SIZE])  # nothing went to the arena
     # Replaced: the old token reads nothing, the new one the new page.
     assert put(store, pool, 1, 0, page(99, order))
     assert mapped_read(mirror, tokens[0], order) is None
@@ -1325,12 +1328,12 @@ def test_a_slot_moving_to_another_owner_leaves_nothing_in_the_old_file(
     assert a.held_slots == 0
     for slot in a_slots:
         assert slot is not None
-        assert not any(ma.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])
+        assert not any(ma.mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE])
         assert ma.gen[slot] == 0
     for i in range(2):
         head = store.page_slots(pb, 1, i)
         assert head is not None and head in a_slots
-        assert bytes(mb.mem[head * SLOT_SIZE : (head + 1) * SLOT_SIZE]) == page(100 + i)
+        assert bytes(mb.mem[head * FRAME_SIZE : (head + 1) * FRAME_SIZE]) == page(100 + i)
         assert peek(store, pc, 1, i) == page(200 + i)
 
 
@@ -1348,7 +1351,7 @@ def test_busy_mapped_guests_keep_their_memory_where_it_is(slack: float) -> None:
     """Two mapped guests putting in turn into a full store: the weighted LRU alone takes the
     page of one for the other nearly every time, moving memory between their files; with the
     move slack almost none moves, and the two still hold about the same."""
-    store = Store(64 * SLOT_SIZE, move_slack=slack)
+    store = Store(64 * FRAME_SIZE, move_slack=slack)
     try:
         guests = [store.add_guest("a"), store.add_guest("b")]
         pools = []
@@ -1373,7 +1376,7 @@ def test_weights_still_set_the_shares_of_busy_mapped_guests() -> None:
     (DESIGN.md §3), while less memory moves than a tenth of the plain LRU's."""
     moved = {}
     for slack in (0.0, 0.125):
-        store = Store(256 * SLOT_SIZE, move_slack=slack)
+        store = Store(256 * FRAME_SIZE, move_slack=slack)
         try:
             guests = [store.add_guest("a", weight=300), store.add_guest("b", weight=100)]
             pools = []
@@ -1396,7 +1399,7 @@ def test_weights_still_set_the_shares_of_busy_mapped_guests() -> None:
 def test_memory_still_follows_demand_to_a_busy_mapped_guest() -> None:
     """The slack keeps memory between busy guests only: a guest gone quiet loses its pages to
     the one putting, as with the plain weighted LRU."""
-    store = Store(64 * SLOT_SIZE)
+    store = Store(64 * FRAME_SIZE)
     try:
         a, b = store.add_guest("a"), store.add_guest("b")
         store.map_guest(a)
@@ -1502,7 +1505,7 @@ class MappedStoreModel(StoreModel):
                             mirror = guest.mirror
                             if mirror is None or guest is pool.guest:
                                 continue
-                            chunk = mirror.mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE]
+                            chunk = mirror.mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE]
                             assert not any(chunk), f"{guest.name}'s mirror holds slot {slot}"
 
 
@@ -1523,15 +1526,15 @@ def test_a_smaller_budget_gives_the_memory_of_free_slots_back(
     for i in range(8):
         assert put(store, pool, 1, i, page(i))
     slots = [store.page_slots(pool, 1, i) for i in range(8)]
-    assert store.set_budget(3 * SLOT_SIZE) == 5
+    assert store.set_budget(3 * FRAME_SIZE) == 5
     for i, slot in enumerate(slots):
         assert slot is not None
-        chunk = bytes(mem[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])
+        chunk = bytes(mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE])
         if i < 5:  # evicted: the slot's memory is gone
-            assert chunk == bytes(SLOT_SIZE)
+            assert chunk == bytes(FRAME_SIZE)
         else:
             assert chunk == page(i) and peek(store, pool, 1, i) == page(i)
-    assert store.set_budget(8 * SLOT_SIZE) == 0
+    assert store.set_budget(8 * FRAME_SIZE) == 0
     for i in range(8, 13):
         assert put(store, pool, 1, i, page(i))  # the freed slots serve again
     assert all(peek(store, pool, 1, i) == page(i) for i in range(5, 13))
@@ -1594,7 +1597,7 @@ def clock() -> Clock:
 
 
 def test_lending_gives_free_memory_and_bills_it(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a = lender(store, "a")
     answer = store.lend(a, 10)
     assert answer == {"lent": 10, "low": 0, "seq": 0, "room": 6}
@@ -1608,7 +1611,7 @@ def test_lending_gives_free_memory_and_bills_it(clock: Clock) -> None:
 
 
 def test_a_busy_guest_gets_its_share_of_another_busy_guests_loan(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), lender(store, "b", weight=300)
     assert store.lend(a, 16)["lent"] == 16  # alone: all of it
     clock.wait(0.01)  # both busy: a's last LEND was 10 ms ago
@@ -1623,15 +1626,15 @@ def test_a_busy_guest_gets_its_share_of_another_busy_guests_loan(clock: Clock) -
 
 
 def test_an_idle_guests_loan_goes_first_and_whole(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), lender(store, "b")
     store.lend(a, 16)
     mem = loan_map(a)
-    mem[SLOT_SIZE : SLOT_SIZE + 5] = b"hello"  # slot 0 of a's loan
+    mem[FRAME_SIZE : FRAME_SIZE + 5] = b"hello"  # slot 0 of a's loan
     clock.wait(store.lend_idle + 0.01)  # a leaves it unused
     assert store.lend(b, 16)["lent"] == 16
     assert a.lent_slots == 0
-    assert mem[SLOT_SIZE : SLOT_SIZE + 5] == bytes(5)  # punched: a reads zeros now
+    assert mem[FRAME_SIZE : FRAME_SIZE + 5] == bytes(5)  # punched: a reads zeros now
     # a learns it at its next LEND: it had 0 slots at the least since its last ask.
     assert store.lend(a, 0) == {"lent": 0, "low": 0, "seq": 2, "room": 0}
     mem.close()
@@ -1639,7 +1642,7 @@ def test_an_idle_guests_loan_goes_first_and_whole(clock: Clock) -> None:
 
 
 def test_a_guest_that_uses_its_loan_keeps_it(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), lender(store, "b")
     store.lend(a, 8)
     clock.wait(store.lend_idle * 3)
@@ -1651,7 +1654,7 @@ def test_a_guest_that_uses_its_loan_keeps_it(clock: Clock) -> None:
 
 
 def test_a_put_takes_a_busy_loan_down_to_its_share_and_an_idle_one_whole(clock: Clock) -> None:
-    store = Store(4 * SLOT_SIZE, now_ns=clock)
+    store = Store(4 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), store.add_guest("b")
     pool = store.new_pool(b, persistent=False, order=0)
     store.lend(a, 4)
@@ -1667,7 +1670,7 @@ def test_a_put_takes_a_busy_loan_down_to_its_share_and_an_idle_one_whole(clock: 
 
 
 def test_lending_evicts_ephemeral_pages_never_persistent(clock: Clock) -> None:
-    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    store = Store(8 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), store.add_guest("b")
     eph = store.new_pool(b, persistent=False, order=0)
     pers = store.new_pool(b, persistent=True, order=0)
@@ -1681,37 +1684,37 @@ def test_lending_evicts_ephemeral_pages_never_persistent(clock: Clock) -> None:
 
 
 def test_caps_and_budget_cover_lent_memory(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
-    a = lender(store, "a", cap=6 * SLOT_SIZE)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
+    a = lender(store, "a", cap=6 * FRAME_SIZE)
     pool = store.new_pool(a, persistent=True, order=0)
     assert put(store, pool, 1, 0, page(0))
     assert store.lend(a, 16)["lent"] == 5  # cap 6, one slot holds a page
-    store.set_cap(a, 3 * SLOT_SIZE)
+    store.set_cap(a, 3 * FRAME_SIZE)
     assert a.lent_slots == 2 and a.held_slots == 3
     store.set_cap(a, None)
     store.lend(a, 15)
-    store.set_budget(8 * SLOT_SIZE)  # an administrator shrinks it: lent memory comes back
+    store.set_budget(8 * FRAME_SIZE)  # an administrator shrinks it: lent memory comes back
     assert store.used_slots == 8 and a.lent_slots == 7
     store.close()
 
 
 def test_memory_written_beyond_the_loan_is_punched_at_the_next_ask(clock: Clock) -> None:
-    store = Store(64 * SLOT_SIZE, now_ns=clock)
+    store = Store(64 * FRAME_SIZE, now_ns=clock)
     a = lender(store, "a")
     store.lend(a, 2)
     mem = loan_map(a)
     for slot in range(2, 40):  # far beyond its 2 slots
-        mem[(slot + 1) * SLOT_SIZE] = 1
-    assert a.loan is not None and a.loan.resident() >= 38 * SLOT_SIZE
+        mem[(slot + 1) * FRAME_SIZE] = 1
+    assert a.loan is not None and a.loan.resident() >= 38 * FRAME_SIZE
     store.lend(a, 2)
-    assert a.loan.resident() <= 3 * SLOT_SIZE  # the header and its own 2 slots
-    assert mem[3 * SLOT_SIZE] == 0
+    assert a.loan.resident() <= 3 * FRAME_SIZE  # the header and its own 2 slots
+    assert mem[3 * FRAME_SIZE] == 0
     mem.close()
     store.close()
 
 
 def test_closing_a_loan_returns_its_memory(clock: Clock) -> None:
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a = lender(store, "a")
     store.lend(a, 16)
     with pytest.raises(StoreError, match="borrows memory already"):
@@ -1725,7 +1728,7 @@ def test_closing_a_loan_returns_its_memory(clock: Clock) -> None:
 
 
 def test_a_guest_that_never_borrows_still_gets_its_share_for_puts(clock: Clock) -> None:
-    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    store = Store(8 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), store.add_guest("b")
     pool = store.new_pool(b, persistent=False, order=0)
     assert store.lend(a, 8)["lent"] == 8  # all of it, and a stays busy
@@ -1736,7 +1739,7 @@ def test_a_guest_that_never_borrows_still_gets_its_share_for_puts(clock: Clock) 
 
 
 def test_a_frozen_guest_may_give_back_but_not_borrow_more(clock: Clock) -> None:
-    store = Store(8 * SLOT_SIZE, now_ns=clock)
+    store = Store(8 * FRAME_SIZE, now_ns=clock)
     a = lender(store, "a")
     store.lend(a, 2)
     a.frozen = True

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 from test_store import Clock, lender, loan_map, page, put
 
+from tmemclient.wire.layout import FRAME_SIZE
 from tmemd.config import ConfigError, GuestPolicy, Settings, load_config
 from tmemd.host import Host
-from tmemd.store import (
-    BIG_PUNCH,
-    LOAN_SLACK_SLOTS,
-    OVERDRAW_CLOSE_SLOTS,
-    REAP_INLINE,
-    SLOT_SIZE,
-    Store,
-)
+from tmemd.store import BIG_PUNCH, LOAN_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS, REAP_INLINE, Store
 
 MIB = 1 << 20
 
@@ -43,7 +37,7 @@ def writable(file_fd: int, size: int) -> mmap.mmap:
 
 def test_control_words_written_by_the_guest_change_no_recall() -> None:
     clock = Clock()
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), lender(store, "b")
     assert store.lend(a, 16)["lent"] == 16
     mirror = a.mirror
@@ -66,7 +60,7 @@ def test_control_words_written_by_the_guest_change_no_recall() -> None:
 
 
 def test_generations_written_by_the_guest_are_never_trusted() -> None:
-    store = Store(8 * SLOT_SIZE)
+    store = Store(8 * FRAME_SIZE)
     g = store.add_guest("g")
     mirror = store.map_guest(g)
     pool = store.new_pool(g, persistent=False, order=0)
@@ -85,7 +79,7 @@ def test_generations_written_by_the_guest_are_never_trusted() -> None:
 
 
 def test_files_handed_to_guests_are_mode_0400() -> None:
-    store = Store(8 * SLOT_SIZE)
+    store = Store(8 * FRAME_SIZE)
     g = lender(store, "g")
     assert g.mirror is not None and g.loan is not None
     for fd in (g.mirror.fd, g.loan.fd, store.arena.fd):
@@ -95,7 +89,7 @@ def test_files_handed_to_guests_are_mode_0400() -> None:
 
 def test_an_active_word_from_the_future_only_keeps_a_loan_busy() -> None:
     clock = Clock()
-    store = Store(16 * SLOT_SIZE, now_ns=clock)
+    store = Store(16 * FRAME_SIZE, now_ns=clock)
     a, b = lender(store, "a"), lender(store, "b")
     assert store.lend(a, 16)["lent"] == 16
     mem = loan_map(a)
@@ -112,37 +106,37 @@ def test_an_active_word_from_the_future_only_keeps_a_loan_busy() -> None:
 
 
 def test_the_audit_punches_a_loan_written_beyond_what_was_lent() -> None:
-    store = Store(64 * SLOT_SIZE)
+    store = Store(64 * FRAME_SIZE)
     g = lender(store, "g")
     assert store.lend(g, 4)["lent"] == 4
     mem = loan_map(g)
     assert not store.audit(g)  # nothing written: nothing found
-    mem[SLOT_SIZE : SLOT_SIZE + 4 * SLOT_SIZE] = b"x" * (4 * SLOT_SIZE)  # its own: fine
+    mem[FRAME_SIZE : FRAME_SIZE + 4 * FRAME_SIZE] = b"x" * (4 * FRAME_SIZE)  # its own: fine
     assert not store.audit(g)
     extra = LOAN_SLACK_SLOTS + 40
-    start = (1 + 4) * SLOT_SIZE
-    mem[start : start + extra * SLOT_SIZE] = b"y" * (extra * SLOT_SIZE)  # not lent
+    start = (1 + 4) * FRAME_SIZE
+    mem[start : start + extra * FRAME_SIZE] = b"y" * (extra * FRAME_SIZE)  # not lent
     found = store.audit(g)
     assert found.loan >= 40 and not found.close
     assert g.loan is not None
-    assert g.loan.resident() <= (1 + 4) * SLOT_SIZE
-    assert mem[SLOT_SIZE : 2 * SLOT_SIZE] == b"x" * SLOT_SIZE  # what is lent stays
+    assert g.loan.resident() <= (1 + 4) * FRAME_SIZE
+    assert mem[FRAME_SIZE : 2 * FRAME_SIZE] == b"x" * FRAME_SIZE  # what is lent stays
     assert g.overdrawn == found.loan and store.overdrawn_slots == found.loan
     mem.close()
     store.close()
 
 
 def test_the_audit_closes_a_guest_far_beyond_its_loan() -> None:
-    store = Store(64 * SLOT_SIZE, capacity=8 * MIB)
+    store = Store(64 * FRAME_SIZE, capacity=8 * MIB)
     g = lender(store, "g")
     mem = loan_map(g)
     many = OVERDRAW_CLOSE_SLOTS + LOAN_SLACK_SLOTS + 64
-    mem[SLOT_SIZE : (1 + many) * SLOT_SIZE] = b"z" * (many * SLOT_SIZE)
+    mem[FRAME_SIZE : (1 + many) * FRAME_SIZE] = b"z" * (many * FRAME_SIZE)
     found = store.audit(g)
     assert found.close and found.loan > OVERDRAW_CLOSE_SLOTS
     assert g.overdrawn == found.loan
     loan = g.loan
-    assert loan is not None and loan.resident() >= many * SLOT_SIZE  # left for the close
+    assert loan is not None and loan.resident() >= many * FRAME_SIZE  # left for the close
     store.remove_guest(g)  # what closing its connection does: the file is punched whole
     assert loan.closed and store.lenders == {}
     mem.close()
@@ -150,7 +144,7 @@ def test_the_audit_closes_a_guest_far_beyond_its_loan() -> None:
 
 
 def test_the_audit_punches_mirror_pages_the_guest_holds_nothing_in() -> None:
-    store = Store(32 * SLOT_SIZE, capacity=4 * MIB)
+    store = Store(32 * FRAME_SIZE, capacity=4 * MIB)
     g = store.add_guest("g")
     mirror = store.map_guest(g)
     pool = store.new_pool(g, persistent=True, order=0)
@@ -161,20 +155,20 @@ def test_the_audit_punches_mirror_pages_the_guest_holds_nothing_in() -> None:
     fd = mirror.read_only_fd()
     view = mmap.mmap(fd, mirror.size, prot=mmap.PROT_READ)
     os.close(fd)
-    touched = sum(view[i * SLOT_SIZE] for i in range(100, 100 + 600))
+    touched = sum(view[i * FRAME_SIZE] for i in range(100, 100 + 600))
     assert touched == 0
     found = store.audit(g)
     assert found.mirror > OVERDRAW_CLOSE_SLOTS and found.close
     for i in range(8):  # its own pages are all there
         head = store.page_slots(pool, 1, i)
         assert head is not None
-        assert view[head * SLOT_SIZE : (head + 1) * SLOT_SIZE] == page(i)
+        assert view[head * FRAME_SIZE : (head + 1) * FRAME_SIZE] == page(i)
     view.close()
     store.close()
 
 
 def test_the_audit_punches_a_few_stray_mirror_pages_and_keeps_the_guest() -> None:
-    store = Store(32 * SLOT_SIZE, capacity=4 * MIB)
+    store = Store(32 * FRAME_SIZE, capacity=4 * MIB)
     g = store.add_guest("g")
     mirror = store.map_guest(g)
     pool = store.new_pool(g, persistent=True, order=0)
@@ -183,14 +177,14 @@ def test_the_audit_punches_a_few_stray_mirror_pages_and_keeps_the_guest() -> Non
     fd = mirror.read_only_fd()
     view = mmap.mmap(fd, mirror.size, prot=mmap.PROT_READ)
     os.close(fd)
-    assert sum(view[i * SLOT_SIZE] for i in range(100, 100 + 200)) == 0  # 200 stray pages
+    assert sum(view[i * FRAME_SIZE] for i in range(100, 100 + 200)) == 0  # 200 stray pages
     found = store.audit(g)
     assert not found.close and found.mirror == 200
-    assert mirror.resident() < 64 * SLOT_SIZE  # punched again
+    assert mirror.resident() < 64 * FRAME_SIZE  # punched again
     for i in range(8):
         head = store.page_slots(pool, 1, i)
         assert head is not None
-        assert view[head * SLOT_SIZE : (head + 1) * SLOT_SIZE] == page(i)
+        assert view[head * FRAME_SIZE : (head + 1) * FRAME_SIZE] == page(i)
     view.close()
     store.close()
 
@@ -199,9 +193,9 @@ def test_the_audit_punches_a_few_stray_mirror_pages_and_keeps_the_guest() -> Non
 
 
 def test_a_uid_cap_holds_across_every_name_it_uses() -> None:
-    store = Store(64 * SLOT_SIZE)
+    store = Store(64 * FRAME_SIZE)
     tenant = store.tenant(1000)
-    store.set_tenant_cap(tenant, 8 * SLOT_SIZE)
+    store.set_tenant_cap(tenant, 8 * FRAME_SIZE)
     listed = store.add_guest("vm1", tenant=tenant)
     renamed = store.add_guest("1000/evil", tenant=tenant)
     other = store.add_guest("2000/x", tenant=store.tenant(2000))
@@ -223,7 +217,7 @@ def test_a_uid_cap_holds_across_every_name_it_uses() -> None:
 
 
 def test_lowering_a_uid_cap_evicts_its_guests_ephemeral_pages_only() -> None:
-    store = Store(64 * SLOT_SIZE)
+    store = Store(64 * FRAME_SIZE)
     tenant = store.tenant(7)
     a = store.add_guest("a", tenant=tenant)
     b = store.add_guest("b", tenant=tenant)
@@ -231,9 +225,9 @@ def test_lowering_a_uid_cap_evicts_its_guests_ephemeral_pages_only() -> None:
     eb = store.new_pool(b, persistent=False, order=0)
     assert all(put(store, pa, 1, i, page(i)) for i in range(4))
     assert all(put(store, eb, 1, i, page(i)) for i in range(6))
-    assert store.set_tenant_cap(tenant, 5 * SLOT_SIZE) == 5  # down to the cap, oldest first
+    assert store.set_tenant_cap(tenant, 5 * FRAME_SIZE) == 5  # down to the cap, oldest first
     assert a.pers_slots == 4 and b.eph_slots == 1 and tenant.held_slots == 5
-    assert store.set_tenant_cap(tenant, 2 * SLOT_SIZE) == 1  # persistent pages always stay
+    assert store.set_tenant_cap(tenant, 2 * FRAME_SIZE) == 1  # persistent pages always stay
     assert a.pers_slots == 4 and b.eph_slots == 0
     store.close()
 
@@ -296,7 +290,7 @@ def test_a_big_pool_dies_at_once_and_frees_its_pages_in_steps() -> None:
     assert pool.dead and store.busy and store.used_slots == pages  # still freeing
     assert store.reap(REAP_INLINE) == REAP_INLINE and store.used_slots == pages - REAP_INLINE
     # A put that needs room takes the dying pages first, not a live guest's.
-    store.set_budget(pages * SLOT_SIZE)
+    store.set_budget(pages * FRAME_SIZE)
     eph = store.new_pool(other, persistent=False, order=0)
     assert put(store, eph, 1, 0, page(1)) and store.evictions == 0
     store.drain()
@@ -308,7 +302,7 @@ def test_a_deferred_scrub_holds_its_slots_until_the_punch_ran() -> None:
     store = Store(4 * MIB, deferred=True)
     g = store.add_guest("g")
     pool = store.new_pool(g, persistent=True, order=0)
-    n = BIG_PUNCH // SLOT_SIZE
+    n = BIG_PUNCH // FRAME_SIZE
     for i in range(n):
         assert put(store, pool, 1, i, page(i % 5))
     store.destroy_pool(pool)
@@ -326,10 +320,10 @@ def test_a_loan_grows_no_more_while_a_recall_punch_is_pending() -> None:
     clock = Clock()
     store = Store(8 * MIB, now_ns=clock, deferred=True)
     g = lender(store, "g")
-    slots = 2 * BIG_PUNCH // SLOT_SIZE
+    slots = 2 * BIG_PUNCH // FRAME_SIZE
     assert store.lend(g, slots)["lent"] == slots
     mem = loan_map(g)
-    mem[SLOT_SIZE : (1 + slots) * SLOT_SIZE] = b"q" * (slots * SLOT_SIZE)
+    mem[FRAME_SIZE : (1 + slots) * FRAME_SIZE] = b"q" * (slots * FRAME_SIZE)
     assert store.lend(g, 0)["lent"] == 0  # gives it all back: a big punch, queued
     assert g.loan is not None and g.loan.pending == 1
     assert store.lend(g, 10)["lent"] == 0  # not while the punch may still hit the file
@@ -337,7 +331,7 @@ def test_a_loan_grows_no_more_while_a_recall_punch_is_pending() -> None:
     assert later is not None
     later.run()
     store.finish(later)
-    assert g.loan.pending == 0 and g.loan.resident() <= SLOT_SIZE
+    assert g.loan.pending == 0 and g.loan.resident() <= FRAME_SIZE
     assert store.lend(g, 10)["lent"] == 10
     mem.close()
     store.close()

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from tmemclient._plans import lend_reply
-from tmemclient.errors import (
+from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.errors import (
     DaemonShuttingDown,
     GuestConflict,
     InvalidArgument,
@@ -26,16 +27,13 @@ from tmemclient.errors import (
     UnknownPool,
     VersionMismatch,
 )
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    HEADER,
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import (
     HELLO_MAX_FRAME,
     INDEX_BITS,
     MAX_NAME_LEN,
-    NEED_DATA,
     PROTOCOL_VERSION,
     UUID_BYTES,
-    FrameDecoder,
     Hello,
     Limits,
     Op,
@@ -43,7 +41,6 @@ from tmemclient.protocol import (
     Status,
     check_uint,
     decode_oid,
-    encode_frame,
     encode_oid,
     error_for_status,
     split_reply,

@@ -13,7 +13,7 @@ awaited.
 
 from tmemclient.aclient import AsyncClient, AsyncPool, open_client
 from tmemclient.client import DEFAULT_FRAMES, Client, FrameRun, Pool, connect
-from tmemclient.errors import (
+from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,
     GuestConflict,
@@ -25,7 +25,8 @@ from tmemclient.errors import (
     UnknownPool,
     VersionMismatch,
 )
-from tmemclient.protocol import FRAME_SIZE, PROTOCOL_VERSION
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
 

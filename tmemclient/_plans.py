@@ -12,9 +12,9 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tmemclient.errors import InvalidArgument, ProtocolError
-from tmemclient.protocol import (
-    FRAME_SIZE,
+from tmemclient.wire.errors import InvalidArgument, ProtocolError
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import (
     INDEX_BITS,
     OID_BITS,
     OID_BYTES,

@@ -12,18 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from tmemclient import _plans
-from tmemclient.errors import InvalidArgument, UnknownPool
 from tmemclient.mapping import Mapping, Token
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    MAX_ORDER,
-    UUID_BYTES,
-    Limits,
-    Op,
-    check_oid,
-    encode_oid,
-    make_pool_flags,
-)
+from tmemclient.wire.errors import InvalidArgument, UnknownPool
+from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
+from tmemclient.wire.messages import UUID_BYTES, Limits, Op, check_oid, encode_oid, make_pool_flags
 
 
 class Job(NamedTuple):

@@ -35,26 +35,18 @@ from tmemclient.client import (
     hello_message,
     hello_reply,
 )
-from tmemclient.errors import (
+from tmemclient.mapping import Mapping
+from tmemclient.region import FrameAllocator, create_region
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,
     LimitExceeded,
     ProtocolError,
     TmemError,
 )
-from tmemclient.mapping import Mapping
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    NEED_DATA,
-    FrameDecoder,
-    Limits,
-    Op,
-    Status,
-    encode_frame,
-    error_for_status,
-    split_reply,
-)
-from tmemclient.region import FrameAllocator, create_region
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Limits, Op, Status, error_for_status, split_reply
 
 _RECV = 256 * 1024
 

@@ -13,15 +13,9 @@ import os
 import socket
 from typing import Any, Final
 
-from tmemclient.errors import DaemonGone, ProtocolError
-from tmemclient.protocol import (
-    NEED_DATA,
-    FrameDecoder,
-    Status,
-    encode_frame,
-    error_for_status,
-    split_reply,
-)
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.errors import DaemonGone, ProtocolError
+from tmemclient.wire.messages import Status, error_for_status, split_reply
 
 ADMIN_OPS: Final = (
     "status",

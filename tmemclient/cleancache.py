@@ -90,9 +90,9 @@ import trio
 
 from tmemclient.aclient import AsyncPool
 from tmemclient.client import OnAnswer, Pool
-from tmemclient.errors import DaemonGone, InvalidArgument
 from tmemclient.mapping import LentMemory, Mapping, Token, token_of
-from tmemclient.protocol import FRAME_SIZE
+from tmemclient.wire.errors import DaemonGone, InvalidArgument
+from tmemclient.wire.layout import FRAME_SIZE
 
 PAGE = FRAME_SIZE  # a file page
 Key = tuple[int, int]  # (object id, block index): a tmem handle

@@ -12,9 +12,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tmemclient import _plans, ring
+from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
-from tmemclient.errors import (
+from tmemclient.mapping import Mapping, Token, token_of
+from tmemclient.region import FrameAllocator, create_region
+from tmemclient.wire import layout, ring
+from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
+from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,
     InvalidArgument,
@@ -22,24 +26,20 @@ from tmemclient.errors import (
     ProtocolError,
     TmemError,
 )
-from tmemclient.mapping import Mapping, Token, token_of
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    NEED_DATA,
+from tmemclient.wire.fds import fds_from_ancillary
+from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import (
     PROTOCOL_VERSION,
-    FrameDecoder,
     Hello,
     Limits,
     Op,
     Status,
     check_ring_frames,
-    encode_frame,
     error_for_status,
     split_reply,
     valid_guest_name,
 )
-from tmemclient.region import FrameAllocator, create_region, fds_from_ancillary
-from tmemclient.ring import Rings, SpinGate, fence
+from tmemclient.wire.ring import Rings, SpinGate, fence
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
 _RECV = 256 * 1024
@@ -703,7 +703,7 @@ def connect(
     if ring_frames is None:
         ring_frames = ring.DEFAULT_RING_FRAMES if ring.supported() else 0
     hello = hello_message(name, frames, ring_frames, map_pages, lend_memory)
-    fd, region = create_region(frames, ring.ring_bytes(ring_frames))
+    fd, region = create_region(frames, layout.ring_bytes(ring_frames))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     fds: list[int] = []
     mapping: Mapping | None = None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import tmemclient
-from tmemclient.units import format_size, parse_size
+from tmemclient.wire.units import format_size, parse_size
 from tmemclient.workload import running_tmemd
 
 

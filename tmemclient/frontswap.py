@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tmemclient.client import Pool
-from tmemclient.errors import DaemonGone, InvalidArgument
-from tmemclient.protocol import FRAME_SIZE
+from tmemclient.wire.errors import DaemonGone, InvalidArgument
+from tmemclient.wire.layout import FRAME_SIZE
 
 DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
 DiskWrite = Callable[[int, list[tuple[int, bytes]]], None]  # (fd, [(offset, data), ...])

@@ -22,10 +22,8 @@ import os
 import time
 from typing import Any
 
-from tmemclient.errors import ProtocolError
-
-SLOT = 4096
-CTL_WORDS = 3  # the mirror's control page: seq, lent slots, low slots (PROTOCOL.md §4.8)
+from tmemclient.wire.errors import ProtocolError
+from tmemclient.wire.layout import CTL_WORDS, FRAME_SIZE, MirrorLayout, loan_size
 
 Token = tuple[int, int]  # (head slot, generation)
 
@@ -45,11 +43,14 @@ class Mapping:
         self, fd: int, slots: int, loan_fd: int | None = None, loan_slots: int = 0
     ) -> None:
         self.slots = slots
-        gen_offset = slots * SLOT
-        link_offset = gen_offset + 8 * slots
-        ctl_offset = -(-(link_offset + 4 * slots) // SLOT) * SLOT
+        layout = MirrorLayout(slots)
+        gen_offset, link_offset, ctl_offset = (
+            layout.gen_offset,
+            layout.link_offset,
+            layout.ctl_offset,
+        )
         # The control page after the links matters only with a loan (§4.8).
-        size = ctl_offset + (SLOT if loan_fd is not None else 0)
+        size = layout.size if loan_fd is not None else ctl_offset
         if os.fstat(fd).st_size < size:
             raise ProtocolError(f"tmemd's page mirror is smaller than {slots} slots need")
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -80,7 +81,7 @@ class Mapping:
             return None
         mem = self._mem
         if not order:
-            data = bytes(mem[head * SLOT : (head + 1) * SLOT])
+            data = bytes(mem[head * FRAME_SIZE : (head + 1) * FRAME_SIZE])
         else:
             parts = []
             slot = head
@@ -88,7 +89,7 @@ class Mapping:
                 if slot >= slots:  # a link read while the page was being replaced
                     self.misses += 1
                     return None
-                parts.append(mem[slot * SLOT : (slot + 1) * SLOT])
+                parts.append(mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE])
                 slot = self._link[slot]
             data = b"".join(parts)
         if gen[head] != generation:  # changed under us: what we copied may be torn
@@ -133,14 +134,14 @@ class LentMemory:
     BUSY = -1
 
     def __init__(self, fd: int, slots: int, ctl: memoryview) -> None:
-        size = (slots + 1) * SLOT
+        size = loan_size(slots)
         if os.fstat(fd).st_size < size:
             raise ProtocolError(f"tmemd's loan file is smaller than {slots} slots need")
-        self.size = slots * SLOT  # the most it could ever lend
+        self.size = slots * FRAME_SIZE  # the most it could ever lend
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         view = memoryview(self._map)
         self._view = view
-        self.mem = view[SLOT:]
+        self.mem = view[FRAME_SIZE:]
         self._active = view[:8].cast("Q")
         self.words = ctl  # the mirror's control words (read-only): seq, lent, low
         self.seq = ctl[0]  # as last seen
@@ -148,7 +149,7 @@ class LentMemory:
     @property
     def lent(self) -> int:
         """Bytes we may use now."""
-        return self.words[1] * SLOT
+        return self.words[1] * FRAME_SIZE
 
     def changed(self) -> int | None:
         """None if nothing was taken back since we last looked; else the offset from which
@@ -159,7 +160,7 @@ class LentMemory:
             return None
         if seq & 1:
             return self.BUSY
-        low = ctl[2] * SLOT  # read after an even seq: the recall's words are all there
+        low = ctl[2] * FRAME_SIZE  # read after an even seq: the recall's words are all there
         self.seq = seq
         return low
 

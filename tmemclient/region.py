@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import array
 import bisect
-import contextlib
 import fcntl
 import mmap
 import os
-import socket
 
-from tmemclient.errors import InvalidArgument, ProtocolError
-from tmemclient.protocol import FRAME_SIZE
+from tmemclient.wire.errors import InvalidArgument
+from tmemclient.wire.layout import FRAME_SIZE
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-
-def fds_from_ancillary(
-    ancdata: list[tuple[int, int, bytes]], flags: int, too_many: str
-) -> list[int]:
-    """Every fd that came with a message (SCM_RIGHTS). If the control data was truncated (the
-    peer sent more fds than room was made for), closes them and raises ProtocolError(too_many).
-    The daemon reads a guest's HELLO with it, and a guest the reply that may carry its mirror."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[: len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    if flags & socket.MSG_CTRUNC:
-        close_all(fds)
-        raise ProtocolError(too_many)
-    return fds
-
-
-def close_all(fds: list[int]) -> None:
-    """Close fds we received but will not use."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def create_region(frames: int, extra: int = 0) -> tuple[int, mmap.mmap]:

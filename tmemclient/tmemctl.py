@@ -21,8 +21,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final, TextIO
 
 from tmemclient.admin import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
-from tmemclient.errors import DaemonGone, PermissionDenied, TmemError
-from tmemclient.units import format_size, size_arg
+from tmemclient.wire.errors import DaemonGone, PermissionDenied, TmemError
+from tmemclient.wire.units import format_size, size_arg
 
 PROG: Final = "tmemctl"
 EXIT_OK: Final = 0

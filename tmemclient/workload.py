@@ -52,7 +52,7 @@ import tmemclient
 from tmemclient.admin import AdminClient
 from tmemclient.cleancache import PageCache
 from tmemclient.frontswap import SwappedMemory, SwapStore
-from tmemclient.units import format_size, parse_size
+from tmemclient.wire.units import format_size, parse_size
 
 PAGE = 4096
 MAGIC = 0x746D656D  # "tmem"

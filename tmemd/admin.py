@@ -22,8 +22,9 @@ from typing import Any
 import structlog
 import trio
 
-from tmemclient.errors import InvalidArgument, ProtocolError, TmemError
-from tmemclient.protocol import FrameDecoder, Status, encode_reply, status_for_error
+from tmemclient.wire.codec import FrameDecoder
+from tmemclient.wire.errors import InvalidArgument, ProtocolError, TmemError
+from tmemclient.wire.messages import Status, encode_reply, status_for_error
 from tmemd.host import Host
 from tmemd.region import peer_credentials
 from tmemd.server import ACCEPT_BACKOFF, send_all

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import trio
 
-from tmemclient.units import format_size, size_arg
+from tmemclient.wire.units import format_size, size_arg
 from tmemd import logs
 from tmemd.admin import AdminServer, admin_gid
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc

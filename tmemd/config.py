@@ -7,8 +7,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tmemclient.protocol import FRAME_SIZE, HELLO_MAX_FRAME, MAX_RING_FRAMES, valid_guest_name
-from tmemclient.units import parse_size
+from tmemclient.wire.layout import FRAME_SIZE, MAX_RING_FRAMES
+from tmemclient.wire.messages import HELLO_MAX_FRAME, valid_guest_name
+from tmemclient.wire.units import parse_size
 from tmemd.policy import DEFAULT_WEIGHT, MOVE_SLACK, validate_weight
 
 

@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from tmemclient.errors import ProtocolError
-from tmemclient.protocol import FrameDecoder, Status, encode_reply
-from tmemclient.region import close_all
-from tmemclient.ring import PollWindow, Rings, fence
-from tmemd.region import fds_from_ancillary
+from tmemclient.wire.codec import FrameDecoder
+from tmemclient.wire.errors import ProtocolError
+from tmemclient.wire.fds import close_all
+from tmemclient.wire.messages import Status, encode_reply
+from tmemclient.wire.ring import Rings, fence
+from tmemd.region import hello_fds
 from tmemd.session import Job, Session, protocol_error_reply
 
 if TYPE_CHECKING:
@@ -53,6 +54,35 @@ _ANC_SIZE = socket.CMSG_SPACE(4)
 
 SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
 DOORBELL_NOTICE = encode_reply(0, Status.OK, None)  # "replies are in your ring" (§4.6)
+
+
+class PollWindow:
+    """How long the daemon watches a guest's ring before it sleeps: adaptive, as KVM's halt
+    polling (``halt_poll_ns``, grown and shrunk per vCPU in virt/kvm/kvm_main.c).
+
+    A request that came while the daemon slept, but less than ``most`` seconds after it began
+    watching, would have been caught by a longer watch: the window grows to cover that gap
+    (doubling at least). A guest that stayed away longer than ``most`` is idle or thinking, and
+    watching it was wasted: the window drops back to ``base``. So a guest with short gaps (a
+    page cache between file reads) gets its answers with no wakeup on either side, and an idle
+    one costs no more CPU than ``base``. Seconds throughout."""
+
+    def __init__(self, base: float, most: float) -> None:
+        self.base = base
+        self.most = max(base, most)
+        self.window = base
+        self.started: float | None = None  # when the current watch began
+
+    def woke(self, now: float) -> None:
+        """The guest's next word came at ``now``, after a watch and then a sleep."""
+        if self.started is None:
+            return  # no watch before this sleep (not allowed, or not needed): nothing learnt
+        idle = now - self.started
+        self.started = None
+        if idle > self.most:
+            self.window = self.base
+        elif idle > self.window:
+            self.window = min(self.most, max(2 * self.window, 1.25 * idle))
 
 
 class Connection:
@@ -299,7 +329,7 @@ class Connection:
             return None
         if ancdata or msg_flags & _CTRUNC:
             with contextlib.suppress(ProtocolError):
-                close_all(fds_from_ancillary(ancdata, msg_flags))
+                close_all(hello_fds(ancdata, msg_flags))
             raise ProtocolError("fds are accepted only with HELLO (one region memfd)")
         if not n:
             return "closed by guest" if not self.decoder.buffered else "closed mid-frame"

@@ -25,16 +25,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from tmemclient.errors import (
-    GuestConflict,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-)
-from tmemclient.units import format_size
+from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
+from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
+from tmemclient.wire.units import format_size
 from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
-from tmemd.store import SLOT_SHIFT, SLOT_SIZE, Guest, Pool, Store, Tenant
+from tmemd.store import Guest, Pool, Store, Tenant
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -134,7 +130,7 @@ class Host:
         config's)."""
         tenant = self.store.tenant(uid)
         cap = self.uid_caps[uid] if uid in self.uid_caps else self.settings.uid_policy(uid).cap
-        tenant.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        tenant.cap_slots = None if cap is None else cap >> FRAME_SHIFT
         return tenant
 
     def max_connections(self, uid: int, default: int) -> int:
@@ -265,14 +261,14 @@ class Host:
             "sessions": sum(len(s) for s in self.sessions.values()),
             "shared_pools": len(self.shared),
             "evictions": store.evictions,
-            "moved": store.moved_slots << SLOT_SHIFT,
-            "lent": sum(g.lent_slots for g in store.lenders.values()) << SLOT_SHIFT,
-            "recalled": store.recalled_slots << SLOT_SHIFT,
+            "moved": store.moved_slots << FRAME_SHIFT,
+            "lent": sum(g.lent_slots for g in store.lenders.values()) << FRAME_SHIFT,
+            "recalled": store.recalled_slots << FRAME_SHIFT,
             # What the store's files really hold (fstat), against "used", what is accounted:
             # free slots keep their memory for reuse, and guests may bring some in on their
             # own (punched again by the audit: "overdrawn").
             "resident": store.resident(),
-            "overdrawn": store.overdrawn_slots << SLOT_SHIFT,
+            "overdrawn": store.overdrawn_slots << FRAME_SHIFT,
             "frozen_all": self.frozen_all,
             "uptime": round(time.time() - self.started, 3),
         }
@@ -290,16 +286,16 @@ class Host:
             "kind": "shared" if g.name.startswith("shared:") else "guest",
             "sessions": len(self.sessions.get(g.name, ())),
             "weight": g.weight,
-            "cap": None if g.cap_slots is None else g.cap_slots << SLOT_SHIFT,
+            "cap": None if g.cap_slots is None else g.cap_slots << FRAME_SHIFT,
             "frozen": g.frozen,
             "mapped": g.mirror is not None,  # reads its pages through a mapping (§4.7)
-            "ephemeral_bytes": g.eph_slots << SLOT_SHIFT,
-            "persistent_bytes": g.pers_slots << SLOT_SHIFT,
-            "lent_bytes": g.lent_slots << SLOT_SHIFT,  # memory it borrowed (§4.8)
+            "ephemeral_bytes": g.eph_slots << FRAME_SHIFT,
+            "persistent_bytes": g.pers_slots << FRAME_SHIFT,
+            "lent_bytes": g.lent_slots << FRAME_SHIFT,  # memory it borrowed (§4.8)
             # What its mirror and loan file hold now (fstat), and what audits found beyond its
             # grant, ever.
             "resident_bytes": self.store.files_resident(g),
-            "overdrawn_bytes": g.overdrawn << SLOT_SHIFT,
+            "overdrawn_bytes": g.overdrawn << FRAME_SHIFT,
             "pages": pages,
             "pools": len(g.pools),
             **g.stats.as_dict(),
@@ -322,10 +318,10 @@ class Host:
                     "max_connections": self.max_connections(
                         uid, settings.limits.max_connections_per_uid
                     ),
-                    "ephemeral_bytes": sum(g.eph_slots for g in guests) << SLOT_SHIFT,
-                    "persistent_bytes": sum(g.pers_slots for g in guests) << SLOT_SHIFT,
-                    "lent_bytes": sum(g.lent_slots for g in guests) << SLOT_SHIFT,
-                    "held_bytes": sum(g.held_slots for g in guests) << SLOT_SHIFT,
+                    "ephemeral_bytes": sum(g.eph_slots for g in guests) << FRAME_SHIFT,
+                    "persistent_bytes": sum(g.pers_slots for g in guests) << FRAME_SHIFT,
+                    "lent_bytes": sum(g.lent_slots for g in guests) << FRAME_SHIFT,
+                    "held_bytes": sum(g.held_slots for g in guests) << FRAME_SHIFT,
                 }
             )
         return rows
@@ -467,15 +463,15 @@ class Host:
         """Change the budget now; see Store.set_budget."""
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise InvalidArgument("budget must be an integer number of bytes")
-        if budget < SLOT_SIZE:
-            raise InvalidArgument(f"budget must be at least {SLOT_SIZE} bytes (one page)")
+        if budget < FRAME_SIZE:
+            raise InvalidArgument(f"budget must be at least {FRAME_SIZE} bytes (one page)")
         if budget > self.store.capacity:
             raise InvalidArgument(
                 f"budget {format_size(budget)} exceeds the {format_size(self.store.capacity)} of "
                 "address space reserved at start (physical memory); restart tmemd to go beyond it"
             )
         evicted = self.store.set_budget(budget)
-        persistent = sum(g.pers_slots for g in self.store.guests.values()) << SLOT_SHIFT
+        persistent = sum(g.pers_slots for g in self.store.guests.values()) << FRAME_SHIFT
         result: dict[str, Any] = {
             "budget": self.store.budget,
             "used": self.store.used,

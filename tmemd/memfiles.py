@@ -35,9 +35,8 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
-SLOT_SHIFT: Final = 12
-SLOT_SIZE: Final = 1 << SLOT_SHIFT
-CTL_WORDS: Final = 3  # a mirror's control words: seq, lent slots, low slots (PROTOCOL.md §4.8)
+from tmemclient.wire.layout import CTL_WORDS, FRAME_SHIFT, FRAME_SIZE, MirrorLayout, loan_size
+
 FILE_MODE: Final = 0o400  # only tmemd's uid may re-open one of these files (see above)
 
 _FALLOC_PUNCH: Final = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -151,10 +150,11 @@ class Mirror(MemFile):
     def __init__(self, slots: int, ident: int) -> None:
         self.ident = ident  # its number in the store's owner table (0 is the arena)
         self.slots = slots
-        self.gen_offset = slots << SLOT_SHIFT
-        self.link_offset = self.gen_offset + 8 * slots
-        self.ctl_offset = -(-(self.link_offset + 4 * slots) // SLOT_SIZE) * SLOT_SIZE
-        super().__init__("tmem-mirror", self.ctl_offset + SLOT_SIZE)
+        layout = MirrorLayout(slots)
+        self.gen_offset = layout.gen_offset
+        self.link_offset = layout.link_offset
+        self.ctl_offset = layout.ctl_offset
+        super().__init__("tmem-mirror", layout.size)
         view = self.view
         self.mem = view[: self.gen_offset]
         self.gen = view[self.gen_offset : self.link_offset].cast("Q")
@@ -188,9 +188,9 @@ class Mirror(MemFile):
     def meta_bytes(self, slots_in_use: int) -> int:
         """Bytes of generation and link words, and the control page, that the daemon may have
         written for slots below ``slots_in_use``: what the file may hold beyond page data."""
-        gen = -(-8 * slots_in_use // SLOT_SIZE) * SLOT_SIZE
-        link = -(-4 * slots_in_use // SLOT_SIZE) * SLOT_SIZE
-        return gen + link + 2 * SLOT_SIZE  # +1 page each side of the gen/link boundary, +ctl
+        gen = -(-8 * slots_in_use // FRAME_SIZE) * FRAME_SIZE
+        link = -(-4 * slots_in_use // FRAME_SIZE) * FRAME_SIZE
+        return gen + link + 2 * FRAME_SIZE  # +1 page each side of the gen/link boundary, +ctl
 
     def _views(self) -> tuple[memoryview, ...]:
         return (self.mem, self.gen, self.link, self._ctl, self.view)
@@ -205,7 +205,7 @@ class Loan(MemFile):
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        super().__init__("tmem-loan", (slots + 1) << SLOT_SHIFT)
+        super().__init__("tmem-loan", loan_size(slots))
         self._active = self.view[:8].cast("Q")
         self.pending = 0  # recalls whose punch has not run yet: no growing meanwhile
 
@@ -229,7 +229,7 @@ class Loan(MemFile):
 
     def punch_from(self, slot: int) -> bool:
         """Take back every lent slot from ``slot`` on (the guest reads zeros there now)."""
-        start = (slot + 1) << SLOT_SHIFT
+        start = (slot + 1) << FRAME_SHIFT
         return start >= self.size or self.punch(start, self.size - start)
 
     def _views(self) -> tuple[memoryview, ...]:

@@ -20,9 +20,9 @@ import os
 import socket
 import stat
 
-from tmemclient.errors import InvalidArgument, LimitExceeded
-from tmemclient.protocol import FRAME_SIZE
-from tmemclient.region import fds_from_ancillary as _fds
+from tmemclient.wire.errors import InvalidArgument, LimitExceeded
+from tmemclient.wire.fds import fds_from_ancillary
+from tmemclient.wire.layout import FRAME_SIZE
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 TMPFS_MAGIC = 0x01021994  # <linux/magic.h>: shmem, where memfds live
@@ -48,10 +48,12 @@ def filesystem_type(fd: int) -> int:
     return int(buf.f_type) & 0xFFFFFFFF
 
 
-def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
-    """Every fd that arrived; raises ProtocolError (after closing them) if the control data was
-    truncated, i.e. the guest sent more fds than the one we allow."""
-    return _fds(ancdata, flags, "HELLO must carry exactly one fd (the region memfd); got more")
+def hello_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """Every fd that arrived with a guest's bytes; raises ProtocolError (after closing them) if
+    the control data was truncated, i.e. the guest sent more fds than the one we allow."""
+    return fds_from_ancillary(
+        ancdata, flags, "HELLO must carry exactly one fd (the region memfd); got more"
+    )
 
 
 def map_region(fd: int, frames: int, max_frames: int, extra: int = 0) -> mmap.mmap:

@@ -25,28 +25,25 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from tmemclient import ring as rings_mod
-from tmemclient.errors import ProtocolError, TmemError, VersionMismatch
-from tmemclient.protocol import (
-    FRAME_SIZE,
-    HEADER,
+from tmemclient.wire import ring as rings_mod
+from tmemclient.wire.codec import HEADER, decode_body
+from tmemclient.wire.errors import ProtocolError, TmemError, VersionMismatch
+from tmemclient.wire.fds import close_all
+from tmemclient.wire.layout import FRAME_SIZE, ring_bytes
+from tmemclient.wire.messages import (
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
     Hello,
     Status,
-    decode_body,
     encode_reply,
     status_for_error,
 )
-from tmemclient.protocol import (
-    Limits as WireLimits,
-)
-from tmemclient.region import close_all
-from tmemclient.ring import Rings, SpinGate, ring_bytes
+from tmemclient.wire.messages import Limits as WireLimits
+from tmemclient.wire.ring import Rings, SpinGate
 from tmemd.config import GuestPolicy, Limits
 from tmemd.connection import RECV_SIZE, Connection
 from tmemd.host import Host
-from tmemd.region import fds_from_ancillary, map_region, peer_credentials
+from tmemd.region import hello_fds, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
 from tmemd.store import StoreError
 
@@ -318,7 +315,7 @@ class GuestServer:
         data, ancdata, flags, _ = await sock.recvmsg(
             HELLO_MAX_FRAME + 4, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
         )
-        fds = fds_from_ancillary(ancdata, flags)
+        fds = hello_fds(ancdata, flags)
         try:
             if not data:
                 raise ProtocolError("connection closed before HELLO")
@@ -333,7 +330,7 @@ class GuestServer:
                 more, ancdata, flags, _ = await sock.recvmsg(
                     HELLO_MAX_FRAME, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
                 )
-                extra = fds_from_ancillary(ancdata, flags)
+                extra = hello_fds(ancdata, flags)
                 if extra:
                     close_all(extra)
                     raise ProtocolError(

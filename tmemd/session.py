@@ -13,15 +13,15 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tmemclient.errors import (
+from tmemclient.wire.errors import (
     InvalidArgument,
     LimitExceeded,
     ProtocolError,
     TmemError,
     UnknownPool,
 )
-from tmemclient.protocol import (
-    FRAME_SIZE,
+from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
+from tmemclient.wire.messages import (
     INDEX_BITS,
     Op,
     PoolSpec,
@@ -34,7 +34,7 @@ from tmemclient.protocol import (
 )
 from tmemd.config import Limits
 from tmemd.host import Host
-from tmemd.store import SLOT_SHIFT, Guest, Pool
+from tmemd.store import Guest, Pool
 
 FLUSH_SLICE = 256  # flushes of one request between two looks at the turn's clock
 
@@ -335,7 +335,7 @@ class Session:
         return pool, oids, idxs, frames
 
     def _per_slice(self, pool: Pool) -> int:
-        return self._slice_bytes >> (SLOT_SHIFT + pool.order)
+        return self._slice_bytes >> (FRAME_SHIFT + pool.order)
 
     def _live(self, handle: int, pool: Pool) -> bool:
         """Is ``pool`` still reachable by ``handle`` (not destroyed, not revoked)?"""
@@ -433,10 +433,10 @@ class Session:
                 "map true, lend true; the daemon may have lending off, or lend to another "
                 "session of this guest already)"
             )
-        want = check_uint(m[2], 64, "want") >> SLOT_SHIFT
+        want = check_uint(m[2], 64, "want") >> FRAME_SHIFT
         result = self.store.lend(self.guest, want)
         return {
-            key: value << SLOT_SHIFT if key != "seq" else value for key, value in result.items()
+            key: value << FRAME_SHIFT if key != "seq" else value for key, value in result.items()
         }
 
 

@@ -51,24 +51,12 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from typing import Final
 
-from tmemd.memfiles import (
-    CTL_WORDS as CTL_WORDS,
-)
-from tmemd.memfiles import (
-    SLOT_SHIFT,
-    SLOT_SIZE,
-    Loan,
-    MemFile,
-    Mirror,
-    data_extents,
-)
+from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
+from tmemd.memfiles import Loan, MemFile, Mirror, data_extents
 from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 
 __all__ = [
-    "CTL_WORDS",
     "NIL",
-    "SLOT_SHIFT",
-    "SLOT_SIZE",
     "Guest",
     "Loan",
     "Mirror",
@@ -124,7 +112,7 @@ def _runs(slots: list[int]) -> list[tuple[int, int]]:
         if slot is not None and slot == prev + 1:
             prev = slot
             continue
-        runs.append((start << SLOT_SHIFT, (prev - start + 1) << SLOT_SHIFT))
+        runs.append((start << FRAME_SHIFT, (prev - start + 1) << FRAME_SHIFT))
         if slot is not None:
             start = prev = slot
     return runs
@@ -273,7 +261,7 @@ class Pool:
     @property
     def page_size(self) -> int:
         """Bytes per page."""
-        return SLOT_SIZE << self.order
+        return FRAME_SIZE << self.order
 
     def __repr__(self) -> str:
         kind = "persistent" if self.persistent else "ephemeral"
@@ -315,16 +303,16 @@ class Store:
         weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
         is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
         ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring)."""
-        if budget < SLOT_SIZE:
-            raise ValueError(f"budget must be at least {SLOT_SIZE} bytes")
+        if budget < FRAME_SIZE:
+            raise ValueError(f"budget must be at least {FRAME_SIZE} bytes")
         self.move_slack = move_slack
         self.lend_idle = lend_idle
         self.now_ns = now_ns
         self.deferred = deferred
         capacity = max(capacity or budget, budget)
-        self.capacity_slots = capacity >> SLOT_SHIFT
-        self.budget_slots = budget >> SLOT_SHIFT
-        self.arena = MemFile("tmem-arena", self.capacity_slots << SLOT_SHIFT)
+        self.capacity_slots = capacity >> FRAME_SHIFT
+        self.budget_slots = budget >> FRAME_SHIFT
+        self.arena = MemFile("tmem-arena", self.capacity_slots << FRAME_SHIFT)
         self._mem = self.arena.view
         self.used_slots = 0
         self.clock = 0  # logical clock: one tick per page operation
@@ -371,7 +359,7 @@ class Store:
         """Register a guest by its unique name (``tenant``: the uid account it counts in)."""
         if name in self.guests:
             raise StoreError(f"guest {name!r} exists")
-        guest = Guest(self, name, weight, None if cap is None else cap >> SLOT_SHIFT)
+        guest = Guest(self, name, weight, None if cap is None else cap >> FRAME_SHIFT)
         if tenant is not None:
             guest.tenant = tenant
             tenant.guests.add(guest)
@@ -550,12 +538,12 @@ class Store:
         loan, mirror = guest.loan, guest.mirror
         loan_excess = mirror_excess = 0
         if loan is not None and not loan.pending:
-            allowed = (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT
-            loan_excess = max(0, loan.resident() - allowed) >> SLOT_SHIFT
+            allowed = (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << FRAME_SHIFT
+            loan_excess = max(0, loan.resident() - allowed) >> FRAME_SHIFT
         if mirror is not None:
-            allowed = (mirror.owned + MIRROR_SLACK_SLOTS) << SLOT_SHIFT
+            allowed = (mirror.owned + MIRROR_SLACK_SLOTS) << FRAME_SHIFT
             allowed += mirror.meta_bytes(self._fresh)
-            mirror_excess = max(0, mirror.resident() - allowed) >> SLOT_SHIFT
+            mirror_excess = max(0, mirror.resident() - allowed) >> FRAME_SHIFT
             if not mirror_excess:
                 mirror.audit_from = 0
         if max(loan_excess, mirror_excess) > OVERDRAW_CLOSE_SLOTS:
@@ -589,20 +577,20 @@ class Store:
         budget = AUDIT_SLOTS
         resume = 0
         for start, end in data_extents(mirror.fd, mirror.audit_from, mirror.ctl_offset, budget):
-            first, last = start >> SLOT_SHIFT, -(-end // SLOT_SIZE)
+            first, last = start >> FRAME_SHIFT, -(-end // FRAME_SIZE)
             if last - first > budget:
                 last = first + budget
-                resume = last << SLOT_SHIFT
+                resume = last << FRAME_SHIFT
             budget -= last - first
             for page in range(first, last):
-                offset = page << SLOT_SHIFT
+                offset = page << FRAME_SHIFT
                 if offset < data_end:
                     if page >= fresh or owners[page] != ident:
                         stray.append(page)
-                elif not any(lo - SLOT_SIZE < offset < hi for lo, hi in meta_used):
+                elif not any(lo - FRAME_SIZE < offset < hi for lo, hi in meta_used):
                     stray.append(page)
             if resume or budget <= 0:
-                resume = resume or (last << SLOT_SHIFT)
+                resume = resume or (last << FRAME_SHIFT)
                 break
         mirror.audit_from = resume
         for start, length in _runs(stray):
@@ -675,7 +663,7 @@ class Store:
             mirror.publish()
         if (
             not loan.pending
-            and loan.resident() > (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << SLOT_SHIFT
+            and loan.resident() > (guest.lent_slots + 1 + LOAN_SLACK_SLOTS) << FRAME_SHIFT
         ):
             loan.punch_from(guest.lent_slots)  # written beyond its loan: not its memory
         low = mirror.low
@@ -795,9 +783,9 @@ class Store:
         mirror.low = min(mirror.low, keep)
         mirror.publish()
         if punch:
-            start = (keep + 1) << SLOT_SHIFT
+            start = (keep + 1) << FRAME_SHIFT
             loan.pending += 1
-            cost = (old - keep) << SLOT_SHIFT  # what was lent there; the rest is holes
+            cost = (old - keep) << FRAME_SHIFT  # what was lent there; the rest is holes
             self._punch_later(loan, [(start, loan.size - start)], loan.punched, cost)
         mirror.seq += 1
         mirror.publish()
@@ -838,22 +826,22 @@ class Store:
     @property
     def budget(self) -> int:
         """Bytes pages may occupy."""
-        return self.budget_slots << SLOT_SHIFT
+        return self.budget_slots << FRAME_SHIFT
 
     @property
     def used(self) -> int:
         """Bytes occupied by pages."""
-        return self.used_slots << SLOT_SHIFT
+        return self.used_slots << FRAME_SHIFT
 
     def set_budget(self, budget: int) -> int:
         """Change the budget at run time; evict ephemeral pages down to it at once. Persistent
         pages are never dropped: if they alone exceed the budget, new puts are refused until
         they fit. A smaller budget gives the memory of every free slot back to the kernel (an
         administrator shrinks it to hand memory to something else). Returns pages evicted."""
-        if not SLOT_SIZE <= budget <= self.capacity:
-            raise ValueError(f"budget must be between {SLOT_SIZE} and {self.capacity} bytes")
-        shrinking = budget >> SLOT_SHIFT < self.budget_slots
-        self.budget_slots = budget >> SLOT_SHIFT
+        if not FRAME_SIZE <= budget <= self.capacity:
+            raise ValueError(f"budget must be between {FRAME_SIZE} and {self.capacity} bytes")
+        shrinking = budget >> FRAME_SHIFT < self.budget_slots
+        self.budget_slots = budget >> FRAME_SHIFT
         evicted = self._shrink_to(self.budget_slots)
         if shrinking:
             owners = self._owner
@@ -863,7 +851,7 @@ class Store:
     def set_cap(self, guest: Guest, cap: int | None) -> int:
         """Change a guest's cap (bytes, None for no cap); evict its own ephemeral pages down to
         it at once. Returns pages evicted."""
-        guest.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        guest.cap_slots = None if cap is None else cap >> FRAME_SHIFT
         evicted = 0
         if guest.cap_slots is not None:
             while guest.held_slots > guest.cap_slots and guest.lru_head != NIL:
@@ -878,7 +866,7 @@ class Store:
         """Change a uid's cap across all its guests (bytes, None for none); evict their
         ephemeral pages (oldest first, by the weighted LRU among them), then take back their
         lent memory, down to it. Returns pages evicted."""
-        tenant.cap_slots = None if cap is None else cap >> SLOT_SHIFT
+        tenant.cap_slots = None if cap is None else cap >> FRAME_SHIFT
         evicted = 0
         if tenant.cap_slots is not None:
             while tenant.held_slots > tenant.cap_slots:
@@ -922,7 +910,7 @@ class Store:
     @property
     def capacity(self) -> int:
         """Bytes of address space reserved: the most the budget can grow to."""
-        return self.capacity_slots << SLOT_SHIFT
+        return self.capacity_slots << FRAME_SHIFT
 
     # ---------------------------------------------------------------- page operations
 
@@ -961,10 +949,10 @@ class Store:
         generation] as the put left it, even if a later entry of the batch evicted it (then
         the token simply no longer reads: a mapped read of it misses)."""
         put = self._put
-        size = SLOT_SIZE << pool.order
+        size = FRAME_SIZE << pool.order
         if not tokens or pool.guest.mirror is None:
             flags = [
-                put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen)
+                put(pool, oid, index, region[f << FRAME_SHIFT : (f << FRAME_SHIFT) + size], frozen)
                 for oid, index, f in zip(oids, idxs, frames, strict=True)
             ]
             self._count_puts(pool, len(flags), sum(flags))
@@ -973,7 +961,7 @@ class Store:
         results: list[list[int] | bool] = []
         stored = 0
         for oid, index, f in zip(oids, idxs, frames, strict=True):
-            if put(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size], frozen):
+            if put(pool, oid, index, region[f << FRAME_SHIFT : (f << FRAME_SHIFT) + size], frozen):
                 head = self._put_head
                 results.append([head, gen[head]])
                 stored += 1
@@ -992,9 +980,9 @@ class Store:
     ) -> list[bool]:
         """``get`` of each (oid, index) into region frame ``frames[i]``, in order."""
         get = self._get
-        size = SLOT_SIZE << pool.order
+        size = FRAME_SIZE << pool.order
         flags = [
-            get(pool, oid, index, region[f << SLOT_SHIFT : (f << SLOT_SHIFT) + size])
+            get(pool, oid, index, region[f << FRAME_SHIFT : (f << FRAME_SHIFT) + size])
             for oid, index, f in zip(oids, idxs, frames, strict=True)
         ]
         self._count_gets(pool, len(flags), sum(flags))
@@ -1037,8 +1025,8 @@ class Store:
             if order:
                 self._copy_in(mem, head, order, src)
             else:
-                off = head << SLOT_SHIFT
-                mem[off : off + SLOT_SIZE] = src
+                off = head << FRAME_SHIFT
+                mem[off : off + FRAME_SIZE] = src
             if mirror is not None:
                 mirror.gen[head] = self._gen[head] = self.clock
             if not pool.persistent:
@@ -1087,8 +1075,8 @@ class Store:
         if pool.order:
             self._copy_out(mem, head, pool.order, dst)
         else:
-            off = head << SLOT_SHIFT
-            dst[:] = mem[off : off + SLOT_SIZE]
+            off = head << FRAME_SHIFT
+            dst[:] = mem[off : off + FRAME_SIZE]
         if pool.shared:
             self._touch(pool.guest, head)  # other members may still want it
         elif not pool.persistent:
@@ -1380,21 +1368,21 @@ class Store:
 
     def _copy_in(self, mem: memoryview, head: int, order: int, src: memoryview) -> None:
         if not order:
-            off = head << SLOT_SHIFT
-            mem[off : off + SLOT_SIZE] = src
+            off = head << FRAME_SHIFT
+            mem[off : off + FRAME_SIZE] = src
             return
         for i, slot in enumerate(self._slots_of(head, order)):
-            off = slot << SLOT_SHIFT
-            mem[off : off + SLOT_SIZE] = src[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT]
+            off = slot << FRAME_SHIFT
+            mem[off : off + FRAME_SIZE] = src[i << FRAME_SHIFT : (i + 1) << FRAME_SHIFT]
 
     def _copy_out(self, mem: memoryview, head: int, order: int, dst: memoryview) -> None:
         if not order:
-            off = head << SLOT_SHIFT
-            dst[:] = mem[off : off + SLOT_SIZE]
+            off = head << FRAME_SHIFT
+            dst[:] = mem[off : off + FRAME_SIZE]
             return
         for i, slot in enumerate(self._slots_of(head, order)):
-            off = slot << SLOT_SHIFT
-            dst[i << SLOT_SHIFT : (i + 1) << SLOT_SHIFT] = mem[off : off + SLOT_SIZE]
+            off = slot << FRAME_SHIFT
+            dst[i << FRAME_SHIFT : (i + 1) << FRAME_SHIFT] = mem[off : off + FRAME_SIZE]
 
     def _spans(
         self, pool: Pool, head: int, offset: int, length: int
@@ -1405,10 +1393,10 @@ class Store:
         pos = 0
         while pos < length:
             page_off = offset + pos
-            slot = slots[page_off >> SLOT_SHIFT]
-            in_slot = page_off & (SLOT_SIZE - 1)
-            n = min(SLOT_SIZE - in_slot, length - pos)
-            base = (slot << SLOT_SHIFT) + in_slot
+            slot = slots[page_off >> FRAME_SHIFT]
+            in_slot = page_off & (FRAME_SIZE - 1)
+            n = min(FRAME_SIZE - in_slot, length - pos)
+            base = (slot << FRAME_SHIFT) + in_slot
             yield pos, mem[base : base + n]
             pos += n
 

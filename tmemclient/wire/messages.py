@@ -1,27 +1,19 @@
-"""The tmem wire protocol: a sans-I/O codec shared by the daemon and the guest library.
+"""The messages of the wire protocol (PROTOCOL.md §4-8): what the frames of codec.py hold.
 
-Nothing here touches a socket, a clock or trio: bytes go in, validated messages come out, and
-messages go in, bytes come out (the h11 shape). ``proto/PROTOCOL.md`` is the normative text; this
-module is its Python rendering, and the golden vectors in ``proto/vectors/`` hold both to each
-other.
-
-A frame is a 4-byte big-endian length N followed by N bytes holding exactly one msgpack object.
 A request is ``[op, req_id, *args]``; a reply is ``[req_id, status, result_or_message]``. Replies
-with ``req_id == 0`` are notices the daemon sends on its own.
+with ``req_id == 0`` are notices the daemon sends on its own. ``proto/PROTOCOL.md`` is the
+normative text; this module is its Python rendering, and the golden vectors in
+``proto/vectors/`` hold both to each other. No I/O.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgpack
-
-from tmemclient.errors import (
+from tmemclient.wire.codec import encode_frame
+from tmemclient.wire.errors import (
     DaemonShuttingDown,
     GuestConflict,
     InvalidArgument,
@@ -33,19 +25,16 @@ from tmemclient.errors import (
     UnknownPool,
     VersionMismatch,
 )
+from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER, MAX_RING_FRAMES, valid_ring_frames
 
 PROTOCOL_VERSION: Final = 1
-FRAME_SIZE: Final = 4096  # bytes per frame of a guest region; a page of order k spans 2**k frames
-MAX_ORDER: Final = 4  # page sizes 4 KiB .. 64 KiB
 OID_BITS: Final = 192
 OID_BYTES: Final = OID_BITS // 8
 INDEX_BITS: Final = 32
 UUID_BYTES: Final = 16
 MAX_NAME_LEN: Final = 64
-HEADER: Final = struct.Struct(">I")
 HELLO_MAX_FRAME: Final = 4096  # the handshake must fit in this before limits are negotiated
 MAX_HELLO_OPTIONS: Final = 16
-MAX_RING_FRAMES: Final = 256  # frames per request/reply ring (1 MiB each way)
 
 # Pool flags, laid out as in Xen's public/tmem.h.
 FLAG_PERSISTENT: Final = 1 << 0
@@ -126,117 +115,6 @@ def status_for_error(exc: TmemError) -> Status:
 
 
 # --------------------------------------------------------------------------------------------
-# Framing
-
-
-_local = threading.local()
-
-
-def encode_frame(message: Any) -> bytes:
-    """One length-prefixed msgpack frame."""
-    # msgpack.packb builds a Packer per call (3.5x the cost of packing a small request); keep
-    # one per thread instead.
-    try:
-        packer = _local.packer
-    except AttributeError:
-        packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    body: bytes = packer.pack(message)
-    return HEADER.pack(len(body)) + body
-
-
-NEED_DATA: Final[Any] = type("NeedData", (), {"__repr__": lambda self: "NEED_DATA"})()
-
-
-class FrameDecoder:
-    """Splits a byte stream into decoded msgpack messages, bounding everything the peer controls.
-
-    ``feed`` takes raw bytes; ``next_message`` returns one complete message or ``NEED_DATA``.
-    A frame longer than ``max_frame`` raises ProtocolError as soon as its header arrives, before
-    its body is buffered, so a peer cannot make us hold more than ``max_frame`` plus one read.
-    After a ProtocolError the decoder stays broken (the connection must be closed).
-    """
-
-    def __init__(self, max_frame: int) -> None:
-        if max_frame < 16:
-            raise ValueError("max_frame must be at least 16 bytes")
-        self.max_frame = max_frame
-        self._buf = bytearray()
-        self._pos = 0  # consumed bytes at the front of _buf, dropped lazily
-        self._broken = False
-
-    def has_message(self) -> bool:
-        """Will ``next_message`` give a message, or an error, rather than NEED_DATA? (A frame
-        header outside 1..max_frame counts: it is an error as soon as it is seen.)"""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < 4:
-            return False
-        length: int = HEADER.unpack_from(buf, pos)[0]
-        return not 0 < length <= self.max_frame or len(buf) >= pos + 4 + length
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buf) - self._pos
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes."""
-        if self._pos and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-
-    def next_message(self) -> Any:
-        """The next complete message, or NEED_DATA; ProtocolError on a malformed frame."""
-        if self._broken:
-            raise ProtocolError("connection is in an error state")
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < 4:
-            return NEED_DATA
-        (length,) = HEADER.unpack_from(buf, pos)
-        if length == 0 or length > self.max_frame:
-            self._broken = True
-            raise ProtocolError(
-                f"frame of {length} bytes is outside 1..{self.max_frame} (max_frame)"
-            )
-        end = pos + 4 + length
-        if len(buf) < end:
-            return NEED_DATA
-        body = bytes(buf[pos + 4 : end])
-        if end == len(buf):  # all consumed: drop it now, not at the next feed
-            buf.clear()
-            self._pos = 0
-        else:
-            self._pos = end
-        try:
-            return decode_body(body)
-        except ProtocolError:
-            self._broken = True
-            raise
-
-    def messages(self) -> Iterator[Any]:
-        """Every complete message buffered so far."""
-        while (message := self.next_message()) is not NEED_DATA:
-            yield message
-
-
-def decode_body(body: bytes) -> Any:
-    """Decode one frame body; any malformation is a ProtocolError.
-
-    ``unpackb`` bounds every declared length by the body's own length, refuses non-string map
-    keys (strict_map_key) and raises on nesting deeper than its fixed stack.
-    """
-    try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
-    except msgpack.ExtraData as exc:
-        raise ProtocolError("frame holds more than one msgpack object") from exc
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # ValueError covers FormatError, StackError, OutOfData and bad UTF-8.
-        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
-    except RecursionError as exc:  # pragma: no cover - unpackb's own stack stops this first
-        raise ProtocolError("frame nests too deeply") from exc
-
-
-# --------------------------------------------------------------------------------------------
 # Field codecs
 
 
@@ -278,11 +156,6 @@ def check_uint(value: Any, bits: int, what: str) -> int:
     if value < 0 or value >> bits:
         raise InvalidArgument(f"{what} must be an unsigned {bits}-bit integer, got {value}")
     return value
-
-
-def valid_ring_frames(value: int) -> bool:
-    """0 (no rings) or a power of two up to MAX_RING_FRAMES."""
-    return value == 0 or (0 < value <= MAX_RING_FRAMES and value & (value - 1) == 0)
 
 
 def check_ring_frames(value: Any) -> int:

@@ -27,20 +27,21 @@ import sys
 import time
 from typing import Any, Final
 
-from tmemclient.errors import ProtocolError
-from tmemclient.protocol import FRAME_SIZE as FRAME
-from tmemclient.protocol import MAX_RING_FRAMES as MAX_RING_FRAMES
-from tmemclient.protocol import valid_ring_frames as valid_ring_frames
+from tmemclient.wire.errors import ProtocolError
+from tmemclient.wire.layout import (
+    CQ_HEAD,
+    CQ_TAIL,
+    FRAME_SIZE,
+    GUEST_WAITING,
+    HOST_IDLE,
+    MAX_RING_FRAMES,
+    SQ_HEAD,
+    SQ_TAIL,
+    ring_bytes,
+    valid_ring_frames,
+)
 
 DEFAULT_RING_FRAMES: Final = 16  # 64 KiB each way
-
-# Header words (u64, native byte order, each on its own 64-byte cache line), by index.
-SQ_TAIL: Final = 0  # guest: request bytes written
-SQ_HEAD: Final = 8  # daemon: request bytes consumed
-CQ_TAIL: Final = 16  # daemon: reply bytes written
-CQ_HEAD: Final = 24  # guest: reply bytes consumed
-HOST_IDLE: Final = 32  # daemon: 1 while it sleeps on the socket (a request needs a doorbell)
-GUEST_WAITING: Final = 40  # guest: 1 while it sleeps on the socket (a reply needs a doorbell)
 
 
 def supported() -> bool:
@@ -51,11 +52,6 @@ def supported() -> bool:
         and sys.byteorder == "little"
         and _FENCE is not None
     )
-
-
-def ring_bytes(ring_frames: int) -> int:
-    """Bytes of region the rings take after the page frames (header + both rings)."""
-    return (1 + 2 * ring_frames) * FRAME if ring_frames else 0
 
 
 def _make_fence() -> tuple[Any, int, ctypes.c_int] | None:
@@ -93,12 +89,12 @@ class Rings:
             raise ValueError(f"ring frames must be a power of two 1..{MAX_RING_FRAMES}")
         if len(area) != ring_bytes(ring_frames):
             raise ValueError("ring area has the wrong size")
-        self.size = ring_frames * FRAME
+        self.size = ring_frames * FRAME_SIZE
         self._mask = self.size - 1
         self._area = area
-        self.words = area[:FRAME].cast("Q")
-        sq = area[FRAME : FRAME + self.size]
-        cq = area[FRAME + self.size :]
+        self.words = area[:FRAME_SIZE].cast("Q")
+        sq = area[FRAME_SIZE : FRAME_SIZE + self.size]
+        cq = area[FRAME_SIZE + self.size :]
         guest = side == "guest"
         # What this side writes and what it reads.
         self._out, self._in = (sq, cq) if guest else (cq, sq)
@@ -217,35 +213,6 @@ class SpinGate:
     def hit(self) -> None:
         """A spin got its answer."""
         self._backoff = self.period
-
-
-class PollWindow:
-    """How long the daemon watches a guest's ring before it sleeps: adaptive, as KVM's halt
-    polling (``halt_poll_ns``, grown and shrunk per vCPU in virt/kvm/kvm_main.c).
-
-    A request that came while the daemon slept, but less than ``most`` seconds after it began
-    watching, would have been caught by a longer watch: the window grows to cover that gap
-    (doubling at least). A guest that stayed away longer than ``most`` is idle or thinking, and
-    watching it was wasted: the window drops back to ``base``. So a guest with short gaps (a
-    page cache between file reads) gets its answers with no wakeup on either side, and an idle
-    one costs no more CPU than ``base``. Seconds throughout."""
-
-    def __init__(self, base: float, most: float) -> None:
-        self.base = base
-        self.most = max(base, most)
-        self.window = base
-        self.started: float | None = None  # when the current watch began
-
-    def woke(self, now: float) -> None:
-        """The guest's next word came at ``now``, after a watch and then a sleep."""
-        if self.started is None:
-            return  # no watch before this sleep (not allowed, or not needed): nothing learnt
-        idle = now - self.started
-        self.started = None
-        if idle > self.most:
-            self.window = self.base
-        elif idle > self.window:
-            self.window = min(self.most, max(2 * self.window, 1.25 * idle))
 
 
 def runnable_tasks() -> int:
