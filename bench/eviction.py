@@ -21,7 +21,7 @@ from pathlib import Path
 import tmemclient
 from bench.throughput import rate
 from tmemclient.wire.layout import FRAME_SIZE
-from tmemclient.workload import running_tmemd
+from tmemd.launch import Tmemd
 from tmemd.store import Store
 
 PAGE = memoryview(bytes(FRAME_SIZE))
@@ -52,8 +52,8 @@ def daemon_put_rate(budget: int, seconds: float) -> float:
     """put_many(64) pages/s from one guest."""
     with (
         tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp,
-        running_tmemd(Path(tmp), budget) as (sock, _admin),
-        tmemclient.connect(sock, name="bench") as client,
+        Tmemd(Path(tmp), "--memory", str(budget)) as tmemd,
+        tmemclient.connect(tmemd.socket, name="bench") as client,
     ):
         pool = client.new_pool()
         data = bytes(4096)

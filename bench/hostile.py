@@ -61,7 +61,6 @@ from typing import Any
 
 import tmemclient
 from bench import servers
-from tmemclient.admin import AdminClient
 from tmemclient.client import hello_message
 from tmemclient.region import create_region
 from tmemclient.wire import layout
@@ -73,6 +72,7 @@ from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Op, encode_reply, make_pool_flags
 from tmemclient.wire.ring import Rings
 from tmemclient.wire.units import format_size, parse_size
+from tmemd.ctl.client import AdminClient
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "hostile.json"
 

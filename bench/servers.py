@@ -1,26 +1,19 @@
-"""Starting and stopping the servers the benchmarks compare: tmemd, memcached and redis-server.
-
-Every server listens on a Unix socket in a directory the caller owns (a temporary one), is started
-with ``subprocess`` and is ready when a ``connect()`` to its socket succeeds (a bounded loop).
-``stop`` ends it: SIGTERM, then SIGKILL if it has not gone within a few seconds. Servers also get
-SIGTERM from the kernel if the benchmark process dies without cleaning up (PR_SET_PDEATHSIG).
-"""
+"""The servers the benchmarks compare: tmemd, memcached and redis-server, each on a Unix socket
+in a directory the caller owns. Started and stopped by tmemd/launch.py, the one launcher tests,
+benchmarks and the demo share; here are their command lines, versions and figures."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from tmemd.launch import Server, ServerFailed, log_tail, start, stop_process
+from tmemd.launch import tmemd_argv as _tmemd_argv
+
+__all__ = ["Server", "ServerFailed", "log_tail", "start", "stop", "stop_process"]
 
 # How to get each peer when it is missing (Debian/Ubuntu package, Python client from PyPI).
 INSTALL_HINTS = {
@@ -29,121 +22,17 @@ INSTALL_HINTS = {
 }
 
 
-@dataclass
-class Server:
-    """One running server."""
-
-    system: str
-    proc: subprocess.Popen[bytes]
-    sock: Path
-    log: Path
-    ready_s: float  # from exec to the socket accepting
-    argv: list[str] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+# ---------------------------------------------------------------------- the three systems
 
 
-class ServerFailed(RuntimeError):
-    """A server did not come up; the message carries the tail of its log."""
-
-
-def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
-    def setup() -> None:
-        # The server dies with us even if we are SIGKILLed before our cleanup runs.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, for error messages."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_accepting(
-    proc: subprocess.Popen[bytes], sock: Path, started: float, timeout: float
-) -> float:
-    """Seconds from ``started`` until a connect() to ``sock`` succeeds; bounded by ``timeout``."""
-    deadline = started + timeout
-    while True:
-        if proc.poll() is not None:
-            raise ServerFailed(f"exited with status {proc.returncode} before accepting")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(str(sock))
-            return time.perf_counter() - started
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        finally:
-            probe.close()
-        if time.perf_counter() > deadline:
-            raise ServerFailed(f"socket {sock} not accepting after {timeout:.0f}s")
-        time.sleep(0.002)
-
-
-def start(
-    system: str,
-    argv: Sequence[str],
-    sock: Path,
-    log: Path,
-    *,
-    cpus: frozenset[int] | None = None,
-    timeout: float = 20.0,
-) -> Server:
-    """Start ``argv`` (stdout and stderr to ``log``) and wait until ``sock`` accepts."""
-    with log.open("wb") as out:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup(cpus),
-            close_fds=True,
-        )
-    try:
-        ready = wait_accepting(proc, sock, started, timeout)
-    except BaseException as exc:
-        stop_process(proc)
-        if isinstance(exc, ServerFailed):
-            raise ServerFailed(f"{system} did not start: {exc}\n{log_tail(log)}") from None
-        raise
-    return Server(system, proc, sock, log, ready, list(argv))
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL; always reaps."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace)
+def tmemd_argv(sock: Path, memory: int, admin_sock: Path | None = None) -> list[str]:
+    """tmemd as the interpreter running the benchmark runs it, quiet but for warnings."""
+    return _tmemd_argv(sock, "--memory", str(memory), "--log-level", "warning", admin=admin_sock)
 
 
 def stop(server: Server) -> None:
     """Stop a server started by ``start``."""
     stop_process(server.proc)
-
-
-# ---------------------------------------------------------------------- the three systems
-
-
-def tmemd_argv(sock: Path, memory: int, admin_sock: Path | None = None) -> list[str]:
-    """tmemd from this checkout, with the interpreter running the benchmark."""
-    argv = [sys.executable, "-m", "tmemd", "--socket", str(sock), "--memory", str(memory)]
-    if admin_sock is not None:
-        argv += ["--admin-socket", str(admin_sock)]
-    return [*argv, "--log-format", "json", "--log-level", "warning"]
 
 
 def memcached_argv(sock: Path, threads: int, memory_mb: int) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import tmemclient
 from bench import servers
 from bench.drivers import PAGE, PAGE_SIZE
-from tmemclient.admin import AdminClient
+from tmemd.ctl.client import AdminClient
 
 METADATA_TARGET = 128  # bytes per page, at most
 STARTUP_TARGET = 1.0  # seconds, less than

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tmemclient
 from tmemclient.wire.units import parse_size
-from tmemclient.workload import running_tmemd
+from tmemd.launch import Tmemd
 
 PAGE = bytes(range(256)) * 16
 
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmp,
-        running_tmemd(Path(tmp), args.memory) as (sock, _admin),
+        Tmemd(Path(tmp), "--memory", str(args.memory)) as tmemd,
     ):
+        sock = tmemd.socket
         print(f"{os.cpu_count()} cpus, median of {args.repeats}", file=sys.stderr)
         results = measure(sock, args.seconds, args.repeats, args.batch)
     print(f"{'row':<12} {'pages/s':>12}")

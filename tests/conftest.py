@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,95 +15,19 @@ import msgpack
 import pytest
 
 from tmemclient.wire.codec import HEADER
+from tmemd.launch import Tmemd
 
 ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 15.0
 
 
-class Daemon:
-    """A running tmemd subprocess and what it logged."""
+class Daemon(Tmemd):
+    """A tmemd for one test (tmemd/launch.py, the launcher tests, benchmarks and the demo
+    share); ``preexec_fn`` runs in the child before tmemd starts (e.g. to lower its limits)."""
 
     def __init__(
         self, workdir: Path, *args: str, preexec_fn: Callable[[], None] | None = None
     ) -> None:
-        """Start tmemd in ``workdir`` with ``args``; ``preexec_fn`` runs in the child before
-        tmemd starts (e.g. to lower its resource limits)."""
-        self.workdir = workdir
-        self.socket = workdir / "tmemd.sock"
-        self.log_path = workdir / "tmemd.log"
-        self._log = self.log_path.open("wb")
-        self.args = ["--socket", str(self.socket), "--log-format", "json", *args]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tmemd", *self.args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            preexec_fn=preexec_fn,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tmemd exited {self.proc.returncode}: {self.log_text()}")
-            if self.socket.exists():
-                probe = socket.socket(socket.AF_UNIX)
-                try:
-                    probe.connect(str(self.socket))
-                    return
-                except OSError:
-                    pass
-                finally:
-                    probe.close()
-            time.sleep(0.02)
-        raise RuntimeError(f"tmemd did not start within {START_TIMEOUT}s: {self.log_text()}")
-
-    def log_text(self) -> str:
-        """Everything the daemon wrote so far."""
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The daemon's JSON log lines, optionally only those with event ``name``."""
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if name is None or record.get("event") == name:
-                out.append(record)
-        return out
-
-    def wait_event(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Wait (bounded) until the log holds ``count`` events called ``name``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(name)
-            if len(found) >= count:
-                return found
-            time.sleep(0.02)
-        raise AssertionError(
-            f"no {count}x {name!r} in tmemd's log within {timeout}s:\n{self.log_text()}"
-        )
-
-    @property
-    def alive(self) -> bool:
-        """True while the daemon process runs."""
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after a bounded wait; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(workdir, *args, preexec=preexec_fn)
 
 
 @pytest.fixture

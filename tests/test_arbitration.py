@@ -33,7 +33,6 @@ import pytest
 from conftest import ROOT, Daemon, run_guest
 
 import tmemclient.wire.errors as errors
-from tmemclient.admin import AdminClient
 from tmemclient.wire.errors import (
     GuestConflict,
     InvalidArgument,
@@ -44,6 +43,7 @@ from tmemclient.wire.errors import (
 from tmemclient.wire.messages import Status
 from tmemd.admin import AdminServer
 from tmemd.config import Settings
+from tmemd.ctl.client import AdminClient
 from tmemd.host import Host
 from tmemd.store import Store
 
@@ -739,7 +739,7 @@ print(json.dumps({"req_id": req_id, "status": status, "result": result, "closed"
 
 ADMIN_CLIENT_AFTER_REFUSAL = """
 import select, sys
-from tmemclient.admin import AdminClient
+from tmemd.ctl.client import AdminClient
 from tmemclient.wire.errors import TmemError
 client = AdminClient(sys.argv[1])
 poll = select.poll()

@@ -1,4 +1,4 @@
-"""The page cache (tmemclient.cleancache) against a real tmemd: what it reads is always the file's
+"""The page cache (tmemclient.apps.cleancache) against a real tmemd: what it reads is always the file's
 current content, whatever tmem holds, and it stops bothering tmem when tmem does not pay."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import trio
 from conftest import Daemon
 
 import tmemclient
-from tmemclient.cleancache import AsyncPageCache, CachedFile, PageCache, object_id
+from tmemclient.apps.cleancache import AsyncPageCache, CachedFile, PageCache, object_id
 
 PAGE = 4096
 IO_TIMEOUT = 30.0

@@ -1,4 +1,4 @@
-"""The swap store (tmemclient.frontswap) against a real tmemd: every page stored reads back
+"""The swap store (tmemclient.apps.frontswap) against a real tmemd: every page stored reads back
 byte-exact, whatever the daemon refuses, evicts around it, or if it goes away mid-run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import Daemon
 
 import tmemclient
 from tmemclient import InvalidArgument
-from tmemclient.frontswap import SWAP_OID, SwappedMemory, SwapStore
+from tmemclient.apps.frontswap import SWAP_OID, SwappedMemory, SwapStore
 
 PAGE = 4096
 IO_TIMEOUT = 30.0

@@ -50,7 +50,6 @@ import pytest
 from conftest import EOF, Daemon
 from test_bad_input import TIMEOUT, Raw, Reference, daemon_fds, frame_of, settled_fds
 
-from tmemclient.admin import AdminClient
 from tmemclient.region import create_region
 from tmemclient.wire import layout, ring
 from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, encode_frame
@@ -58,6 +57,7 @@ from tmemclient.wire.fds import fds_from_ancillary
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import PROTOCOL_VERSION, Op, Status, make_pool_flags
 from tmemclient.wire.ring import Rings
+from tmemd.ctl.client import AdminClient
 from tmemd.store import LOAN_SLACK_SLOTS, MIRROR_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS
 
 OK, INVALID, PROTOCOL, CONFLICT = Status.OK, Status.INVALID, Status.PROTOCOL, Status.CONFLICT

@@ -18,12 +18,12 @@ import trio
 from conftest import Daemon
 
 import tmemclient
-from tmemclient.admin import AdminClient
-from tmemclient.cleancache import AsyncPageCache, PageCache
+from tmemclient.apps.cleancache import AsyncPageCache, PageCache
 from tmemclient.mapping import LentMemory
 from tmemclient.wire.errors import InvalidArgument
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Op
+from tmemd.ctl.client import AdminClient
 
 PAGE = FRAME_SIZE
 MIB = 1 << 20

@@ -19,13 +19,13 @@ import trio
 from conftest import Daemon
 
 import tmemclient
-from tmemclient.admin import AdminClient
-from tmemclient.cleancache import AsyncPageCache
+from tmemclient.apps.cleancache import AsyncPageCache
 from tmemclient.client import hello_message
 from tmemclient.mapping import Token
 from tmemclient.region import create_region
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder
 from tmemclient.wire.layout import FRAME_SIZE
+from tmemd.ctl.client import AdminClient
 
 PAGE = FRAME_SIZE
 

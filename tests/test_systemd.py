@@ -32,8 +32,8 @@ from conftest import ROOT, Daemon
 
 import tmemclient
 from tmemclient import Client, DaemonGone
-from tmemclient.admin import AdminClient
 from tmemd import cli
+from tmemd.ctl.client import AdminClient
 from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
 
 IO_TIMEOUT = 20.0

@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT, Daemon
 
 import tmemclient
-from tmemclient.tmemctl import main
+from tmemd.ctl.cli import main
 
 RUN_TIMEOUT = 30.0
 PAGE = 4096
@@ -120,14 +120,14 @@ def tmemctl(
     env: dict[str, str] | None = None,
     **kw: Any,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m tmemclient.tmemctl ARGS`` with TMEM_ADMIN_SOCKET=sock; bounded in time."""
+    """``python -m tmemd.ctl.cli ARGS`` with TMEM_ADMIN_SOCKET=sock; bounded in time."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT))
     full_env.pop("TMEM_ADMIN_SOCKET", None)
     if sock is not None:
         full_env["TMEM_ADMIN_SOCKET"] = str(sock)
     full_env.update(env or {})
     return subprocess.run(
-        [kw.pop("python", sys.executable), "-m", "tmemclient.tmemctl", *args],
+        [kw.pop("python", sys.executable), "-m", "tmemd.ctl.cli", *args],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -375,7 +375,7 @@ def test_top_clears_the_screen_on_a_tty(admin: Admin) -> None:
             [
                 sys.executable,
                 "-m",
-                "tmemclient.tmemctl",
+                "tmemd.ctl.cli",
                 "top",
                 "--iterations",
                 "2",
@@ -411,7 +411,7 @@ def test_top_clears_the_screen_on_a_tty(admin: Admin) -> None:
 def test_top_exits_quietly_on_ctrl_c(admin: Admin) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMEM_ADMIN_SOCKET=str(admin.socket))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tmemclient.tmemctl", "top", "--interval", "0.1"],
+        [sys.executable, "-m", "tmemd.ctl.cli", "top", "--interval", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -569,7 +569,7 @@ def _python_for(uid: int) -> str | None:
     for candidate in (sys.executable, "/usr/bin/python3"):
         try:
             probe = subprocess.run(
-                [candidate, "-c", "import tmemclient.tmemctl"],
+                [candidate, "-c", "import tmemd.ctl.cli"],
                 user=uid,
                 group=uid,
                 extra_groups=[],
@@ -629,7 +629,7 @@ def test_non_admin_uid_is_refused(start_daemon: Any) -> None:
         sock.chmod(0o666)
         proc = as_nobody("freeze")
         assert proc.returncode == 1, proc
-        # tmemd answers "not an administrator" and closes at once; tmemclient.admin loses that
+        # tmemd answers "not an administrator" and closes at once; tmemd.ctl.client loses that
         # answer when the close wins the race with our request (EPIPE), so tmemctl then says the
         # same from the socket's owner and mode. Either way the message names the reason.
         assert proc.stderr.startswith(

@@ -1,4 +1,4 @@
-"""The evidence benchmark (python -m tmemclient.workload), run small: its counts add up and every
+"""The evidence benchmark (python -m bench.workload), run small: its counts add up and every
 page it read was right. No timing assertions: the machine decides those."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tmemclient import workload
+from bench.workload import guest, report, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -24,7 +24,7 @@ SMALL = [
 def run_small(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The runner on the SMALL setup (and ``args``), writing to ``tmp_path``; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tmemclient.workload", *SMALL, *args, "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.workload", *SMALL, *args, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -42,7 +42,7 @@ def test_a_small_run_adds_up(tmp_path: Path) -> None:
     assert "phase 4/4 (vm1 busy)" in proc.stderr  # progress goes to stderr
     result = json.loads((tmp_path / "workload.json").read_text())
     runs = {(r["scenario"], r["setup"]): r for r in result["cache"]}
-    assert set(runs) == {(s, setup) for s in workload.SCENARIOS for setup in ("static", "tmem")}
+    assert set(runs) == {(s, setup) for s in report.SCENARIOS for setup in ("static", "tmem")}
     for (scenario, setup), run in runs.items():
         assert run["problems"] == [], (scenario, setup)
         for row in [*run["rows"], run["total"]]:
@@ -61,7 +61,7 @@ def test_a_small_run_adds_up(tmp_path: Path) -> None:
             assert total["lends"] > 0  # the tmem guests borrowed memory
         assert run["timeline"][-1][1] == total["disk_reads"]
     # Both setups read the same pages: the same accesses, only the memory differs.
-    for scenario in workload.SCENARIOS:
+    for scenario in report.SCENARIOS:
         assert (
             runs[scenario, "static"]["total"]["pages_read"]
             == runs[scenario, "tmem"]["total"]["pages_read"]
@@ -88,11 +88,11 @@ def test_repeated_runs_take_the_first_turn_in_turn(tmp_path: Path) -> None:
 
 
 def test_access_patterns_stay_inside_the_files() -> None:
-    for pattern in workload.PATTERNS:
-        reads = list(workload.accesses(pattern, 7, files=3, pages=40, run=4, count=500))
+    for pattern in runner.PATTERNS:
+        reads = list(guest.accesses(pattern, 7, files=3, pages=40, run=4, count=500))
         assert len(reads) == 500
         assert all(0 <= f < 3 and 0 <= first <= 36 for f, first in reads)
-    scan = list(workload.accesses("scan", 1, files=2, pages=16, run=4, count=8))
+    scan = list(guest.accesses("scan", 1, files=2, pages=16, run=4, count=8))
     assert len(set(scan)) == 8  # a scan visits every run once before it repeats
 
 
@@ -100,7 +100,7 @@ def test_the_latency_disk_reads_what_is_in_the_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"a" * 4096 + b"b" * 4096)
     fd = os.open(tmp_path / "f", os.O_RDWR)
     try:
-        disk = workload.LatencyDisk(50)
+        disk = guest.LatencyDisk(50)
         assert disk.read(fd, 4096, 4096) == b"b" * 4096
         disk.write(fd, [(0, b"c" * 4096), (4096, b"d" * 4096)])
         assert os.pread(fd, 8192, 0) == b"c" * 4096 + b"d" * 4096
@@ -117,11 +117,11 @@ def test_the_verdict_goes_by_the_median_of_repeated_runs() -> None:
     results = []
     for n, (static, tmem) in enumerate([(1.0, 1.20), (1.0, 1.04), (1.0, 1.02)]):
         results += [run("uniform", "static", n, static, 100), run("uniform", "tmem", n, tmem, 90)]
-    (line,) = workload.verdicts(results)
+    (line,) = report.verdicts(results)
     assert "(1.20x)" in line  # the first run's own figures
     assert "median of 3 runs 1.04x (1.20, 1.04, 1.02)" in line
     assert line.endswith("target (<= 1.05x): MET")
     # One run: its ratio is the verdict, as before, with a word on how to get a sounder one.
-    (line,) = workload.verdicts(results[:2])
+    (line,) = report.verdicts(results[:2])
     assert "median" not in line
     assert line.endswith("NOT MET (one run; for a verdict: --scenarios uniform --repeats 21)")

@@ -1,6 +1,6 @@
 """The main job: a tmemd with several guest processes working against it.
 
-    python -m tmemclient.demo [--guests 4] [--memory 32MiB] [--pages 6000]
+    python -m bench.smoke [--guests 4] [--memory 32MiB] [--pages 6000]
 
 Starts tmemd on a socket in a temporary directory, runs N guest processes at once — each puts
 ephemeral pages (a page cache would: more than the budget holds, so some get evicted) and
@@ -22,7 +22,7 @@ from typing import Any
 
 import tmemclient
 from tmemclient.wire.units import format_size, parse_size
-from tmemclient.workload import running_tmemd
+from tmemd.launch import Tmemd
 
 
 def page(guest: str, kind: str, oid: int, index: int) -> bytes:
@@ -78,7 +78,7 @@ def run_guest(socket_path: str, name: str, pages: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit 1 if any guest saw a wrong byte or lost a persistent page."""
     parser = argparse.ArgumentParser(
-        prog="python -m tmemclient.demo", description=__doc__.split("\n\n")[0]
+        prog="python -m bench.smoke", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--guests", type=int, default=4)
     parser.add_argument("--memory", type=parse_size, default=32 << 20)
@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with tempfile.TemporaryDirectory(prefix="tmem-demo-") as tmp:
-        log_path = Path(tmp) / "tmemd.log"  # written by running_tmemd
+        log_path = Path(tmp) / "tmemd.log"  # written by the Tmemd below
         budget = args.memory
         print(f"starting tmemd: budget {format_size(budget)}, in {tmp}", flush=True)
-        with running_tmemd(Path(tmp), budget) as (sock, _admin):
+        with Tmemd(Path(tmp), "--memory", str(budget)) as tmemd:
+            sock = tmemd.socket
             total = args.guests * (args.pages + args.pages // 4) * 4096
             print(
                 f"{args.guests} guests, each {args.pages} ephemeral + {args.pages // 4} persistent pages "
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "tmemclient.demo",
+                        "bench.smoke",
                         "--guest",
                         f"vm{i}",
                         "--socket",

@@ -20,9 +20,9 @@ import uuid as uuid_module
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from tmemclient.admin import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
 from tmemclient.wire.errors import DaemonGone, PermissionDenied, TmemError
 from tmemclient.wire.units import format_size, size_arg
+from tmemd.ctl.client import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
 
 PROG: Final = "tmemctl"
 EXIT_OK: Final = 0
