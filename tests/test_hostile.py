@@ -57,8 +57,9 @@ from tmemclient.wire.fds import fds_from_ancillary
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import PROTOCOL_VERSION, Op, Status, make_pool_flags
 from tmemclient.wire.ring import Rings
+from tmemd.audit import MIRROR_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS
 from tmemd.ctl.client import AdminClient
-from tmemd.store import LOAN_SLACK_SLOTS, MIRROR_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS
+from tmemd.lending import LOAN_SLACK_SLOTS
 
 OK, INVALID, PROTOCOL, CONFLICT = Status.OK, Status.INVALID, Status.PROTOCOL, Status.CONFLICT
 PAGE = FRAME_SIZE

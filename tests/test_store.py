@@ -20,8 +20,10 @@ from tmemclient.region import FrameAllocator
 from tmemclient.wire.errors import InvalidArgument
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.units import format_size, parse_size
+from tmemd.accounts import NIL, Guest, Pool, StoreError
+from tmemd.memfiles import Mirror
 from tmemd.policy import DEFAULT_WEIGHT, choose_victim, validate_weight
-from tmemd.store import NIL, Guest, Mirror, Pool, Store, StoreError
+from tmemd.store import Store
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -1544,12 +1546,12 @@ def test_a_mirror_that_cannot_be_made_is_a_store_error(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No address space or memfds left: the guest is not mapped (the server grants no map)."""
-    import tmemd.store
+    import tmemd.mirroring
 
     def fail(*_: object) -> None:
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(tmemd.store, "Mirror", fail)
+    monkeypatch.setattr(tmemd.mirroring, "Mirror", fail)
     store = make_store(8)
     guest = store.add_guest("g")
     with pytest.raises(StoreError, match="cannot make a mirror"):

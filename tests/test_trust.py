@@ -15,9 +15,13 @@ import pytest
 from test_store import Clock, lender, loan_map, page, put
 
 from tmemclient.wire.layout import FRAME_SIZE
+from tmemd import views
+from tmemd.audit import OVERDRAW_CLOSE_SLOTS
 from tmemd.config import ConfigError, GuestPolicy, Settings, load_config
+from tmemd.deferred import BIG_PUNCH, REAP_INLINE
 from tmemd.host import Host
-from tmemd.store import BIG_PUNCH, LOAN_SLACK_SLOTS, OVERDRAW_CLOSE_SLOTS, REAP_INLINE, Store
+from tmemd.lending import LOAN_SLACK_SLOTS
+from tmemd.store import Store
 
 MIB = 1 << 20
 
@@ -250,7 +254,7 @@ def test_the_host_bills_each_new_account_to_its_uid(tmp_path: Path) -> None:
     assert vm1.tenant is not None and vm1.tenant.cap_slots == 16
     assert stranger.tenant is not None and stranger.tenant.cap_slots == 256  # uid_cap
     assert host.max_connections(1000, 256) == 3 and host.max_connections(2000, 256) == 256
-    row = {r["uid"]: r for r in host.uids()}[1000]
+    row = {r["uid"]: r for r in views.uids(host)}[1000]
     assert row["guests"] == ["1000/evil", "vm1"] and row["cap"] == 64 << 10
     changed = host.set_guest("uid:1000", cap=32 << 10)
     assert changed["cap"] == 32 << 10 and vm1.tenant.cap_slots == 8

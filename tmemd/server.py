@@ -40,12 +40,12 @@ from tmemclient.wire.messages import (
 )
 from tmemclient.wire.messages import Limits as WireLimits
 from tmemclient.wire.ring import Rings, SpinGate
+from tmemd.accounts import StoreError
 from tmemd.config import GuestPolicy, Limits
 from tmemd.connection import RECV_SIZE, Connection
 from tmemd.host import Host
 from tmemd.region import hello_fds, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
-from tmemd.store import StoreError
 
 log = structlog.get_logger("tmemd.server")
 audit_log = structlog.get_logger("tmemd.audit")

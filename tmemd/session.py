@@ -32,9 +32,9 @@ from tmemclient.wire.messages import (
     split_request,
     status_for_error,
 )
+from tmemd.accounts import Guest, Pool
 from tmemd.config import Limits
 from tmemd.host import Host
-from tmemd.store import Guest, Pool
 
 FLUSH_SLICE = 256  # flushes of one request between two looks at the turn's clock
 
