@@ -47,10 +47,11 @@ from tmemclient.wire.messages import (
     split_request,
     status_for_error,
 )
+from tmemclient.wire.requests import ARGS
 from tmemd.config import GuestPolicy, Settings
 from tmemd.config import Limits as DaemonLimits
 from tmemd.host import Host
-from tmemd.session import _ARGS, Session
+from tmemd.session import Session
 from tmemd.store import Store
 
 VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
@@ -313,7 +314,7 @@ def test_all_vectors_as_one_stream() -> None:
 
 
 def test_spec_argument_lists_match_the_daemon() -> None:
-    assert {op: len(a) for op, a in SPEC_ARGS.items()} == {op: len(a) for op, a in _ARGS.items()}
+    assert {op: len(a) for op, a in SPEC_ARGS.items()} == {op: len(a) for op, a in ARGS.items()}
 
 
 @pytest.mark.parametrize("case", REQUESTS, ids=ids(REQUESTS))

@@ -1,9 +1,11 @@
 """One guest connection's request handling: decoded message in, encoded reply out. No I/O.
 
 The server (a thin trio adapter) owns the socket and hands every decoded message to
-``Session.handle``. Everything the guest sends is untrusted: pool handles are looked up only in
-this session's own table (so another guest's handles are simply unknown), every number is range
-checked before arithmetic, and a batch is validated whole before any page of it is touched.
+``Session.handle``. Everything the guest sends is untrusted: ``decode_request`` (tmemclient/wire/
+requests.py) checks every argument against this connection before a typed request reaches a
+handler here: pool handles are looked up only in this session's own table (so another guest's
+handles are simply unknown), every number is range checked before arithmetic, and a batch is
+validated whole before any page of it is touched. Handlers are chosen by the request's type.
 """
 
 from __future__ import annotations
@@ -13,49 +15,30 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tmemclient.wire.errors import (
-    InvalidArgument,
-    LimitExceeded,
-    ProtocolError,
-    TmemError,
-    UnknownPool,
-)
+from tmemclient.wire.errors import InvalidArgument, LimitExceeded, ProtocolError, TmemError
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
-from tmemclient.wire.messages import (
-    INDEX_BITS,
-    Op,
-    PoolSpec,
-    Status,
-    check_uint,
-    decode_oid,
-    encode_reply,
-    split_request,
-    status_for_error,
+from tmemclient.wire.messages import Op, Status, encode_reply, status_for_error
+from tmemclient.wire.requests import (
+    DestroyPool,
+    Doorbell,
+    Flush,
+    FlushMany,
+    FlushObject,
+    Get,
+    Lend,
+    NewPool,
+    PageBatch,
+    Ping,
+    Put,
+    SubPage,
+    TouchMany,
+    decode_request,
 )
 from tmemd.accounts import Guest, Pool
 from tmemd.config import Limits
 from tmemd.host import Host
 
 FLUSH_SLICE = 256  # flushes of one request between two looks at the turn's clock
-
-_ARGS: dict[int, tuple[str, ...]] = {
-    Op.NEW_POOL: ("flags", "uuid"),
-    Op.DESTROY_POOL: ("pool",),
-    Op.PUT: ("pool", "oid", "index", "frame"),
-    Op.GET: ("pool", "oid", "index", "frame"),
-    Op.FLUSH: ("pool", "oid", "index"),
-    Op.FLUSH_OBJECT: ("pool", "oid"),
-    Op.READ: ("pool", "oid", "index", "offset", "length", "frame"),
-    Op.WRITE: ("pool", "oid", "index", "offset", "length", "frame"),
-    Op.XCHG: ("pool", "oid", "index", "offset", "length", "frame"),
-    Op.PUT_MANY: ("pool", "entries"),
-    Op.GET_MANY: ("pool", "entries"),
-    Op.FLUSH_MANY: ("pool", "entries"),
-    Op.TOUCH_MANY: ("pool", "entries"),
-    Op.LEND: ("want",),
-    Op.PING: (),
-    Op.DOORBELL: (),
-}
 
 
 class Job:
@@ -100,7 +83,8 @@ def _slices(total: int, per_slice: int, run: Callable[[int, int], None]) -> Call
 
 
 class Session:
-    """The daemon's side of one guest connection."""
+    """The daemon's side of one guest connection (and the ``Context`` its requests are checked
+    against: ``frames``, ``max_batch``, ``mapped``, ``lending``, ``pool_order``)."""
 
     def __init__(
         self, host: Host, guest: Guest, region: memoryview, limits: Limits, *, uid: int = 0
@@ -111,6 +95,7 @@ class Session:
         self.guest = guest
         self.region = region
         self.frames = len(region) // FRAME_SIZE
+        self.max_batch = limits.max_batch
         self.mapped = False  # granted a mirror in HELLO: PUT_MANY answers with tokens (§4.7)
         self.lending = False  # granted a loan file in HELLO: may LEND (§4.8)
         self.limits = limits
@@ -121,27 +106,27 @@ class Session:
         self._handle_add = secrets.randbits(32)
         self._pools_made = 0
         self.requests = 0
-        self._req_id = 0  # of the request being served (for the Jobs it makes)
         # Pages of one batch between two looks at the turn's clock (server: bounded turns).
         self._slice_bytes = limits.slice_bytes
-        self._handlers: dict[int, Callable[[list[Any]], Any]] = {
-            Op.NEW_POOL: self._new_pool,
-            Op.DESTROY_POOL: self._destroy_pool,
-            Op.PUT: self._put,
-            Op.GET: self._get,
-            Op.FLUSH: self._flush,
-            Op.FLUSH_OBJECT: self._flush_object,
-            Op.READ: self._read,
-            Op.WRITE: self._write,
-            Op.XCHG: self._xchg,
-            Op.PUT_MANY: self._put_many,
-            Op.GET_MANY: self._get_many,
-            Op.FLUSH_MANY: self._flush_many,
-            Op.TOUCH_MANY: self._touch_many,
-            Op.LEND: self._lend,
-            Op.PING: lambda m: None,
-            Op.DOORBELL: lambda m: None,  # only reached with arguments: an error
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            NewPool: self._new_pool,
+            DestroyPool: self._destroy_pool,
+            Put: self._put,
+            Get: self._get,
+            Flush: self._flush,
+            FlushObject: self._flush_object,
+            SubPage: self._sub_page,
+            PageBatch: self._page_batch,
+            FlushMany: self._flush_many,
+            TouchMany: self._touch_many,
+            Lend: self._lend,
+            Ping: lambda request: None,
         }
+
+    def pool_order(self, handle: int) -> int | None:
+        """The page order of the pool ``handle`` names on this connection (Context)."""
+        pool = self.pools.get(handle)
+        return None if pool is None else pool.order
 
     def handle(self, message: Any) -> bytes | Job:
         """Serve one request and return its encoded reply, or a Job that serves it in slices
@@ -150,29 +135,25 @@ class Session:
         Raises ProtocolError when the message is not a request at all; the caller answers it
         (``protocol_error_reply``) and closes the connection.
         """
-        op, req_id, m = split_request(message)
-        if op == Op.DOORBELL and len(m) == 2:
+        try:
+            request = decode_request(message, self)
+        except ProtocolError:
+            raise
+        except TmemError as exc:  # a request, with bad arguments: answered, the connection goes on
+            self.requests += 1
+            return encode_reply(message[1], status_for_error(exc), str(exc))
+        if type(request) is Doorbell:
             return b""  # "look at the ring": the server does so after every batch of frames
         self.requests += 1
-        handler = self._handlers.get(op)
         try:
-            if handler is None:
-                raise InvalidArgument(f"unknown op {op}")
-            want = _ARGS[op]
-            if len(m) != 2 + len(want):
-                raise InvalidArgument(
-                    f"{Op(op).name} takes {len(want)} arguments ({', '.join(want) or 'none'}), "
-                    f"got {len(m) - 2}"
-                )
-            self._req_id = req_id
-            result = handler(m)
+            result = self._handlers[type(request)](request)
         except ProtocolError:
             raise
         except TmemError as exc:
-            return encode_reply(req_id, status_for_error(exc), str(exc))
+            return encode_reply(request.req_id, status_for_error(exc), str(exc))
         if type(result) is Job:
             return result
-        return encode_reply(req_id, Status.OK, result)
+        return encode_reply(request.req_id, Status.OK, result)
 
     def close(self) -> int:
         """Free every page of this connection's private pools, leave its shared pools, and
@@ -198,61 +179,10 @@ class Session:
         for handle in [h for h, p in self.pools.items() if p is pool]:
             del self.pools[handle]
 
-    # ------------------------------------------------------------------ argument checks
-
-    def _pool(self, handle: Any) -> Pool:
-        pool = self.pools.get(handle) if type(handle) is int else None
-        if pool is None:
-            # Never repr() the guest's value: a 1 MiB bin or 1000-deep array would bloat the
-            # reply or raise RecursionError.
-            shown = handle if type(handle) is int else f"handle of type {type(handle).__name__}"
-            raise UnknownPool(
-                f"pool {shown} is unknown to this connection (never made or destroyed)"
-            )
-        return pool
-
-    def _page_frames(self, frame: Any, pool: Pool, what: str = "frame") -> memoryview:
-        frame = check_uint(frame, 32, what)
-        n = 1 << pool.order
-        if frame + n > self.frames:
-            raise InvalidArgument(
-                f"{what} {frame} (+{n} for a {pool.page_size}-byte page) is outside the "
-                f"region's {self.frames} frames"
-            )
-        return self.region[frame * FRAME_SIZE : (frame + n) * FRAME_SIZE]
-
-    def _sub_range(self, pool: Pool, m: list[Any]) -> tuple[int, int, int, memoryview]:
-        oid = decode_oid(m[3])
-        index = check_uint(m[4], INDEX_BITS, "index")
-        offset = check_uint(m[5], 32, "offset")
-        length = check_uint(m[6], 32, "length")
-        frame = check_uint(m[7], 32, "frame")
-        if length == 0 or offset + length > pool.page_size:
-            raise InvalidArgument(
-                f"offset {offset} + length {length} must lie inside the {pool.page_size}-byte page "
-                "(length at least 1)"
-            )
-        start = frame * FRAME_SIZE
-        if start + length > len(self.region):
-            raise InvalidArgument(
-                f"frame {frame} + length {length} runs past the region ({len(self.region)} bytes)"
-            )
-        return oid, index, offset, self.region[start : start + length]
-
-    def _entries(self, entries: Any, width: int) -> list[Any]:
-        if type(entries) is not list or len(entries) % width:
-            raise InvalidArgument(f"batch entries must be a flat array of {width}-tuples")
-        count = len(entries) // width
-        if count > self.limits.max_batch:
-            raise LimitExceeded(f"batch of {count} pages exceeds max_batch {self.limits.max_batch}")
-        return entries
-
     # ------------------------------------------------------------------ handlers
 
-    def _new_pool(self, m: list[Any]) -> list[int]:
-        spec = PoolSpec.decode(m[2], m[3])
-        if spec.shared and spec.persistent:
-            raise InvalidArgument("shared persistent pools are not supported (as in Xen)")
+    def _new_pool(self, request: NewPool) -> list[int]:
+        spec = request.spec
         if len(self.pools) >= self.limits.max_pools:
             raise LimitExceeded(f"guest already has max_pools={self.limits.max_pools} pools")
         if (FRAME_SIZE << spec.order) > len(self.region):
@@ -269,70 +199,41 @@ class Session:
         self.pools[handle] = pool
         return [handle, spec.page_size]
 
-    def _destroy_pool(self, m: list[Any]) -> None:
-        pool = self._pool(m[2])
-        del self.pools[m[2]]
+    def _destroy_pool(self, request: DestroyPool) -> None:
+        pool = self.pools.pop(request.pool)
         if pool.shared:
             if pool not in self.pools.values():  # the last handle of it on this connection
                 self.host.leave_shared(self, pool)
         else:
             self.store.destroy_pool(pool)
 
-    def _put(self, m: list[Any]) -> bool:
-        pool = self._pool(m[2])
-        oid = decode_oid(m[3])
-        index = check_uint(m[4], INDEX_BITS, "index")
-        frozen = self.guest.frozen
-        return self.store.put(pool, oid, index, self._page_frames(m[5], pool), frozen=frozen)
+    def _frames(self, frame: int, order: int) -> memoryview:
+        return self.region[frame << FRAME_SHIFT : (frame + (1 << order)) << FRAME_SHIFT]
 
-    def _get(self, m: list[Any]) -> bool:
-        pool = self._pool(m[2])
-        oid = decode_oid(m[3])
-        index = check_uint(m[4], INDEX_BITS, "index")
-        return self.store.get(pool, oid, index, self._page_frames(m[5], pool))
+    def _put(self, request: Put) -> bool:
+        pool = self.pools[request.pool]
+        return self.store.put(
+            pool,
+            request.oid,
+            request.index,
+            self._frames(request.frame, pool.order),
+            frozen=self.guest.frozen,
+        )
 
-    def _flush(self, m: list[Any]) -> None:
-        pool = self._pool(m[2])
-        self.store.flush(pool, decode_oid(m[3]), check_uint(m[4], INDEX_BITS, "index"))
+    def _get(self, request: Get) -> bool:
+        pool = self.pools[request.pool]
+        frames = self._frames(request.frame, pool.order)
+        return self.store.get(pool, request.oid, request.index, frames)
 
-    def _read(self, m: list[Any]) -> bool:
-        pool = self._pool(m[2])
-        oid, index, offset, view = self._sub_range(pool, m)
-        return self.store.read(pool, oid, index, offset, view)
+    def _flush(self, request: Flush) -> None:
+        self.store.flush(self.pools[request.pool], request.oid, request.index)
 
-    def _write(self, m: list[Any]) -> bool:
-        pool = self._pool(m[2])
-        oid, index, offset, view = self._sub_range(pool, m)
-        return self.store.write(pool, oid, index, offset, view)
-
-    def _xchg(self, m: list[Any]) -> bool:
-        pool = self._pool(m[2])
-        oid, index, offset, view = self._sub_range(pool, m)
-        return self.store.xchg(pool, oid, index, offset, view)
-
-    def _columns(self, entries: list[Any], width: int) -> tuple[Sequence[int], Sequence[int]]:
-        """Object ids and indexes of a batch, validated whole.
-
-        The fast path checks a column at once with C-level builtins (the set of types, min and
-        max); only a batch that fails it is walked entry by entry, to name the bad entry.
-        """
-        oids, idxs = entries[0::width], entries[1::width]
-        if not (_plain_uints(oids, 64)):
-            oids = [decode_oid(o, f"entry {i} oid") for i, o in enumerate(oids)]
-        if not _plain_uints(idxs, INDEX_BITS):
-            idxs = [check_uint(x, INDEX_BITS, f"entry {i} index") for i, x in enumerate(idxs)]
-        return oids, idxs
-
-    def _page_batch(self, m: list[Any]) -> tuple[Pool, Sequence[int], Sequence[int], Sequence[int]]:
-        pool = self._pool(m[2])
-        entries = self._entries(m[3], 3)
-        oids, idxs = self._columns(entries, 3)
-        frames = entries[2::3]
-        span = 1 << pool.order
-        if not (_plain_uints(frames, 32) and (not frames or max(frames) + span <= self.frames)):
-            for i, frame in enumerate(frames):
-                self._page_frames(frame, pool, f"entry {i} frame")
-        return pool, oids, idxs, frames
+    def _sub_page(self, request: SubPage) -> bool:
+        pool = self.pools[request.pool]
+        start = request.frame << FRAME_SHIFT
+        view = self.region[start : start + request.length]
+        serve = {Op.READ: self.store.read, Op.WRITE: self.store.write, Op.XCHG: self.store.xchg}
+        return serve[request.op](pool, request.oid, request.index, request.offset, view)
 
     def _per_slice(self, pool: Pool) -> int:
         return self._slice_bytes >> (FRAME_SHIFT + pool.order)
@@ -341,50 +242,48 @@ class Session:
         """Is ``pool`` still reachable by ``handle`` (not destroyed, not revoked)?"""
         return not pool.dead and self.pools.get(handle) is pool
 
-    def _put_many(self, m: list[Any]) -> list[Any] | Job:
-        store, region = self.store, self.region
-        return self._sliced(
-            m,
-            lambda pool, oids, idxs, frames: store.put_many(
-                pool, oids, idxs, frames, region, frozen=self.guest.frozen, tokens=self.mapped
-            ),
-        )
+    def _page_batch(self, request: PageBatch) -> list[Any] | Job:
+        """A PUT_MANY or GET_MANY: served at once when it fits one slice, else a Job serving
+        it a slice at a time."""
+        store, region, pool = self.store, self.region, self.pools[request.pool]
+        serve: Callable[[Sequence[int], Sequence[int], Sequence[int]], list[Any]]
+        if request.op == Op.PUT_MANY:
 
-    def _get_many(self, m: list[Any]) -> list[Any] | Job:
-        store, region = self.store, self.region
-        return self._sliced(
-            m,
-            lambda pool, oids, idxs, frames: store.get_many(pool, oids, idxs, frames, region),
-        )
+            def serve(oids: Sequence[int], idxs: Sequence[int], frames: Sequence[int]) -> list[Any]:
+                frozen = self.guest.frozen
+                return store.put_many(
+                    pool, oids, idxs, frames, region, frozen=frozen, tokens=self.mapped
+                )
 
-    def _sliced(self, m: list[Any], serve: Callable[..., list[Any]]) -> list[Any] | Job:
-        """A PUT_MANY or GET_MANY, validated whole: served at once when it fits one slice, else
-        a Job serving ``serve(pool, oids, idxs, frames)`` a slice at a time."""
-        pool, oids, idxs, frames = self._page_batch(m)
+        else:
+
+            def serve(oids: Sequence[int], idxs: Sequence[int], frames: Sequence[int]) -> list[Any]:
+                return store.get_many(pool, oids, idxs, frames, region)
+
+        oids, idxs, frames = request.oids, request.idxs, request.frames
         per_slice = self._per_slice(pool)
         if len(oids) <= per_slice:
-            return serve(pool, oids, idxs, frames)
+            return serve(oids, idxs, frames)
         # Kept while other guests take turns: as arrays, 4-8 bytes an entry rather than a list
         # of int objects (a 4096-entry batch holds ~100 KiB, not ~450 KiB).
         idxs, frames = array("I", idxs), array("I", frames)
         if max(oids) >> 64 == 0:
             oids = array("Q", oids)
         results: list[Any] = []
-        handle = m[2]
+        handle = request.pool
 
         def run(a: int, b: int) -> None:
             if not self._live(handle, pool):
                 results.extend([False] * (b - a))
                 return
-            results.extend(serve(pool, oids[a:b], idxs[a:b], frames[a:b]))
+            results.extend(serve(oids[a:b], idxs[a:b], frames[a:b]))
 
-        return Job(self._req_id, _slices(len(oids), per_slice, run), lambda: results)
+        return Job(request.req_id, _slices(len(oids), per_slice, run), lambda: results)
 
-    def _flush_many(self, m: list[Any]) -> Job | None:
-        pool = self._pool(m[2])
-        oids, idxs = self._columns(self._entries(m[3], 2), 2)
+    def _flush_many(self, request: FlushMany) -> Job | None:
+        pool, handle = self.pools[request.pool], request.pool
+        oids, idxs = request.oids, request.idxs
         flush = self.store.flush
-        handle = m[2]
 
         def run(a: int, b: int) -> None:
             if self._live(handle, pool):
@@ -394,12 +293,11 @@ class Session:
         if len(oids) <= FLUSH_SLICE:
             run(0, len(oids))
             return None
-        return Job(self._req_id, _slices(len(oids), FLUSH_SLICE, run), lambda: None)
+        return Job(request.req_id, _slices(len(oids), FLUSH_SLICE, run), lambda: None)
 
-    def _flush_object(self, m: list[Any]) -> Job | None:
-        pool = self._pool(m[2])
-        oid = decode_oid(m[3])
-        store, handle = self.store, m[2]
+    def _flush_object(self, request: FlushObject) -> Job | None:
+        pool, handle, oid = self.pools[request.pool], request.pool, request.oid
+        store = self.store
         if store.flush_object(pool, oid, FLUSH_SLICE) < FLUSH_SLICE:
             return None
         # A big object: the rest in slices, until one finds fewer pages than it may take.
@@ -409,42 +307,16 @@ class Session:
                 return True
             return store.flush_object(pool, oid, FLUSH_SLICE, counted=False) < FLUSH_SLICE
 
-        return Job(self._req_id, next_slice, lambda: None)
+        return Job(request.req_id, next_slice, lambda: None)
 
-    def _touch_many(self, m: list[Any]) -> None:
-        pool = self._pool(m[2])
-        if not self.mapped:
-            raise InvalidArgument(
-                "TOUCH_MANY reports reads through a mapping; this connection has none "
-                "(ask for one in HELLO: map true)"
-            )
-        entries = self._entries(m[3], 2)
-        heads, gens = entries[0::2], entries[1::2]
-        if not (_plain_uints(heads, 32) and _plain_uints(gens, 64)):
-            for i, (head, gen) in enumerate(zip(heads, gens, strict=True)):
-                check_uint(head, 32, f"entry {i} slot")
-                check_uint(gen, 64, f"entry {i} generation")
-        self.store.touch_many(pool, heads, gens)
+    def _touch_many(self, request: TouchMany) -> None:
+        self.store.touch_many(self.pools[request.pool], request.heads, request.gens)
 
-    def _lend(self, m: list[Any]) -> dict[str, int]:
-        if not self.lending:
-            raise InvalidArgument(
-                "LEND needs a loan file; this connection has none (ask for one in HELLO: "
-                "map true, lend true; the daemon may have lending off, or lend to another "
-                "session of this guest already)"
-            )
-        want = check_uint(m[2], 64, "want") >> FRAME_SHIFT
-        result = self.store.lend(self.guest, want)
+    def _lend(self, request: Lend) -> dict[str, int]:
+        result = self.store.lend(self.guest, request.want >> FRAME_SHIFT)
         return {
             key: value << FRAME_SHIFT if key != "seq" else value for key, value in result.items()
         }
-
-
-def _plain_uints(values: list[Any], bits: int) -> bool:
-    """True if every value is an int (not a bool) in 0 .. 2**bits - 1."""
-    return not values or (
-        set(map(type, values)) == {int} and min(values) >= 0 and max(values) >> bits == 0
-    )
 
 
 def protocol_error_reply(exc: ProtocolError, req_id: int = 0) -> bytes:

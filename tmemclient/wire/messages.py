@@ -194,6 +194,11 @@ class PoolSpec:
         """Bytes per page in this pool."""
         return FRAME_SIZE << self.order
 
+    @property
+    def flags(self) -> int:
+        """NEW_POOL's flags word for this spec."""
+        return make_pool_flags(persistent=self.persistent, shared=self.shared, order=self.order)
+
     @classmethod
     def decode(cls, flags: Any, uuid: Any) -> PoolSpec:
         """Validate NEW_POOL's arguments."""
