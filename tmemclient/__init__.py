@@ -12,7 +12,8 @@ awaited.
 """
 
 from tmemclient.aclient import AsyncClient, AsyncPool, open_client
-from tmemclient.client import DEFAULT_FRAMES, Client, FrameRun, Pool, connect
+from tmemclient.client import DEFAULT_FRAMES, Client, Pool, connect
+from tmemclient.region import FrameRun
 from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,

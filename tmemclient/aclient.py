@@ -24,43 +24,34 @@ import trio
 
 from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
-from tmemclient.client import (
-    _GONE,
-    DEFAULT_FRAMES,
+from tmemclient.client import DEFAULT_FRAMES
+from tmemclient.core import (
+    GONE,
+    Answer,
+    Core,
     DeferredStats,
-    FrameRun,
     OnAnswer,
-    _fds,
+    hello_fds,
     hello_mapping,
     hello_message,
     hello_reply,
 )
 from tmemclient.mapping import Mapping
-from tmemclient.region import FrameAllocator, create_region
+from tmemclient.region import FrameAllocator, FrameRun, create_region
+from tmemclient.wire import layout, ring
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
 from tmemclient.wire.errors import (
     DaemonGone,
     DaemonShuttingDown,
     LimitExceeded,
-    ProtocolError,
     TmemError,
 )
 from tmemclient.wire.layout import FRAME_SIZE
-from tmemclient.wire.messages import Limits, Op, Status, error_for_status, split_reply
+from tmemclient.wire.messages import Limits, Op
+from tmemclient.wire.ring import Rings, fence
 
 _RECV = 256 * 1024
-
-
-class _Waiter:
-    __slots__ = ("deferred", "event", "on_answer", "release", "status", "value")
-
-    def __init__(self, deferred: bool = False) -> None:
-        self.event = trio.Event()
-        self.status = -1
-        self.value: Any = None
-        self.release: tuple[int, int] | None = None  # staging run freed on arrival if abandoned
-        self.deferred = deferred  # put_many_nowait: nobody awaits it; the reader counts it
-        self.on_answer: tuple[int, OnAnswer] | None = None  # ...and hands it on (first item)
+_DOORBELL = encode_frame([Op.DOORBELL, 1])
 
 
 class AsyncPool(PoolOps):
@@ -149,7 +140,7 @@ class AsyncPool(PoolOps):
         """Tell tmemd, without waiting, which pages were read through the mapping since the
         last report (see the sync ``Pool.report_reads``)."""
         if self._touched:
-            await self._client._send_requests(self._touches(), None, deferred=True)
+            await self._client._send(self._touches(), deferred=True)
 
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item."""
@@ -166,30 +157,62 @@ class AsyncPool(PoolOps):
         self.info.destroyed = True
 
 
+class _Waiter:
+    """A task waiting for the answer to one request (Pending.waiter)."""
+
+    __slots__ = ("answer", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.answer: Answer | None = None
+
+
 class AsyncClient:
-    """A trio connection to tmemd, safe to share between tasks. Made by ``open_client``."""
+    """A trio connection to tmemd, safe to share between tasks. Made by ``open_client``.
+
+    With request rings granted (PROTOCOL.md §4.6), requests go into the request ring (a doorbell
+    on the socket only when the daemon sleeps) and replies come back in the reply ring; the
+    client never watches the ring (a trio program has other tasks to run), so it keeps its
+    "waiting" word set and the daemon rings it on the socket when replies are there. Requests
+    go into one channel at a time, as the protocol asks."""
 
     def __init__(self, sock: trio.socket.SocketType, region: mmap.mmap, limits: Limits) -> None:
         self._sock = sock
         self._region = region
-        self._view = memoryview(region)
+        self._whole = memoryview(region)
+        self._view = self._whole[: limits.frames * FRAME_SIZE]
         self.limits = limits
         self.name = limits.guest
+        self._core = Core(limits)  # req_ids, replies matched, notices, deferred answers
+        self.deferred = self._core.deferred
         self._alloc = FrameAllocator(limits.frames)
         self._frames_freed = trio.Condition()
         self._decoder = FrameDecoder(1 << 26)
         self._send_lock = trio.Lock()
-        self._waiting: dict[int, _Waiter] = {}
-        self._req_id = 1
-        self._closed: TmemError | None = None
-        self.notice: str | None = None
-        self.deferred = DeferredStats()
+        self._rings: Rings | None = None
+        self._ring_decoder = FrameDecoder(1 << 26)
+        if limits.ring:
+            self._rings = Rings(self._whole[len(self._view) :], limits.ring, "guest")
+            self._rings.sleeping(True)  # always: the reader sleeps on the socket
+        self._on_ring: set[int] = set()  # req_ids in flight through the ring
+        self._on_socket: set[int] = set()  # ...and through the socket
+        self._channel_free = trio.Event()  # set when a channel drains
         self._pools: weakref.WeakSet[AsyncPool] = weakref.WeakSet()  # made here, referenced
         self.mapping: Mapping | None = None  # the page mirror, when opened with map_pages
 
     @property
+    def notice(self) -> str | None:
+        """The daemon's SHUTDOWN notice, once it sent one (it is going away)."""
+        return self._core.notice
+
+    @property
+    def rings(self) -> bool:
+        """Do requests go through shared-memory rings (else the socket alone)?"""
+        return self._rings is not None
+
+    @property
     def frames(self) -> memoryview:
-        """The whole shared region, writable (see ``Client.frames``)."""
+        """The shared region's page frames, writable (see ``Client.frames``)."""
         return self._view
 
     def reserve_frames(self, count: int = 1) -> FrameRun:
@@ -245,8 +268,11 @@ class AsyncClient:
         put_many_nowait (and report) sent so far; the running counts."""
         for pool in list(self._pools):
             await pool.report_reads()
-        for waiter in [w for w in self._waiting.values() if w.deferred]:
-            await waiter.event.wait()
+        while self._core.deferred_due:
+            if self._core.closed is not None:
+                raise self._core.closed
+            async with self._frames_freed:
+                await self._frames_freed.wait()  # notified as every deferred answer comes
         return self.deferred
 
     async def _run(
@@ -263,37 +289,41 @@ class AsyncClient:
                     count = min(count, self._alloc.largest() // job.unit * job.unit)
                 # A no-wait batch is staged whole (its answer frees the run); while answers are
                 # still due, frames come back, so wait for them rather than split it.
-                whole = count == job.need or not any(w.release for w in self._waiting.values())
+                whole = count == job.need or not self._staging_due()
                 start = self._alloc.alloc(count) if count and (wait or whole) else None
                 if start is not None:
                     break
-                if self._closed is not None:
-                    raise self._closed
+                if self._core.closed is not None:
+                    raise self._core.closed
                 await self._frames_freed.wait()
         run = (start, count)
         if not wait and count == job.need:
             plan = job.factory(start, count)
             requests = next(plan)
             plan.close()
-            # The answers' handler goes with the waiters, before the send: the reader task may
-            # take an answer in while the send yields.
-            answer = None if on_answer is None else (first, on_answer)
-            await self._send_requests(requests, run, deferred=True, on_answer=answer)
+            answers = (
+                None if on_answer is None else (_plans.first_items(requests, first), on_answer)
+            )
+            await self._send(requests, deferred=True, release=run, on_answer=answers)
             self.deferred.sent += 1
             return None
         try:
             results = await self._drive(job.factory(start, count), run)
         finally:
-            if run is not None and not self._deferred(run):
+            if not self._held(run):
                 await self._release(run)
         if not wait:  # no room to stage it whole: it went the slow way
             self.deferred.answered_now(results, first, on_answer)
             return None
         return results
 
-    def _deferred(self, run: tuple[int, int]) -> bool:
-        """True if a reply still due will release the run (see the module docstring)."""
-        return any(waiter.release == run for waiter in self._waiting.values())
+    def _staging_due(self) -> bool:
+        """Do answers still due hold staging frames (so frames will come back)?"""
+        return any(p.release is not None for p in self._core.pending.values())
+
+    def _held(self, run: tuple[int, int]) -> bool:
+        """True if an answer still due will release the run (a cancelled exchange's)."""
+        return any(p.release == run for p in self._core.pending.values())
 
     async def _release(self, run: tuple[int, int]) -> None:
         with trio.CancelScope(shield=True):
@@ -310,108 +340,137 @@ class AsyncClient:
             return stop.value
 
     async def _exchange(self, requests: list[list[Any]], run: tuple[int, int] | None) -> list[Any]:
-        waiters = await self._send_requests(requests, None, deferred=False)
+        ids, waiters = await self._send(requests)
         try:
             for waiter in waiters:
                 await waiter.event.wait()
         except BaseException:
-            if run is not None:  # hand the staging run to the last reply still due
-                for waiter in reversed(waiters):
-                    if not waiter.event.is_set():
-                        waiter.release = run
-                        break
+            # Cancelled: nobody waits for the answers any more; the last one still due takes
+            # the staging run, so no later request can be staged where this one's reply lands.
+            due = [i for i in ids if i in self._core.pending]
+            for req_id in due:
+                self._core.pending[req_id].waiter = None
+            if run is not None and due:
+                self._core.pending[due[-1]].release = run
             raise
-        results = []
-        for waiter in waiters:
-            if waiter.status != Status.OK:
-                if waiter.status < 0:
-                    raise waiter.value
-                raise error_for_status(waiter.status, waiter.value)
-            results.append(waiter.value)
-        return results
+        if self._core.closed is not None and any(w.answer is None for w in waiters):
+            raise self._core.closed
+        return [w.answer.value() for w in waiters if w.answer is not None]
 
-    async def _send_requests(
+    async def _send(
         self,
         requests: list[list[Any]],
-        run: tuple[int, int] | None,
         *,
-        deferred: bool,
-        on_answer: tuple[int, OnAnswer] | None = None,
-    ) -> list[_Waiter]:
-        """Register a waiter per request and send them together; ``run`` (if any) is freed by
-        the reader when the last of them is answered; ``on_answer`` (first item, handler) is
-        handed each answer of a batch split into requests (``put_many_nowait``)."""
-        if self._closed is not None:
-            raise self._closed
-        waiters = []
-        frames = []
-        firsts = [] if on_answer is None else _plans.first_items(requests, on_answer[0])
-        for n, request in enumerate(requests):
-            self._req_id = self._req_id % 0xFFFFFFFF + 1
-            waiter = _Waiter(deferred)
-            if on_answer is not None:
-                waiter.on_answer = (firsts[n], on_answer[1])
-            self._waiting[self._req_id] = waiter
-            waiters.append(waiter)
-            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
-        waiters[-1].release = run
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        try:
-            # A frame half-written would desynchronise the stream: never cancel a send midway.
-            with trio.CancelScope(shield=True):
-                async with self._send_lock:
-                    if self._closed is not None:
-                        raise self._closed
-                    view = memoryview(data)
-                    while view:
-                        view = view[await self._sock.send(view) :]
-        except OSError as exc:
-            self._fail(DaemonGone(f"{_GONE} ({exc})"))
-            raise self._closed from exc  # type: ignore[misc]
-        return waiters
+        deferred: bool = False,
+        release: tuple[int, int] | None = None,
+        on_answer: tuple[Sequence[int], OnAnswer] | None = None,
+    ) -> tuple[list[int], list[_Waiter]]:
+        """Send requests together, through the ring or the socket; each gets a waiter unless
+        ``deferred`` (then ``release``, a staging run, is freed by the last answer, and
+        ``on_answer`` is handed each answer)."""
+        if self._core.closed is not None:
+            raise self._core.closed
+        # A frame half-written would desynchronise the stream: never cancel a send midway.
+        with trio.CancelScope(shield=True):
+            async with self._send_lock:
+                ids, data = self._core.send(
+                    requests, deferred=deferred, release=release, on_answer=on_answer
+                )
+                waiters: list[_Waiter] = []
+                if not deferred:
+                    # Before anything yields: the reader may take an answer in at once.
+                    for req_id in ids:
+                        waiter = self._core.pending[req_id].waiter = _Waiter()
+                        waiters.append(waiter)
+                try:
+                    await self._transmit(ids, data)
+                except OSError as exc:
+                    raise self._fail(DaemonGone(f"{GONE} ({exc})")) from exc
+        return ids, waiters
+
+    async def _transmit(self, ids: list[int], data: bytes) -> None:
+        rings = self._rings
+        if rings is not None and len(data) <= rings.size // 2:
+            # One channel at a time carries requests (PROTOCOL.md §4.6).
+            while self._on_socket or not rings.write(data):
+                if not self._on_socket and not self._on_ring:
+                    break  # it does not fit even an empty ring: the socket
+                self._channel_free = trio.Event()
+                await self._channel_free.wait()
+                if self._core.closed is not None:
+                    raise self._core.closed
+            else:
+                self._on_ring.update(ids)
+                fence()  # we stored the request tail; now load the daemon's "idle" word
+                if rings.peer_sleeping():
+                    await self._sock_send(_DOORBELL)
+                return
+        while self._on_ring:
+            self._channel_free = trio.Event()
+            await self._channel_free.wait()
+            if self._core.closed is not None:
+                raise self._core.closed
+        await self._sock_send(data)
+        if rings is not None:
+            self._on_socket.update(ids)
+
+    async def _sock_send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self._sock.send(view) :]
 
     async def _read_replies(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         buf = bytearray(_RECV)
         task_status.started()
         try:
             while True:
-                while (message := self._decoder.next_message()) is not NEED_DATA:
-                    req_id, status, result = split_reply(message)
-                    if req_id == 0:
-                        if status == Status.SHUTDOWN:
-                            self.notice = str(result)
-                            continue
-                        raise error_for_status(status, f"tmemd dropped the connection: {result}")
-                    waiter = self._waiting.pop(req_id, None)
-                    if waiter is None:
-                        raise ProtocolError(f"reply to unknown req_id {req_id}")
-                    waiter.status, waiter.value = status, result
-                    if waiter.deferred:
-                        self.deferred.count(status, result)
-                        if waiter.on_answer is not None:
-                            at, call = waiter.on_answer
-                            call(at, result if status == Status.OK else None)
-                    if waiter.release is not None:  # free the frames before anyone wakes
-                        await self._release(waiter.release)
-                    waiter.event.set()
+                await self._take_replies(self._decoder)
+                if self._rings is not None and self._rings.pending():
+                    self._ring_decoder.feed(self._rings.take())
+                    await self._take_replies(self._ring_decoder)
+                    continue
                 n = await self._sock.recv_into(buf)
                 if not n and self.notice:
                     raise DaemonShuttingDown(f"{self.notice}; the connection is closed")
                 if not n:
-                    raise DaemonGone(_GONE)
+                    raise DaemonGone(GONE)
                 self._decoder.feed(memoryview(buf)[:n])
         except TmemError as exc:
             self._fail(exc)
         except OSError as exc:
-            self._fail(DaemonGone(self.notice or f"{_GONE} ({exc})"))
+            self._fail(DaemonGone(self.notice or f"{GONE} ({exc})"))
 
-    def _fail(self, exc: TmemError) -> None:
-        if self._closed is None:
-            self._closed = exc
-        for waiter in self._waiting.values():
-            waiter.status, waiter.value = -1, self._closed
-            waiter.event.set()
-        self._waiting.clear()
+    async def _take_replies(self, decoder: FrameDecoder) -> None:
+        """Hand every complete reply in ``decoder`` to the Core, and do what it says."""
+        while (message := decoder.next_message()) is not NEED_DATA:
+            answer = self._core.receive(message)
+            if answer is None:
+                continue  # a notice (a doorbell: the ring is looked at next)
+            for channel in (self._on_ring, self._on_socket):
+                if answer.req_id in channel:
+                    channel.discard(answer.req_id)
+                    if not channel:
+                        self._channel_free.set()
+            pending = answer.pending
+            if pending.release is not None:  # free the frames before anyone wakes
+                await self._release(pending.release)
+            elif pending.deferred:
+                async with self._frames_freed:
+                    self._frames_freed.notify_all()  # wait_deferred looks again
+            waiter = pending.waiter
+            if waiter is not None:
+                waiter.answer = answer
+                waiter.event.set()
+
+    def _fail(self, exc: TmemError) -> TmemError:
+        closed = self._core.fail(exc)
+        for pending in self._core.pending.values():
+            if pending.waiter is not None:
+                pending.waiter.event.set()
+        self._core.pending.clear()
+        self._channel_free.set()
+        trio.lowlevel.spawn_system_task(self._notify_frames_freed)
+        return closed
 
     def _close(self) -> None:
         self._fail(DaemonGone("this client is closed"))
@@ -419,7 +478,10 @@ class AsyncClient:
         try:
             if self.mapping is not None:
                 self.mapping.close()
+            if self._rings is not None:
+                self._rings.release()
             self._view.release()
+            self._whole.release()
             self._region.close()
         except BufferError:
             pass
@@ -432,14 +494,18 @@ async def open_client(
     *,
     frames: int = DEFAULT_FRAMES,
     timeout: float = 10.0,
+    ring_frames: int | None = None,
     map_pages: bool = False,
     lend_memory: bool = False,
 ) -> AsyncIterator[AsyncClient]:
-    """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``;
-    ``map_pages`` too: ``client.mapping``, ``AsyncPool.read_mapped``; and ``lend_memory``:
-    ``client.lend``, ``client.mapping.loan``)."""
-    hello = hello_message(name, frames, 0, map_pages, lend_memory)
-    fd, region = create_region(frames)
+    """Connect to tmemd as guest ``name`` with a region of ``frames`` frames (see ``connect``:
+    ``ring_frames`` (rings where the machine allows them; the trio client never spins on
+    them), ``map_pages`` (``client.mapping``, ``AsyncPool.read_mapped``) and ``lend_memory``
+    (``client.lend``, ``client.mapping.loan``) as there)."""
+    if ring_frames is None:
+        ring_frames = ring.DEFAULT_RING_FRAMES if ring.supported() else 0
+    hello = hello_message(name, frames, ring_frames, map_pages, lend_memory)
+    fd, region = create_region(frames, layout.ring_bytes(ring_frames))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client: AsyncClient | None = None
     fds: list[int] = []
@@ -462,11 +528,11 @@ async def open_client(
                 data, ancdata, msg_flags, _ = await sock.recvmsg(
                     4096, socket.CMSG_SPACE(8), socket.MSG_CMSG_CLOEXEC
                 )
-                fds += _fds(ancdata, msg_flags)
+                fds += hello_fds(ancdata, msg_flags)
                 if not data:
                     raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
                 decoder.feed(data)
-            limits = hello_reply(message)
+            limits = hello_reply(message, frames, ring_frames)
             mapping = hello_mapping(limits, fds, map_pages, lend_memory)
     except trio.TooSlowError as exc:
         sock.close()
@@ -483,7 +549,7 @@ async def open_client(
             os.close(received)
     client = AsyncClient(sock, region, limits)
     client.mapping = mapping
-    client._decoder.feed(decoder._buf[decoder._pos :])
+    client._decoder.feed(decoder.rest())
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._read_replies)

@@ -9,152 +9,46 @@ import socket
 import time
 import uuid as uuid_module
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from tmemclient import _plans
 from tmemclient._pool import Job, PoolOps, new_pool_request
+from tmemclient.core import (
+    GONE,
+    Answer,
+    Core,
+    DeferredStats,
+    OnAnswer,
+    hello_fds,
+    hello_mapping,
+    hello_message,
+    hello_reply,
+)
 from tmemclient.mapping import Mapping, Token, token_of
-from tmemclient.region import FrameAllocator, create_region
+from tmemclient.region import FrameAllocator, FrameRun, create_region
 from tmemclient.wire import layout, ring
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
 from tmemclient.wire.errors import (
     DaemonGone,
-    DaemonShuttingDown,
-    InvalidArgument,
     LimitExceeded,
     ProtocolError,
     TmemError,
 )
-from tmemclient.wire.fds import fds_from_ancillary
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import (
-    PROTOCOL_VERSION,
-    Hello,
     Limits,
     Op,
     Status,
-    check_ring_frames,
-    error_for_status,
     split_reply,
-    valid_guest_name,
 )
 from tmemclient.wire.ring import Rings, SpinGate, fence
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
 _RECV = 256 * 1024
-_GONE = "tmemd closed the connection (the daemon stopped or dropped it); reconnect to go on"
 _DOORBELL = encode_frame([Op.DOORBELL, 1])
 DEFAULT_SPIN_US = 100
 _LIGHT_REQUEST = 64  # bytes: a single-page request (a batch frame is longer)
-OnAnswer = Callable[[int, Any], None]  # put_many_nowait's answers: (first item, results)
-
-
-def hello_reply(message: Any) -> Limits:
-    """Decode the daemon's answer to HELLO, raising the error it carries."""
-    req_id, status, result = split_reply(message)
-    if status != Status.OK:
-        raise error_for_status(status, f"tmemd refused the connection: {result}")
-    if req_id != 1:
-        raise ProtocolError(f"HELLO reply has req_id {req_id}, want 1")
-    return Limits.from_wire(result)
-
-
-def hello_message(
-    name: str, frames: int, ring_frames: int = 0, map_pages: bool = False, lend: bool = False
-) -> bytes:
-    """The HELLO frame, after local checks of its arguments."""
-    if not isinstance(name, str) or not valid_guest_name(name):
-        raise InvalidArgument("guest name must be 1..64 characters of A-Z a-z 0-9 . _ -")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise InvalidArgument(f"frames must be a positive int, got {frames!r}")
-    ring_frames = check_ring_frames(ring_frames)
-    if lend and not map_pages:
-        raise InvalidArgument(
-            "lend_memory needs map_pages: the lent memory's state is in the mirror"
-        )
-    return Hello(PROTOCOL_VERSION, name, frames, ring_frames, bool(map_pages), bool(lend)).encode()
-
-
-class DeferredStats:
-    """What the answers to ``put_many_nowait`` said, counted as they arrive."""
-
-    def __init__(self) -> None:
-        self.sent = 0  # batches sent
-        self.stored = 0  # pages the daemon took
-        self.refused = 0  # pages it declined (no room, frozen, over cap): not an error
-        self.errors = 0  # requests answered with an error (e.g. the pool was destroyed)
-        self.last_error: str | None = None
-
-    def answered_now(self, results: list[Any], first: int, on_answer: OnAnswer | None) -> None:
-        """A no-wait batch that went the slow way (it could not be staged whole) was answered
-        before the call returned: count it, and hand the answers on as a no-wait one's."""
-        self.sent += 1
-        self.count(Status.OK, results)
-        if on_answer is not None:
-            on_answer(first, results)
-
-    def count(self, status: int, result: Any) -> None:
-        """Count one answer."""
-        if status != Status.OK:
-            self.errors += 1
-            self.last_error = str(result)
-            return
-        if result is None:  # a report of mapped reads (TOUCH_MANY): no pages in it
-            return
-        flags = result if isinstance(result, list) else [result]
-        ok = sum(1 for flag in flags if flag)
-        self.stored += ok
-        self.refused += len(flags) - ok
-
-    def __repr__(self) -> str:
-        return (
-            f"DeferredStats(sent={self.sent}, stored={self.stored}, refused={self.refused}, "
-            f"errors={self.errors})"
-        )
-
-
-class FrameRun:
-    """Frames of the region reserved for the caller's own use with put_frame/get_frame.
-
-    The copying helpers never stage data in reserved frames. Release with ``release()`` or use
-    it as a context manager.
-    """
-
-    def __init__(
-        self,
-        allocator: FrameAllocator,
-        region: memoryview,
-        start: int,
-        count: int,
-        on_release: Callable[[], None] | None = None,
-    ) -> None:
-        self._allocator = allocator
-        self._on_release = on_release
-        self.start = start
-        self.count = count
-        self.view = region[start * FRAME_SIZE : (start + count) * FRAME_SIZE]
-
-    def frame(self, i: int) -> memoryview:
-        """The bytes of the i-th reserved frame."""
-        if not 0 <= i < self.count:
-            raise IndexError(f"frame {i} is outside this run of {self.count}")
-        return self.view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
-
-    def release(self) -> None:
-        """Give the frames back to the staging pool."""
-        if self.count:
-            self.view.release()
-            self._allocator.release(self.start, self.count)
-            self.count = 0
-            if self._on_release is not None:
-                self._on_release()
-
-    def __enter__(self) -> FrameRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class Pool(PoolOps):
@@ -314,16 +208,16 @@ class Client:
         self._alloc = FrameAllocator(limits.frames)
         self._decoder = FrameDecoder(1 << 26)
         self._rbuf = bytearray(_RECV)
-        self._req_id = 1
-        self._closed: TmemError | None = None
-        self.notice: str | None = None
-        # put_many_nowait: req_id -> its staging run (released with the last reply of a run)
-        self._deferred: dict[int, tuple[int, int] | None] = {}
-        self._on_answer: dict[int, tuple[int, OnAnswer]] = {}  # req_id -> (first item, call)
+        self._core = Core(limits)  # req_ids, replies matched, notices, deferred answers
+        self.deferred = self._core.deferred
         self.mapping: Mapping | None = None  # the page mirror, when connected with map_pages
         self._single: tuple[int, int] = (0, 0)  # (start, frames) kept for single-page ops
-        self.deferred = DeferredStats()
         self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # made here, still referenced
+
+    @property
+    def notice(self) -> str | None:
+        """The daemon's SHUTDOWN notice, once it sent one (it is going away)."""
+        return self._core.notice
 
     @property
     def rings(self) -> bool:
@@ -379,8 +273,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; the daemon frees every private page of this guest."""
-        if self._closed is None:
-            self._closed = DaemonGone("this client is closed")
+        self._core.fail(DaemonGone("this client is closed"))
         self._sock.close()
         try:
             if self.mapping is not None:
@@ -406,7 +299,7 @@ class Client:
         put_many_nowait (and report) sent so far; the running counts."""
         for pool in list(self._pools):
             pool.report_reads()
-        while self._deferred:
+        while self._core.deferred_due:
             self._read_one_reply({})
         return self.deferred
 
@@ -427,7 +320,7 @@ class Client:
                 fits = count == job.need or (wait and count > 0)
             else:
                 fits = self._alloc.largest() >= count
-            if fits or not self._deferred:
+            if fits or not self._core.deferred_due:
                 break
             self._read_one_reply({})  # frames held by no-wait puts come back with answers
         slow = not wait and count < job.need  # no room to stage it whole: the slow way
@@ -477,10 +370,7 @@ class Client:
     def _send_deferred(self, requests: list[list[Any]]) -> None:
         """Send requests that stage nothing; their answers are read later, like a no-wait
         put's (an error answer is counted in ``deferred``)."""
-        if self._closed is not None:
-            raise self._closed
-        for req_id in self._send(requests):
-            self._deferred[req_id] = None
+        self._send(requests, deferred=True)
 
     def _send_nowait(
         self, job: Job, start: int, count: int, on_answer: OnAnswer | None, first: int
@@ -491,24 +381,22 @@ class Client:
         plan = job.factory(start, count)
         requests = next(plan)
         plan.close()
-        ids = self._send(requests)
-        for req_id in ids[:-1]:
-            self._deferred[req_id] = None
-        self._deferred[ids[-1]] = (start, count)
-        if on_answer is not None:
-            for req_id, at in zip(ids, _plans.first_items(requests, first), strict=True):
-                self._on_answer[req_id] = (at, on_answer)
+        answers = None if on_answer is None else (_plans.first_items(requests, first), on_answer)
+        self._send(requests, deferred=True, release=(start, count), on_answer=answers)
         self.deferred.sent += 1
         return None
 
-    def _send(self, requests: list[list[Any]]) -> list[int]:
-        ids = []
-        frames = []
-        for request in requests:
-            self._req_id = self._req_id % 0xFFFFFFFF + 1
-            ids.append(self._req_id)
-            frames.append(encode_frame([request[0], self._req_id, *request[1:]]))
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+    def _send(
+        self,
+        requests: list[list[Any]],
+        *,
+        deferred: bool = False,
+        release: tuple[int, int] | None = None,
+        on_answer: tuple[Sequence[int], OnAnswer] | None = None,
+    ) -> list[int]:
+        ids, data = self._core.send(
+            requests, deferred=deferred, release=release, on_answer=on_answer
+        )
         rings = self._rings
         try:
             if rings is not None and len(data) <= rings.size // 2 and self._gate.open():
@@ -537,38 +425,28 @@ class Client:
                 self._on_socket.update(ids)
         except OSError as exc:
             self._read_last_words()
-            self._fail(exc)
-            raise self._closed from exc  # type: ignore[misc]
+            raise self._fail(exc) from exc
         return ids
 
-    def _read_one_reply(self, replies: dict[int, tuple[int, Any]]) -> None:
-        """Read one reply: a notice, the answer to a no-wait put (counted and released), or
-        one of the answers ``replies`` waits for."""
+    def _read_one_reply(self, replies: dict[int, Any]) -> None:
+        """Read one reply: a notice, the answer to a no-wait put (counted; its staging run
+        freed), or one of the answers ``replies`` waits for (its result, or the error)."""
         try:
-            req_id, status, result = split_reply(self._next_message())
-            if req_id == 0:
-                self._notice(status, result)
-                return
-            if self._rings is not None:
-                self._on_ring.discard(req_id)
-                self._on_socket.discard(req_id)
-            if req_id in self._deferred:
-                run = self._deferred.pop(req_id)
-                self.deferred.count(status, result)
-                if run is not None:
-                    self._alloc.release(*run)
-                answer = self._on_answer.pop(req_id, None)
-                if answer is not None:
-                    answer[1](answer[0], result if status == Status.OK else None)
-            elif req_id in replies:
-                raise ProtocolError(f"tmemd answered req_id {req_id} twice")
-            else:
-                replies[req_id] = (status, result)
+            answer = self._core.receive(self._next_message())
         except (OSError, ProtocolError) as exc:
             if isinstance(exc, OSError):
                 self._read_last_words()
-            self._fail(exc)
-            raise self._closed from exc  # type: ignore[misc]
+            raise self._fail(exc) from exc
+        if answer is None:  # a notice
+            return
+        if self._rings is not None:
+            self._on_ring.discard(answer.req_id)
+            self._on_socket.discard(answer.req_id)
+        pending = answer.pending
+        if pending.release is not None:
+            self._alloc.release(*pending.release)
+        if not pending.deferred:
+            replies[answer.req_id] = answer
 
     def _drive(self, plan: _plans.Plan[Any]) -> Any:
         try:
@@ -580,23 +458,11 @@ class Client:
 
     def _exchange(self, requests: list[list[Any]]) -> list[Any]:
         """Send requests together, wait for all their replies; raise the first error reply."""
-        if self._closed is not None:
-            raise self._closed
         ids = self._send(requests)
-        replies: dict[int, tuple[int, Any]] = {}
+        replies: dict[int, Answer] = {}
         while len(replies) < len(ids):
             self._read_one_reply(replies)
-        if replies.keys() != set(ids):
-            unasked = sorted(set(replies) - set(ids))
-            self._fail(ProtocolError(f"tmemd answered req_id {unasked}, which was not asked"))
-            raise self._closed  # type: ignore[misc]
-        results = []
-        for req_id in ids:
-            status, result = replies[req_id]
-            if status != Status.OK:
-                raise error_for_status(status, result)
-            results.append(result)
-        return results
+        return [replies[req_id].value() for req_id in ids]
 
     def _read_last_words(self) -> None:
         """After a failed send: a notice the daemon sent before closing may still be waiting
@@ -608,7 +474,7 @@ class Client:
                 while (message := self._decoder.next_message()) is not NEED_DATA:
                     req_id, status, result = split_reply(message)
                     if req_id == 0 and status == Status.SHUTDOWN:
-                        self.notice = str(result)
+                        self._core.notice = str(result)
         except (OSError, ProtocolError):
             pass
 
@@ -642,7 +508,7 @@ class Client:
             if rings is not None:
                 rings.sleeping(False)
             if not n:
-                raise ConnectionResetError(self.notice or _GONE)
+                raise ConnectionResetError(self.notice or GONE)
             self._decoder.feed(memoryview(self._rbuf)[:n])
 
     def _spin_for_reply(self, rings: Rings) -> bool:
@@ -659,22 +525,11 @@ class Client:
             self._gate.missed()
         return False
 
-    def _notice(self, status: int, message: Any) -> None:
-        if status == Status.OK:
-            return  # a doorbell: replies are in the ring
-        if status == Status.SHUTDOWN:
-            self.notice = str(message)
-        else:
-            raise error_for_status(status, f"tmemd dropped the connection: {message}")
-
-    def _fail(self, exc: BaseException) -> None:
-        if isinstance(exc, ProtocolError):
-            self._closed = exc
-        elif self.notice:
-            self._closed = DaemonShuttingDown(f"{self.notice}; the connection is closed")
-        else:
-            self._closed = DaemonGone(f"{_GONE} ({exc})")
+    def _fail(self, exc: BaseException) -> TmemError:
+        """The connection is over: close the socket; what every call raises from now on."""
+        closed = self._core.fail(exc)
         self._sock.close()
+        return closed
 
 
 def connect(
@@ -722,18 +577,16 @@ def connect(
             n, ancdata, msg_flags, _ = sock.recvmsg_into(
                 [buf], socket.CMSG_SPACE(8), socket.MSG_CMSG_CLOEXEC
             )
-            fds += _fds(ancdata, msg_flags)
+            fds += hello_fds(ancdata, msg_flags)
             if not n:
                 raise DaemonGone(f"tmemd at {path} closed the connection during the handshake")
             decoder.feed(memoryview(buf)[:n])
-        limits = hello_reply(message)
-        if limits.ring not in (0, ring_frames) or limits.frames != frames:
-            raise ProtocolError(f"tmemd granted a region other than the one asked: {limits}")
+        limits = hello_reply(message, frames, ring_frames)
         mapping = hello_mapping(limits, fds, map_pages, lend_memory)
         sock.settimeout(None)
         client = Client(sock, region, limits, spin_us=spin_us)
         client.mapping = mapping
-        client._decoder.feed(decoder._buf[decoder._pos :])
+        client._decoder.feed(decoder.rest())
         return client
     except BaseException as exc:
         if mapping is not None:
@@ -746,27 +599,3 @@ def connect(
     finally:
         for received in fds:  # mapped (or refused): the descriptor itself is not kept
             os.close(received)
-
-
-def hello_mapping(
-    limits: Limits, fds: list[int], map_pages: bool, lend: bool = False
-) -> Mapping | None:
-    """The mapping of the mirror (and of the loan file) that came with the HELLO reply, if
-    asked for and granted (the caller closes ``fds`` either way)."""
-    want = (1 if limits.map else 0) + (1 if limits.lend else 0)
-    if (
-        len(fds) != want
-        or (limits.map and not map_pages)
-        or (limits.lend and not (lend and limits.map))
-    ):
-        raise ProtocolError("tmemd's HELLO reply carried fds other than the mirror granted")
-    if not limits.map:
-        return None
-    return Mapping(fds[0], limits.map, fds[1] if limits.lend else None, limits.lend)
-
-
-def _fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
-    """The descriptors that came with the HELLO reply (SCM_RIGHTS)."""
-    return fds_from_ancillary(
-        ancdata, msg_flags, "tmemd sent more fds with its HELLO reply than a mirror and a loan"
-    )

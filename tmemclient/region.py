@@ -6,6 +6,7 @@ import bisect
 import fcntl
 import mmap
 import os
+from collections.abc import Callable
 
 from tmemclient.wire.errors import InvalidArgument
 from tmemclient.wire.layout import FRAME_SIZE
@@ -89,3 +90,46 @@ class FrameAllocator:
             return
         self._starts.insert(i, start)
         self._lengths[start] = count
+
+
+class FrameRun:
+    """Frames of the region reserved for the caller's own use with put_frame/get_frame.
+
+    The copying helpers never stage data in reserved frames. Release with ``release()`` or use
+    it as a context manager.
+    """
+
+    def __init__(
+        self,
+        allocator: FrameAllocator,
+        region: memoryview,
+        start: int,
+        count: int,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self._allocator = allocator
+        self._on_release = on_release
+        self.start = start
+        self.count = count
+        self.view = region[start * FRAME_SIZE : (start + count) * FRAME_SIZE]
+
+    def frame(self, i: int) -> memoryview:
+        """The bytes of the i-th reserved frame."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"frame {i} is outside this run of {self.count}")
+        return self.view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+
+    def release(self) -> None:
+        """Give the frames back to the staging pool."""
+        if self.count:
+            self.view.release()
+            self._allocator.release(self.start, self.count)
+            self.count = 0
+            if self._on_release is not None:
+                self._on_release()
+
+    def __enter__(self) -> FrameRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

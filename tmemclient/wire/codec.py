@@ -103,6 +103,14 @@ class FrameDecoder:
             self._broken = True
             raise
 
+    def rest(self) -> bytes:
+        """The bytes received and not yet consumed (taken: the decoder is empty afterwards), to
+        hand to another decoder, as a client does with what came after the HELLO reply."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
     def messages(self) -> Iterator[Any]:
         """Every complete message buffered so far."""
         while (message := self.next_message()) is not NEED_DATA:
