@@ -1,4 +1,5 @@
-"""Unit tests of tmemd/config.py and tmemd/host.py: a real Store, fake members, no sockets.
+"""Unit tests of tmemd/config.py, tmemd/host.py and tmemd/views.py: a real Store, fake members,
+no sockets.
 
 A *member* (what the host knows of a guest connection) is any object with a ``.guest`` and a
 ``detach_pool(pool)`` method; ``FakeMember`` records the pools it was told to forget.
@@ -16,6 +17,8 @@ import structlog
 
 from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
 from tmemclient.wire.layout import FRAME_SIZE
+from tmemd import views
+from tmemd.accounts import Guest, Pool
 from tmemd.config import (
     ConfigError,
     GuestPolicy,
@@ -25,7 +28,7 @@ from tmemd.config import (
     settings_from_doc,
 )
 from tmemd.host import Host
-from tmemd.store import Guest, Pool, Store
+from tmemd.store import Store
 
 PAGE = FRAME_SIZE
 UUID_A = bytes(range(16))
@@ -302,12 +305,12 @@ def test_attach_sessions_and_conflict(store: Store) -> None:
     p2 = store.new_pool(d2.guest, persistent=False, order=0)
     assert put(store, p1, 0) and put(store, p2, 0, tag=99)
     assert peek(store, p1, 0) == page(0) and peek(store, p2, 0) == page(99)
-    row = {r["name"]: r for r in host.guests()}["duo"]
+    row = {r["name"]: r for r in views.guests(host)}["duo"]
     assert (row["sessions"], row["pools"], row["pages"]) == (2, 2, 2)
 
     store.destroy_pool(p1)  # what Session.close does first
     host.detach(d1)
-    assert store.guests["duo"] is d2.guest and host.status()["sessions"] == 3
+    assert store.guests["duo"] is d2.guest and views.status(host)["sessions"] == 3
     store.destroy_pool(p2)
     host.detach(d2)
     assert "duo" not in store.guests and "duo" not in host.sessions
@@ -322,7 +325,7 @@ def test_attach_sessions_and_conflict(store: Store) -> None:
     assert host.sessions["9/one"] == {second}
     with pytest.raises(GuestConflict):
         host.attach("9/one", GuestPolicy())
-    assert host.status()["guests"] == 4  # 8/solo, duo, 7/solo, 9/one
+    assert views.status(host)["guests"] == 4  # 8/solo, duo, 7/solo, 9/one
 
 
 def test_detach_frees_the_account(store: Store) -> None:
@@ -366,7 +369,7 @@ def test_freeze_all_affects_new_guests(store: Store) -> None:
     host = make_host(store)
     old = connect(host, 1, "old")
     assert host.freeze(None, True) == ["1/old"]
-    assert old.guest.frozen and host.status()["frozen_all"]
+    assert old.guest.frozen and views.status(host)["frozen_all"]
     new = connect(host, 1, "new")
     assert new.guest.frozen
     pool = store.new_pool(new.guest, persistent=False, order=0)
@@ -405,7 +408,7 @@ def test_unknown_guests_and_bad_arguments(store: Store) -> None:
         lambda: host.set_guest("nobody", weight=5),
         lambda: host.flush("nobody"),
         lambda: host.freeze("nobody", True),
-        lambda: host.pools("nobody"),
+        lambda: views.pools(host, "nobody"),
     ):
         with pytest.raises(NotFound):
             call()
@@ -495,11 +498,13 @@ def test_shared_pool_lifecycle(store: Store) -> None:
     assert all(put(store, pool, i) for i in range(5))
     # Billed to the pool's account, never to a member.
     assert (account.eph_slots, x.guest.eph_slots, y.guest.eph_slots) == (5, 0, 0)
-    rows = {r["name"]: r for r in host.guests()}
+    rows = {r["name"]: r for r in views.guests(host)}
     assert rows[f"shared:{UUID_A_TEXT}"]["kind"] == "shared"
     assert rows[f"shared:{UUID_A_TEXT}"]["ephemeral_bytes"] == 5 * PAGE
-    assert [r["members"] for r in host.pools("1/y")] == [["1/x", "1/y"]]
-    assert host.shares()["pools"] == [{"uuid": UUID_A_TEXT, "members": ["1/x", "1/y"], "pages": 5}]
+    assert [r["members"] for r in views.pools(host, "1/y")] == [["1/x", "1/y"]]
+    assert views.shares(host)["pools"] == [
+        {"uuid": UUID_A_TEXT, "members": ["1/x", "1/y"], "pages": 5}
+    ]
 
     # Members coming and going do not move the pages.
     host.detach(x)
@@ -510,7 +515,7 @@ def test_shared_pool_lifecycle(store: Store) -> None:
     # Revoke detaches the guest's connections at once.
     assert host.revoke(UUID_A, "1/y") == 1
     assert y.detached == [pool]
-    assert host.shares()["pools"][0]["members"] == ["1/later"]
+    assert views.shares(host)["pools"][0]["members"] == ["1/later"]
     with pytest.raises(PermissionDenied):
         host.open_shared(y, UUID_A, 0)
     assert host.revoke(UUID_A, "1/x") == 0  # gone already: nothing to detach

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from tmemd import listen
-from tmemd.listen import SocketInUse, bind_unix
+from tmemd.listen import (
+    AdminDirUnsafe,
+    SocketDirMissing,
+    SocketInUse,
+    bind_unix,
+    check_private_dir,
+)
 
 
 def accepts(path: Path) -> bool:
@@ -96,3 +102,71 @@ async def test_a_path_too_long_for_a_staging_name_is_bound_in_place(tmp_path: Pa
         assert accepts(path)
     finally:
         sock.close()
+
+
+async def test_a_socket_whose_directory_is_missing_is_refused_and_nothing_made(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "missing" / "tmemd.sock"
+    with pytest.raises(SocketDirMissing, match="does not exist; create it") as caught:
+        await bind_unix(path, 0o660)
+    assert caught.value.event == "socket_dir_missing"
+    assert caught.value.fields == {"directory": str(path.parent), "socket": str(path)}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_admin_directory_others_may_write_is_unsafe_not_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "admin"
+    path.mkdir()
+    path.chmod(0o775)
+    with pytest.raises(AdminDirUnsafe) as caught:
+        check_private_dir(path, None)
+    exc = caught.value
+    assert not isinstance(exc, SocketInUse)
+    assert exc.event == "admin_socket_dir_unsafe"
+    assert exc.fields == {"directory": str(path), "mode": "0775"}
+    assert f"chmod 0700 {path}" in str(exc)
+    with pytest.raises(AdminDirUnsafe, match=f"chmod 0750 {path}"):
+        check_private_dir(path, os.getgid())
+
+
+def test_an_admin_directory_of_another_uid_is_unsafe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "admin"
+    path.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(path, 65534, -1)  # nobody's
+    else:  # ours, as seen by a tmemd running as another uid
+        monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)
+    owner = path.stat().st_uid
+    with pytest.raises(AdminDirUnsafe, match=f"belongs to uid {owner}, not to tmemd") as caught:
+        check_private_dir(path, None)
+    assert caught.value.fields == {"directory": str(path), "owner": owner}
+
+
+@pytest.mark.parametrize(("group", "mode"), [(False, 0o700), (True, 0o750)])
+def test_a_missing_admin_directory_is_made_private_whatever_the_umask(
+    tmp_path: Path, group: bool, mode: int
+) -> None:
+    path = tmp_path / "admin"
+    gid = os.getgid() if group else None
+    old = os.umask(0o077)  # tmemd.service's UMask=
+    try:
+        check_private_dir(path, gid)
+    finally:
+        os.umask(old)
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == mode
+    assert st.st_uid == os.getuid()
+    if gid is not None:
+        assert st.st_gid == gid
+    check_private_dir(path, gid)  # and it passes its own check from then on
+
+
+def test_an_admin_directory_is_made_but_never_its_parents(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "tmemd"
+    with pytest.raises(SocketDirMissing) as caught:
+        check_private_dir(path, None)
+    assert caught.value.fields == {"directory": str(tmp_path / "run")}
+    assert list(tmp_path.iterdir()) == []

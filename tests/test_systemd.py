@@ -22,8 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from conftest import ROOT, Daemon
 
 import tmemclient
 from tmemclient import Client, DaemonGone
-from tmemd import cli
+from tmemd import cli, config
+from tmemd.config import Limits
 from tmemd.ctl.client import AdminClient
 from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
 
@@ -857,19 +860,34 @@ def group_exists(name: str) -> bool:
     return True
 
 
-def test_check_config_of_the_example_prints_its_settings(tmp_path: Path) -> None:
-    example = ROOT / "systemd" / "tmemd.toml"
-    # The example names admin_group "tmem-admin", which the install steps create; a host
-    # without it gets a copy that names the root group instead.
-    copy = tmp_path / "tmemd.toml"
-    copy.write_text(example.read_text().replace('admin_group = "tmem-admin"', 'admin_group = "0"'))
-    result = run_tmemd("check-config", str(copy))
+EXAMPLE = ROOT / "systemd" / "tmemd.toml"
+NO_SUCH_GROUP = "tmem-test-no-such-group"
+
+
+def test_the_example_config_shows_every_key_and_the_default_limits() -> None:
+    """systemd/tmemd.toml is documented as an example of every key: it sets each key of each
+    table tmemd reads (the lists tmemd/config.py checks a file against), and its [limits] are
+    the defaults, so copying it changes no limit."""
+    doc = tomllib.loads(EXAMPLE.read_text())
+    assert set(doc) == {"daemon", "limits", "guests", "uids"}
+    assert set(doc["daemon"]) == set(config.DAEMON_KEYS)
+    assert set(doc["limits"]) == set(config.LIMIT_KEYS) == {f.name for f in fields(Limits)}
+    assert set().union(*(set(t) for t in doc["guests"].values())) == set(config.GUEST_KEYS)
+    assert set().union(*(set(t) for t in doc["uids"].values())) == set(config.UID_KEYS)
+    defaults = asdict(Limits())
+    differ = {k: (v, defaults[k]) for k, v in doc["limits"].items() if v != defaults[k]}
+    assert not differ, f"example [limits] (value, default) that differ: {differ}"
+
+
+def test_check_config_of_the_example_passes_on_any_host() -> None:
+    result = run_tmemd("check-config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     settings = json.loads(result.stdout)
     assert settings["budget"] == 4 << 30
     assert settings["budget_human"] == "4.0GiB"
     assert settings["socket"] == "/run/tmemd/tmemd.sock"
     assert settings["admin_socket"] == "/run/tmemd/admin.sock"
+    assert settings["admin_group"] == "tmem-admin"
     assert settings["socket_mode"] == "0660"
     assert settings["guests"]["db"] == {
         "uids": [1001],
@@ -877,16 +895,124 @@ def test_check_config_of_the_example_prints_its_settings(tmp_path: Path) -> None
         "cap": 2 << 30,
         "sessions": 1,
     }
-    assert settings["limits"]["shutdown_grace"] == 5.0
-    assert f"{copy} is valid" in result.stderr
+    assert settings["limits"] == asdict(Limits())
+    assert result.stderr.endswith(f"tmemd: {EXAMPLE} is valid\n")
+    warned = "admin group 'tmem-admin' does not exist" in result.stderr
+    assert warned != group_exists("tmem-admin"), result.stderr
 
-    result = run_tmemd("check-config", str(example))
-    if group_exists("tmem-admin"):
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["admin_group"] == "tmem-admin"
-    else:
-        assert result.returncode == 2
-        assert "admin group 'tmem-admin' does not exist" in result.stderr
+
+def test_a_missing_admin_group_is_a_warning_to_check_config_and_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    assert not group_exists(NO_SUCH_GROUP)
+    path = tmp_path / "tmemd.toml"
+    path.write_text(
+        EXAMPLE.read_text().replace('"tmem-admin"', f'"{NO_SUCH_GROUP}"', 1),
+    )
+    result = run_tmemd("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["admin_group"] == NO_SUCH_GROUP
+    warning, valid = result.stderr.splitlines()
+    assert warning.startswith(f"tmemd: warning: {path}: admin group '{NO_SUCH_GROUP}' does not")
+    assert f"groupadd --system {NO_SUCH_GROUP}" in warning
+    assert "refuses to start" in warning
+    assert valid == f"tmemd: {path} is valid"
+
+    sock = tmp_path / "t.sock"
+    admin = tmp_path / "adm" / "admin.sock"
+    started = run_tmemd("--config", str(path), "--socket", str(sock), "--admin-socket", str(admin))
+    assert started.returncode == 2, started.stderr
+    (line,) = started.stderr.splitlines()
+    assert line.startswith(f"tmemd: admin group '{NO_SUCH_GROUP}' does not exist"), line
+    assert f"groupadd --system {NO_SUCH_GROUP}" in line
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_budget_beyond_any_address_space_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The arena's address space is reserved at start (mmap); 1 PiB fits no x86-64 or arm64
+    user address space, so this fails on any host, as 100TiB does on most."""
+    sock = tmp_path / "t.sock"
+    result = run_tmemd("--socket", str(sock), "--memory", "1024TiB", "--log-format", "json")
+    assert result.returncode == 2, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if not ln.startswith("{")]
+    assert line.startswith("tmemd: cannot reserve 1024.0TiB of memory for the page arena"), line
+    assert "(--memory 1024.0TiB)" in line and "of RAM: give a smaller --memory" in line
+    assert "Traceback" not in result.stderr
+    assert not sock.exists()
+
+
+def test_a_budget_the_address_space_limit_refuses_names_the_limit(tmp_path: Path) -> None:
+    """Within the host's RAM, but over tmemd's RLIMIT_AS: the arena (as large as the RAM, so the
+    budget can grow at run time) cannot be mapped; the line says which limit to raise."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = 1 << 30  # room for Python and trio, less than the arena
+    if ram <= 2 * limit:
+        pytest.skip(f"this host's RAM ({ram} bytes) leaves no gap for the test")
+
+    def lower_address_space() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "tmemd", "--socket", str(tmp_path / "t.sock"), "--memory", "64MiB"],
+        capture_output=True,
+        text=True,
+        timeout=IO_TIMEOUT,
+        env=env,
+        cwd=ROOT,
+        check=False,
+        preexec_fn=lower_address_space,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("tmemd: cannot reserve "), line
+    assert "(the budget, 64.0MiB, may grow up to this host's RAM" in line
+    assert "ulimit -v" in line
+
+
+def json_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines in ``text``."""
+    return [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
+
+
+def test_a_socket_in_a_missing_directory_is_refused_and_no_directory_made(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "missing" / "deeper" / "t.sock"
+    result = run_tmemd("--socket", str(sock), "--log-format", "json")
+    assert result.returncode == 1, result.stderr
+    (event,) = json_events(result.stderr)[-1:]
+    assert event["event"] == "socket_dir_missing"
+    assert event["directory"] == str(sock.parent)
+    assert "does not exist; create it" in event["error"]
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    # The admin socket's own directory is made (private); its parents never are.
+    admin = tmp_path / "no" / "adm" / "admin.sock"
+    result = run_tmemd(
+        "--socket", str(tmp_path / "t.sock"), "--admin-socket", str(admin), "--log-format", "json"
+    )
+    assert result.returncode == 1, result.stderr
+    (event,) = json_events(result.stderr)[-1:]
+    assert (event["event"], event["directory"]) == ("socket_dir_missing", str(tmp_path / "no"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_admin_socket_directory_others_may_write_is_its_own_event(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    guest = tmp_path / "t.sock"
+    result = run_tmemd(
+        "--socket", str(guest), "--admin-socket", str(shared / "a.sock"), "--log-format", "json"
+    )
+    assert result.returncode == 1, result.stderr
+    (event,) = json_events(result.stderr)[-1:]
+    assert event["event"] == "admin_socket_dir_unsafe", event
+    assert (event["directory"], event["mode"]) == (str(shared), "0777")
+    assert f"chmod 0700 {shared}" in event["error"]
+    assert not guest.exists() and list(shared.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,17 @@
-"""tmemctl, the admin CLI, run as a real command against a real tmemd with an admin socket."""
+"""tmemctl, the admin CLI, against a real tmemd with an admin socket.
+
+Most tests call tmemctl's ``main(argv)`` in this process (its output captured) against one tmemd
+the whole module shares: each test connects under its own guest name and waits for it to leave,
+and undoes what it changes daemon-wide (budget, freeze-all, grants); the ``admin`` fixture checks
+that it did. A few run tmemctl as a process, for what only a process shows: exit codes through
+the console script, ``top``'s output on a pipe and on a terminal, Ctrl-C, another uid.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import json
 import os
 import re
@@ -19,20 +28,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from conftest import ROOT, Daemon
 
 import tmemclient
-from tmemd.ctl.cli import main
+from tmemd.ctl.cli import admin_socket_path, main
+from tmemd.ctl.client import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
+from tmemd.ctl.top import Rates
 
 RUN_TIMEOUT = 30.0
 PAGE = 4096
-GUEST = f"{os.getuid()}/vm1"
-SHARED = "8d5bcd6b-6a0c-4a53-9a5e-0c6b7a1e2f30"
+BUDGET = 16 << 20
+GUEST = f"{os.getuid()}/vm1"  # in usage errors: never sent
 NOBODY = 65534
 
-# The --json field names tmemctl documents (README.md "Administration: tmemctl"): the daemon's keys.
+# The --json field names tmemctl documents (docs/operations.md "tmemctl"): the daemon's keys.
 STATUS_KEYS = {
     "resident",
     "overdrawn",
@@ -83,51 +95,49 @@ GRANT_KEYS = {"uuid", "guest"}
 SHARED_POOL_KEYS = {"uuid", "members", "pages"}
 
 
+TOP_KEYS = {"time", "interval", "status", "guests"}
+RATE_KEYS = {"hit_ratio", "evictions_per_s", "puts_per_s"}
+
+
+# ------------------------------------------------------------------------------ running tmemctl
+
+
 @dataclass
-class Admin:
-    """A tmemd with an admin socket."""
+class Run:
+    """What one tmemctl run did."""
 
-    daemon: Daemon
-    socket: Path
-
-
-def private_dir(path: Path) -> Path:
-    """A 0700 directory, as tmemd wants around its admin socket."""
-    path.mkdir(mode=0o700)
-    path.chmod(0o700)
-    return path
+    code: int
+    out: str
+    err: str
 
 
-@pytest.fixture
-def admin(start_daemon: Any, tmp_path: Path) -> Iterator[Admin]:
-    """tmemd (16 MiB) with an admin socket in a private directory."""
-    sock = private_dir(tmp_path / "admin") / "admin.sock"
-    daemon = start_daemon("--memory", "16MiB", "--admin-socket", str(sock))
-    yield Admin(daemon, sock)
-    assert daemon.alive, f"tmemd died during the test:\n{daemon.log_text()}"
+def tmemctl(*args: str, sock: Path | str | None) -> Run:
+    """tmemctl's ``main(args)`` in this process, with TMEM_ADMIN_SOCKET=sock (unset: None)."""
+    out, err = io.StringIO(), io.StringIO()
+    env = {} if sock is None else {ADMIN_SOCKET_ENV: str(sock)}
+    with mock.patch.dict(os.environ, env):
+        if sock is None:
+            os.environ.pop(ADMIN_SOCKET_ENV, None)
+        code = main(list(args), out=out, err=err)
+    return Run(code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture
-def guest(admin: Admin) -> Iterator[tmemclient.Client]:
-    """Guest vm1 connected to the admin fixture's daemon."""
-    with tmemclient.connect(admin.daemon.socket, name="vm1") as client:
-        yield client
-
-
-def tmemctl(
+def tmemctl_process(
     *args: str,
     sock: Path | str | None,
     env: dict[str, str] | None = None,
+    command: list[str] | None = None,
     **kw: Any,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m tmemd.ctl.cli ARGS`` with TMEM_ADMIN_SOCKET=sock; bounded in time."""
+    """tmemctl as a process (``python -m tmemd.ctl.cli`` unless ``command``) with
+    TMEM_ADMIN_SOCKET=sock; bounded in time."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT))
-    full_env.pop("TMEM_ADMIN_SOCKET", None)
+    full_env.pop(ADMIN_SOCKET_ENV, None)
     if sock is not None:
-        full_env["TMEM_ADMIN_SOCKET"] = str(sock)
+        full_env[ADMIN_SOCKET_ENV] = str(sock)
     full_env.update(env or {})
     return subprocess.run(
-        [kw.pop("python", sys.executable), "-m", "tmemd.ctl.cli", *args],
+        [*(command or [sys.executable, "-m", "tmemd.ctl.cli"]), *args],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -139,10 +149,10 @@ def tmemctl(
 
 
 def ok(*args: str, sock: Path) -> str:
-    """Run tmemctl, insist on exit 0, return stdout."""
-    proc = tmemctl(*args, sock=sock)
-    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
-    return proc.stdout
+    """Run tmemctl, insist on exit 0 and nothing on stderr, return stdout."""
+    run = tmemctl(*args, sock=sock)
+    assert (run.code, run.err) == (0, ""), (args, run)
+    return run.out
 
 
 def ok_json(*args: str, sock: Path) -> Any:
@@ -150,7 +160,88 @@ def ok_json(*args: str, sock: Path) -> Any:
     return json.loads(ok(*args, "--json", sock=sock))
 
 
-def guest_row(sock: Path, name: str = GUEST) -> dict[str, Any]:
+# ------------------------------------------------------------------------------ the daemon
+
+
+@dataclass
+class Admin:
+    """A tmemd with an admin socket."""
+
+    daemon: Daemon
+    socket: Path
+
+
+@dataclass
+class Guest:
+    """A guest connected to the shared daemon, and its name as tmemctl shows it."""
+
+    client: tmemclient.Client
+    name: str
+
+
+def private_dir(path: Path) -> Path:
+    """A 0700 directory, as tmemd wants around its admin socket."""
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def start_admin(workdir: Path) -> Admin:
+    """tmemd (16 MiB) with an admin socket in a private directory."""
+    sock = private_dir(workdir / "admin") / "admin.sock"
+    return Admin(Daemon(workdir, "--memory", "16MiB", "--admin-socket", str(sock)), sock)
+
+
+@pytest.fixture(scope="module")
+def shared_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
+    """One tmemd for the module's tests."""
+    admin = start_admin(tmp_path_factory.mktemp("tmemctl"))
+    try:
+        yield admin
+        assert admin.daemon.alive, f"tmemd died:\n{admin.daemon.log_text()}"
+    finally:
+        admin.daemon.stop()
+
+
+def admin_call(admin: Admin, op: str, **args: Any) -> Any:
+    with AdminClient(admin.socket, timeout=RUN_TIMEOUT) as client:
+        return client.call(op, **args)
+
+
+@pytest.fixture
+def admin(shared_admin: Admin) -> Iterator[Admin]:
+    """The shared tmemd; after the test, it must be as every test finds it."""
+    yield shared_admin
+    assert shared_admin.daemon.alive, f"tmemd died:\n{shared_admin.daemon.log_text()}"
+    status = admin_call(shared_admin, "status")
+    assert (status["budget"], status["frozen_all"], status["guests"]) == (BUDGET, False, 0)
+    assert admin_call(shared_admin, "shares") == {"grants": [], "pools": []}
+
+
+_serial = itertools.count(1)
+
+
+def wait_gone(admin: Admin, name: str) -> None:
+    """Until tmemd has dropped guest ``name``'s account (it notices the close); bounded."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while any(r["name"] == name for r in admin_call(admin, "guests")):
+        assert time.monotonic() < deadline, f"guest {name} still listed"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def guest(admin: Admin) -> Iterator[Guest]:
+    """A guest of its own name (vmN) connected to the shared daemon, gone after the test."""
+    short = f"vm{next(_serial)}"
+    name = f"{os.getuid()}/{short}"
+    try:
+        with tmemclient.connect(admin.daemon.socket, name=short) as client:
+            yield Guest(client, name)
+    finally:
+        wait_gone(admin, name)
+
+
+def guest_row(sock: Path, name: str) -> dict[str, Any]:
     """``guests --json``'s row for ``name``."""
     rows = ok_json("guests", sock=sock)
     (row,) = [r for r in rows if r["name"] == name]
@@ -172,15 +263,15 @@ def test_status_table_and_json(admin: Admin) -> None:
     assert re.search(r"^moved\s+0B$", out, re.M), out
     status = ok_json("status", sock=admin.socket)
     assert set(status) == STATUS_KEYS
-    assert status["budget"] == 16 << 20
+    assert status["budget"] == BUDGET
     assert status["guests"] == 0
     # --json is a global option too, and works before the command
     assert json.loads(ok("--json", "status", sock=admin.socket)).keys() == STATUS_KEYS
 
 
-def test_guests_and_pools(admin: Admin, guest: tmemclient.Client) -> None:
-    eph = guest.new_pool()
-    per = guest.new_pool(persistent=True)
+def test_guests_and_pools(admin: Admin, guest: Guest) -> None:
+    eph = guest.client.new_pool()
+    per = guest.client.new_pool(persistent=True)
     for i in range(4):
         assert eph.put(1, i, page(i))
         assert per.put(2, i, page(i))
@@ -190,51 +281,81 @@ def test_guests_and_pools(admin: Admin, guest: tmemclient.Client) -> None:
     out = ok("guests", sock=admin.socket)
     header, *lines = out.splitlines()
     assert header.split()[:5] == ["NAME", "KIND", "SESS", "WEIGHT", "CAP"]
-    (line,) = [ln for ln in lines if ln.startswith(GUEST)]
+    (line,) = lines
+    assert line.split()[0] == guest.name
     assert "16.0KiB" in line  # persistent bytes, via format_size
     assert "50.0%" in line  # hit rate: one hit, one miss
     assert line.split()[4] == "-"  # no cap
 
-    rows = ok_json("guests", sock=admin.socket)
-    (row,) = rows
+    (row,) = ok_json("guests", sock=admin.socket)
     assert set(row) == GUEST_KEYS
-    assert row["name"] == GUEST and row["persistent_bytes"] == 4 * PAGE
+    assert row["name"] == guest.name and row["persistent_bytes"] == 4 * PAGE
     assert row["ephemeral_bytes"] == 3 * PAGE and row["cap"] is None
 
-    pools = ok_json("pools", GUEST, sock=admin.socket)
+    pools = ok_json("pools", guest.name, sock=admin.socket)
     assert [p["kind"] for p in pools] == ["ephemeral", "persistent"]
     assert all(set(p) == POOL_KEYS for p in pools)
-    assert pools[1]["bytes"] == 4 * PAGE and pools[1]["members"] == [GUEST]
+    assert pools[1]["bytes"] == 4 * PAGE and pools[1]["members"] == [guest.name]
     out = ok("pools", sock=admin.socket)
     assert out.splitlines()[0].split()[:3] == ["POOL", "GUEST", "KIND"]
     assert "persistent" in out and "ephemeral" in out
     assert ok_json("pools", sock=admin.socket) == pools
 
 
-def test_set_weight_and_cap(admin: Admin, guest: tmemclient.Client) -> None:
-    out = ok("set", GUEST, "--weight", "7", "--cap", "1MiB", sock=admin.socket)
+def test_uids_table_and_json(admin: Admin, guest: Guest) -> None:
+    assert guest.client.new_pool(persistent=True).put(1, 0, page(1))
+    (row,) = [r for r in ok_json("uids", sock=admin.socket) if r["uid"] == os.getuid()]
+    assert row["guests"] == [guest.name]
+    assert (row["persistent_bytes"], row["held_bytes"], row["cap"]) == (PAGE, PAGE, None)
+    header, *lines = ok("uids", sock=admin.socket).splitlines()
+    assert header.split() == [
+        "UID", "GUESTS", "SESS", "CAP", "MAXCONN", "EPHEMERAL", "PERSISTENT", "LENT", "HELD",
+    ]  # fmt: skip
+    (line,) = [ln for ln in lines if ln.split()[0] == str(os.getuid())]
+    assert line.split()[1:4] == [guest.name, "1", "-"]
+
+
+# ------------------------------------------------------------------------------ write commands
+
+
+def test_set_weight_and_cap(admin: Admin, guest: Guest) -> None:
+    name = guest.name
+    out = ok("set", name, "--weight", "7", "--cap", "1MiB", sock=admin.socket)
     assert "weight 7" in out and "1.0MiB" in out
-    row = guest_row(admin.socket)
+    row = guest_row(admin.socket, name)
     assert (row["weight"], row["cap"]) == (7, 1 << 20)
 
-    ok("set", GUEST, "--cap", "512K", sock=admin.socket)
-    assert guest_row(admin.socket)["cap"] == 512 << 10
-    ok("set", GUEST, "--cap", "65536", sock=admin.socket)
-    assert guest_row(admin.socket)["cap"] == 65536
-    result = ok_json("set", GUEST, "--cap", "none", sock=admin.socket)
+    ok("set", name, "--cap", "512K", sock=admin.socket)
+    assert guest_row(admin.socket, name)["cap"] == 512 << 10
+    ok("set", name, "--cap", "65536", sock=admin.socket)
+    assert guest_row(admin.socket, name)["cap"] == 65536
+    result = ok_json("set", name, "--cap", "none", sock=admin.socket)
     assert result["cap"] is None and result["weight"] == 7
-    row = guest_row(admin.socket)
+    row = guest_row(admin.socket, name)
     assert (row["weight"], row["cap"]) == (7, None)
-    ok("set", GUEST, "--weight", "1", sock=admin.socket)
-    assert guest_row(admin.socket)["weight"] == 1
+    ok("set", name, "--weight", "1", sock=admin.socket)
+    assert guest_row(admin.socket, name)["weight"] == 1
 
 
-def test_freeze_and_thaw(admin: Admin, guest: tmemclient.Client) -> None:
-    pool = guest.new_pool()
+def test_set_before_the_guest_connects_applies_when_it_does(admin: Admin) -> None:
+    short = f"later{next(_serial)}"
+    name = f"{os.getuid()}/{short}"
+    # Not connected, not in the config: unknown (nothing to set) ...
+    assert tmemctl("set", name, "--weight", "9", sock=admin.socket).code == 1
+    # ... but a uid's cap can be set ahead of its guests.
+    uid = 40000 + next(_serial)
+    assert ok("set", f"uid:{uid}", "--cap", "1MiB", sock=admin.socket) == f"uid {uid}: cap 1.0MiB\n"
+    (row,) = [r for r in ok_json("uids", sock=admin.socket) if r["uid"] == uid]
+    assert (row["cap"], row["guests"]) == (1 << 20, [])
+
+
+def test_freeze_and_thaw(admin: Admin, guest: Guest) -> None:
+    name = guest.name
+    pool = guest.client.new_pool()
     assert pool.put(1, 0, page(0))
 
-    assert GUEST in ok("freeze", GUEST, sock=admin.socket)
-    assert guest_row(admin.socket)["frozen"] is True
+    assert ok("freeze", name, sock=admin.socket) == f"frozen: {name}\n"
+    assert guest_row(admin.socket, name)["frozen"] is True
     assert pool.put(1, 1, page(1)) is False
     # Puts fail; reads, in-place writes (they take no memory) and flushes proceed.
     assert pool.put_many([(1, 1, page(1)), (1, 2, page(2))]) == [False, False]
@@ -243,115 +364,165 @@ def test_freeze_and_thaw(admin: Admin, guest: tmemclient.Client) -> None:
     assert pool.xchg(1, 0, 0, b"F") == b"f"
     assert pool.read(1, 0, 0, 15) == b"Frozen, written"
     assert pool.write(1, 1, 0, b"x") is False  # no page there: nothing is made
-    assert GUEST in ok("thaw", GUEST, sock=admin.socket)
-    assert guest_row(admin.socket)["frozen"] is False
+    assert ok("thaw", name, sock=admin.socket) == f"thawed: {name}\n"
+    assert guest_row(admin.socket, name)["frozen"] is False
     assert pool.put(1, 1, page(1)) is True
 
     # no GUEST: every guest
-    assert GUEST in ok("freeze", sock=admin.socket)
-    assert ok_json("status", sock=admin.socket)["frozen_all"] is True
-    assert pool.put(1, 2, page(2)) is False
-    assert ok_json("thaw", sock=admin.socket) == [GUEST]
+    try:
+        out = ok("freeze", sock=admin.socket)
+        assert out == f"frozen every guest (and guests that connect from now on): {name}\n"
+        assert ok_json("status", sock=admin.socket)["frozen_all"] is True
+        assert pool.put(1, 2, page(2)) is False
+    finally:
+        thawed = ok_json("thaw", sock=admin.socket)
+    assert thawed == [name]
     assert ok_json("status", sock=admin.socket)["frozen_all"] is False
     assert pool.put(1, 2, page(2)) is True
 
 
-def test_flush_drops_only_ephemeral_pages(admin: Admin, guest: tmemclient.Client) -> None:
-    eph = guest.new_pool()
-    per = guest.new_pool(persistent=True)
+def test_flush_drops_only_ephemeral_pages(admin: Admin, guest: Guest) -> None:
+    eph = guest.client.new_pool()
+    per = guest.client.new_pool(persistent=True)
     for i in range(5):
         assert eph.put(1, i, page(i))
         assert per.put(1, i, page(i + 100))
 
-    out = ok("flush", GUEST, sock=admin.socket)
-    assert "flushed 5 ephemeral pages" in out, out
+    out = ok("flush", guest.name, sock=admin.socket)
+    assert out == f"flushed 5 ephemeral pages of {guest.name}\n"
     assert all(eph.get(1, i) is None for i in range(5))
     assert all(per.get(1, i) == page(i + 100) for i in range(5))
-    row = guest_row(admin.socket)
+    row = guest_row(admin.socket, guest.name)
     assert (row["ephemeral_bytes"], row["persistent_bytes"]) == (0, 5 * PAGE)
-    assert ok_json("flush", GUEST, sock=admin.socket) == {"pages_flushed": 0}
+    assert ok_json("flush", guest.name, sock=admin.socket) == {"pages_flushed": 0}
 
 
-def test_budget_below_persistent_usage_warns_and_keeps_pages(
-    admin: Admin, guest: tmemclient.Client
-) -> None:
-    per = guest.new_pool(persistent=True)
+def test_budget_below_persistent_usage_warns_and_keeps_pages(admin: Admin, guest: Guest) -> None:
+    per = guest.client.new_pool(persistent=True)
     for i in range(20):  # 80 KiB persistent
         assert per.put(7, i, page(i))
 
-    proc = tmemctl("budget", "40K", sock=admin.socket)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith("tmemctl: warning: "), proc.stderr
-    assert "persistent" in proc.stderr
-    assert "budget 40.0KiB" in proc.stdout
-    assert ok_json("status", sock=admin.socket)["budget"] == 40 << 10
-    assert all(per.get(7, i) == page(i) for i in range(20))
+    try:
+        run = tmemctl("budget", "40K", sock=admin.socket)
+        assert run.code == 0, run.err
+        assert run.err.startswith("tmemctl: warning: "), run.err
+        assert "persistent" in run.err
+        assert "budget 40.0KiB" in run.out
+        assert ok_json("status", sock=admin.socket)["budget"] == 40 << 10
+        assert all(per.get(7, i) == page(i) for i in range(20))
+    finally:
+        run = tmemctl("budget", "16MiB", sock=admin.socket)
+    assert (run.code, run.err) == (0, "")
+    assert run.out == "budget 16.0MiB, used 80.0KiB; evicted 0 pages\n"
+    assert ok_json("status", sock=admin.socket)["budget"] == BUDGET
 
-    proc = tmemctl("budget", "8MiB", sock=admin.socket)
-    assert (proc.returncode, proc.stderr) == (0, "")
-    assert ok_json("status", sock=admin.socket)["budget"] == 8 << 20
 
-
-def test_share_grant_list_revoke(admin: Admin, guest: tmemclient.Client) -> None:
+def test_share_grant_list_revoke(admin: Admin, guest: Guest) -> None:
+    shared_uuid, name = str(uuid.uuid4()), guest.name
     with pytest.raises(tmemclient.PermissionDenied):
-        guest.new_pool(shared=True, uuid=SHARED)
-    out = ok("share", "grant", SHARED, GUEST, sock=admin.socket)
-    assert SHARED in out and GUEST in out
-
-    shared = guest.new_pool(shared=True, uuid=SHARED)
-    assert shared.put(3, 0, page(3))
-    listing = ok_json("share", "list", sock=admin.socket)
-    assert set(listing) == SHARES_KEYS
-    assert listing["grants"] == [{"uuid": SHARED, "guest": GUEST}]
-    (pool,) = listing["pools"]
-    assert set(pool) == SHARED_POOL_KEYS
-    assert (pool["uuid"], pool["members"], pool["pages"]) == (SHARED, [GUEST], 1)
-    out = ok("share", "list", sock=admin.socket)
-    assert "grants:" in out and "shared pools:" in out
-    assert re.search(rf"^{SHARED}\s+{re.escape(GUEST)}$", out, re.M), out
-
-    assert ok_json("share", "revoke", SHARED.upper(), GUEST, sock=admin.socket) == {"detached": 1}
+        guest.client.new_pool(shared=True, uuid=shared_uuid)
+    out = ok("share", "grant", shared_uuid, name, sock=admin.socket)
+    assert out == f"granted shared pool {shared_uuid} to {name}\n"
+    try:
+        shared = guest.client.new_pool(shared=True, uuid=shared_uuid)
+        assert shared.put(3, 0, page(3))
+        listing = ok_json("share", "list", sock=admin.socket)
+        assert set(listing) == SHARES_KEYS
+        assert listing["grants"] == [{"uuid": shared_uuid, "guest": name}]
+        (pool,) = listing["pools"]
+        assert set(pool) == SHARED_POOL_KEYS
+        assert (pool["uuid"], pool["members"], pool["pages"]) == (shared_uuid, [name], 1)
+        out = ok("share", "list", sock=admin.socket)
+        assert "grants:" in out and "shared pools:" in out
+        assert re.search(rf"^{shared_uuid}\s+{re.escape(name)}$", out, re.M), out
+    finally:
+        revoked = ok_json("share", "revoke", shared_uuid.upper(), name, sock=admin.socket)
+    assert revoked == {"detached": 1}
     assert ok_json("share", "list", sock=admin.socket) == {"grants": [], "pools": []}
     assert "(none)" in ok("share", "list", sock=admin.socket)
 
-    proc = tmemctl("share", "revoke", SHARED, GUEST, sock=admin.socket)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("tmemctl: ") and "no grant" in proc.stderr, proc.stderr
+    run = tmemctl("share", "revoke", shared_uuid, name, sock=admin.socket)
+    assert run.code == 1
+    assert run.err.startswith("tmemctl: ") and "no grant" in run.err, run.err
 
 
-def test_set_caps_a_shared_pools_account(admin: Admin, guest: tmemclient.Client) -> None:
-    name = f"shared:{SHARED}"
-    proc = tmemctl("set", name, "--cap", "8K", sock=admin.socket)
-    assert proc.returncode == 1 and "no grant names it" in proc.stderr, proc.stderr
-    ok("share", "grant", SHARED, GUEST, sock=admin.socket)
-    out = ok("set", name, "--cap", "8K", "--weight", "50", sock=admin.socket)
-    assert "weight 50, cap 8.0KiB (not open: applies when a member opens it)" in out, out
-    shared = guest.new_pool(shared=True, uuid=SHARED)
-    for i in range(4):
-        assert shared.put(3, i, page(i))  # ephemeral: the account's cap evicts its oldest
-    row = guest_row(admin.socket, name)
-    assert (row["weight"], row["cap"], row["ephemeral_bytes"]) == (50, 8192, 8192)
-    out = ok("set", name, "--cap", "4K", sock=admin.socket)
-    assert "evicted 1 pages to fit the cap" in out, out
+def test_set_caps_a_shared_pools_account(admin: Admin, guest: Guest) -> None:
+    shared_uuid = str(uuid.uuid4())
+    name = f"shared:{shared_uuid}"
+    run = tmemctl("set", name, "--cap", "8K", sock=admin.socket)
+    assert run.code == 1 and "no grant names it" in run.err, run.err
+    ok("share", "grant", shared_uuid, guest.name, sock=admin.socket)
+    try:
+        out = ok("set", name, "--cap", "8K", "--weight", "50", sock=admin.socket)
+        assert "weight 50, cap 8.0KiB (not open: applies when a member opens it)" in out, out
+        shared = guest.client.new_pool(shared=True, uuid=shared_uuid)
+        for i in range(4):
+            assert shared.put(3, i, page(i))  # ephemeral: the account's cap evicts its oldest
+        row = guest_row(admin.socket, name)
+        assert (row["weight"], row["cap"], row["ephemeral_bytes"]) == (50, 8192, 8192)
+        out = ok("set", name, "--cap", "4K", sock=admin.socket)
+        assert "evicted 1 pages to fit the cap" in out, out
+    finally:
+        ok("share", "revoke", shared_uuid, guest.name, sock=admin.socket)
 
 
 def test_grant_to_a_guest_not_connected_yet(admin: Admin) -> None:
     other = str(uuid.uuid4())
     out = ok("share", "grant", other, "1000/later", sock=admin.socket)
     assert other in out
-    assert ok_json("share", "list", sock=admin.socket)["grants"] == [
-        {"uuid": other, "guest": "1000/later"}
-    ]
-    assert "detached 0" in ok("share", "revoke", other, "1000/later", sock=admin.socket)
+    try:
+        assert ok_json("share", "list", sock=admin.socket)["grants"] == [
+            {"uuid": other, "guest": "1000/later"}
+        ]
+    finally:
+        out = ok("share", "revoke", other, "1000/later", sock=admin.socket)
+    assert "detached 0" in out
 
 
 # ------------------------------------------------------------------------------ top
 
 
-def test_top_prints_one_table_per_refresh(admin: Admin, guest: tmemclient.Client) -> None:
-    pool = guest.new_pool()
+def test_rates_are_the_counters_deltas_over_the_interval() -> None:
+    rates = Rates()
+    first = {"name": "a", "puts_ok": 10, "puts_refused": 0, "gets_hit": 5, "gets_miss": 5}
+    (row,) = rates.update([{**first, "evictions": 2}], now=100.0)
+    assert row["rates"] == {"hit_ratio": None, "evictions_per_s": None, "puts_per_s": None}
+    assert row["name"] == "a" and row["puts_ok"] == 10  # the daemon's row, unchanged
+    later = {"name": "a", "puts_ok": 16, "puts_refused": 2, "gets_hit": 8, "gets_miss": 5}
+    (row,) = rates.update([{**later, "evictions": 6}], now=102.0)
+    assert row["rates"] == {"hit_ratio": 1.0, "evictions_per_s": 2.0, "puts_per_s": 4.0}
+    # The account was dropped and made again: its counters restarted, and count from zero.
+    (row,) = rates.update([{"name": "a", "puts_ok": 3, "gets_hit": 1, "gets_miss": 3}], now=103.0)
+    assert row["rates"] == {"hit_ratio": 0.25, "evictions_per_s": 0.0, "puts_per_s": 3.0}
+
+
+def test_top_json_prints_one_document_per_refresh(admin: Admin, guest: Guest) -> None:
+    pool = guest.client.new_pool()
     assert pool.put(1, 0, page(0))
-    proc = tmemctl("top", "--iterations", "2", "--interval", "0.2", sock=admin.socket)
+    run = tmemctl("top", "--json", "--iterations", "3", "--interval", "0.05", sock=admin.socket)
+    assert (run.code, run.err) == (0, ""), run
+    assert "\x1b" not in run.out
+    lines = run.out.splitlines()
+    assert len(lines) == 3, run.out
+    docs = [json.loads(line) for line in lines]
+    for doc in docs:
+        assert set(doc) == TOP_KEYS
+        assert doc["interval"] == 0.05
+        assert set(doc["status"]) == STATUS_KEYS and doc["status"]["budget"] == BUDGET
+        (row,) = doc["guests"]
+        assert set(row) == GUEST_KEYS | {"rates"} and set(row["rates"]) == RATE_KEYS
+        assert (row["name"], row["ephemeral_bytes"]) == (guest.name, PAGE)
+        assert row["rates"] == {"hit_ratio": None, "evictions_per_s": 0.0, "puts_per_s": 0.0}
+    assert docs[0]["time"] <= docs[1]["time"] <= docs[2]["time"]
+    # and after the global option, as for every command
+    run = tmemctl("--json", "top", "--iterations", "1", "--interval", "0.05", sock=admin.socket)
+    assert run.code == 0 and set(json.loads(run.out)) == TOP_KEYS
+
+
+def test_top_prints_one_table_per_refresh_on_a_pipe(admin: Admin, guest: Guest) -> None:
+    pool = guest.client.new_pool()
+    assert pool.put(1, 0, page(0))
+    proc = tmemctl_process("top", "--iterations", "2", "--interval", "0.2", sock=admin.socket)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "\x1b" not in proc.stdout  # not a tty: no screen control codes
     tables = proc.stdout.rstrip("\n").split("\n\n")
@@ -364,7 +535,18 @@ def test_top_prints_one_table_per_refresh(admin: Admin, guest: tmemclient.Client
             "EVICT/S", "PUTS/S",
         ]  # fmt: skip
         (row,) = rows
-        assert row.split()[:7] == [GUEST, "100", "-", "no", "4.0KiB", "0B", "0B"]
+        assert row.split() == [
+            guest.name,
+            "100",
+            "-",
+            "no",
+            "4.0KiB",
+            "0B",
+            "0B",
+            "-",
+            "0.0",
+            "0.0",
+        ]
 
 
 def test_top_clears_the_screen_on_a_tty(admin: Admin) -> None:
@@ -449,18 +631,19 @@ def test_top_exits_quietly_on_ctrl_c(admin: Admin) -> None:
     ],
 )
 def test_unknown_guest_exits_1(admin: Admin, args: tuple[str, ...]) -> None:
-    proc = tmemctl(*args, sock=admin.socket)
-    assert proc.returncode == 1, proc
-    assert proc.stderr.startswith("tmemctl: unknown guest "), proc.stderr
-    assert proc.stdout == ""
+    run = tmemctl(*args, sock=admin.socket)
+    assert run.code == 1, run
+    assert run.err.startswith("tmemctl: unknown guest "), run.err
+    assert run.out == ""
 
 
-def test_refused_by_the_daemon_exits_1(admin: Admin, guest: tmemclient.Client) -> None:
+def test_refused_by_the_daemon_exits_1(admin: Admin, guest: Guest) -> None:
     # valid locally, refused by the daemon: a cap beyond its address space, a giant budget
-    proc = tmemctl("set", GUEST, "--cap", "100T", sock=admin.socket)
-    assert proc.returncode == 1 and proc.stderr.startswith("tmemctl: cap must be"), proc.stderr
-    proc = tmemctl("budget", "100T", sock=admin.socket)
-    assert proc.returncode == 1 and proc.stderr.startswith("tmemctl: "), proc.stderr
+    run = tmemctl("set", guest.name, "--cap", "100T", sock=admin.socket)
+    assert run.code == 1 and run.err.startswith("tmemctl: cap must be"), run.err
+    run = tmemctl("budget", "100T", sock=admin.socket)
+    assert run.code == 1 and run.err.startswith("tmemctl: budget 100.0TiB exceeds"), run.err
+    assert run.out == ""
 
 
 @pytest.mark.parametrize(
@@ -479,7 +662,8 @@ def test_refused_by_the_daemon_exits_1(admin: Admin, guest: tmemclient.Client) -
         (("set", GUEST), "set needs --weight"),
         (("top", "--interval", "0"), "positive"),
         (("top", "--iterations", "0"), "positive integer"),
-        (("top", "--json"), "no --json"),
+        (("top", "--json", "--interval", "x"), "want a number of seconds"),
+        (("--timeout", "-1", "status"), "positive number of seconds"),
         (("share",), "required"),
         ((), "required"),
         (("frobnicate",), "invalid choice"),
@@ -490,74 +674,102 @@ def test_usage_errors_exit_2_before_any_request(
     tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
     # No daemon at all: exit 2 (not 1) shows the check happened before any connection.
-    proc = tmemctl(*args, sock=tmp_path / "absent.sock")
-    assert proc.returncode == 2, proc
-    assert message in proc.stderr, proc.stderr
-    assert "tmemctl" in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stdout == ""
+    run = tmemctl(*args, sock=tmp_path / "absent.sock")
+    assert run.code == 2, run
+    assert message in run.err, run.err
+    assert "tmemctl" in run.err and "Traceback" not in run.err
+    assert run.out == ""
+
+
+def test_help_exits_0(tmp_path: Path) -> None:
+    run = tmemctl("--help", sock=tmp_path / "absent.sock")
+    assert run.code == 0 and run.err == ""
+    assert "share" in run.out and "Exit codes: 0 ok" in run.out
+    run = tmemctl("top", "--help", sock=None)
+    assert run.code == 0 and "JSON document per refresh" in run.out
+
+
+def test_exit_codes_through_the_console_script(admin: Admin, tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "tmemctl"
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (the project is not installed there)")
+    proc = tmemctl_process("status", "--json", sock=admin.socket, command=[str(script)])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert json.loads(proc.stdout)["budget"] == BUDGET
+    proc = tmemctl_process("flush", "1/nosuch", sock=admin.socket, command=[str(script)])
+    assert proc.returncode == 1 and proc.stderr.startswith("tmemctl: unknown guest "), proc
+    proc = tmemctl_process("set", GUEST, sock=admin.socket, command=[str(script)])
+    assert proc.returncode == 2 and proc.stderr.startswith("tmemctl: set needs --weight"), proc
+    proc = tmemctl_process("status", sock=tmp_path / "absent.sock", command=[str(script)])
+    assert proc.returncode == 1 and "no tmemd admin socket" in proc.stderr, proc
 
 
 def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "absent.sock"
-    proc = tmemctl("status", sock=missing)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"tmemctl: no tmemd admin socket at {missing} ("), proc.stderr
-    assert "is tmemd running" in proc.stderr
-    assert proc.stdout == ""
+    run = tmemctl("status", sock=missing)
+    assert run.code == 1
+    assert run.err.startswith(f"tmemctl: no tmemd admin socket at {missing} ("), run.err
+    assert "is tmemd running" in run.err
+    assert run.out == ""
 
     # a socket file left behind by a daemon that died: connection refused
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(stale))
-    proc = tmemctl("guests", "--json", sock=stale)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"tmemctl: no tmemd admin socket at {stale} ("), proc.stderr
-    assert "is tmemd running" in proc.stderr
+    run = tmemctl("guests", "--json", sock=stale)
+    assert run.code == 1
+    assert run.err.startswith(f"tmemctl: no tmemd admin socket at {stale} ("), run.err
+    assert "is tmemd running" in run.err
 
 
-def test_stopped_daemon_is_a_clear_error(start_daemon: Any, tmp_path: Path) -> None:
-    sock = private_dir(tmp_path / "admin") / "admin.sock"
-    daemon = start_daemon("--memory", "16MiB", "--admin-socket", str(sock))
-    ok("status", sock=sock)
-    assert daemon.stop() == 0
-    proc = tmemctl("top", "--iterations", "1", "--interval", "0.1", sock=sock)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"tmemctl: no tmemd admin socket at {sock} ("), proc.stderr
-    assert "is tmemd running" in proc.stderr and "Traceback" not in proc.stderr
+def test_the_guest_socket_is_named_as_such(admin: Admin) -> None:
+    guest_socket = admin.daemon.socket
+    for args in (("status",), ("top", "--iterations", "1", "--interval", "0.05")):
+        run = tmemctl(*args, sock=guest_socket)
+        assert (run.code, run.out) == (1, ""), run
+        assert run.err == (
+            f"tmemctl: {guest_socket} is tmemd's guest socket, not its admin socket; use "
+            f"--admin-socket PATH or TMEM_ADMIN_SOCKET (default {DEFAULT_ADMIN_SOCKET})\n"
+        )
 
 
-def test_admin_socket_option_and_environment(admin: Admin, tmp_path: Path) -> None:
+def test_stopped_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    own = start_admin(tmp_path)
+    try:
+        ok("status", sock=own.socket)
+    finally:
+        assert own.daemon.stop() == 0
+    for args in (("status",), ("top", "--iterations", "1", "--interval", "0.1")):
+        run = tmemctl(*args, sock=own.socket)
+        assert run.code == 1
+        assert run.err.startswith(f"tmemctl: no tmemd admin socket at {own.socket} ("), run.err
+        assert "is tmemd running" in run.err and "Traceback" not in run.err
+
+
+def test_admin_socket_option_then_environment_then_default(admin: Admin, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.sock"
+    assert admin_socket_path("/opt", {ADMIN_SOCKET_ENV: str(wrong)}) == "/opt"
+    assert admin_socket_path(None, {ADMIN_SOCKET_ENV: str(wrong)}) == str(wrong)
+    assert admin_socket_path(None, {ADMIN_SOCKET_ENV: ""}) == DEFAULT_ADMIN_SOCKET
+    assert admin_socket_path(None, {}) == DEFAULT_ADMIN_SOCKET
     # the environment alone
     assert set(ok_json("status", sock=admin.socket)) == STATUS_KEYS
     # the option wins over a wrong environment, before or after the command
-    wrong = tmp_path / "wrong.sock"
     for args in (
         ("--admin-socket", str(admin.socket), "status"),
         ("status", "--admin-socket", str(admin.socket)),
     ):
-        proc = tmemctl(*args, sock=wrong)
-        assert proc.returncode == 0, proc.stderr
+        run = tmemctl(*args, sock=wrong)
+        assert (run.code, run.err) == (0, ""), run
     # a wrong environment alone is named in the error
-    proc = tmemctl("status", sock=wrong)
-    assert proc.returncode == 1 and str(wrong) in proc.stderr
-    # unset: the default path
-    proc = tmemctl("status", sock=None, env={"TMEM_ADMIN_SOCKET": ""})
-    assert "/run/tmemd/admin.sock" in proc.stderr or proc.returncode == 0
+    run = tmemctl("status", sock=wrong)
+    assert run.code == 1 and str(wrong) in run.err
 
 
 def test_timeout_option(admin: Admin) -> None:
     assert set(ok_json("status", "--timeout", "5", sock=admin.socket)) == STATUS_KEYS
-    proc = tmemctl("--timeout", "-1", "status", sock=admin.socket)
-    assert proc.returncode == 2
-
-
-def test_main_in_process(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["--help"]) == 0
-    assert "share" in capsys.readouterr().out
-    assert main(["set", "x"]) == 2
-    assert capsys.readouterr().err.startswith("tmemctl: set needs --weight")
-    assert main(["--admin-socket", str(tmp_path / "none.sock"), "status"]) == 1
-    assert capsys.readouterr().err.startswith("tmemctl: no tmemd admin socket")
+    run = tmemctl("--timeout", "0", "status", sock=admin.socket)
+    assert run.code == 2 and "positive number of seconds" in run.err
 
 
 # ------------------------------------------------------------------------------ non-admins
@@ -609,11 +821,11 @@ def test_non_admin_uid_is_refused(start_daemon: Any) -> None:
         assert sock.stat().st_mode & 0o777 == 0o600
 
         def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-            return tmemctl(
+            return tmemctl_process(
                 *args,
                 sock=sock,
                 env=_nobody_env(site),
-                python=python,
+                command=[python, "-m", "tmemd.ctl.cli"],
                 user=NOBODY,
                 group=NOBODY,
                 extra_groups=[],
@@ -644,9 +856,10 @@ def test_non_admin_uid_is_refused(start_daemon: Any) -> None:
             shutil.rmtree(workdir)
 
 
-def test_readme_documents_the_json_fields() -> None:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Administration: tmemctl", 1)[1].split("\n## ", 1)[0]
+def test_docs_document_the_json_fields() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("\n## tmemctl\n", 1)[1].split("\n## ", 1)[0]
     keys = STATUS_KEYS | GUEST_KEYS | POOL_KEYS | SHARES_KEYS | GRANT_KEYS | SHARED_POOL_KEYS
     missing = sorted(k for k in keys if f"`{k}`" not in section)
-    assert not missing, f"README's tmemctl section does not document {missing}"
+    assert not missing, f"docs/operations.md's tmemctl section does not document {missing}"
+    assert "`top --json`" in section and all(k in section for k in TOP_KEYS | RATE_KEYS)

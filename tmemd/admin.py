@@ -3,7 +3,8 @@
 Only root, the daemon's own uid, or members of the configured admin group may talk to it; the
 kernel's SO_PEERCRED (and SO_PEERGROUPS) say who the peer is, checked on every connection, and a
 refusal is an audit log line. Requests are ``[op, req_id, {args}]``; each op maps to one Host
-method, so every decision an administrator can make lives, testable, in tmemd/host.py.
+method, so every decision an administrator can make lives, testable, in tmemd/host.py, or (what
+they read) to one view in tmemd/views.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 from tmemclient.wire.codec import FrameDecoder
 from tmemclient.wire.errors import InvalidArgument, ProtocolError, TmemError
 from tmemclient.wire.messages import Status, encode_reply, status_for_error
+from tmemd import views
 from tmemd.host import Host
 from tmemd.region import peer_credentials
 from tmemd.server import ACCEPT_BACKOFF, send_all
@@ -37,8 +39,13 @@ MAX_ADMIN_FRAME = 64 << 10
 ADMIN_IDLE_TIMEOUT = 300.0
 
 
+class NoSuchGroup(ValueError):
+    """The configured admin group does not exist on this host."""
+
+
 def admin_gid(group: str | None) -> int | None:
-    """The admin group's gid (a name or a number); None without one."""
+    """The admin group's gid (a name or a number); None without one. NoSuchGroup if the name
+    is not a group of this host."""
     if group is None:
         return None
     if group.isdigit():
@@ -46,7 +53,10 @@ def admin_gid(group: str | None) -> int | None:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError as exc:
-        raise ValueError(f"admin group {group!r} does not exist") from exc
+        raise NoSuchGroup(
+            f"admin group {group!r} does not exist on this host; create it (groupadd --system "
+            f"{group}) or set admin_group (--admin-group) to an existing group"
+        ) from exc
 
 
 def peer_groups(sock: socket.socket) -> list[int]:
@@ -85,11 +95,17 @@ class AdminServer:
         self._ready = select.poll()  # the listener and every admin connection
         self._fds: set[int] = set()
         self._served = trio.Event()
+        # What an administrator reads (tmemd/views.py), and what they change (Host's
+        # decisions; each of those is an audit line).
+        self.reads: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": lambda a: views.status(host),
+            "guests": lambda a: views.guests(host),
+            "uids": lambda a: views.uids(host),
+            "pools": lambda a: views.pools(host, _str(a, "guest", optional=True)),
+            "shares": lambda a: views.shares(host),
+        }
         self.ops: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "status": lambda a: host.status(),
-            "guests": lambda a: host.guests(),
-            "uids": lambda a: host.uids(),
-            "pools": lambda a: host.pools(_str(a, "guest", optional=True)),
+            **self.reads,
             "set": self._set,
             "freeze": lambda a: host.freeze(_str(a, "guest", optional=True), True),
             "thaw": lambda a: host.freeze(_str(a, "guest", optional=True), False),
@@ -97,7 +113,6 @@ class AdminServer:
             "budget": lambda a: host.set_budget(a.get("bytes")),
             "grant": lambda a: host.grant(_uuid(a), _str(a, "guest")),
             "revoke": lambda a: {"detached": host.revoke(_uuid(a), _str(a, "guest"))},
-            "shares": lambda a: host.shares(),
         }
 
     def _set(self, args: dict[str, Any]) -> Any:
@@ -233,6 +248,6 @@ class AdminServer:
             result = handler(args)
         except TmemError as exc:
             return encode_reply(req_id, status_for_error(exc), str(exc))
-        if op not in ("status", "guests", "uids", "pools", "shares"):
+        if op not in self.reads:
             audit.info("admin_op", op=op, uid=uid, args=args)
         return encode_reply(req_id, Status.OK, result)

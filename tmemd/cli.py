@@ -8,6 +8,11 @@ Under systemd the sockets come from socket activation (LISTEN_FDS, names ``guest
 loop. SIGTERM stops accepting, sends every guest a SHUTDOWN notice and drains for at most
 ``shutdown_grace`` seconds; SIGHUP reloads the config (weights, caps, guest policy, log level)
 and keeps the old one if the new one is invalid.
+
+Exit codes: 0 stopped cleanly; 2 what was asked cannot work (a bad option or config, a missing
+admin group, a budget the host cannot reserve memory for): one line on stderr, ``tmemd: ...``,
+saying what to do; 1 a socket cannot be listened on, logged as its own event
+(``socket_in_use``, ``socket_dir_missing``, ``admin_socket_dir_unsafe``, ``permission_denied``).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import trio
 
 from tmemclient.wire.units import format_size, size_arg
 from tmemd import logs
-from tmemd.admin import AdminServer, admin_gid
+from tmemd.admin import AdminServer, NoSuchGroup, admin_gid
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
 from tmemd.host import Host
-from tmemd.listen import SocketInUse, bind_unix, check_private_dir, unlink_quietly
+from tmemd.listen import ListenError, bind_unix, check_private_dir, require_dir, unlink_quietly
 from tmemd.server import GuestServer
 from tmemd.store import Store
 from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
@@ -174,6 +179,26 @@ def status_line(host: Host) -> str:
     return f"{len(host.sessions)} guests, {format_size(store.used)} of {format_size(store.budget)} used"
 
 
+class StartError(Exception):
+    """tmemd cannot start as asked; the message says what failed and what to do."""
+
+
+def arena_failure(exc: OSError, budget: int, capacity: int, ram: int) -> str:
+    """What to tell an administrator whose budget tmemd could not reserve memory for."""
+    what = f"cannot reserve {format_size(capacity)} of memory for the page arena"
+    reason = exc.strerror or str(exc)
+    if budget > ram:
+        return (
+            f"{what} (--memory {format_size(budget)}): {reason}; this host has "
+            f"{format_size(ram)} of RAM: give a smaller --memory (daemon.memory in the config)"
+        )
+    return (
+        f"{what} (the budget, {format_size(budget)}, may grow up to this host's RAM at run "
+        f"time): {reason}; raise tmemd's address-space limit (ulimit -v, LimitAS=) or the "
+        "kernel's overcommit limit (vm.overcommit_memory)"
+    )
+
+
 class Daemon:
     """The daemon's lifetime: sockets, servers, signals, systemd notifications."""
 
@@ -184,13 +209,18 @@ class Daemon:
         self.args = args
         self.activated = activated
         self.notifier = Notifier()
-        self.store = Store(
-            settings.budget,
-            capacity=max(settings.budget, physical_memory()),
-            move_slack=settings.limits.move_slack,
-            lend_idle=settings.limits.lend_idle_ms / 1000,
-            deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
-        )
+        ram = physical_memory()
+        capacity = max(settings.budget, ram)
+        try:
+            self.store = Store(
+                settings.budget,
+                capacity=capacity,
+                move_slack=settings.limits.move_slack,
+                lend_idle=settings.limits.lend_idle_ms / 1000,
+                deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
+            )
+        except OSError as exc:  # the arena's address space (mmap: ENOMEM), or its memfd
+            raise StartError(arena_failure(exc, settings.budget, capacity, ram)) from exc
         self.host = Host(self.store, settings)
         self.guest_server = GuestServer(self.host, settings.limits)
         self._owned: list[Path] = []  # socket files we created (and remove at exit)
@@ -204,7 +234,7 @@ class Daemon:
         if path is None:
             return None
         if role == "admin":
-            check_private_dir(path.parent, gid is not None)
+            check_private_dir(path.parent, gid)
         sock = await bind_unix(path, mode, gid=gid)
         self._owned.append(path)
         return sock
@@ -221,6 +251,9 @@ class Daemon:
         """Serve until SIGTERM/SIGINT, then drain and return."""
         settings = self.settings
         gid = admin_gid(settings.admin_group)
+        if "guest" not in self.activated:
+            # Before the admin socket (and the directory made for it): nothing to undo.
+            require_dir(settings.socket)
         signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals_wanted) as signals:
             # The admin socket first: once the guest socket takes connections, tmemd is whole
@@ -348,19 +381,29 @@ class Daemon:
 
 
 def check_config(path: Path) -> int:
-    """``tmemd check-config FILE``: validate and print the effective settings."""
+    """``tmemd check-config FILE``: validate the file and print the effective settings.
+
+    Exit 2 if the file is invalid. A fact of this host rather than of the file, an admin group
+    that does not exist (yet: the install steps create it after copying the config), is a
+    warning naming what to do: the file passes, and tmemd still refuses to start without it."""
     try:
         settings = load_config(path, {"limits": {}})
-        admin_gid(settings.admin_group)
     except (ConfigError, ValueError) as exc:
         print(f"tmemd: {path}: {exc}", file=sys.stderr)
         return 2
+    warnings = []
+    try:
+        admin_gid(settings.admin_group)
+    except NoSuchGroup as exc:
+        warnings.append(f"{exc}; until then tmemd refuses to start with this config")
     effective = asdict(settings)
     effective["budget_human"] = format_size(settings.budget)
     effective["socket_mode"] = f"{settings.socket_mode:04o}"
     for policy in effective["guests"].values():
         policy["uids"] = sorted(policy["uids"])
     print(json.dumps(effective, indent=2, default=str))
+    for warning in warnings:
+        print(f"tmemd: warning: {path}: {warning}", file=sys.stderr)
     print(f"tmemd: {path} is valid", file=sys.stderr)
     return 0
 
@@ -392,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
     soft, hard = raise_fd_limit()
+    try:
+        daemon = Daemon(settings, args, activated)
+    except StartError as exc:
+        print(f"tmemd: {exc}", file=sys.stderr)
+        return 2
     log.info(
         "fd_limit",
         soft=soft,
@@ -400,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         guests_at_most=soft // FDS_PER_GUEST["mapped_lending"],
     )
     try:
-        trio.run(Daemon(settings, args, activated).run)
-    except SocketInUse as exc:
-        log.error("socket_in_use", error=str(exc))
+        trio.run(daemon.run)
+    except ListenError as exc:  # socket_in_use, socket_dir_missing, admin_socket_dir_unsafe
+        log.error(exc.event, error=str(exc), **exc.fields)
         return 1
     except PermissionError as exc:
         log.error("permission_denied", error=str(exc), hint="check the socket directory's owner")

@@ -139,7 +139,9 @@ class Settings:
             raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
 
 
-_DAEMON_KEYS = {
+# The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
+# (LIMIT_KEYS). systemd/tmemd.toml shows every one of them (tests/test_systemd.py checks it).
+DAEMON_KEYS = {
     "socket": str,
     "admin_socket": str,
     "admin_group": str,
@@ -150,8 +152,11 @@ _DAEMON_KEYS = {
     "unlisted_guests": str,
     "uid_cap": (str, int),
 }
-_GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
-_UID_KEYS = {"cap": (str, int), "max_connections": int}
+GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
+UID_KEYS = {"cap": (str, int), "max_connections": int}
+LIMIT_KEYS = {
+    f.name: {"float": (int, float), "bool": bool}.get(str(f.type), int) for f in fields(Limits)
+}
 
 
 def _check_keys(table: Any, allowed: dict[str, Any], where: str) -> dict[str, Any]:
@@ -194,7 +199,7 @@ def parse_guest(name: str, table: Any) -> GuestPolicy:
     where = f"guests.{name}"
     if not valid_guest_name(name):
         raise ConfigError(f"[{where}]: guest names are 1..64 characters of A-Z a-z 0-9 . _ -")
-    t = _check_keys(table, _GUEST_KEYS, where)
+    t = _check_keys(table, GUEST_KEYS, where)
     if "uids" not in t:
         raise ConfigError(f"[{where}] needs uids = [...]: the users allowed to act as this guest")
     uids = t["uids"]
@@ -218,7 +223,7 @@ def parse_uid(key: str, table: Any) -> tuple[int, UidPolicy]:
     where = f"uids.{key}"
     if not key.isdigit() or int(key) >= 1 << 32:
         raise ConfigError(f"[{where}]: a uid is a number (0..4294967295), e.g. [uids.1000]")
-    t = _check_keys(table, _UID_KEYS, where)
+    t = _check_keys(table, UID_KEYS, where)
     cap = None if "cap" not in t else _size(t["cap"], f"{where}.cap")
     if cap is not None and cap < 0:
         raise ConfigError(f"{where}.cap must not be negative")
@@ -247,10 +252,8 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
             raise ConfigError(
                 f"unknown table [{key}]; known: [daemon], [limits], [guests.NAME], [uids.N]"
             )
-    daemon = _check_keys(doc.get("daemon", {}), _DAEMON_KEYS, "daemon")
-    types = {"float": (int, float), "bool": bool}
-    limit_types = {f.name: types.get(str(f.type), int) for f in fields(Limits)}
-    limits_table = _check_keys(doc.get("limits", {}), limit_types, "limits")
+    daemon = _check_keys(doc.get("daemon", {}), DAEMON_KEYS, "daemon")
+    limits_table = _check_keys(doc.get("limits", {}), LIMIT_KEYS, "limits")
     guests_table = doc.get("guests", {})
     if not isinstance(guests_table, dict):
         raise ConfigError("[guests] must hold one table per guest: [guests.NAME]")

@@ -1,6 +1,7 @@
 """The host: who may be which guest, who is connected, shared-pool grants, and every admin
 decision. Synchronous and free of I/O, like the store it drives; the guest and admin servers are
-thin adapters around it.
+thin adapters around it. What an administrator reads (the rows of ``tmemctl status``, ``guests``,
+``uids``, ``pools``, ``share list``) is tmemd/views.py.
 
 Identity: a connection's uid comes from SO_PEERCRED, never from a frame. A name listed in the
 config's [guests] may be used only by its uids; other names are served as ``UID/NAME``
@@ -28,9 +29,11 @@ import structlog
 from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemclient.wire.units import format_size
+from tmemd import views
+from tmemd.accounts import Guest, Pool, Tenant
 from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
-from tmemd.store import Guest, Pool, Store, Tenant
+from tmemd.store import Store
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -129,9 +132,14 @@ class Host:
         """Uid ``uid``'s account in the store, with its cap (an administrator's, else the
         config's)."""
         tenant = self.store.tenant(uid)
-        cap = self.uid_caps[uid] if uid in self.uid_caps else self.settings.uid_policy(uid).cap
+        cap = self.uid_cap(uid)
         tenant.cap_slots = None if cap is None else cap >> FRAME_SHIFT
         return tenant
+
+    def uid_cap(self, uid: int) -> int | None:
+        """The cap on all of uid ``uid``'s guests together: an administrator's, else the
+        config's (None: no cap)."""
+        return self.uid_caps[uid] if uid in self.uid_caps else self.settings.uid_policy(uid).cap
 
     def max_connections(self, uid: int, default: int) -> int:
         """Connections uid ``uid`` may hold at once: its [uids.N] max_connections, else
@@ -248,113 +256,11 @@ class Host:
             self.store.remove_guest(entry.pool.guest)
 
     # ------------------------------------------------------------------ admin operations
+    # (what an administrator reads, the rows of tmemctl status/guests/pools, is tmemd/views.py)
 
-    def status(self) -> dict[str, Any]:
-        """Global figures."""
-        store = self.store
-        return {
-            "budget": store.budget,
-            "used": store.used,
-            "free": max(0, store.budget - store.used),
-            "capacity": store.capacity,
-            "guests": len(self.sessions),
-            "sessions": sum(len(s) for s in self.sessions.values()),
-            "shared_pools": len(self.shared),
-            "evictions": store.evictions,
-            "moved": store.moved_slots << FRAME_SHIFT,
-            "lent": sum(g.lent_slots for g in store.lenders.values()) << FRAME_SHIFT,
-            "recalled": store.recalled_slots << FRAME_SHIFT,
-            # What the store's files really hold (fstat), against "used", what is accounted:
-            # free slots keep their memory for reuse, and guests may bring some in on their
-            # own (punched again by the audit: "overdrawn").
-            "resident": store.resident(),
-            "overdrawn": store.overdrawn_slots << FRAME_SHIFT,
-            "frozen_all": self.frozen_all,
-            "uptime": round(time.time() - self.started, 3),
-        }
-
-    def guests(self) -> list[dict[str, Any]]:
-        """One row per account: connected guests and shared pools."""
-        return [
-            self._guest_row(g) for g in sorted(self.store.guests.values(), key=lambda g: g.name)
-        ]
-
-    def _guest_row(self, g: Guest) -> dict[str, Any]:
-        pages = sum(p.pages for p in g.pools)
-        return {
-            "name": g.name,
-            "kind": "shared" if g.name.startswith("shared:") else "guest",
-            "sessions": len(self.sessions.get(g.name, ())),
-            "weight": g.weight,
-            "cap": None if g.cap_slots is None else g.cap_slots << FRAME_SHIFT,
-            "frozen": g.frozen,
-            "mapped": g.mirror is not None,  # reads its pages through a mapping (§4.7)
-            "ephemeral_bytes": g.eph_slots << FRAME_SHIFT,
-            "persistent_bytes": g.pers_slots << FRAME_SHIFT,
-            "lent_bytes": g.lent_slots << FRAME_SHIFT,  # memory it borrowed (§4.8)
-            # What its mirror and loan file hold now (fstat), and what audits found beyond its
-            # grant, ever.
-            "resident_bytes": self.store.files_resident(g),
-            "overdrawn_bytes": g.overdrawn << FRAME_SHIFT,
-            "pages": pages,
-            "pools": len(g.pools),
-            **g.stats.as_dict(),
-        }
-
-    def uids(self) -> list[dict[str, Any]]:
-        """One row per tenant (uid): what all of its guests hold together, and its limits."""
-        store, settings = self.store, self.settings
-        rows = []
-        for uid in sorted(set(store.tenants) | set(settings.uids) | set(self.uid_caps)):
-            tenant = store.tenants.get(uid)
-            guests = sorted(tenant.guests, key=lambda g: g.name) if tenant is not None else []
-            cap = self.uid_caps[uid] if uid in self.uid_caps else settings.uid_policy(uid).cap
-            rows.append(
-                {
-                    "uid": uid,
-                    "guests": [g.name for g in guests],
-                    "sessions": sum(len(self.sessions.get(g.name, ())) for g in guests),
-                    "cap": cap,
-                    "max_connections": self.max_connections(
-                        uid, settings.limits.max_connections_per_uid
-                    ),
-                    "ephemeral_bytes": sum(g.eph_slots for g in guests) << FRAME_SHIFT,
-                    "persistent_bytes": sum(g.pers_slots for g in guests) << FRAME_SHIFT,
-                    "lent_bytes": sum(g.lent_slots for g in guests) << FRAME_SHIFT,
-                    "held_bytes": sum(g.held_slots for g in guests) << FRAME_SHIFT,
-                }
-            )
-        return rows
-
-    def pools(self, guest: str | None = None) -> list[dict[str, Any]]:
-        """One row per pool, of one guest or of all."""
-        if guest is not None:
-            self._known_guest(guest)
-        rows = []
-        uuids = {id(e.pool): e for e in self.shared.values()}
-        for g in sorted(self.store.guests.values(), key=lambda g: g.name):
-            for p in sorted(g.pools, key=lambda p: p.pool_id):
-                entry = uuids.get(id(p))
-                members = sorted(m.guest.name for m in entry.members) if entry else [g.name]
-                if guest is not None and guest not in members:
-                    continue
-                rows.append(
-                    {
-                        "pool": p.pool_id,
-                        "guest": g.name,
-                        "kind": "persistent" if p.persistent else "ephemeral",
-                        "shared": p.shared,
-                        "uuid": str(uuid_module.UUID(bytes=entry.uuid)) if entry else None,
-                        "members": members,
-                        "page_size": p.page_size,
-                        "pages": p.pages,
-                        "bytes": p.pages * p.page_size,
-                        **p.stats.as_dict(),
-                    }
-                )
-        return rows
-
-    def _known_guest(self, name: str) -> Guest | None:
+    def known_guest(self, name: str) -> Guest | None:
+        """Guest ``name``'s account (None while it is not connected); NotFound unless it is
+        connected, in the config, or was set by an administrator."""
         if name in self.store.guests or name in self.settings.guests or name in self.overrides:
             return self.store.guests.get(name)
         raise NotFound(
@@ -379,7 +285,7 @@ class Host:
         its cap holds across all the guests of that uid."""
         if name.startswith(UID_PREFIX):
             return self._set_uid(name, weight, cap)
-        known = self._known_shared if name.startswith("shared:") else self._known_guest
+        known = self._known_shared if name.startswith("shared:") else self.known_guest
         guest = known(name)
         if weight is not None:
             try:
@@ -407,7 +313,7 @@ class Host:
         )
         if guest is None:
             return {"name": name, "connected": False, "weight": over.weight, "cap": over.cap}
-        return {**self._guest_row(guest), "evicted": evicted}
+        return {**views.guest_row(self, guest), "evicted": evicted}
 
     def _set_uid(self, name: str, weight: Any, cap: Any) -> dict[str, Any]:
         text = name.removeprefix(UID_PREFIX)
@@ -423,8 +329,7 @@ class Host:
         tenant = self.store.tenants.get(uid)
         evicted = 0 if tenant is None else self.store.set_tenant_cap(tenant, cap)
         log.info("uid_policy_set", uid=uid, cap=cap, evicted=evicted)
-        row = next(r for r in self.uids() if r["uid"] == uid)
-        return {**row, "evicted": evicted}
+        return {**views.uid_row(self, uid), "evicted": evicted}
 
     def _check_cap(self, cap: Any) -> None:
         if cap is not None and (
@@ -442,7 +347,7 @@ class Host:
                 over.frozen = None
             names = [g.name for g in self.store.guests.values() if not g.name.startswith("shared:")]
         else:
-            self._known_guest(name)
+            self.known_guest(name)
             self.overrides.setdefault(name, Override()).frozen = frozen
             names = [name]
         for n in names:
@@ -454,7 +359,7 @@ class Host:
 
     def flush(self, name: str) -> int:
         """Drop every ephemeral page of a guest (persistent pages are never touched)."""
-        guest = self._known_guest(name)
+        guest = self.known_guest(name)
         evicted = 0 if guest is None else self.store.drop_ephemeral(guest)
         log.info("guest_flushed", guest=name, pages=evicted)
         return evicted
@@ -510,19 +415,3 @@ class Host:
             "share_revoked", uuid=str(uuid_module.UUID(bytes=uuid)), guest=name, detached=detached
         )
         return detached
-
-    def shares(self) -> dict[str, Any]:
-        """Grants and live shared pools."""
-        return {
-            "grants": [
-                {"uuid": str(uuid_module.UUID(bytes=u)), "guest": g} for u, g in sorted(self.grants)
-            ],
-            "pools": [
-                {
-                    "uuid": str(uuid_module.UUID(bytes=e.uuid)),
-                    "members": sorted(m.guest.name for m in e.members),
-                    "pages": e.pool.pages,
-                }
-                for e in self.shared.values()
-            ],
-        }

@@ -1,2 +1,2 @@
-"""tmemctl, the administrator's tool: a client of tmemd's admin socket (client) and the command
-line around it (cli, with the tables in render)."""
+"""tmemctl, the administrator's tool: a client of tmemd's admin socket (client), the command
+line around it (cli), the tables it prints (render) and its refreshing view (top)."""

@@ -17,21 +17,12 @@ from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame
 from tmemclient.wire.errors import DaemonGone, ProtocolError
 from tmemclient.wire.messages import Status, error_for_status, split_reply
 
-ADMIN_OPS: Final = (
-    "status",
-    "guests",
-    "pools",
-    "set",
-    "freeze",
-    "thaw",
-    "flush",
-    "budget",
-    "grant",
-    "revoke",
-    "shares",
-)
 ADMIN_SOCKET_ENV: Final = "TMEM_ADMIN_SOCKET"
 DEFAULT_ADMIN_SOCKET: Final = "/run/tmemd/admin.sock"
+
+
+class NotAdminSocket(ProtocolError):
+    """The path is tmemd's guest socket: it refused our request as a guest handshake."""
 
 
 class AdminClient:
@@ -74,6 +65,10 @@ class AdminClient:
         except OSError as exc:
             raise DaemonGone(f"admin connection to {self.path} failed: {exc}") from exc
         req_id, status, result = split_reply(message)
+        if status == Status.PROTOCOL and "HELLO" in result:
+            # tmemd's guest socket refuses anything but a HELLO carrying the guest's region fd
+            # as a broken handshake; the admin socket's PROTOCOL errors never name HELLO.
+            raise NotAdminSocket(f"{self.path} is tmemd's guest socket, not its admin socket")
         if status != Status.OK:  # also a refusal sent with req_id 0 before any request
             raise error_for_status(status, result)
         if req_id != self._req_id:
