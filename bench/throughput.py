@@ -1,9 +1,10 @@
 """Throughput of tmemd from one Python guest: single and batched put/get of 4 KiB pages.
 
-    ./dev bench [--seconds 1.0] [--repeats 5] [--batch 64] [--memory 1GiB] [--json FILE]
+    python -m bench.throughput [--seconds 1.0] [--repeats 5] [--batch 64] [--memory 1GiB] [--json FILE]
 
 Starts its own tmemd on a socket in a temporary directory, measures, prints one table (median
-of the repeats, pages per second) and stops the daemon. Issue #4 adds the side-by-side peers.
+of the repeats, pages per second) and stops the daemon. The side-by-side
+comparison with memcached and redis is ``./dev bench`` (bench/peers.py).
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def guest_table(name: str, **keys: Any) -> str:
 )
 def test_fair(bed: Any, weights: tuple[int, ...]) -> None:
     """Under equal, continuous pressure on a full 8 MiB budget, ephemeral holdings settle in
-    proportion to the weights (DESIGN.md §3). Tolerance: each ratio within ±10% of the ratio
+    proportion to the weights (docs/design.md §3). Tolerance: each ratio within ±10% of the ratio
     of the weights."""
     names = [f"g{i}" for i in range(len(weights))]
     b = bed("8MiB", "".join(guest_table(n, weight=w) for n, w in zip(names, weights, strict=True)))

@@ -1,6 +1,6 @@
 """Bad input from untrusted guests, against a real tmemd over real Unix sockets.
 
-DESIGN.md §4: a bad frame ends at most that guest's connection with a clear error; no other guest
+docs/design.md §4: a bad frame ends at most that guest's connection with a clear error; no other guest
 notices. So every case here runs with a *reference guest* connected first (a tmemclient.Client
 holding persistent pages), drives the bad guest by hand over a raw socket, asserts exactly the
 reply it gets (status and a message saying what was wrong, or a clean close), and then proves:
@@ -40,7 +40,7 @@ import pytest
 from conftest import EOF, ROOT, Daemon, read_raw_frame
 
 import tmemclient
-from tmemclient.client import hello_message
+from tmemclient.core import hello_message
 from tmemclient.region import create_region
 from tmemclient.wire import layout, ring
 from tmemclient.wire.codec import HEADER, NEED_DATA, FrameDecoder, encode_frame

@@ -1,5 +1,5 @@
-"""A bounded mutation fuzzer of the guest protocol, against a real tmemd (SECURITY.md: "mutate
-valid input, check the server is alive after each case").
+"""A bounded mutation fuzzer of the guest protocol, against a real tmemd: mutate valid input, and
+check after each case that the server is alive and every other guest's pages are intact.
 
 Seeds are the request frames a real tmemclient session sent (recorded off its socket while it
 ran a workload touching every op), so they carry that session's real pool handles. Each case

@@ -1,4 +1,4 @@
-"""DESIGN.md §5's import rules, checked on the source: the codec and the store never import trio
+"""docs/design.md §5's import rules, checked on the source: the codec and the store never import trio
 or socket (nor does anything they import from the project); tmemclient never imports tmemd."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from conftest import Daemon
 
 import tmemclient
 from tmemclient.apps.cleancache import AsyncPageCache
-from tmemclient.client import hello_message
+from tmemclient.core import hello_message
 from tmemclient.mapping import Token
 from tmemclient.region import create_region
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder

@@ -1375,7 +1375,7 @@ def test_busy_mapped_guests_keep_their_memory_where_it_is(slack: float) -> None:
 
 def test_weights_still_set_the_shares_of_busy_mapped_guests() -> None:
     """Weights 3:1, equal put rates: holdings settle at 3:1 as with the plain weighted LRU
-    (DESIGN.md §3), while less memory moves than a tenth of the plain LRU's."""
+    (docs/design.md §3), while less memory moves than a tenth of the plain LRU's."""
     moved = {}
     for slack in (0.0, 0.125):
         store = Store(256 * FRAME_SIZE, move_slack=slack)

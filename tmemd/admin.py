@@ -1,4 +1,4 @@
-"""The admin server: a privileged Unix socket, separate from the guest socket (DESIGN.md §4).
+"""The admin server: a privileged Unix socket, separate from the guest socket (docs/design.md §4).
 
 Only root, the daemon's own uid, or members of the configured admin group may talk to it; the
 kernel's SO_PEERCRED (and SO_PEERGROUPS) say who the peer is, checked on every connection, and a

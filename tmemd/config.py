@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one guest may ask of the daemon (DESIGN.md §4)."""
+    """Bounds on what one guest may ask of the daemon (docs/design.md §4)."""
 
     max_frame: int = 1 << 20  # bytes of one request frame
     max_batch: int = 4096  # pages in one PUT_MANY/GET_MANY/FLUSH_MANY

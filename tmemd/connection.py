@@ -315,7 +315,7 @@ class Connection:
         view = server.recv_view
         try:
             # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
-            # dropped), not silently discarded by the kernel (DESIGN.md §4).
+            # dropped), not silently discarded by the kernel (docs/design.md §4).
             n, ancdata, msg_flags, _ = raw.recvmsg_into([view], _ANC_SIZE, _CMSG_CLOEXEC)
         except BlockingIOError:
             # A guest with rings: watch the ring a while (no syscall per look) before sleeping.

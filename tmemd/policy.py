@@ -1,6 +1,6 @@
 """Arbitration policy: which ephemeral page goes when memory is needed. Pure; no I/O.
 
-DESIGN.md §3: a weighted global LRU. Each guest keeps its ephemeral pages in its own LRU list; the
+docs/design.md §3: a weighted global LRU. Each guest keeps its ephemeral pages in its own LRU list; the
 victim is the head (least recently used page) of the list whose idle time on the logical clock,
 divided by the guest's weight, is largest. With equal weights that is exactly one global LRU.
 

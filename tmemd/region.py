@@ -1,4 +1,4 @@
-"""Checking and mapping a guest's shared region (SECURITY.md: what bites in shared memory).
+"""Checking and mapping a guest's shared region (docs/design.md §4.1: what bites in shared memory).
 
 A guest that could shrink a file the daemon has mapped would kill the daemon with SIGBUS on its
 next access. So before mapping we insist on a regular shmem file (F_GET_SEALS fails with EINVAL

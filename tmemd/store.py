@@ -12,7 +12,7 @@ bytes.
 Index: pool -> object id -> {index: head slot}, as Xen's pool/object/radix-tree, so flushing an
 object costs O(its pages), not O(pool).
 
-Semantics (DESIGN.md §2): put replaces, a refused put of an existing handle flushes the old copy,
+Semantics (docs/design.md §2): put replaces, a refused put of an existing handle flushes the old copy,
 ephemeral private get is exclusive, persistent pages are never evicted. Slots freed when a pool
 or guest goes are scrubbed (punched out of their file: the kernel zero-fills them on next touch)
 before any other guest can be given them; slots taken by eviction are reused

@@ -3,13 +3,12 @@ checks that every count adds up, and the plots of disk reads over time."""
 
 from __future__ import annotations
 
-import importlib
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from bench.workload.guest import progress
+from xml.sax.saxutils import escape
 
 SCENARIOS = ("phases", "uniform", "zipf", "scan")
 
@@ -207,32 +206,82 @@ def verdicts(results: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One PNG per scenario: total disk reads over time, static against tmem."""
-    try:
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
-        progress("matplotlib is not installed: no plots (pip install 'tmem[plots]' for them)")
-        return []
+    """One SVG per scenario: total disk reads over time, static against tmem.
+
+    Drawn by hand (axes, ticks, a step line per setup) so that ``./dev demo`` needs nothing
+    beyond the project's own dependencies; any browser or image viewer opens the files."""
+    width, height = 720, 420
+    left, right, top, bottom = 80, 24, 44, 56  # margins around the plot area
+    colours = {"static": "#d62728", "tmem": "#1f77b4"}
+
+    def ticks(top_value: float) -> list[float]:
+        """About five round tick values (1, 2 or 5 times a power of ten) from 0 to top_value."""
+        if top_value <= 0:
+            return [0.0]
+        raw = top_value / 5
+        power = 10 ** math.floor(math.log10(raw))
+        step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+        return [i * step for i in range(int(top_value / step + 1e-9) + 1)]
+
+    def label(value: float) -> str:
+        return f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:g}"
+
     written = []
     for scenario in SCENARIOS:
         runs = [r for r in results if r["scenario"] == scenario and not r.get("repeat", 0)]
         if not runs:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in runs:
-            xs = [t for t, _ in r["timeline"]]
-            ys = [n for _, n in r["timeline"]]
-            ax.step(xs, ys, where="post", label=f"{r['setup']} ({r['total']['disk_reads']} reads)")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("disk reads (all guests, cumulative)")
-        ax.set_title(f"{scenario}: disk reads over time, equal total memory")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        path = out / f"workload-{scenario}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        x_max = max((t for r in runs for t, _ in r["timeline"]), default=0.0) or 1.0
+        y_max = 1.05 * max((n for r in runs for _, n in r["timeline"]), default=0) or 1.0
+        x_ticks, y_ticks = ticks(x_max), ticks(y_max)
+        x_max, y_max = max(x_max, x_ticks[-1]), max(y_max, y_ticks[-1])
+        plot_w, plot_h = width - left - right, height - top - bottom
+
+        def x(t: float, x_max: float = x_max, plot_w: int = plot_w) -> float:
+            return left + t / x_max * plot_w
+
+        def y(n: float, y_max: float = y_max, plot_h: int = plot_h) -> float:
+            return top + plot_h - n / y_max * plot_h
+
+        svg = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15">'
+            f"{escape(scenario)}: disk reads over time, equal total memory</text>",
+        ]
+        for t in x_ticks:
+            svg.append(
+                f'<line x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{top + plot_h}" '
+                f'stroke="#e4e4e4"/><text x="{x(t):.1f}" y="{top + plot_h + 18}" '
+                f'text-anchor="middle">{label(t)}</text>'
+            )
+        for n in y_ticks:
+            svg.append(
+                f'<line x1="{left}" y1="{y(n):.1f}" x2="{left + plot_w}" y2="{y(n):.1f}" '
+                f'stroke="#e4e4e4"/><text x="{left - 8}" y="{y(n) + 4:.1f}" '
+                f'text-anchor="end">{label(n)}</text>'
+            )
+        svg.append(
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+            f'stroke="#444"/><text x="{left + plot_w / 2}" y="{height - 14}" '
+            f'text-anchor="middle">seconds</text><text transform="translate(18 {top + plot_h / 2}) '
+            f'rotate(-90)" text-anchor="middle">disk reads (all guests, cumulative)</text>'
+        )
+        for i, r in enumerate(runs):
+            colour = colours.get(r["setup"], "#2ca02c")
+            path = [f"M{x(0):.1f} {y(0):.1f}"]
+            for t, n in r["timeline"]:  # a step line: the count holds until the next sample
+                path.append(f"H{x(t):.1f}V{y(n):.1f}")
+            key_y = top + 18 + 18 * i
+            svg.append(
+                f'<path d="{"".join(path)}" fill="none" stroke="{colour}" stroke-width="2"/>'
+                f'<line x1="{left + 12}" y1="{key_y - 4}" x2="{left + 36}" y2="{key_y - 4}" '
+                f'stroke="{colour}" stroke-width="2"/><text x="{left + 42}" y="{key_y}">'
+                f"{escape(r['setup'])} ({r['total']['disk_reads']:,} reads)</text>"
+            )
+        svg.append("</svg>")
+        path_out = out / f"workload-{scenario}.svg"
+        path_out.write_text("\n".join(svg) + "\n")
+        written.append(path_out)
     return written

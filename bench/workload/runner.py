@@ -22,8 +22,8 @@ Scenarios: ``phases`` (one guest at a time busy, its working set larger than its
 its reads follow ``--phase-pattern``), and ``uniform``, ``zipf``, ``scan`` (every guest busy at
 once with that access pattern). Reads are runs of ``--run`` pages. Then a frontswap scenario: a
 guest whose working set exceeds its RAM, swapping to a file alone and with a persistent pool in
-front. Prints tables (stdout), progress (stderr), a JSON file and, when matplotlib is installed
-(``pip install 'tmem[plots]'``), PNG plots of disk reads over time into ``--out``.
+front. Prints tables (stdout), progress (stderr), a JSON file and SVG plots of disk reads over time
+into ``--out`` (drawn by report.py, nothing to install).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def run_scenario(
     with Tmemd(workdir, "--memory", str(args.memory), *args.tmemd_arg, admin=True) as tmemd:
         sock, admin = tmemd.socket, tmemd.admin_socket
         assert admin is not None
-        progress(f"  watch memory follow demand: tmemctl --admin-socket {admin} top")
+        tmemctl = Path(sys.executable).parent / "tmemctl"
+        progress(f"  watch memory follow demand: {tmemctl} --admin-socket {admin} top")
         guests: dict[str, list[Guest]] = {}
         try:
             for setup in setups:

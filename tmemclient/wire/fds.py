@@ -1,7 +1,7 @@
 """Descriptors passed with SCM_RIGHTS (PROTOCOL.md §1, §4.2): received safely on both sides.
 
 If more fds arrive than the ancillary buffer holds, the kernel sets MSG_CTRUNC, installs the
-ones that fit and drops the rest (SECURITY.md): every fd that did arrive is closed and the
+ones that fit and drops the rest (docs/design.md §4.1): every fd that did arrive is closed and the
 connection is refused.
 """
 
