@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from tmemclient.client import hello_message
+from tmemclient.core import hello_message
 from tmemclient.region import create_region
 from tmemclient.wire import layout
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder, encode_frame

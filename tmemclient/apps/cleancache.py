@@ -89,7 +89,8 @@ from typing import Any, ClassVar
 import trio
 
 from tmemclient.aclient import AsyncPool
-from tmemclient.client import OnAnswer, Pool
+from tmemclient.client import Pool
+from tmemclient.core import OnAnswer
 from tmemclient.mapping import LentMemory, Mapping, Token, token_of
 from tmemclient.wire.errors import DaemonGone, InvalidArgument
 from tmemclient.wire.layout import FRAME_SIZE
