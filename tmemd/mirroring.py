@@ -30,6 +30,8 @@ class Mirroring(StoreState):
                 raise StoreError(f"cannot make a mirror for {guest.name!r}: {exc}") from exc
             self._next_ident += 1
             guest.mirror = self._mirrors[ident] = mirror
+            if len(self._gen) < len(self._index):  # the first mapped guest (Slots._alloc_slot)
+                self._gen.extend([0] * (len(self._index) - len(self._gen)))
         return guest.mirror
 
     def token(self, pool: Pool, oid: int, index: int) -> list[int] | None:

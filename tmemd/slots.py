@@ -97,7 +97,8 @@ class Slots(StoreState):
             self._prev.extend([NIL] * grow)
             self._next.extend([NIL] * grow)
             self._stamp.extend([0] * grow)
-            self._gen.extend([0] * grow)
+            if self._mirrors:  # only mapped guests' pages have generations (map_guest)
+                self._gen.extend([0] * grow)
             self._owner.extend([0] * grow)
         return slot
 

@@ -118,6 +118,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         self._stamp = array("Q")
         # The generation of a mapped guest's page, as its mirror shows it: kept here, because
         # the guest can write its mirror and we must never trust what we read back there.
+        # Made only while there are mapped guests (8 bytes a slot the others need not pay).
         self._gen = array("Q")
         self._tails: dict[int, array[int]] = {}  # head -> other slots of an order>0 page
         self._owner = array("I")  # per slot: whose file holds its memory (Mirror.ident; 0: arena)
@@ -539,9 +540,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         slots = [head]
         if pool.order:
             slots.extend(self._tails.pop(head))
-        if guest.mirror is not None:
-            guest.mirror.gen[head] = 0  # its memory stays the guest's until _alloc moves it
-        self._gen[head] = 0
+        if guest.mirror is not None:  # its memory stays the guest's until _alloc moves it
+            guest.mirror.gen[head] = self._gen[head] = 0
         return slots
 
     def close(self) -> None:
