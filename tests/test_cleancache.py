@@ -15,7 +15,7 @@ import trio
 from conftest import Daemon
 
 import tmemclient
-from tmemclient.apps.cleancache import AsyncPageCache, CachedFile, PageCache, object_id
+from tmemclient.apps.cleancache import AsyncPageCache, CachedFile, PageCache, Request, object_id
 
 PAGE = 4096
 IO_TIMEOUT = 30.0
@@ -479,8 +479,8 @@ class RecordingCache(PageCache):
 
     log: list[str]
 
-    def _do(self, request: Any) -> Any:
-        self.log.append(request[0])
+    def _do(self, request: Request) -> Any:
+        self.log.append(type(request).__name__)
         return super()._do(request)
 
 
@@ -510,16 +510,34 @@ def test_evicted_blocks_go_behind_a_lookup_not_before_the_next(
             log.clear()
             assert cache.read(f, start * PAGE, 4 * PAGE) == data[start * PAGE : (start + 4) * PAGE]
             io = [kind for kind in log if kind != "disk"]
-            if "get" in io:
+            if "Get" in io:
                 lookups += 1
-                assert io in (["get"], ["get", "put"]), log  # one lookup, any put behind it
-                if "put" in io:
-                    assert log[1] == "put", log  # before the file is read
+                assert io in (["Get"], ["Get", "Put"]), log  # one lookup, any put behind it
+                if "Put" in io:
+                    assert log[1] == "Put", log  # before the file is read
                     puts_behind += 1
             else:
-                assert io in ([], ["put"]) and log[-1:] != ["get"], log
+                assert io in ([], ["Put"]) and log[-1:] != ["Get"], log
         assert lookups > 10 and puts_behind > 5 and cache.stats.tmem_hits > 0
         assert counts_add_up(cache)
+
+
+async def test_a_request_of_no_known_kind_is_an_error_not_a_flush(
+    lookup_client: tmemclient.Client,
+) -> None:
+    """Both drivers make every kind of request the cache's plans make and refuse anything else
+    (an unknown kind once fell through to flush_object), with tmem or without."""
+    pool = lookup_client.new_pool()
+    assert pool.put(7, 0, bytes([1]) * PAGE)
+    caches = [PageCache(pool, capacity=16, put_batch=8), PageCache(None, capacity=16)]
+    for cache in caches:
+        with pytest.raises(TypeError, match="not a page cache request"):
+            cache._do(("flush_object", 7))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="not a page cache request"):
+            cache._do(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a page cache request"):
+        await AsyncPageCache(None, capacity=16)._do(("flush_object", 7))  # type: ignore[arg-type]
+    assert pool.get(7, 0) == bytes([1]) * PAGE  # nothing was flushed
 
 
 def test_a_mapped_cache_reads_tmem_without_lookups_and_puts_only_what_changed(

@@ -118,7 +118,7 @@ def check_counts(
         daemon = [d for d in daemon_rows if d["name"].split("/")[-1] == name]
         if daemon:
             d = daemon[0]
-            # tmemd sees the gets; the cache does not report its mapped reads (cleancache.py)
+            # tmemd sees the gets; the cache does not report its mapped reads (apps/cleancache)
             if d["gets_hit"] != stats["blocks_got"] - stats["mapped_reads"]:
                 problems.append(f"{name}: tmemd counted {d['gets_hit']} hits, the cache other")
             if d["puts_ok"] != stats["puts"] - stats["puts_refused"]:
