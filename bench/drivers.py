@@ -19,11 +19,12 @@ import contextlib
 import importlib
 import os
 import random
+import resource
 import signal
 import time
 import traceback
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -291,6 +292,16 @@ def run_latency(fn: Callable[[int], int], first: int, start_at: float, stop_at: 
     return lat.tobytes(), len(lat) - good, i
 
 
+def _counts(drv: Any) -> dict[str, int]:
+    """The process's voluntary context switches so far (``waits``: a call that slept, on its
+    socket, adds one) and whatever the driver counts itself (its ``counters()``, if any)."""
+    counts: dict[str, int] = {"waits": resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw}
+    more = getattr(drv, "counters", None)
+    if more is not None:
+        counts.update(more())
+    return counts
+
+
 def guest_main(
     conn: Connection,
     guest: int,
@@ -298,9 +309,12 @@ def guest_main(
     socks: dict[str, str],
     keyspace: int,
     batch: int,
+    factories: Mapping[str, Callable[[str, Keys, int], Driver]] | None = None,
 ) -> None:
     """A guest process: connects to every server in ``socks``, then serves commands until told to
-    close or the orchestrator goes away. Replies are ("ok", value) or ("error", text)."""
+    close or the orchestrator goes away. Replies are ("ok", value) or ("error", text).
+    ``factories`` replaces ``DRIVERS`` (system -> driver class; picklable, as the process is
+    spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator handles Ctrl-C and ends us
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
@@ -320,7 +334,7 @@ def guest_main(
                     return
                 if kind == "connect":
                     for system, sock in socks.items():
-                        drivers[system] = DRIVERS[system](sock, keys, guest)
+                        drivers[system] = (factories or DRIVERS)[system](sock, keys, guest)
                     conn.send(("ok", None))
                 elif kind == "fill":
                     drv = drivers[cmd[1]]
@@ -342,6 +356,23 @@ def guest_main(
                     raw, bad, nxt = run_latency(fn, first, start_at, stop_at)
                     cursors[(system, op)] = nxt
                     conn.send(("ok", (raw, bad)))
+                elif kind == "measure":
+                    # latency, plus the window, CPU time and counts (bench.manyguests)
+                    _, system, op, start_at, stop_at = cmd
+                    fn = getattr(drivers[system], op)
+                    units = batch if op.endswith("_batch") else 1
+                    first = cursors.get((system, op), 0)
+                    _sleep_until(start_at)
+                    counts0 = _counts(drivers[system])
+                    cpu0, begin = time.process_time(), time.monotonic()
+                    raw, bad, nxt = run_latency(fn, first, start_at, stop_at)
+                    elapsed = time.monotonic() - begin
+                    cpu = time.process_time() - cpu0
+                    counts = {k: v - counts0[k] for k, v in _counts(drivers[system]).items()}
+                    cursors[(system, op)] = nxt
+                    done = nxt - first
+                    bad_pages = done * units - (done - bad)
+                    conn.send(("ok", (raw, bad_pages, elapsed, cpu, counts)))
                 else:
                     conn.send(("error", f"unknown command {kind!r}"))
             except Exception:

@@ -78,19 +78,26 @@ def percentile(sorted_values: list[int], q: float) -> float:
 
 
 class Guests:
-    """GUESTS guest processes, each connected to every server, driven over pipes."""
+    """GUESTS (or ``count``) guest processes, each connected to every server, driven over pipes;
+    ``factories`` replaces the drivers of bench/drivers.py (see ``guest_main``)."""
 
     def __init__(
-        self, socks: dict[str, str], cpus: list[int] | None, keyspace: int, batch: int
+        self,
+        socks: dict[str, str],
+        cpus: list[int] | None,
+        keyspace: int,
+        batch: int,
+        count: int = GUESTS,
+        factories: dict[str, Any] | None = None,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs: list[multiprocessing.process.BaseProcess] = []
-        for g in range(GUESTS):
+        for g in range(count):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=guest_main,
-                args=(child, g, cpus, socks, keyspace, batch),
+                args=(child, g, cpus, socks, keyspace, batch, factories),
                 name=f"bench-guest-{g}",
                 daemon=True,
             )
