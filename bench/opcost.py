@@ -8,7 +8,8 @@ For each operation it runs, under ``valgrind --tool=callgrind``, a program that 
   daemon   what tmemd's Session spends serving one request frame (decode, check, store,
            encode the reply): the frames are made once, then served over and over;
   client   what the guest library spends on one call (argument checks, staging, the request
-           frame, matching the reply), against a daemon stubbed to answer at once.
+           frame, matching the reply), against a daemon stubbed to answer at once; the
+           stub's own instructions (measured alone on the frames the call sent) taken off.
 
 No sockets and no scheduler: the floor each side pays per request, whatever the wakeups cost.
 Instruction counts are deterministic (the same binary and input give the same count, whatever
@@ -74,47 +75,53 @@ def daemon_side(op: str, n: int) -> None:
         handle_message(decoder.next_message())
 
 
-def client_side(op: str, n: int) -> None:
-    """``n`` calls of ``op`` on a sync client whose daemon answers at once, from a table."""
+def client_side(op: str, n: int, stub_only: bool = False) -> None:
+    """``n`` calls of ``op`` on a sync client whose daemon answers at once (a stub, in C as
+    far as it can be: msgpack does the work). With ``stub_only``, the stub's part alone: it
+    answers, ``n`` times, the frames one call sent (subtracted from the client's count)."""
+    import msgpack
+
     from tmemclient.client import Client
     from tmemclient.region import create_region
-    from tmemclient.wire.codec import FrameDecoder, encode_frame
-    from tmemclient.wire.messages import Limits
+    from tmemclient.wire.codec import HEADER
+    from tmemclient.wire.messages import Limits, Op
 
     frames = 256
     _fd, region = create_region(frames)
     wire = Limits(1, "bench", frames, 1 << 20, 4096, 64, 0)
+    results: dict[int, Any] = {int(Op.NEW_POOL): [77, PAGE], int(Op.PUT): True, int(Op.GET): True}
+    packer = msgpack.Packer()
 
     class Stub:
         """A socket whose peer answers every request at once (OK, with the op's result)."""
 
         def __init__(self) -> None:
             self.replies = bytearray()
-            self.decoder = FrameDecoder(1 << 20)
+            self.sent: list[bytes] = []
 
         def sendall(self, data: bytes) -> None:
-            self.decoder.feed(data)
-            for m in self.decoder.messages():
-                op, req_id = m[0], m[1]
-                result: Any = None
-                if op == 1:
-                    result = [77, PAGE]
-                elif op in (4, 5):
-                    result = True
-                elif op == 20:
-                    result = [True] * (len(m[3]) // 3)
-                self.replies += encode_frame([req_id, 0, result])
+            self.sent.append(data)
+            pos = 0
+            while pos < len(data):
+                (length,) = HEADER.unpack_from(data, pos)
+                m = msgpack.unpackb(data[pos + 4 : pos + 4 + length])
+                pos += 4 + length
+                op = m[0]
+                result = [True] * (len(m[3]) // 3) if op == Op.PUT_MANY else results.get(op)
+                body = packer.pack([m[1], 0, result])
+                self.replies += HEADER.pack(len(body)) + body
 
         def recv_into(self, buf: bytearray) -> int:
-            n = len(self.replies)
-            buf[:n] = self.replies
+            k = len(self.replies)
+            buf[:k] = self.replies
             self.replies.clear()
-            return n
+            return k
 
         def close(self) -> None:
             pass
 
-    client = Client(Stub(), region, wire)  # type: ignore[arg-type]
+    stub = Stub()
+    client = Client(stub, region, wire)  # type: ignore[arg-type]
     pool = client.new_pool(persistent=True)
     page = bytes(PAGE)
     items = [(1, i, page) for i in range(BATCH)]
@@ -125,6 +132,15 @@ def client_side(op: str, n: int) -> None:
         "ping": client.ping,
     }
     call = calls[op]
+    if stub_only:
+        stub.sent.clear()
+        call()
+        sent, buf = list(stub.sent), bytearray(1 << 20)
+        for _ in range(n):
+            for data in sent:
+                stub.sendall(data)
+            stub.recv_into(buf)
+        return
     for _ in range(n):
         call()
 
@@ -182,18 +198,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         side, op, n = args.child
-        (daemon_side if side == "daemon" else client_side)(op, int(n))
+        if side == "daemon":
+            daemon_side(op, int(n))
+        else:
+            client_side(op, int(n), stub_only=side == "stub")
         return 0
     ops = [o for o in args.only.split(",") if o]
     print(f"{'op':<10} {'daemon':>12} {'client':>12}   (instructions per call, {args.ops} calls)")
     for op in ops:
-        row = []
-        for side in ("daemon", "client"):
+        cost = {}
+        for side in ("daemon", "client", "stub"):
             base = instructions(side, op, 0)
             full = instructions(side, op, args.ops)
-            row.append((full - base) / args.ops)
-            print(f"  {op} {side}: {row[-1]:,.0f}", file=sys.stderr, flush=True)
-        print(f"{op:<10} {row[0]:>12,.0f} {row[1]:>12,.0f}", flush=True)
+            cost[side] = (full - base) / args.ops
+            print(f"  {op} {side}: {cost[side]:,.0f}", file=sys.stderr, flush=True)
+        client = cost["client"] - cost["stub"]
+        print(f"{op:<10} {cost['daemon']:>12,.0f} {client:>12,.0f}", flush=True)
     return 0
 
 

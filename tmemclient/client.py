@@ -35,8 +35,9 @@ from tmemclient.wire.errors import (
     ProtocolError,
     TmemError,
 )
-from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemclient.wire.messages import (
+    INDEX_BITS,
     Limits,
     Op,
     Status,
@@ -49,6 +50,9 @@ _RECV = 256 * 1024
 _DOORBELL = encode_frame([Op.DOORBELL, 1])
 DEFAULT_SPIN_US = 100
 _LIGHT_REQUEST = 64  # bytes: a single-page request (a batch frame is longer)
+_U64 = (1 << 64) - 1  # oids below 2**64 go as plain integers (encode_oid)
+_U32 = (1 << INDEX_BITS) - 1
+_PUT, _GET, _PING = int(Op.PUT), int(Op.GET), int(Op.PING)  # plain ints: msgpack packs them without a lookup
 
 
 class Pool(PoolOps):
@@ -65,10 +69,41 @@ class Pool(PoolOps):
 
     def put(self, oid: int, index: int, data: Any) -> bool:
         """Store one page; False if the daemon declines (no room, frozen, over cap)."""
+        info = self.info
+        if (
+            type(data) is bytes
+            and len(data) == info.page_size
+            and type(oid) is int
+            and type(index) is int
+            and 0 <= oid <= _U64
+            and 0 <= index <= _U32
+            and not info.destroyed
+        ):  # the common case, checked in one go: no plan, no Job
+            client = self._client
+            start = client._single_run(info.frames_per_page)
+            if start is not None:
+                base = start << FRAME_SHIFT
+                self._region[base : base + len(data)] = data
+                return bool(client._call(_PUT, info.handle, oid, index, start))
         return bool(self._client._run(self._put(oid, index, data)))
 
     def get(self, oid: int, index: int) -> bytes | None:
         """The page, or None on a miss. Ephemeral private pools give the page up (exclusive)."""
+        info = self.info
+        if (
+            type(oid) is int
+            and type(index) is int
+            and 0 <= oid <= _U64
+            and 0 <= index <= _U32
+            and not info.destroyed
+        ):  # as in put
+            client = self._client
+            start = client._single_run(info.frames_per_page)
+            if start is not None:
+                if not client._call(_GET, info.handle, oid, index, start):
+                    return None
+                base = start << FRAME_SHIFT
+                return bytes(self._region[base : base + info.page_size])
         result: bytes | None = self._client._run(self._get(oid, index))
         return result
 
@@ -261,7 +296,7 @@ class Client:
 
     def ping(self) -> None:
         """One round trip that does nothing."""
-        self._exchange([[Op.PING]])
+        self._call(_PING)
 
     def lend(self, want: int) -> dict[str, int]:
         """Ask to borrow ``want`` bytes in all (``connect(lend_memory=True)``; PROTOCOL.md §4.8):
@@ -397,6 +432,20 @@ class Client:
         ids, data = self._core.send(
             requests, deferred=deferred, release=release, on_answer=on_answer
         )
+        self._transmit(ids, data)
+        return ids
+
+    def _call(self, op: int, *args: Any) -> Any:
+        """One request, waited for: its result (or the error it carries, raised)."""
+        req_id, data = self._core.send_one(op, args)
+        self._transmit((req_id,), data)
+        while True:
+            answer = self._read_answer()
+            if answer is not None and answer.req_id == req_id:
+                return answer.value()
+
+    def _transmit(self, ids: Sequence[int], data: bytes) -> None:
+        """Put the bytes of requests ``ids`` on the wire: the request ring, or the socket."""
         rings = self._rings
         try:
             if rings is not None and len(data) <= rings.size // 2 and self._gate.open():
@@ -417,7 +466,7 @@ class Client:
                 self._on_ring.update(ids)
                 if rings.peer_sleeping():
                     self._sock.sendall(_DOORBELL)
-                return ids
+                return
             while self._on_ring:
                 self._read_one_reply({})
             self._sock.sendall(data)
@@ -426,11 +475,17 @@ class Client:
         except OSError as exc:
             self._read_last_words()
             raise self._fail(exc) from exc
-        return ids
 
     def _read_one_reply(self, replies: dict[int, Any]) -> None:
         """Read one reply: a notice, the answer to a no-wait put (counted; its staging run
         freed), or one of the answers ``replies`` waits for (its result, or the error)."""
+        answer = self._read_answer()
+        if answer is not None:
+            replies[answer.req_id] = answer
+
+    def _read_answer(self) -> Answer | None:
+        """Read one reply: the Answer somebody waits for, or None (a notice, or the answer to
+        a no-wait request, counted and its staging run freed)."""
         try:
             answer = self._core.receive(self._next_message())
         except (OSError, ProtocolError) as exc:
@@ -438,15 +493,14 @@ class Client:
                 self._read_last_words()
             raise self._fail(exc) from exc
         if answer is None:  # a notice
-            return
+            return None
         if self._rings is not None:
             self._on_ring.discard(answer.req_id)
             self._on_socket.discard(answer.req_id)
         pending = answer.pending
         if pending.release is not None:
             self._alloc.release(*pending.release)
-        if not pending.deferred:
-            replies[answer.req_id] = answer
+        return None if pending.deferred else answer
 
     def _drive(self, plan: _plans.Plan[Any]) -> Any:
         try:

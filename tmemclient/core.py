@@ -210,6 +210,15 @@ class Core:
                 self.pending[req_id].on_answer = (first, handler)
         return ids, frames[0] if len(frames) == 1 else b"".join(frames)
 
+    def send_one(self, op: int, args: Sequence[Any]) -> tuple[int, bytes]:
+        """``send`` of one request (``[op, *args]``) that its caller waits for: the common
+        case, without the lists."""
+        if self.closed is not None:
+            raise self.closed
+        self._req_id = req_id = self._req_id % 0xFFFFFFFF + 1
+        self.pending[req_id] = Pending(False)
+        return req_id, encode_frame([op, req_id, *args])
+
     def receive(self, message: Any) -> Answer | None:
         """Take one reply in. A notice gives None (a doorbell; a SHUTDOWN notice, kept in
         ``notice``), or raises the error that ends the connection. A reply to a request gives
