@@ -52,7 +52,11 @@ DEFAULT_SPIN_US = 100
 _LIGHT_REQUEST = 64  # bytes: a single-page request (a batch frame is longer)
 _U64 = (1 << 64) - 1  # oids below 2**64 go as plain integers (encode_oid)
 _U32 = (1 << INDEX_BITS) - 1
-_PUT, _GET, _PING = int(Op.PUT), int(Op.GET), int(Op.PING)  # plain ints: msgpack packs them without a lookup
+_PUT, _GET, _PING = (
+    int(Op.PUT),
+    int(Op.GET),
+    int(Op.PING),
+)  # plain ints: msgpack packs them without a lookup
 
 
 class Pool(PoolOps):

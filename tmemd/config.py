@@ -140,7 +140,8 @@ class Settings:
 
 
 # The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
-# (LIMIT_KEYS). systemd/tmemd.toml shows every one of them (tests/test_systemd.py checks it).
+# (LIMIT_KEYS). systemd/tmemd.toml shows every one of them (tests/unit/test_systemd_config.py
+# checks it).
 DAEMON_KEYS = {
     "socket": str,
     "admin_socket": str,

@@ -29,8 +29,9 @@ class Gone(Exception):
 
 
 class RawGuest:
-    """A guest spoken by hand (PROTOCOL.md, as tests/test_bad_input.py's Raw): the handshake,
-    then a non-blocking socket; keeps the fds that came with the HELLO reply (mirror, loan)."""
+    """A guest spoken by hand (PROTOCOL.md, as tests/integration/test_bad_input.py's Raw): the
+    handshake, then a non-blocking socket; keeps the fds that came with the HELLO reply (mirror,
+    loan)."""
 
     def __init__(
         self,

@@ -1,4 +1,6 @@
-"""Unit tests of the pure parts: the page store, the eviction policy, the client's frame
+"""Unit tests of the pure parts: the page store (round trips, eviction, weights and caps,
+sub-page operations, teardown, statistics, a model-based test against a dict, mapped guests'
+mirrors and lent memory, on a clock the test moves), the eviction policy, the client's frame
 allocator and the size parser. No sockets, no daemon."""
 
 from __future__ import annotations
@@ -1260,6 +1262,26 @@ def mapped_read(mirror: Mirror, token: list[int], order: int) -> bytes | None:
         parts.append(bytes(mirror.mem[slot * FRAME_SIZE : (slot + 1) * FRAME_SIZE]))
         slot = mirror.link[slot]
     return b"".join(parts) if mirror.gen[head] == generation else None
+
+
+def test_generations_cost_nothing_until_a_guest_maps_its_pages(make_store: MakeStore) -> None:
+    """The store's private copy of mapped pages' generations (``_gen``, 8 bytes a slot) exists
+    only once a guest maps its pages; from then on it covers every slot, old and new."""
+    store = make_store(16)
+    plain = store.add_guest("plain")
+    pool = store.new_pool(plain, persistent=False, order=0)
+    for i in range(5):
+        assert put(store, pool, 1, i, page(i))
+    assert len(store._gen) == 0
+    mapped = store.add_guest("mapped")
+    store.map_guest(mapped)
+    assert len(store._gen) == len(store._index) > 0
+    mpool = store.new_pool(mapped, persistent=False, order=0)
+    for i in range(12):  # past the slots the plain guest's pages made
+        assert put(store, mpool, 1, i, page(i))
+        token = store.token(mpool, 1, i)
+        assert token is not None and store._gen[token[0]] == token[1] > 0
+    assert len(store._gen) == len(store._index)
 
 
 @pytest.mark.parametrize("order", [0, 2])

@@ -27,9 +27,11 @@ import random
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -117,6 +119,15 @@ def wait_fds(daemon: Daemon, want: int) -> None:
     while (now := daemon_fds(daemon)) != want and time.monotonic() < deadline:
         time.sleep(0.005)
     assert now == want, f"tmemd holds {now} fds, expected {want}: a received fd leaked"
+
+
+def wait_consumed(sock: socket.socket) -> None:
+    """Until the daemon has read everything we sent on ``sock`` (a Unix socket's send queue,
+    SIOCOUTQ, holds what the peer has not read yet); bounded."""
+    deadline = time.monotonic() + TIMEOUT
+    while struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]:
+        assert time.monotonic() < deadline, "tmemd never read what we sent"
+        time.sleep(0.001)
 
 
 def assert_released(read_ends: Sequence[int]) -> None:
@@ -345,6 +356,31 @@ def env(shared_world: tuple[Daemon, Reference, int]) -> Iterator[Env]:
     e.finish()
 
 
+@pytest.fixture(scope="module")
+def timeout_world(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Daemon, Reference, int]]:
+    """A daemon with a short handshake timeout (0.5 s) and its reference guest, for the
+    handshake timing cases."""
+    daemon = Daemon(
+        tmp_path_factory.mktemp("timeout"), "--memory", "16MiB", "--handshake-timeout", "0.5"
+    )
+    try:
+        ref, base = start_world(daemon)
+        yield daemon, ref, base
+        ref.close()
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def timeout_env(timeout_world: tuple[Daemon, Reference, int]) -> Iterator[Env]:
+    """``env`` on the short-handshake-timeout daemon."""
+    e = Env(*timeout_world)
+    yield e
+    e.finish()
+
+
 @pytest.fixture
 def own_env(start_daemon: Any) -> Iterator[Callable[..., Env]]:
     """A fresh daemon with the given arguments, for cases that need their own limits."""
@@ -480,7 +516,7 @@ def test_an_fd_with_the_rest_of_hello_is_refused_and_closed(env: Env) -> None:
     hello = hello_bytes()
     g = env.connect()
     g.send(hello[:9], [fd])
-    time.sleep(0.05)  # two segments: the daemon reads the first before the second is sent
+    wait_consumed(g.sock)  # two segments: the daemon read the first before the second is sent
     g.send(hello[9:], [w])
     close_fds([fd, w])
     g.refused(1, PROTOCOL, "exactly one fd")
@@ -1288,6 +1324,8 @@ if mode == "mid-frame":  # half of a max_batch PUT_MANY frame, then wait to be k
     print(stored, flush=True)
     sys.stdin.read()
 print(stored, flush=True)
+pool.put_many([(7, k, page) for k in range(4096)])
+print("streaming", flush=True)
 while True:  # large batches, pipelined, until killed
     pool.put_many([(7, k, page) for k in range(4096)])
 """
@@ -1303,6 +1341,7 @@ def test_guest_killed_in_the_middle_of_a_batch(own_env: Callable[..., Env], mode
     name = unique("victim")
     proc = subprocess.Popen(
         [sys.executable, "-c", VICTIM, str(env.daemon.socket), name, mode],
+        bufsize=0,  # unbuffered: readline takes one line, select sees the next
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1316,7 +1355,9 @@ def test_guest_killed_in_the_middle_of_a_batch(own_env: Callable[..., Env], mode
         assert line.strip(), proc.stderr.read() if proc.stderr else ""
         stored = int(line)
         assert stored == budget_pages - env.ref.slots
-        time.sleep(0.2)  # let it get well into its stream of batches
+        if mode == "pipelined":  # killed well into its stream of batches: one was answered
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready and proc.stdout.readline() == b"streaming\n", "no batch answered"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=TIMEOUT)
     finally:
@@ -1356,10 +1397,10 @@ def test_guest_killed_in_the_middle_of_a_batch(own_env: Callable[..., Env], mode
         pytest.param(b"\x00\x00\x00\x40\x95\x1e\x01", id="half-hello"),
     ],
 )
-def test_handshake_timeout(own_env: Callable[..., Env], sent: bytes) -> None:
+def test_handshake_timeout(timeout_env: Env, sent: bytes) -> None:
     """A client that connects and sends nothing, or half a HELLO (its fd included), and stalls
     is closed with a PROTOCOL notice after --handshake-timeout, and the fd is closed."""
-    env = own_env("--handshake-timeout", "0.5")
+    env = timeout_env
     before = len(env.daemon.events("handshake_timeout"))
     r, w = os.pipe()
     g = env.connect()
@@ -1601,13 +1642,37 @@ def test_ring_writes_while_the_daemon_reads_only_garble_that_guest(env: Env) -> 
     daemon makes of the bytes, it answers or drops that guest, and nobody else notices."""
     g, rings = ring_guest(env)
     rng = random.Random(11)
+    written = 0
     for i in range(200):
         if not rings.write(encode_frame([Op.PING, i + 1])):
             break
+        written += 1
         start = rng.randrange(rings.size)
         rings._out[start : start + 4] = rng.randbytes(min(4, rings.size - start))
         with contextlib.suppress(OSError):
             g.send(encode_frame([Op.DOORBELL, 1]))
+    assert written > 0
+    # Never left hanging: a PING on the socket is answered there, or the guest was dropped
+    # with a PROTOCOL notice. (Replies that did not fit the reply ring, which nobody reads
+    # here, come over the socket too.)
+    sync = 0xFFFF_FFF0
+    with contextlib.suppress(OSError):
+        g.send(encode_frame([Op.PING, sync]))
+    notice = None
+    for _ in range(10_000):  # bounded; so is every read
+        message = g.read()
+        if message is EOF:
+            assert notice is not None, "tmemd closed the connection without a PROTOCOL notice"
+            break
+        assert type(message) is list and len(message) == 3, f"not a reply: {message!r}"
+        if message == [sync, OK, None]:
+            break  # still served
+        if message[0] == 0:  # a notice: a doorbell, or the end of this connection
+            assert message[1] in (OK, PROTOCOL), message
+            if message[1] == PROTOCOL:
+                notice = message[2]
+    else:
+        raise AssertionError("tmemd neither answered the PING nor closed the connection")
     g.close()
     env.check()
 

@@ -1,19 +1,23 @@
-"""Request rings (PROTOCOL.md §4.6): the pure ring, then guests using rings against a real tmemd.
+"""Guests using request rings (PROTOCOL.md §4.6) against a real tmemd: every op with and
+without rings, rings as the default, what the log says went through them, daemons that grant
+none or fewer, both sides sleeping and woken by doorbells, gaps longer than the poll window,
+big requests and overflowing replies over the socket, many ring guests at once, the grown
+poll watch, a busy machine, and the region size a ring needs.
 
-Bad ring input from untrusted guests is in test_bad_input.py, with the other bad input.
+The pure ring is in tests/unit/test_ring.py; bad ring input from untrusted guests is in
+tests/integration/test_bad_input.py, with the other bad input.
 """
 
 from __future__ import annotations
 
 import array
-import mmap
 import os
 import random
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,110 +25,20 @@ from conftest import Daemon
 
 import tmemclient
 from tmemclient.region import create_region
-from tmemclient.wire import layout, ring
+from tmemclient.wire import ring
 from tmemclient.wire.codec import encode_frame
-from tmemclient.wire.errors import InvalidArgument, ProtocolError
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Hello, Op
 from tmemclient.wire.ring import Rings
-from tmemd.connection import PollWindow
 
 pytestmark = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
 
 
-# ------------------------------------------------------------------------------ the pure ring
-
-
 @pytest.fixture
-def pair() -> Iterator[tuple[Rings, Rings]]:
-    """A guest side and a host side over one anonymous shared mapping, rings of one frame."""
-    area = mmap.mmap(-1, layout.ring_bytes(1))
-    host = Rings(memoryview(area), 1, "host")
-    guest = Rings(memoryview(area), 1, "guest")
-    yield guest, host
-    guest.release()
-    host.release()
-    area.close()
-
-
-def test_bytes_cross_both_ways_and_wrap(pair: tuple[Rings, Rings]) -> None:
-    guest, host = pair
-    rng = random.Random(1)
-    sent = received = b""
-    for _ in range(300):  # ~3 times around a 4 KiB ring, in odd sizes
-        chunk = rng.randbytes(rng.randint(1, 100))
-        assert guest.write(chunk)
-        sent += chunk
-        if rng.random() < 0.5:
-            received += host.take()
-    received += host.take()
-    assert received == sent
-    assert host.write(b"reply") and guest.take() == b"reply"
-    assert not guest.pending() and not host.pending()
-
-
-def test_a_full_ring_refuses_without_writing(pair: tuple[Rings, Rings]) -> None:
-    guest, host = pair
-    assert guest.write(b"x" * (FRAME_SIZE - 10))
-    assert guest.free() == 10
-    assert not guest.write(b"y" * 11)  # does not fit: nothing written
-    assert guest.write(b"z" * 10)
-    assert host.take() == b"x" * (FRAME_SIZE - 10) + b"z" * 10
-    assert guest.free() == FRAME_SIZE
-
-
-def test_sleep_words_are_seen_by_the_other_side(pair: tuple[Rings, Rings]) -> None:
-    guest, host = pair
-    assert not guest.peer_sleeping() and not host.peer_sleeping()
-    host.sleeping(True)
-    assert guest.peer_sleeping()
-    guest.sleeping(True)
-    assert host.peer_sleeping()
-    host.sleeping(False)
-    assert not guest.peer_sleeping()
-    ring.fence()  # callable, and harmless
-
-
-@pytest.mark.parametrize("word", [layout.SQ_TAIL, layout.CQ_HEAD])
-@pytest.mark.parametrize("value", [FRAME_SIZE + 1, 2**64 - 1, 2**63])
-def test_a_corrupt_guest_counter_is_a_protocol_error(
-    pair: tuple[Rings, Rings], word: int, value: int
-) -> None:
-    guest, host = pair
-    guest.words[word] = value
-    with pytest.raises(ProtocolError, match="corrupt"):
-        host.take() if word == layout.SQ_TAIL else host.write(b"reply")
-
-
-def test_ring_sizes() -> None:
-    assert layout.ring_bytes(0) == 0
-    assert layout.ring_bytes(16) == 33 * FRAME_SIZE
-    assert [n for n in range(300) if layout.valid_ring_frames(n)] == [
-        0,
-        1,
-        2,
-        4,
-        8,
-        16,
-        32,
-        64,
-        128,
-        256,
-    ]
-
-
-@pytest.mark.parametrize("value", [3, 257, 512, -1, "16", 1.0, True])
-def test_hello_refuses_bad_ring_options(value: Any) -> None:
-    with pytest.raises((InvalidArgument, ProtocolError)):
-        Hello.decode([30, 1, 1, "x", 16, {"ring": value}])
-
-
-def test_hello_ignores_unknown_options() -> None:
-    assert Hello.decode([30, 1, 1, "x", 16, {"future": [1, 2]}]).ring == 0
-    assert Hello.decode([30, 1, 1, "x", 16, {"ring": 8, "future": 1}]).ring == 8
-
-
-# ------------------------------------------------------------------------------ a real tmemd
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """The tmemd this module's tests share (conftest's ``shared_daemon``, checked after each
+    test); a test that needs other options starts its own with ``start_daemon``."""
+    return shared_daemon
 
 
 class AlwaysOpen(ring.SpinGate):
@@ -159,9 +73,25 @@ def workload(client: tmemclient.Client, seed: int) -> None:
     pool.destroy()
 
 
-def connect(daemon: Daemon, **kwargs: Any) -> tmemclient.Client:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.001)
+
+
+def daemon_asleep(client: tmemclient.Client) -> None:
+    """Until tmemd has stopped watching the client's request ring and sleeps (its word in the
+    ring says so): the next request needs the doorbell (bounded wait)."""
+    rings: Rings | None = client._rings
+    assert rings is not None
+    wait_until(rings.peer_sleeping, "tmemd never went to sleep on the ring")
+
+
+def connect(daemon: Daemon, name: str = "r", **kwargs: Any) -> tmemclient.Client:
     """A client that uses its rings however busy the test machine is."""
-    client = tmemclient.connect(daemon.socket, name="r", **kwargs)
+    client = tmemclient.connect(daemon.socket, name=name, **kwargs)
     client._gate = AlwaysOpen()
     return client
 
@@ -180,16 +110,20 @@ def test_rings_are_the_default(daemon: Daemon) -> None:
 
 
 def test_the_log_says_how_much_went_through_the_rings(daemon: Daemon) -> None:
-    with connect(daemon, ring_frames=4) as client:
+    with connect(daemon, "logged-ring", ring_frames=4) as client:
         workload(client, 6)
-    with tmemclient.connect(daemon.socket, name="s", ring_frames=0) as plain:
+    with tmemclient.connect(daemon.socket, name="logged-plain", ring_frames=0) as plain:
         plain.ping()
-    daemon.wait_event("guest_disconnected", 2)
-    records = {r["guest"].split("/", 1)[1]: r for r in daemon.events("guest_disconnected")}
-    connected = {r["guest"].split("/", 1)[1]: r for r in daemon.events("guest_connected")}
-    assert connected["r"]["ring"] == 4 and connected["s"]["ring"] == 0
-    assert records["r"]["ring_request_bytes"] > 1000 and records["r"]["ring_reply_bytes"] > 100
-    assert "ring_request_bytes" not in records["s"]
+    records = {n: daemon.wait_disconnected(n) for n in ("logged-ring", "logged-plain")}
+    connected = {
+        r["guest"].split("/", 1)[1]: r
+        for r in daemon.events("guest_connected")
+        if r["guest"].endswith(("/logged-ring", "/logged-plain"))
+    }
+    assert connected["logged-ring"]["ring"] == 4 and connected["logged-plain"]["ring"] == 0
+    ring_guest = records["logged-ring"]
+    assert ring_guest["ring_request_bytes"] > 1000 and ring_guest["ring_reply_bytes"] > 100
+    assert "ring_request_bytes" not in records["logged-plain"]
 
 
 def test_a_daemon_without_rings_serves_the_socket(start_daemon: Any) -> None:
@@ -215,17 +149,19 @@ def test_both_sides_sleep_and_wake_by_doorbell(start_daemon: Any) -> None:
         assert client.rings
         workload(client, 3)
         for _ in range(3):
-            time.sleep(0.05)  # long past any poll window: both asleep
+            daemon_asleep(client)  # and the client sleeps on its socket (spin_us=0)
             client.ping()
 
 
 def test_idle_gaps_longer_than_the_poll_window(daemon: Daemon) -> None:
+    """Each request comes after tmemd gave up watching the ring and went to sleep."""
     with connect(daemon) as client:
+        client._sock.settimeout(10)  # a missed doorbell fails the test instead of hanging it
         pool = client.new_pool()
         for i in range(5):
-            time.sleep(0.02)
+            daemon_asleep(client)
             assert pool.put(1, i, bytes([i]) * FRAME_SIZE)
-            time.sleep(0.02)
+            daemon_asleep(client)
             assert pool.get(1, i) == bytes([i]) * FRAME_SIZE
 
 
@@ -288,64 +224,23 @@ for _ in range(3):
 print("ok")
 """
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, f"g{n}"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, f"g{n}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in range(4)
     ]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and out.strip() == "ok"
-
-
-def test_the_spin_gate_follows_the_runnable_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ring.runnable_tasks() >= 1  # this test is running
-    gate = ring.SpinGate(period=0)
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus)
-    assert gate.open()
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus + 1)
-    assert not gate.open()
-    slow = ring.SpinGate(period=3600)
-    assert not slow.open()  # read once...
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
-    assert not slow.open()  # ...and not again within the period
-
-
-def test_a_missed_spin_shuts_the_gate_longer_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
-    gate = ring.SpinGate(period=0.01)
-    assert gate.open()
-    gate.missed()
-    assert not gate.open()
-    first = gate._shut_until
-    gate.missed()
-    assert gate._shut_until - time.monotonic() > first - time.monotonic()  # doubled
-    gate._shut_until = gate._next = 0.0  # the back-off is over
-    assert gate.open()
-    gate.hit()
-    assert gate._backoff == gate.period
-
-
-def test_the_poll_window_grows_to_cover_short_gaps_and_drops_after_long_ones() -> None:
-    watch = PollWindow(50e-6, 1e-3)
-    assert watch.window == 50e-6
-    watch.woke(1.0)  # no watch began: nothing learnt
-    assert watch.window == 50e-6
-    watch.started = 1.0
-    watch.woke(1.0 + 300e-6)  # a 300 us gap: a longer watch would have caught it
-    assert watch.window == pytest.approx(375e-6)
-    assert watch.started is None
-    watch.started = 2.0
-    watch.woke(2.0 + 400e-6)  # at least doubling
-    assert watch.window == pytest.approx(750e-6)
-    watch.started = 3.0
-    watch.woke(3.0 + 900e-6)
-    assert watch.window == pytest.approx(1e-3)  # never past the most
-    watch.started = 4.0
-    watch.woke(4.0 + 0.5)  # idle: watching was wasted
-    assert watch.window == 50e-6
-    watch.started = 5.0
-    watch.woke(5.0 + 20e-6)  # inside the window: stays
-    assert watch.window == 50e-6
-    assert PollWindow(2e-3, 1e-3).most == 2e-3  # the most is never below the base
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and out.strip() == "ok", err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
 
 
 def test_a_guest_with_short_gaps_is_served_with_and_without_the_grown_watch(

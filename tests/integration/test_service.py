@@ -1,14 +1,18 @@
-"""Integration tests: guests against a real tmemd process over real Unix sockets.
+"""The guest library (tmemclient's sync and trio clients) against a real tmemd over real Unix
+sockets: every pool operation and its batches, pools and their handles, the checks made before
+anything is sent, pressure and eviction, several guest processes, a daemon that goes away, and
+what the daemon logs.
 
-Every sync client gets a socket timeout (IO_TIMEOUT) so a hang fails the test instead of
-blocking it; every trio test runs under ``trio.fail_after``.
+Most tests share one tmemd (conftest's ``shared_daemon``) under guest names of their own; those
+that need the whole budget, other limits or a stop start their own. Every sync client gets a
+socket timeout (IO_TIMEOUT) so a hang fails the test instead of blocking it; every trio test
+runs under ``trio.fail_after``.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,18 +65,6 @@ def unique(name: str) -> str:
     return f"{name}.{next(_serial)}"
 
 
-@pytest.fixture(scope="module")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One tmemd (16 MiB) for the tests that neither fill its budget nor stop it; each of
-    them connects under its own guest name and disconnects (freeing its pages) at teardown."""
-    daemon = Daemon(tmp_path_factory.mktemp("shared"), "--memory", "16MiB")
-    try:
-        yield daemon
-        assert daemon.alive, f"tmemd died:\n{daemon.log_text()}"
-    finally:
-        daemon.stop()
-
-
 def connector(daemon: Daemon) -> Iterator[Connect]:
     """Connect sync guests under unique names; all closed at teardown."""
     clients: list[Client] = []
@@ -99,15 +91,9 @@ def connect_alone(daemon: Daemon) -> Iterator[Connect]:
     yield from connector(daemon)
 
 
-def disconnect_event(daemon: Daemon, name: str, timeout: float = 10.0) -> dict[str, Any]:
+def disconnect_event(daemon: Daemon, name: str) -> dict[str, Any]:
     """The daemon's guest_disconnected record for guest ``name`` (waited for, bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for record in daemon.events("guest_disconnected"):
-            if str(record.get("guest", "")).endswith("/" + name):
-                return record
-        time.sleep(0.02)
-    raise AssertionError(f"no guest_disconnected for {name!r}:\n{daemon.log_text()}")
+    return daemon.wait_disconnected(name)
 
 
 def forged_pool(client: Client, handle: int, *, persistent: bool = True) -> tmemclient.Pool:
@@ -308,11 +294,17 @@ def test_flush_many_removes_every_page_named(connect: Connect) -> None:
     assert got == [None if i % 2 == 0 else page(i) for i in range(100)]
 
 
-def test_empty_batches_return_empty_results(connect: Connect) -> None:
-    pool = connect().new_pool(persistent=True)
-    assert pool.put_many([]) == []
-    assert pool.get_many([]) == []
-    pool.flush_many([])  # nothing to send, nothing raised
+def test_empty_batches_return_empty_results_and_send_nothing(shared_daemon: Daemon) -> None:
+    name = unique("empty")
+    client = open_sync(shared_daemon, name)
+    try:
+        pool = client.new_pool(persistent=True)
+        assert pool.put_many([]) == []
+        assert pool.get_many([]) == []
+        pool.flush_many([])
+    finally:
+        client.close()
+    assert disconnect_event(shared_daemon, name)["requests"] == 1  # NEW_POOL alone
 
 
 def test_put_frame_and_get_frame_use_reserved_frames(connect: Connect) -> None:
@@ -358,8 +350,17 @@ def test_reserving_more_frames_than_free_raises_limit_exceeded(connect: Connect)
         client.reserve_frames(3)
 
 
-def test_ping_round_trips(connect: Connect) -> None:
-    connect().ping()
+def test_ping_round_trips(shared_daemon: Daemon) -> None:
+    """Each PING reaches tmemd, and ping() returns only once its answer came back."""
+    name = unique("pinger")
+    client = open_sync(shared_daemon, name)
+    try:
+        for _ in range(3):
+            client.ping()
+            assert client._core.pending == {}, "ping() returned before its answer came"
+    finally:
+        client.close()
+    assert disconnect_event(shared_daemon, name)["requests"] == 3
 
 
 def test_error_reply_leaves_the_connection_usable(connect: Connect) -> None:

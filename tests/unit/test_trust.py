@@ -2,7 +2,7 @@
 into the files it maps never changes a decision of the daemon's, memory it brings in on its own
 is found and punched, a uid's cap holds across its names, and heavy work can be deferred without
 ever letting a punch hit new data. No sockets, no daemon: the hostile guests of
-tests/test_hostile.py do the same over real connections."""
+tests/integration/test_hostile.py do the same over real connections."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ from tmemclient.wire.messages import (
 )
 
 MAX_FRAME = 1 << 16
-SPEC = Path(__file__).resolve().parent.parent / "proto" / "PROTOCOL.md"
+SPEC = Path(__file__).resolve().parents[2] / "proto" / "PROTOCOL.md"
 
 
 def frame(body: bytes) -> bytes:

@@ -1,6 +1,8 @@
 """Mapped pages (PROTOCOL.md §4.7) against a real tmemd: a guest reads the pages it put through
 a read-only mapping of its own mirror, with no round trip, and never sees a stale page or
-another guest's bytes."""
+another guest's bytes. Also: the mirror is read-only and freed with its guest, a daemon can
+grant none, no-wait puts answer with tokens (sync and trio, slow sends included), mapped reads
+are reported back so they count as hits, and busy mapped guests move little memory."""
 
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ from tmemclient.wire.layout import FRAME_SIZE
 from tmemd.ctl.client import AdminClient
 
 PAGE = FRAME_SIZE
+
+
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """The tmemd this module's tests share (conftest's ``shared_daemon``, checked after each
+    test); a test that needs other options starts its own with ``start_daemon``."""
+    return shared_daemon
 
 
 def connect(daemon: Daemon, name: str, **kwargs: Any) -> tmemclient.Client:
@@ -186,7 +195,7 @@ def test_a_daemon_with_mapping_off_grants_none(start_daemon: Any) -> None:
 
 
 def test_the_mirror_is_freed_when_the_guest_goes(daemon: Daemon) -> None:
-    client = connect(daemon, "m")
+    client = connect(daemon, "leaving")
     pool = client.new_pool(persistent=True)
     (token,) = put_tokens(pool, [(1, 0, b"p" * PAGE)])
     mapping = client.mapping
@@ -195,7 +204,7 @@ def test_the_mirror_is_freed_when_the_guest_goes(daemon: Daemon) -> None:
     assert bytes(mapping._mem[head * PAGE : (head + 1) * PAGE]) == b"p" * PAGE
     client.mapping = None  # keep our mapping past the connection, as any guest could
     client.close()
-    daemon.wait_event("guest_disconnected")
+    daemon.wait_disconnected("leaving")
     deadline = time.monotonic() + 10
     while any(mapping._mem[head * PAGE : (head + 1) * PAGE]) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -203,12 +212,11 @@ def test_the_mirror_is_freed_when_the_guest_goes(daemon: Daemon) -> None:
     mapping.close()
 
 
-def test_the_admin_view_says_which_guests_are_mapped(start_daemon: Any, tmp_path: Any) -> None:
-    admin = tmp_path / "admin" / "admin.sock"
-    admin.parent.mkdir(mode=0o700)
-    daemon = start_daemon("--admin-socket", str(admin))
+def test_the_admin_view_says_which_guests_are_mapped(daemon: Daemon) -> None:
+    assert daemon.admin_socket is not None
     with connect(daemon, "m"), tmemclient.connect(daemon.socket, name="plain"):
-        rows = {r["name"].split("/")[-1]: r for r in AdminClient(admin).call("guests")}
+        with AdminClient(daemon.admin_socket) as admin:
+            rows = {r["name"].split("/")[-1]: r for r in admin.call("guests")}
         assert rows["m"]["mapped"] is True and rows["plain"]["mapped"] is False
 
 

@@ -1,15 +1,17 @@
 """The swap store (tmemclient.apps.frontswap) against a real tmemd: every page stored reads back
-byte-exact, whatever the daemon refuses, evicts around it, or if it goes away mid-run."""
+byte-exact, whatever the daemon refuses, evicts around it, or if it goes away mid-run;
+invalidating frees both copies, and a pool that may lose pages is no swap device. The swap
+file on its own is tested in tests/unit/test_swap_file.py."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Daemon
+from swap_churn import all_read_back, churn, page
 
 import tmemclient
 from tmemclient import InvalidArgument
@@ -19,12 +21,14 @@ PAGE = 4096
 IO_TIMEOUT = 30.0
 
 
-def page(n: int, version: int = 0) -> bytes:
-    """The content of guest page ``n`` at ``version``: no two are alike."""
-    return random.Random(n * 1000 + version).randbytes(PAGE)
-
-
 MAPS = pytest.mark.parametrize("map_pages", [False, True], ids=["gets", "mapped"])
+
+
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """The tmemd this module's tests share (conftest's ``shared_daemon``, checked after each
+    test); a test that needs other options starts its own with ``start_daemon``."""
+    return shared_daemon
 
 
 @pytest.fixture(params=[False, True], ids=["gets", "mapped"])
@@ -37,30 +41,6 @@ def client(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[tmemclien
     c._sock.settimeout(IO_TIMEOUT)
     yield c
     c.close()
-
-
-def churn(memory: SwappedMemory, pages: int, rounds: int, seed: int = 1) -> dict[int, int]:
-    """Write every page, then read and rewrite random runs of them; the versions written."""
-    rng = random.Random(seed)
-    versions = {}
-    for n in range(pages):
-        memory.write(n, page(n))
-        versions[n] = 0
-    for _ in range(rounds):
-        first = rng.randrange(pages - 4)
-        run = list(range(first, first + 4))
-        for n, data in zip(run, memory.read_many(run), strict=True):
-            assert data == page(n, versions[n])
-        if rng.random() < 0.3:
-            for n in run:
-                versions[n] += 1
-            memory.write_many([(n, page(n, versions[n])) for n in run])
-    return versions
-
-
-def all_read_back(memory: SwappedMemory, versions: dict[int, int]) -> bool:
-    """Every page holds what was last written to it."""
-    return all(memory.read(n) == page(n, v) for n, v in versions.items())
 
 
 def test_pages_pushed_out_come_back_from_tmem(client: tmemclient.Client, tmp_path: Path) -> None:
@@ -154,21 +134,9 @@ def test_invalidate_frees_both_copies(client: tmemclient.Client) -> None:
         assert store.load(3) == page(3, 1)
 
 
-def test_a_swap_file_alone_keeps_every_page(tmp_path: Path) -> None:
-    with SwapStore(None, tmp_path / "swap", batch=8) as store:
-        memory = SwappedMemory(store, ram_pages=8)
-        versions = churn(memory, 64, 200)
-        assert all_read_back(memory, versions)
-        assert store.stats.swap_reads > 0 and store.stats.tmem_gets == 0
-
-
-def test_bad_arguments_are_refused(client: tmemclient.Client) -> None:
-    with pytest.raises(InvalidArgument):
+def test_an_ephemeral_pool_is_refused_as_a_swap_device(shared_daemon: Daemon) -> None:
+    with (
+        tmemclient.connect(shared_daemon.socket, name="swapper", timeout=IO_TIMEOUT) as client,
+        pytest.raises(InvalidArgument, match="persistent"),
+    ):
         SwapStore(client.new_pool())  # ephemeral pages may vanish: not a swap device
-    with SwapStore(None) as store:
-        with pytest.raises(InvalidArgument):
-            store.store(0, b"short")
-        with pytest.raises(InvalidArgument):
-            store.store(-1, page(0))
-        with pytest.raises(InvalidArgument):
-            SwappedMemory(store, ram_pages=4).read_many(list(range(5)))

@@ -1,13 +1,25 @@
-"""put_many_nowait: batched puts whose answers nobody waits for (the cleancache case)."""
+"""put_many_nowait against a real tmemd: batched puts whose answers nobody waits for (the
+cleancache case) are served in order, all sent even when bigger than the region, their
+refusals and error answers counted rather than raised, and their staging frames freed; with the
+sync and the trio client."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
+from conftest import Daemon
 
 import tmemclient
 import tmemclient.wire.messages
+
+
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """The tmemd this module's tests share (conftest's ``shared_daemon``, checked after each
+    test); a test that needs other options starts its own with ``start_daemon``."""
+    return shared_daemon
 
 
 def page(i: int) -> bytes:

@@ -29,6 +29,13 @@ PAGE = FRAME_SIZE
 MIB = 1 << 20
 
 
+@pytest.fixture
+def daemon(shared_daemon: Daemon) -> Daemon:
+    """The tmemd this module's tests share (conftest's ``shared_daemon``, checked after each
+    test); a test that needs other options starts its own with ``start_daemon``."""
+    return shared_daemon
+
+
 def borrower(daemon: Daemon, name: str, **kwargs: Any) -> tmemclient.Client:
     client = tmemclient.connect(
         daemon.socket, name=name, frames=64, map_pages=True, lend_memory=True, **kwargs
@@ -103,9 +110,15 @@ def test_a_guest_that_puts_gets_its_share_of_a_busy_loan_and_all_of_an_idle_one(
         assert la.changed() == MIB // 2 and la.lent == MIB // 2  # a keeps its half
         la.mark_active()
         assert sum(pool.get(1, i) is not None for i in range(pages)) == pages // 2
-        time.sleep(0.25)  # a's loan goes idle: a put may take all of it
-        assert all(pool.put_many([(2, i, b"y" * PAGE) for i in range(pages)]))
-        assert la.changed() == 0 and la.lent == 0
+        # a stops using its loan: lend_idle_ms (100) after its last use, puts take all of it.
+        deadline = time.monotonic() + 10
+        oid = 2
+        while la.lent > 0:
+            assert time.monotonic() < deadline, "a's idle loan was never taken back"
+            assert all(pool.put_many([(oid, i, b"y" * PAGE) for i in range(pages)]))
+            oid += 1
+            time.sleep(0.01)
+        assert la.changed() == 0  # and a is told all of it is gone
 
 
 def test_the_loan_file_cannot_change_size_and_is_the_guests_alone(daemon: Daemon) -> None:
@@ -298,36 +311,6 @@ def test_a_recall_in_the_middle_of_a_read_never_returns_a_punched_page(
         assert stats.pages_read == 31 * 8 + 12 * reads
         assert stats.local_hits + stats.tmem_hits + stats.disk_reads == stats.pages_read
         cache.close()
-
-
-class _BusyLoan:
-    """A loan whose recall never ends (seq stays odd): the cache must leave it alone."""
-
-    BUSY = LentMemory.BUSY
-
-    def __init__(self) -> None:
-        self.words = [1, 0, 0]
-        self.seq = 0
-        self.mem = memoryview(bytearray(64 * PAGE))
-        self.lent = 64 * PAGE
-
-    def mark_active(self) -> None:
-        pass
-
-    def changed(self) -> int:
-        return self.BUSY
-
-
-def test_a_read_during_a_recall_comes_straight_from_the_file(tmp_path: Path) -> None:
-    paths = cache_files(tmp_path, 1, 64)
-    cache = PageCache(None, 16, block_pages=8)
-    cache._loan = _BusyLoan()  # type: ignore[assignment]
-    f = cache.open(paths[0])
-    for first in (0, 3, 3, 40):
-        assert cache.read(f, first * PAGE + 5, 8 * PAGE) == expected(0, first, 9)[5 : 5 + 8 * PAGE]
-    stats = cache.stats
-    assert stats.pages_read == stats.disk_reads == 4 * 9 and stats.local_hits == 0
-    cache.close()
 
 
 async def test_tasks_sharing_a_trio_page_cache_take_turns(daemon: Daemon, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Unit tests of tmemd/config.py, tmemd/host.py and tmemd/views.py: a real Store, fake members,
-no sockets.
+"""Unit tests of tmemd/config.py, tmemd/host.py and tmemd/views.py, and of who may
+administer (tmemd/admin.py's rule): a real Store, fake members, no sockets.
 
 A *member* (what the host knows of a guest connection) is any object with a ``.guest`` and a
 ``detach_pool(pool)`` method; ``FakeMember`` records the pools it was told to forget.
@@ -7,6 +7,7 @@ A *member* (what the host knows of a guest connection) is any object with a ``.g
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, Per
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemd import views
 from tmemd.accounts import Guest, Pool
+from tmemd.admin import AdminServer
 from tmemd.config import (
     ConfigError,
     GuestPolicy,
@@ -641,5 +643,30 @@ def test_store_set_budget_evicts_by_weighted_lru() -> None:
         assert (heavy.eph_slots, light.eph_slots) == (6, 2)
         assert [i for i in range(8) if peek(store, pl, i)] == [6, 7]
         assert [i for i in range(8) if peek(store, ph, i)] == [2, 3, 4, 5, 6, 7]
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------------ admins
+
+STRANGER = 65534 if os.getuid() != 65534 else 65533  # a uid that is neither root nor ours
+
+
+def test_admin_allowed_rule() -> None:
+    """Root, the daemon's own uid, or the admin group (primary or supplementary)."""
+    store = Store(64 * 1024)
+    try:
+        host = Host(store, Settings(socket=Path("/nonexistent"), budget=64 * 1024))
+        nobody = AdminServer(host, gid=None)
+        assert nobody.allowed(0, 0, [])
+        assert nobody.allowed(os.getuid(), 4242, [])
+        assert not nobody.allowed(STRANGER, STRANGER, [])
+        assert not nobody.allowed(STRANGER, 4242, [4242])  # no admin group configured
+        group = AdminServer(host, gid=4242)
+        assert group.allowed(STRANGER, 4242, [])
+        assert group.allowed(STRANGER, STRANGER, [1, 4242, 7])
+        assert not group.allowed(STRANGER, STRANGER, [1, 7])
+        assert not group.allowed(STRANGER, 4243, [])
+        assert group.allowed(0, STRANGER, [])
     finally:
         store.close()

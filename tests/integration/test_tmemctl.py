@@ -1,4 +1,8 @@
-"""tmemctl, the admin CLI, against a real tmemd with an admin socket.
+"""tmemctl, the admin CLI, against a real tmemd with an admin socket: the read commands and
+their --json, the write commands (set, freeze/thaw, flush, budget, share), top, the errors a
+daemon's answer or its absence gives, where the admin socket is looked for, and a non-admin
+uid refused. Usage errors, --help, top's rates and the documented fields need no daemon:
+tests/unit/test_tmemctl_cli.py.
 
 Most tests call tmemctl's ``main(argv)`` in this process (its output captured) against one tmemd
 the whole module shares: each test connects under its own guest name and waits for it to leave,
@@ -10,7 +14,6 @@ the console script, ``top``'s output on a pipe and on a terminal, Ctrl-C, anothe
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -28,15 +31,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 from conftest import ROOT, Daemon
+from tmemctl_common import (
+    GUEST_KEYS,
+    POOL_KEYS,
+    RATE_KEYS,
+    SHARED_POOL_KEYS,
+    SHARES_KEYS,
+    STATUS_KEYS,
+    TOP_KEYS,
+    tmemctl,
+)
 
 import tmemclient
-from tmemd.ctl.cli import admin_socket_path, main
+from tmemd.ctl.cli import admin_socket_path
 from tmemd.ctl.client import ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET, AdminClient
-from tmemd.ctl.top import Rates
 
 RUN_TIMEOUT = 30.0
 PAGE = 4096
@@ -44,82 +55,7 @@ BUDGET = 16 << 20
 GUEST = f"{os.getuid()}/vm1"  # in usage errors: never sent
 NOBODY = 65534
 
-# The --json field names tmemctl documents (docs/operations.md "tmemctl"): the daemon's keys.
-STATUS_KEYS = {
-    "resident",
-    "overdrawn",
-    "budget",
-    "used",
-    "free",
-    "capacity",
-    "guests",
-    "sessions",
-    "shared_pools",
-    "evictions",
-    "moved",
-    "lent",
-    "recalled",
-    "frozen_all",
-    "uptime",
-}
-COUNTER_KEYS = {"puts_ok", "puts_refused", "gets_hit", "gets_miss", "flushes", "evictions"}
-GUEST_KEYS = {
-    "resident_bytes",
-    "overdrawn_bytes",
-    "name",
-    "kind",
-    "sessions",
-    "weight",
-    "cap",
-    "frozen",
-    "mapped",
-    "ephemeral_bytes",
-    "persistent_bytes",
-    "lent_bytes",
-    "pages",
-    "pools",
-} | COUNTER_KEYS
-POOL_KEYS = {
-    "pool",
-    "guest",
-    "kind",
-    "shared",
-    "uuid",
-    "members",
-    "page_size",
-    "pages",
-    "bytes",
-} | COUNTER_KEYS
-SHARES_KEYS = {"grants", "pools"}
-GRANT_KEYS = {"uuid", "guest"}
-SHARED_POOL_KEYS = {"uuid", "members", "pages"}
-
-
-TOP_KEYS = {"time", "interval", "status", "guests"}
-RATE_KEYS = {"hit_ratio", "evictions_per_s", "puts_per_s"}
-
-
 # ------------------------------------------------------------------------------ running tmemctl
-
-
-@dataclass
-class Run:
-    """What one tmemctl run did."""
-
-    code: int
-    out: str
-    err: str
-
-
-def tmemctl(*args: str, sock: Path | str | None) -> Run:
-    """tmemctl's ``main(args)`` in this process, with TMEM_ADMIN_SOCKET=sock (unset: None)."""
-    out, err = io.StringIO(), io.StringIO()
-    env = {} if sock is None else {ADMIN_SOCKET_ENV: str(sock)}
-    with mock.patch.dict(os.environ, env):
-        if sock is None:
-            os.environ.pop(ADMIN_SOCKET_ENV, None)
-        code = main(list(args), out=out, err=err)
-    return Run(code, out.getvalue(), err.getvalue())
 
 
 def tmemctl_process(
@@ -482,20 +418,6 @@ def test_grant_to_a_guest_not_connected_yet(admin: Admin) -> None:
 # ------------------------------------------------------------------------------ top
 
 
-def test_rates_are_the_counters_deltas_over_the_interval() -> None:
-    rates = Rates()
-    first = {"name": "a", "puts_ok": 10, "puts_refused": 0, "gets_hit": 5, "gets_miss": 5}
-    (row,) = rates.update([{**first, "evictions": 2}], now=100.0)
-    assert row["rates"] == {"hit_ratio": None, "evictions_per_s": None, "puts_per_s": None}
-    assert row["name"] == "a" and row["puts_ok"] == 10  # the daemon's row, unchanged
-    later = {"name": "a", "puts_ok": 16, "puts_refused": 2, "gets_hit": 8, "gets_miss": 5}
-    (row,) = rates.update([{**later, "evictions": 6}], now=102.0)
-    assert row["rates"] == {"hit_ratio": 1.0, "evictions_per_s": 2.0, "puts_per_s": 4.0}
-    # The account was dropped and made again: its counters restarted, and count from zero.
-    (row,) = rates.update([{"name": "a", "puts_ok": 3, "gets_hit": 1, "gets_miss": 3}], now=103.0)
-    assert row["rates"] == {"hit_ratio": 0.25, "evictions_per_s": 0.0, "puts_per_s": 3.0}
-
-
 def test_top_json_prints_one_document_per_refresh(admin: Admin, guest: Guest) -> None:
     pool = guest.client.new_pool()
     assert pool.put(1, 0, page(0))
@@ -644,49 +566,6 @@ def test_refused_by_the_daemon_exits_1(admin: Admin, guest: Guest) -> None:
     run = tmemctl("budget", "100T", sock=admin.socket)
     assert run.code == 1 and run.err.startswith("tmemctl: budget 100.0TiB exceeds"), run.err
     assert run.out == ""
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("share", "grant", "not-a-uuid", GUEST), "malformed pool uuid"),
-        (("share", "revoke", "1234", GUEST), "malformed pool uuid"),
-        (("set", GUEST, "--weight", "-3"), "weight must be"),
-        (("set", GUEST, "--weight", "0"), "weight must be"),
-        (("set", GUEST, "--weight", "99999999999"), "weight must be"),
-        (("set", GUEST, "--weight", "2.5"), "weight must be an integer"),
-        (("set", GUEST, "--cap", "12XB"), "cannot read size"),
-        (("set", GUEST, "--cap", "-1"), "cannot read size"),
-        (("budget", "lots"), "cannot read size"),
-        (("budget", "1.5"), "not a whole number"),
-        (("set", GUEST), "set needs --weight"),
-        (("top", "--interval", "0"), "positive"),
-        (("top", "--iterations", "0"), "positive integer"),
-        (("top", "--json", "--interval", "x"), "want a number of seconds"),
-        (("--timeout", "-1", "status"), "positive number of seconds"),
-        (("share",), "required"),
-        ((), "required"),
-        (("frobnicate",), "invalid choice"),
-        (("flush",), "required"),
-    ],
-)
-def test_usage_errors_exit_2_before_any_request(
-    tmp_path: Path, args: tuple[str, ...], message: str
-) -> None:
-    # No daemon at all: exit 2 (not 1) shows the check happened before any connection.
-    run = tmemctl(*args, sock=tmp_path / "absent.sock")
-    assert run.code == 2, run
-    assert message in run.err, run.err
-    assert "tmemctl" in run.err and "Traceback" not in run.err
-    assert run.out == ""
-
-
-def test_help_exits_0(tmp_path: Path) -> None:
-    run = tmemctl("--help", sock=tmp_path / "absent.sock")
-    assert run.code == 0 and run.err == ""
-    assert "share" in run.out and "Exit codes: 0 ok" in run.out
-    run = tmemctl("top", "--help", sock=None)
-    assert run.code == 0 and "JSON document per refresh" in run.out
 
 
 def test_exit_codes_through_the_console_script(admin: Admin, tmp_path: Path) -> None:
@@ -854,12 +733,3 @@ def test_non_admin_uid_is_refused(start_daemon: Any) -> None:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
-
-
-def test_docs_document_the_json_fields() -> None:
-    text = (ROOT / "docs" / "operations.md").read_text()
-    section = text.split("\n## tmemctl\n", 1)[1].split("\n## ", 1)[0]
-    keys = STATUS_KEYS | GUEST_KEYS | POOL_KEYS | SHARES_KEYS | GRANT_KEYS | SHARED_POOL_KEYS
-    missing = sorted(k for k in keys if f"`{k}`" not in section)
-    assert not missing, f"docs/operations.md's tmemctl section does not document {missing}"
-    assert "`top --json`" in section and all(k in section for k in TOP_KEYS | RATE_KEYS)

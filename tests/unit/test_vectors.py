@@ -54,7 +54,7 @@ from tmemd.host import Host
 from tmemd.session import Session
 from tmemd.store import Store
 
-VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
+VECTORS = Path(__file__).resolve().parents[2] / "proto" / "vectors"
 FRAMES: list[dict[str, Any]] = json.loads((VECTORS / "frames.json").read_text())
 INVALID: list[dict[str, Any]] = json.loads((VECTORS / "invalid.json").read_text())
 REQUESTS = [c for c in FRAMES if c["direction"] == "request"]
