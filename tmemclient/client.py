@@ -452,12 +452,12 @@ class Client:
         """Put the bytes of requests ``ids`` on the wire: the request ring, or the socket."""
         rings = self._rings
         try:
-            if rings is not None and len(data) <= rings.size // 2 and self._gate.open():
+            if rings is not None and len(data) <= rings.size // 2:
                 # The daemon serves each channel in order, not the two against each other: one
                 # channel at a time carries requests (nothing is in flight on the other).
-                # With no CPU to spare nobody watches the rings, and a ring request would cost
-                # the socket's syscalls and wakeups (as doorbells) plus the ring's: then the
-                # socket carries it.
+                # The ring even when nobody may spin: the daemon's poller then finds it in
+                # its next round, or a doorbell wakes it, and its answer costs one wakeup
+                # (our read of its doorbell), where the socket costs a send and a read.
                 while self._on_socket:
                     self._read_one_reply({})
                 if not rings.write(data):
@@ -468,6 +468,7 @@ class Client:
                 # run (SpinGate.missed); a batch may simply take longer than a spin.
                 self._light = not self._on_ring and len(data) <= _LIGHT_REQUEST
                 self._on_ring.update(ids)
+                fence()  # we stored our tail; now load the daemon's "idle" word (§4.6)
                 if rings.peer_sleeping():
                     self._sock.sendall(_DOORBELL)
                 return
@@ -560,8 +561,8 @@ class Client:
                 if rings.pending():
                     rings.sleeping(False)
                     continue
-                if self._on_ring and rings.peer_sleeping():
-                    self._sock.sendall(_DOORBELL)
+                # (No doorbell here: _transmit rang it if the daemon slept when the request
+                # went in; if it was awake, it saw the request before it could sleep.)
             n = self._sock.recv_into(self._rbuf)
             if rings is not None:
                 rings.sleeping(False)

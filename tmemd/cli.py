@@ -273,6 +273,7 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.guest_server.maintain)
+                    await nursery.start(self.guest_server.poller.run)
                     await nursery.start(self.guest_server.run, listener)
                     admin_scope = trio.CancelScope()
                     if admin_listener is not None:

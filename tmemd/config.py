@@ -32,8 +32,8 @@ class Limits:
     shutdown_grace: float = 5.0  # seconds guests are served after SIGTERM, at most
     drain_idle: float = 0.5  # ...and a guest silent this long after the notice is closed
     max_ring_frames: int = 64  # request/reply rings in the region (PROTOCOL.md §4.6); 0: none
-    ring_poll_us: int = 50  # after a ring request, watch the ring this long before sleeping
-    ring_poll_max_us: int = 1000  # ...growing to this for a guest whose gaps are short
+    ring_poll_us: int = 50  # after ring work, watch every ring this long before sleeping
+    ring_poll_max_us: int = 1000  # ...growing to this while requests come in short gaps
     map_pages: bool = True  # a guest may read its pages through a mapping (PROTOCOL.md §4.7)
     lend_memory: bool = True  # a mapped guest may borrow memory as its own (PROTOCOL.md §4.8)
     lend_idle_ms: int = 100  # lent memory unused this long is taken back before anything else

@@ -1,5 +1,7 @@
-"""One guest connection's serving loop: the trio adapter between its socket (and the request
-rings in its region, PROTOCOL.md §4.6) and its Session.
+"""One guest connection's serving loop: the trio adapter between its socket and its Session.
+Its request rings (PROTOCOL.md §4.6) are served by the one ring poller of the server
+(tmemd/poller.py), through ``serve_ring``, which the connection also calls itself when a
+doorbell wakes it.
 
 **Fairness.** Every connection is served on the one trio thread, so a connection that kept
 serving would keep every other guest, and the admin socket, waiting. So a connection serves for
@@ -26,8 +28,6 @@ time. So the daemon holds per connection at most about ``max_frame`` (a frame be
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -47,42 +47,12 @@ if TYPE_CHECKING:
 
 RECV_SIZE = 64 * 1024  # bytes read from a guest's socket at a time
 RING_TAKE = 64 * 1024  # bytes copied out of a guest's request ring at a time
-_LET_OTHERS_RUN = 20e-6  # seconds a ring poll loop may run before other tasks get a turn
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's __and__ is Python code on the hot path
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _ANC_SIZE = socket.CMSG_SPACE(4)
 
 SHUTDOWN_NOTICE = encode_reply(0, Status.SHUTDOWN, "tmemd is shutting down; reconnect later")
 DOORBELL_NOTICE = encode_reply(0, Status.OK, None)  # "replies are in your ring" (§4.6)
-
-
-class PollWindow:
-    """How long the daemon watches a guest's ring before it sleeps: adaptive, as KVM's halt
-    polling (``halt_poll_ns``, grown and shrunk per vCPU in virt/kvm/kvm_main.c).
-
-    A request that came while the daemon slept, but less than ``most`` seconds after it began
-    watching, would have been caught by a longer watch: the window grows to cover that gap
-    (doubling at least). A guest that stayed away longer than ``most`` is idle or thinking, and
-    watching it was wasted: the window drops back to ``base``. So a guest with short gaps (a
-    page cache between file reads) gets its answers with no wakeup on either side, and an idle
-    one costs no more CPU than ``base``. Seconds throughout."""
-
-    def __init__(self, base: float, most: float) -> None:
-        self.base = base
-        self.most = max(base, most)
-        self.window = base
-        self.started: float | None = None  # when the current watch began
-
-    def woke(self, now: float) -> None:
-        """The guest's next word came at ``now``, after a watch and then a sleep."""
-        if self.started is None:
-            return  # no watch before this sleep (not allowed, or not needed): nothing learnt
-        idle = now - self.started
-        self.started = None
-        if idle > self.most:
-            self.window = self.base
-        elif idle > self.window:
-            self.window = min(self.most, max(2 * self.window, 1.25 * idle))
 
 
 class Connection:
@@ -102,17 +72,18 @@ class Connection:
         self.rings = rings
         self.decoder = FrameDecoder(server.limits.max_frame)
         self.decoder.feed(leftover)
-        self.ring_decoder = FrameDecoder(server.limits.max_frame) if rings is not None else None
+        self.ring_decoder = FrameDecoder(server.limits.max_frame)
         limits = server.limits
         self.max_unsent = limits.max_unsent
         self.quantum = limits.turn_us / 1e6
         self.turn_end = time.perf_counter() + self.quantum
-        self.watch = PollWindow(limits.ring_poll_us / 1e6, limits.ring_poll_max_us / 1e6)
         self._out: list[bytes] = []  # replies for the socket, not yet sent
         self._out_bytes = 0
+        self._sending = False  # a send is waiting for the guest to read: queue behind it
         self._ring_wrote = False  # replies went into the reply ring since the last doorbell look
-        self._poller = select.poll()
-        self._poller.register(raw, select.POLLIN)
+        self._spilling = False  # a ring reply went over the socket: the rest follow it there
+        self.ring_job: Job | None = None  # a ring request being served in slices
+        self.failed: ProtocolError | None = None  # the ring held a malformed frame
         self.notified = False  # the SHUTDOWN notice went out
         self.kicked: str | None = None  # the daemon ends this connection (an audit found it)
         self.turn = server.turn_for(session.uid)  # held while serving: one per tenant at once
@@ -123,28 +94,35 @@ class Connection:
     async def run(self) -> str:
         """Serve until the guest leaves, breaks the protocol, is kicked or the daemon stops."""
         rings, server = self.rings, self.server
+        poller = server.poller
+        if rings is not None:
+            poller.add(self)
         try:
             while True:
-                if self.decoder.has_message() or (
-                    rings is not None
-                    and (rings.pending() or (self.ring_decoder and self.ring_decoder.has_message()))
-                ):
+                if self.decoder.has_message():
                     await self._take_turn()
                     try:
                         await self._serve_socket()
-                        if rings is not None:
-                            await self._serve_ring()
                     finally:
                         self._end_turn()
+                if rings is not None and self.ring_ready():
+                    # A doorbell (the poller slept), or a request the poller has not reached:
+                    # serve it now, and have the poller watch the rings from here on.
+                    self.serve_ring(time.perf_counter() + self.quantum)
+                    poller.wake()
                 await self._flush()
+                if self.failed is not None:
+                    raise self.failed
                 if server.stopping and not self.notified:
                     self.notified = True
                     await self.last_word(SHUTDOWN_NOTICE)
                 if self.kicked is not None:
                     await self.last_word(protocol_error_reply(ProtocolError(self.kicked)))
                     return f"closed by tmemd: {self.kicked}"
-                if self.decoder.has_message() or (rings is not None and rings.pending()):
+                if self.decoder.has_message():
                     continue  # more to serve (the turn's clock decides when others go first)
+                if rings is not None and self.ring_ready():
+                    poller.wake()  # e.g. replies it held back for are sent now
                 ended = await self._receive()
                 if ended is not None:
                     return ended
@@ -152,10 +130,18 @@ class Connection:
             await self._flush_quietly()
             await self.last_word(protocol_error_reply(exc))
             return f"protocol error: {exc}"
+        finally:
+            if rings is not None:
+                poller.remove(self)
 
     def kick(self, reason: str) -> None:
         """End this connection with a PROTOCOL notice saying ``reason``, soon (wakes it)."""
         self.kicked = reason
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the connection's task if it waits for its socket (it then looks at what there
+        is to do: replies to send, a broken ring, a kick)."""
         trio.lowlevel.notify_closing(self.raw)
 
     # ------------------------------------------------------------------ serving
@@ -175,35 +161,117 @@ class Connection:
             if time.perf_counter() > self.turn_end:
                 await self.next_turn()
 
-    async def _serve_ring(self) -> None:
-        """Serve the frames in the request ring. Replies go into the reply ring; one that does
-        not fit there goes over the socket, and so does everything after it taken in the same
-        batch (the guest matches replies by req_id); once the daemon is stopping, every reply
-        takes the socket, behind the SHUTDOWN notice (a busy guest reads its socket only when
-        its ring is quiet). Raises ProtocolError for a malformed frame or a corrupt counter."""
+    def ring_ready(self) -> bool:
+        """Is there ring work the poller may do now? Not while replies the guest has not read
+        are piling up (backpressure), nor while another connection of the tenant (or this
+        one's socket side) holds the tenant's turn, nor once the connection is ending, nor,
+        when the daemon is stopping, before the SHUTDOWN notice went out (replies then follow
+        it)."""
+        rings = self.rings
+        assert rings is not None
+        return (
+            (self.ring_job is not None or rings.pending() or self.ring_decoder.has_message())
+            and self._out_bytes < self.max_unsent
+            and not self.turn.locked()  # (its holder wakes the poller when it lets go)
+            and self.failed is None
+            and self.kicked is None
+            and (self.notified or not self.server.stopping)
+        )
+
+    def serve_ring(self, deadline: float) -> bool:
+        """Serve the request ring until it is empty or the clock (perf_counter) passes
+        ``deadline``; True if anything was served. No await: the poller calls it for each
+        guest in turn. Replies go into the reply ring; one that does not fit there goes over
+        the socket, and so does every ring reply after it until those are sent (the guest
+        matches replies by req_id); once the daemon is stopping, every reply takes the socket.
+        Skipped (False) while another connection of the tenant holds the tenant's turn. A
+        malformed frame or a corrupt counter ends the connection (``failed``, and its task is
+        woken to say so)."""
+        turn = self.turn
+        try:
+            turn.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            return self._serve_ring(deadline)
+        except ProtocolError as exc:
+            self.failed = exc
+            self.poke()
+            return True
+        finally:
+            turn.release()
+            self._after_ring()
+
+    def _serve_ring(self, deadline: float) -> bool:
         rings, decoder = self.rings, self.ring_decoder
-        assert rings is not None and decoder is not None
+        assert rings is not None
         handle = self.session.handle
-        spilling = self.server.stopping
+        clock = time.perf_counter
+        served = False
         while True:
-            if not decoder.has_message():
-                if not rings.pending():
-                    break
-                decoder.feed(rings.take(RING_TAKE))
-                spilling = self.server.stopping
-                continue
-            reply = handle(decoder.next_message())
-            if isinstance(reply, Job):
-                reply = await self._complete(reply)
-            if reply:
-                if spilling or not rings.write(reply):
-                    spilling = True
+            job = self.ring_job
+            if job is not None:
+                reply = job.step()
+                served = True
+                if reply is None:
+                    if clock() > deadline:
+                        return True
+                    continue
+                self.ring_job = None
+            else:
+                if not decoder.has_message():
+                    if not rings.pending():
+                        return served
+                    decoder.feed(rings.take(RING_TAKE))
+                    continue
+                result = handle(decoder.next_message())
+                served = True
+                if isinstance(result, Job):
+                    self.ring_job = result
+                    continue
+                reply = result
+            if reply:  # doorbells are not answered
+                if self._spilling or self.server.stopping or not rings.write(reply):
+                    self._spilling = True
                     self._out.append(reply)
                     self._out_bytes += len(reply)
                 else:
                     self._ring_wrote = True
-            if time.perf_counter() > self.turn_end:
-                await self.next_turn()
+            if clock() > deadline:
+                return True
+
+    def _after_ring(self) -> None:
+        """After serving the ring: ring the guest's doorbell if it sleeps, and send what
+        goes over the socket now if the socket takes it at once (else the task does)."""
+        if self._ring_wrote:
+            self._ring_wrote = False
+            assert self.rings is not None
+            fence()  # we stored the reply tail; now load the guest's "waiting" word
+            if self.rings.peer_sleeping():
+                self._out.append(DOORBELL_NOTICE)
+                self._out_bytes += len(DOORBELL_NOTICE)
+        if not self._out:
+            return
+        if self._sending:
+            self.poke()
+            return
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the guest is gone: its task finds out on its next read
+            sent = 0
+        if sent == len(data):
+            self._out = []
+            self._out_bytes = 0
+            self._spilling = False
+            return
+        rest = data[sent:]
+        self._out = [rest]
+        self._out_bytes = len(rest)
+        self.poke()
 
     async def _complete(self, job: Job) -> bytes:
         """Serve a Job slice by slice, yielding whenever the turn is used up."""
@@ -241,31 +309,23 @@ class Connection:
         if self._holding:
             self._holding = False
             self.turn.release()
+            # The poller skips a tenant whose turn is held; if it went to sleep meanwhile,
+            # the tenant's ring work is now its to do.
+            self.server.poller.tenant_released(self.session.uid)
 
     # ------------------------------------------------------------------ sending
 
-    def _ring_doorbell(self) -> None:
-        """Replies went into the reply ring: if the guest sleeps on its socket, ring it."""
-        if self._ring_wrote:
-            self._ring_wrote = False
-            assert self.rings is not None
-            fence()  # we stored the reply tail; now load the guest's "waiting" word
-            if self.rings.peer_sleeping():
-                self._out.append(DOORBELL_NOTICE)
-                self._out_bytes += len(DOORBELL_NOTICE)
-
     async def _flush(self) -> None:
         """Send the queued replies (waiting while the guest does not read them)."""
-        self._ring_doorbell()
         if self.server.store.busy:  # a request left work for the maintenance task
             self.server.wake_maintenance()
-        if not self._out:
-            return
-        out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        self._out = []
-        self._out_bytes = 0
-        await self._send(data)
+        while self._out:  # (the poller may queue more while we wait for the guest to read)
+            out = self._out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._out = []
+            self._out_bytes = 0
+            self._spilling = False
+            await self._send(data)
 
     async def _flush_quietly(self) -> None:
         with trio.move_on_after(1), contextlib.suppress(OSError, trio.TooSlowError):
@@ -286,19 +346,23 @@ class Connection:
         deadline = trio.current_time() + server.limits.send_timeout
         held = self._holding
         self._end_turn()  # a guest slow to read must not hold up its tenant's other connections
-        with trio.CancelScope(shield=True):
-            while rest:
-                # Once tmemd is stopping, the grace period bounds the wait too (shutdown()
-                # wakes us to look again).
-                with trio.fail_at(min(deadline, server.grace_deadline + 1)):
+        self._sending = True  # the poller queues behind us meanwhile
+        try:
+            with trio.CancelScope(shield=True):
+                while rest:
+                    # Once tmemd is stopping, the grace period bounds the wait too (shutdown()
+                    # wakes us to look again).
+                    with trio.fail_at(min(deadline, server.grace_deadline + 1)):
+                        try:
+                            await trio.lowlevel.wait_writable(raw)
+                        except trio.ClosedResourceError:
+                            continue  # shutdown(), kick() or poke() woke us; still ours
                     try:
-                        await trio.lowlevel.wait_writable(raw)
-                    except trio.ClosedResourceError:
-                        continue  # shutdown() or kick() woke us; the socket is still ours
-                try:
-                    rest = rest[raw.send(rest) :]
-                except BlockingIOError:
-                    continue
+                        rest = rest[raw.send(rest) :]
+                    except BlockingIOError:
+                        continue
+        finally:
+            self._sending = False
         if held:
             await self._take_turn()
 
@@ -311,19 +375,13 @@ class Connection:
 
     async def _receive(self) -> str | None:
         """Read what the guest sent next (or wait for it); why the connection ended, or None."""
-        raw, rings, server = self.raw, self.rings, self.server
-        view = server.recv_view
+        raw = self.raw
+        view = self.server.recv_view
         try:
             # recvmsg, not recv: fds sent after HELLO must be seen (closed, and the guest
             # dropped), not silently discarded by the kernel (docs/design.md §4).
             n, ancdata, msg_flags, _ = raw.recvmsg_into([view], _ANC_SIZE, _CMSG_CLOEXEC)
         except BlockingIOError:
-            # A guest with rings: watch the ring a while (no syscall per look) before sleeping.
-            if rings is not None and (
-                rings.pending()
-                or (not server.stopping and self.kicked is None and await self._poll_ring())
-            ):
-                return None
             if not await self._sleep():
                 return "daemon shutting down"
             return None
@@ -336,61 +394,11 @@ class Connection:
         self.decoder.feed(view[:n])  # copied out now: the buffer is every connection's
         return None
 
-    async def _poll_ring(self) -> bool:
-        """Watch the request ring for a while (``watch``: ``ring_poll_us``, grown towards
-        ``ring_poll_max_us`` for a guest whose requests come in short gaps) before sleeping: a
-        busy guest's next request is then picked up with no syscall and no wakeup on either
-        side. Each round yields the CPU (a guest pinned to our core gets to run) and, when
-        other guests are connected, lets their tasks run. Not while the machine has more
-        runnable tasks than CPUs (SpinGate): then we would hold a CPU from the guests. True if
-        a request arrived (in the ring or the socket)."""
-        rings, watch, server = self.rings, self.watch, self.server
-        assert rings is not None
-        if not watch.window or not server.gate.open():
-            watch.started = None
-            return False
-        clock = time.perf_counter
-        now = watch.started = clock()
-        deadline = now + watch.window
-        others_at = now + _LET_OTHERS_RUN
-        rounds = 0
-        while True:
-            if rings.pending():
-                return True
-            now = clock()
-            if now > deadline or self.kicked is not None:
-                return False
-            os.sched_yield()
-            rounds += 1
-            if rounds % 8 == 0 and self._poller.poll(0):
-                return True
-            if now > self.turn_end or (now > others_at and server.connections > 1):
-                # Watching holds the event loop as serving does: the others get their turn
-                # when this one's time is up (the admin socket and the maintenance task too),
-                # and another guest's request waits at most _LET_OTHERS_RUN while guests are
-                # many (a pass of trio's run loop costs more than a round here).
-                await server.yield_turn()
-                others_at = clock() + _LET_OTHERS_RUN
-                self.turn_end = clock() + self.quantum
-
     async def _sleep(self) -> bool:
-        """Wait for the guest's next word. A guest with rings is told we sleep, so it rings the
-        doorbell; then the ring is looked at once more, as a request stored before our word
-        was seen needs no doorbell. How long the guest kept us waiting sizes the next watch of
-        its ring. A wait starts a new turn."""
-        rings = self.rings
+        """Wait for the guest's next word (its rings are the poller's to watch). A wait
+        starts a new turn."""
         try:
-            if rings is None:
-                return await self._wait_readable()
-            rings.sleeping(True)
-            fence()  # the guest stores its tail then loads our word; we the reverse
-            try:
-                if rings.pending():
-                    return True
-                return await self._wait_readable()
-            finally:
-                rings.sleeping(False)
-                self.watch.woke(time.perf_counter())
+            return await self._wait_readable()
         finally:
             self.turn_end = time.perf_counter() + self.quantum
 
@@ -408,5 +416,5 @@ class Connection:
                 await trio.lowlevel.wait_readable(self.raw)
                 return True
             return not self.notified
-        except trio.ClosedResourceError:  # woken by shutdown() or kick(): loop round
+        except trio.ClosedResourceError:  # woken by shutdown(), kick() or poke(): loop round
             return True

@@ -44,6 +44,7 @@ from tmemd.accounts import StoreError
 from tmemd.config import GuestPolicy, Limits
 from tmemd.connection import RECV_SIZE, Connection
 from tmemd.host import Host
+from tmemd.poller import RingPoller
 from tmemd.region import hello_fds, map_region, peer_credentials
 from tmemd.session import Session, protocol_error_reply
 
@@ -90,6 +91,7 @@ class GuestServer:
         self._conns: dict[Session, Connection] = {}  # connections in their serving loop
         self._raw: set[socket.socket] = set()  # their sockets (shutdown wakes them)
         self.gate = SpinGate()  # watch rings only while the machine has a CPU to spare
+        self.poller = RingPoller(self)  # serves every connection's rings (``poller.run``)
         self.admin_gate: AdminGate | None = None
         self.stopping = False
         self.grace_deadline = float("inf")

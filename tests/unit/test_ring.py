@@ -18,7 +18,7 @@ from tmemclient.wire.errors import InvalidArgument, ProtocolError
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Hello
 from tmemclient.wire.ring import Rings
-from tmemd.connection import PollWindow
+from tmemd.poller import PollWindow
 
 needs_rings = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
 
