@@ -107,9 +107,12 @@ class Connection:
                         self._end_turn()
                 if rings is not None and self.ring_ready():
                     # A doorbell (the poller slept), or a request the poller has not reached:
-                    # serve it now, and have the poller watch the rings from here on.
+                    # serve it now, and have the poller watch the rings from here on if
+                    # watching pays (with no CPU to spare it would only go back to sleep:
+                    # the next doorbell comes here again).
                     self.serve_ring(time.perf_counter() + self.quantum)
-                    poller.wake()
+                    if server.gate.open():
+                        poller.wake()
                 await self._flush()
                 if self.failed is not None:
                     raise self.failed
