@@ -551,6 +551,7 @@ class Client:
                 if rings.pending() or (
                     self._on_ring
                     and self._spin
+                    and not rings.host_crowded()
                     and self._gate.open()
                     and self._spin_for_reply(rings)
                 ):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from tmemd.server import GuestServer
 
 LET_OTHERS_RUN = 50e-6  # seconds of watching between two turns for every other task
+CROWD_MEMORY = 2e-3  # seconds the rings say "crowded" after two guests' requests were served
 
 
 class PollWindow:
@@ -77,6 +78,12 @@ class RingPoller:
         self._yield_at = 0.0  # when the others get their next turn (perf_counter)
         self.rounds = 0
         self.sleeps = 0
+        # HOST_CROWDED, as every ring shows it: set while more than one connection has had
+        # ring requests served in the last CROWD_MEMORY seconds (then a guest sleeps rather
+        # than watch its reply ring: the CPU it would spin on is the others' and ours).
+        self.crowded = False
+        self._crowded_until = 0.0
+        self._last_served: Connection | None = None
 
     # ------------------------------------------------------------------ membership
 
@@ -85,6 +92,7 @@ class RingPoller:
         assert conn.rings is not None
         self.tenants.setdefault(conn.session.uid, deque()).append(conn)
         conn.rings.sleeping(self.asleep)
+        conn.rings.crowded(self.crowded)
         self.wake()
 
     def remove(self, conn: Connection) -> None:
@@ -95,6 +103,8 @@ class RingPoller:
             conns.remove(conn)
             if not conns:
                 del self.tenants[uid]
+        if self._last_served is conn:
+            self._last_served = None
 
     def wake(self) -> None:
         """A doorbell, or a new connection: look at the rings now."""
@@ -139,11 +149,24 @@ class RingPoller:
                 conns.rotate(-1)  # the tenant's next connection goes first next time
                 if conn.ring_ready() and conn.serve_ring(deadline):
                     served = True
+                    if conn is not self._last_served:
+                        if self._last_served is not None:
+                            self._crowded_until = clock() + CROWD_MEMORY
+                        self._last_served = conn
                 if clock() > deadline:
                     break
             if clock() > self._yield_at:
                 await self._let_others_run()
+        self._publish_crowded(clock() < self._crowded_until)
         return served
+
+    def _publish_crowded(self, flag: bool) -> None:
+        if flag != self.crowded:
+            self.crowded = flag
+            for conns in self.tenants.values():
+                for conn in conns:
+                    assert conn.rings is not None
+                    conn.rings.crowded(flag)
 
     async def _watch(self) -> bool:
         """Watch the rings for up to the window before sleeping; True if a request came."""
@@ -171,6 +194,7 @@ class RingPoller:
     async def _sleep(self) -> None:
         """Tell every guest we sleep (so it rings its doorbell), look once more, and wait for
         a doorbell. How long the guests kept us waiting sizes the next watch."""
+        self._publish_crowded(time.perf_counter() < self._crowded_until)
         self._wakeup = trio.Event()  # before the words: a wake from now on is not lost
         self.asleep = True
         for conns in self.tenants.values():

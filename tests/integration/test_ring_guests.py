@@ -271,10 +271,42 @@ def test_a_busy_machine_still_uses_the_rings_without_spinning(daemon: Daemon) ->
     with tmemclient.connect(daemon.socket, name="r") as client:
         client._gate.open = lambda: False  # type: ignore[method-assign]
         spins: list[int] = []
-        client._spin_for_reply = lambda rings: bool(spins.append(1))  # type: ignore[method-assign]
+
+        def spin(rings: Rings) -> bool:
+            spins.append(1)
+            return False
+
+        client._spin_for_reply = spin  # type: ignore[method-assign]
         workload(client, 5)
         assert client._rings is not None and client._rings.written > 0
         assert spins == []
+
+
+def test_the_rings_say_when_the_daemon_serves_other_guests_too(daemon: Daemon) -> None:
+    """While two guests' requests keep the poller busy, their rings say "crowded" (and the
+    guests sleep for replies rather than spin); once one is left alone, its ring says so
+    again soon after."""
+    with connect(daemon, name="a") as a, connect(daemon, name="b") as b:
+        pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
+        rings_a, rings_b = a._rings, b._rings
+        assert rings_a is not None and rings_b is not None
+        assert pa.put(1, 0, b"a" * FRAME_SIZE) and pb.put(1, 0, b"b" * FRAME_SIZE)
+        seen = False
+        for _ in range(20_000):  # bounded: alternate until the word shows (at once, usually)
+            assert pa.get(1, 0) == b"a" * FRAME_SIZE
+            assert pb.get(1, 0) == b"b" * FRAME_SIZE
+            if rings_a.host_crowded() and rings_b.host_crowded():
+                seen = True
+                break
+        assert seen, "the rings never said the daemon was serving two guests"
+        b.close()
+
+        def alone() -> bool:
+            assert pa.get(1, 0) == b"a" * FRAME_SIZE
+            return not rings_a.host_crowded()
+
+        wait_until(alone, "a lone guest's ring still says crowded")
+        pa.destroy()
 
 
 def test_region_size_includes_the_rings_asked_for(daemon: Daemon) -> None:

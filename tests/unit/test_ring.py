@@ -77,6 +77,24 @@ def test_sleep_words_are_seen_by_the_other_side(pair: tuple[Rings, Rings]) -> No
 
 
 @needs_rings
+def test_the_crowded_word_goes_from_daemon_to_guest_and_starts_clear() -> None:
+    area = mmap.mmap(-1, layout.ring_bytes(1))
+    memoryview(area)[: layout.ring_bytes(1)] = b"\xff" * layout.ring_bytes(1)  # stale bytes
+    host = Rings(memoryview(area), 1, "host")
+    guest = Rings(memoryview(area), 1, "guest")
+    try:
+        assert not guest.host_crowded()  # the daemon zeroes the header when it grants rings
+        host.crowded(True)
+        assert guest.host_crowded()
+        host.crowded(False)
+        assert not guest.host_crowded()
+    finally:
+        guest.release()
+        host.release()
+        area.close()
+
+
+@needs_rings
 @pytest.mark.parametrize("word", [layout.SQ_TAIL, layout.CQ_HEAD])
 @pytest.mark.parametrize("value", [FRAME_SIZE + 1, 2**64 - 1, 2**63])
 def test_a_corrupt_guest_counter_is_a_protocol_error(

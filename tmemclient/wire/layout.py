@@ -24,6 +24,7 @@ CQ_TAIL: Final = 16  # daemon: reply bytes written
 CQ_HEAD: Final = 24  # guest: reply bytes consumed
 HOST_IDLE: Final = 32  # daemon: 1 while it sleeps on the socket (a request needs a doorbell)
 GUEST_WAITING: Final = 40  # guest: 1 while it sleeps on the socket (a reply needs a doorbell)
+HOST_CROWDED: Final = 48  # daemon: 1 while it serves other guests' rings too (do not spin)
 
 CTL_WORDS: Final = 3  # a mirror's control words for lent memory: seq, lent slots, low slots
 

@@ -33,6 +33,7 @@ from tmemclient.wire.layout import (
     CQ_TAIL,
     FRAME_SIZE,
     GUEST_WAITING,
+    HOST_CROWDED,
     HOST_IDLE,
     MAX_RING_FRAMES,
     SQ_HEAD,
@@ -106,7 +107,15 @@ class Rings:
         self.written = 0  # our producer counter
         self.read = 0  # our consumer counter
         if not guest:
-            for word in (SQ_TAIL, SQ_HEAD, CQ_TAIL, CQ_HEAD, HOST_IDLE, GUEST_WAITING):
+            for word in (
+                SQ_TAIL,
+                SQ_HEAD,
+                CQ_TAIL,
+                CQ_HEAD,
+                HOST_IDLE,
+                GUEST_WAITING,
+                HOST_CROWDED,
+            ):
                 self.words[word] = 0
 
     def release(self) -> None:
@@ -176,6 +185,16 @@ class Rings:
     def peer_sleeping(self) -> bool:
         """Does the other side sleep on the socket (so it needs a doorbell)?"""
         return self.words[self._peer_sleep_word] != 0
+
+    def crowded(self, flag: bool) -> None:
+        """(The daemon) say whether it is serving other guests' rings too."""
+        self.words[HOST_CROWDED] = int(flag)
+
+    def host_crowded(self) -> bool:
+        """(The guest) is the daemon serving other guests too? Then a reply takes a round of
+        theirs, and watching for it would only take a CPU from them and from the daemon: sleep
+        and let the doorbell wake us. Advice only: a wrong value costs time, never a reply."""
+        return self.words[HOST_CROWDED] != 0
 
 
 class SpinGate:
