@@ -167,42 +167,19 @@ class RedisDriver:
 
 
 class TmemMapDriver(TmemDriver):
-    """tmemclient with a mapping of its pages (PROTOCOL.md §4.7): puts answer with tokens, and
-    gets are mapped reads, with no request at all (a persistent pool: a GET leaves the page too,
-    so the two are the same operation here)."""
+    """tmemclient with a mapping of its pages (PROTOCOL.md §4.7), through the plain calls: a
+    persistent pool's ``get`` reads the page through the mapping with no request at all (the
+    client keeps each page's token from its put's answer; a persistent GET leaves the page
+    too, so the two are the same operation here)."""
 
     def __init__(self, sock: str, keys: Keys, guest: int) -> None:
         super().__init__(sock, keys, guest, map_pages=True)
         if self.client.mapping is None:
             raise RuntimeError("tmemd granted no mapping (is it run with --no-map-pages?)")
-        self.firsts = [keys.batch_range(b).start for b in range(keys.batches)]
-        self.tokens: list[Any] = [None] * keys.size
-
-    def _store(self, items: list[tuple[int, int, bytes]], first: int) -> int:
-        """Put and wait for the answers, which say where the pages went."""
-        stored = self.pool.put_many_tokens(items)
-        self.tokens[first : first + len(items)] = stored
-        return sum(1 for token in stored if token is not None)
-
-    def put(self, i: int) -> int:
-        k = i % self.size
-        return self._store([(1, k, PAGE)], k)
-
-    def get(self, i: int) -> int:
-        token = self.tokens[i % self.size]
-        return 1 if token is not None and self.pool.read_mapped(token) == PAGE else 0
-
-    def put_batch(self, b: int) -> int:
-        return self._store(self.put_items[b % self.batches], self.firsts[b % self.batches])
 
     def get_batch(self, b: int) -> int:
-        start = self.firsts[b % self.batches]
-        read, tokens = self.pool.read_mapped, self.tokens
-        return sum(
-            1
-            for k in range(start, start + len(self.put_items[0]))
-            if (t := tokens[k]) is not None and read(t) == PAGE
-        )
+        get = self.pool.get
+        return sum(1 for o, k in self.get_items[b % self.batches] if get(o, k) == PAGE)
 
 
 def tmem_socket_driver(sock: str, keys: Keys, guest: int) -> Driver:

@@ -223,7 +223,7 @@ def rows(batch: int) -> list[Row]:
         ),
         Row(
             "map",
-            "mapped read, tmemd read_mapped, no request (memcached: its plain get)",
+            "mapped get, tmemd get of a mapped client, no request (memcached: its plain get)",
             "ops",
             ("tmemd-map", "get"),
             ("memcached", "get"),

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from tmemclient import _plans
-from tmemclient.mapping import Mapping, Token
+from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.wire.errors import InvalidArgument, UnknownPool
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
 from tmemclient.wire.messages import UUID_BYTES, Limits, Op, check_oid, encode_oid, make_pool_flags
@@ -38,6 +38,77 @@ class PoolOps:
         self._limits = limits
         self.info = info
         self._touched: list[int] = []  # tokens read through the mapping, not reported yet
+        # oid -> index -> token of the page as this connection's last answered put stored it,
+        # for gets that read the mapping instead of asking tmemd (``_mapped_get``); only for
+        # persistent private pools of a mapped client (set up by the pool classes).
+        self._tokens: dict[int, dict[int, Token]] | None = None
+
+    def _track_tokens(self) -> None:
+        """Called by the pool classes once ``mapping`` works: a persistent private pool of a
+        mapped client answers gets through the mapping where it can (a persistent get keeps
+        the page, as a mapped read does; PROTOCOL.md §4.7)."""
+        info = self.info
+        if self.mapping is not None and info.persistent and not info.shared:
+            self._tokens = {}
+
+    # ------------------------------------------------------------------ gets with no round trip
+    # A token read through the mapping gives the page only while it is exactly the page the
+    # put stored (the daemon zeroes the generation before it changes or frees it, and never
+    # reuses one), so a token that is out of date simply misses: the get then asks tmemd. What
+    # must never happen is a mapped read that passes a request this connection sent earlier and
+    # tmemd has not served yet (a put, write or flush of the page): so a page's token is
+    # forgotten when such a request is *sent*, and learnt only from the answer to a put.
+
+    def _mapped_get(self, oid: int, index: int) -> bytes | None:
+        """The page through the mapping, or None: ask tmemd (no token, or it no longer reads)."""
+        tokens = self._tokens
+        if tokens is None:
+            return None
+        pages = tokens.get(oid)
+        token = None if pages is None else pages.get(index)
+        if token is None:
+            return None
+        mapping = self.mapping
+        assert mapping is not None and pages is not None
+        data = mapping.read(token, self.info.page_size.bit_length() - 13)
+        if data is None:
+            del pages[index]
+            if not pages:
+                del tokens[oid]
+            return None
+        self._touched += token  # reported (the pool sees to it when a request's worth is due)
+        return data
+
+    def _reads_due(self) -> bool:
+        """Have the mapped gets filled a TOUCH_MANY? (The pool then reports them and waits.)"""
+        return len(self._touched) >= 2 * self._limits.max_batch
+
+    def _learn(self, oid: int, index: int, answer: Any) -> None:
+        """A put of (oid, index) was answered ``answer`` (a token, or false)."""
+        tokens = self._tokens
+        if tokens is not None:
+            token = token_of(answer)
+            if token is not None:
+                tokens.setdefault(oid, {})[index] = token
+
+    def _learn_many(self, items: Sequence[tuple[int, int, Any]], answers: Sequence[Any]) -> None:
+        if self._tokens is not None:
+            for (oid, index, _data), answer in zip(items, answers, strict=False):
+                self._learn(oid, index, answer)
+
+    def _forget(self, oid: int, index: int | None = None) -> None:
+        """A request that changes page (oid, index), or every page of ``oid``, is being sent."""
+        tokens = self._tokens
+        if tokens is not None:
+            if index is None:
+                tokens.pop(oid, None)
+            elif (pages := tokens.get(oid)) is not None:
+                pages.pop(index, None)
+
+    def _forget_many(self, items: Sequence[Sequence[Any]]) -> None:
+        if self._tokens is not None:
+            for item in items:
+                self._forget(item[0], item[1])
 
     @property
     def mapping(self) -> Mapping | None:
@@ -195,6 +266,8 @@ class PoolOps:
     def _destroy(self) -> Job:
         info = self._alive()
         self._touched = []  # nothing to report of a pool that goes
+        if self._tokens is not None:
+            self._tokens.clear()
         return Job(0, lambda _s, _n: _plans.simple(Op.DESTROY_POOL, info.handle))
 
     def __repr__(self) -> str:

@@ -61,6 +61,7 @@ class AsyncPool(PoolOps):
     def __init__(self, client: AsyncClient, info: _plans.PoolInfo) -> None:
         super().__init__(client._view, client.limits, info)
         self._client = client
+        self._track_tokens()
 
     @property
     def client(self) -> AsyncClient:
@@ -69,16 +70,27 @@ class AsyncPool(PoolOps):
 
     async def put(self, oid: int, index: int, data: Any) -> bool:
         """Store one page; False if the daemon declines (no room, frozen, over cap)."""
-        return bool(await self._client._run(self._put(oid, index, data)))
+        if self._tokens is None:
+            return bool(await self._client._run(self._put(oid, index, data)))
+        (stored,) = await self.put_many([(oid, index, data)])  # its answer is the token
+        return stored
 
     async def get(self, oid: int, index: int) -> bytes | None:
-        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive)."""
+        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive).
+        A persistent pool of a mapped client reads a page this connection put through the
+        mapping, with no round trip (see the sync ``Pool.get``)."""
+        if self._tokens is not None and (data := self._mapped_get(oid, index)) is not None:
+            if self._reads_due():
+                await self._client.wait_deferred()
+            return data
         result: bytes | None = await self._client._run(self._get(oid, index))
         return result
 
     async def put_frame(self, oid: int, index: int, frame: int) -> bool:
         """Store the page held in region frame(s) ``frame..`` (zero-copy path)."""
-        return bool(await self._client._run(self._frame(Op.PUT, oid, index, frame)))
+        job = self._frame(Op.PUT, oid, index, frame)
+        self._forget(oid, index)
+        return bool(await self._client._run(job))
 
     async def get_frame(self, oid: int, index: int, frame: int) -> bool:
         """Fetch the page into region frame(s) ``frame..``; True on a hit."""
@@ -86,11 +98,15 @@ class AsyncPool(PoolOps):
 
     async def flush(self, oid: int, index: int) -> None:
         """Remove one page (idempotent)."""
-        await self._client._run(self._simple(Op.FLUSH, oid, index))
+        job = self._simple(Op.FLUSH, oid, index)
+        self._forget(oid, index)
+        await self._client._run(job)
 
     async def flush_object(self, oid: int) -> None:
         """Remove every page of an object."""
-        await self._client._run(self._simple(Op.FLUSH_OBJECT, oid))
+        job = self._simple(Op.FLUSH_OBJECT, oid)
+        self._forget(oid)
+        await self._client._run(job)
 
     async def read(self, oid: int, index: int, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of a page (the page stays); None on a miss."""
@@ -99,18 +115,30 @@ class AsyncPool(PoolOps):
 
     async def write(self, oid: int, index: int, offset: int, data: Any) -> bool:
         """Overwrite bytes of an existing page; False if the page is not there."""
-        return bool(await self._client._run(self._write(Op.WRITE, oid, index, offset, data)))
+        job = self._write(Op.WRITE, oid, index, offset, data)
+        self._forget(oid, index)
+        return bool(await self._client._run(job))
 
     async def xchg(self, oid: int, index: int, offset: int, data: Any) -> bytes | None:
         """Atomically write ``data`` at ``offset`` and return the bytes it replaced; None on a miss."""
         job = self._write(Op.XCHG, oid, index, offset, data)
+        self._forget(oid, index)
         result: bytes | None = await self._client._run(job)
         return result
 
     async def put_many(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
         """Store many pages; one bool per item."""
-        job = self._put_many(items)
-        return job if isinstance(job, list) else list(await self._client._run(job))
+        if self._tokens is None:
+            job = self._put_many(items)
+            return job if isinstance(job, list) else list(await self._client._run(job))
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        job = self._put_many(items, answers=True)
+        if isinstance(job, list):
+            return job
+        self._forget_many(items)
+        answers = list(await self._client._run(job))
+        self._learn_many(items, answers)
+        return [bool(answer) for answer in answers]
 
     async def put_many_nowait(
         self, items: Sequence[tuple[int, int, Any]], on_answer: OnAnswer | None = None
@@ -120,11 +148,16 @@ class AsyncPool(PoolOps):
         and handed to ``on_answer(first, results)`` (from the reader task)."""
         items = items if isinstance(items, (list, tuple)) else list(items)
         await self.report_reads()
+        self._forget_many(items)  # (only a waited-for answer teaches a token: see _pool.py)
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
         for i in range(0, len(items), step):
             job = self._put_many(items[i : i + step], answers=True)
             if not isinstance(job, list):
                 await self._client._run(job, wait=False, on_answer=on_answer, first=i)
+
+    async def put_nowait(self, oid: int, index: int, data: Any) -> None:
+        """``put`` without waiting for the answer (``put_many_nowait`` of one page)."""
+        await self.put_many_nowait([(oid, index, data)])
 
     @property
     def mapping(self) -> Mapping | None:
@@ -149,7 +182,9 @@ class AsyncPool(PoolOps):
 
     async def flush_many(self, items: Sequence[tuple[int, int]]) -> None:
         """Remove many pages."""
-        await self._client._run(self._flush_many(items))
+        job = self._flush_many(items)
+        self._forget_many(items)
+        await self._client._run(job)
 
     async def destroy(self) -> None:
         """Free every page of the pool; the handle is dead afterwards."""

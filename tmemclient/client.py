@@ -52,10 +52,11 @@ DEFAULT_SPIN_US = 100
 _LIGHT_REQUEST = 64  # bytes: a single-page request (a batch frame is longer)
 _U64 = (1 << 64) - 1  # oids below 2**64 go as plain integers (encode_oid)
 _U32 = (1 << INDEX_BITS) - 1
-_PUT, _GET, _PING = (
+_PUT, _GET, _PING, _PUT_MANY = (
     int(Op.PUT),
     int(Op.GET),
     int(Op.PING),
+    int(Op.PUT_MANY),
 )  # plain ints: msgpack packs them without a lookup
 
 
@@ -65,6 +66,7 @@ class Pool(PoolOps):
     def __init__(self, client: Client, info: _plans.PoolInfo) -> None:
         super().__init__(client._view, client.limits, info)
         self._client = client
+        self._track_tokens()
 
     @property
     def client(self) -> Client:
@@ -88,11 +90,25 @@ class Pool(PoolOps):
             if start is not None:
                 base = start << FRAME_SHIFT
                 self._region[base : base + len(data)] = data
-                return bool(client._call(_PUT, info.handle, oid, index, start))
-        return bool(self._client._run(self._put(oid, index, data)))
+                if self._tokens is None:
+                    return bool(client._call(_PUT, info.handle, oid, index, start))
+                # A mapped persistent pool: PUT_MANY of one page, whose answer is its token.
+                self._forget(oid, index)
+                (answer,) = client._call(_PUT_MANY, info.handle, [oid, index, start])
+                self._learn(oid, index, answer)
+                return bool(answer)
+        job = self._put(oid, index, data)
+        self._forget(oid, index)
+        return bool(self._client._run(job))
 
     def get(self, oid: int, index: int) -> bytes | None:
-        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive)."""
+        """The page, or None on a miss. Ephemeral private pools give the page up (exclusive).
+        A persistent pool of a mapped client reads a page this connection put through the
+        mapping, with no round trip."""
+        if self._tokens is not None and (data := self._mapped_get(oid, index)) is not None:
+            if self._reads_due():
+                self._client.wait_deferred()
+            return data
         info = self.info
         if (
             type(oid) is int
@@ -113,7 +129,9 @@ class Pool(PoolOps):
 
     def put_frame(self, oid: int, index: int, frame: int) -> bool:
         """Store the page held in region frame(s) ``frame..`` (zero-copy path)."""
-        return bool(self._client._run(self._frame(Op.PUT, oid, index, frame)))
+        job = self._frame(Op.PUT, oid, index, frame)
+        self._forget(oid, index)
+        return bool(self._client._run(job))
 
     def get_frame(self, oid: int, index: int, frame: int) -> bool:
         """Fetch the page into region frame(s) ``frame..``; True on a hit."""
@@ -121,11 +139,15 @@ class Pool(PoolOps):
 
     def flush(self, oid: int, index: int) -> None:
         """Remove one page (idempotent)."""
-        self._client._run(self._simple(Op.FLUSH, oid, index))
+        job = self._simple(Op.FLUSH, oid, index)
+        self._forget(oid, index)
+        self._client._run(job)
 
     def flush_object(self, oid: int) -> None:
         """Remove every page of an object."""
-        self._client._run(self._simple(Op.FLUSH_OBJECT, oid))
+        job = self._simple(Op.FLUSH_OBJECT, oid)
+        self._forget(oid)
+        self._client._run(job)
 
     def read(self, oid: int, index: int, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of a page (the page stays); None on a miss."""
@@ -134,17 +156,30 @@ class Pool(PoolOps):
 
     def write(self, oid: int, index: int, offset: int, data: Any) -> bool:
         """Overwrite bytes of an existing page; False if the page is not there."""
-        return bool(self._client._run(self._write(Op.WRITE, oid, index, offset, data)))
+        job = self._write(Op.WRITE, oid, index, offset, data)
+        self._forget(oid, index)
+        return bool(self._client._run(job))
 
     def xchg(self, oid: int, index: int, offset: int, data: Any) -> bytes | None:
         """Atomically write ``data`` at ``offset`` and return the bytes it replaced; None on a miss."""
-        result: bytes | None = self._client._run(self._write(Op.XCHG, oid, index, offset, data))
+        job = self._write(Op.XCHG, oid, index, offset, data)
+        self._forget(oid, index)
+        result: bytes | None = self._client._run(job)
         return result
 
     def put_many(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
         """Store many pages in as few frames as the region allows; one bool per item."""
-        job = self._put_many(items)
-        return job if isinstance(job, list) else list(self._client._run(job))
+        if self._tokens is None:
+            job = self._put_many(items)
+            return job if isinstance(job, list) else list(self._client._run(job))
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        job = self._put_many(items, answers=True)
+        if isinstance(job, list):
+            return job
+        self._forget_many(items)
+        answers = list(self._client._run(job))
+        self._learn_many(items, answers)
+        return [bool(answer) for answer in answers]
 
     def put_many_nowait(
         self, items: Sequence[tuple[int, int, Any]], on_answer: OnAnswer | None = None
@@ -162,6 +197,7 @@ class Pool(PoolOps):
         """
         items = items if isinstance(items, (list, tuple)) else list(items)
         self.report_reads()
+        self._forget_many(items)  # (only a waited-for answer teaches a token: see _pool.py)
         # Half the region per request at most, so one batch can be staged while the answer
         # to the previous one is still on its way.
         step = max(1, self._client.limits.frames // 2 // self.info.frames_per_page)
@@ -169,6 +205,10 @@ class Pool(PoolOps):
             job = self._put_many(items[i : i + step], answers=True)
             if not isinstance(job, list):
                 self._client._run(job, wait=False, on_answer=on_answer, first=i)
+
+    def put_nowait(self, oid: int, index: int, data: Any) -> None:
+        """``put`` without waiting for the answer (``put_many_nowait`` of one page)."""
+        self.put_many_nowait([(oid, index, data)])
 
     def put_many_tokens(self, items: Sequence[tuple[int, int, Any]]) -> list[Token | None]:
         """``put_many`` for a client with a mapping: the token for ``read_mapped`` of each page
@@ -208,7 +248,9 @@ class Pool(PoolOps):
 
     def flush_many(self, items: Sequence[tuple[int, int]]) -> None:
         """Remove many pages."""
-        self._client._run(self._flush_many(items))
+        job = self._flush_many(items)
+        self._forget_many(items)
+        self._client._run(job)
 
     def destroy(self) -> None:
         """Free every page of the pool; the handle is dead afterwards."""

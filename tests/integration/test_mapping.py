@@ -12,7 +12,9 @@ import fcntl
 import mmap
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ from tmemclient.mapping import Token
 from tmemclient.region import create_region
 from tmemclient.wire.codec import NEED_DATA, FrameDecoder
 from tmemclient.wire.layout import FRAME_SIZE
+from tmemclient.wire.messages import Op
 from tmemd.ctl.client import AdminClient
 
 PAGE = FRAME_SIZE
@@ -441,3 +444,177 @@ async def test_a_trio_page_cache_keeps_tokens_answered_before_the_send_returns(
             assert cache.stats.mapped_reads > 0
             assert cache.stats.tmem_gets == 0  # every block's place was known: no lookup
             cache.close()
+
+
+# ------------------------------------------------------------------ gets with no round trip
+
+
+class CountingCalls:
+    """Counts the requests a sync client sends (wraps ``Client._call`` and ``Client._send``)."""
+
+    def __init__(self, client: tmemclient.Client) -> None:
+        self.ops: list[int] = []
+        call, send = client._call, client._send
+
+        def counted_call(op: int, *args: Any) -> Any:
+            self.ops.append(op)
+            return call(op, *args)
+
+        def counted_send(requests: list[list[Any]], **kwargs: Any) -> list[int]:
+            self.ops.extend(int(r[0]) for r in requests)
+            return send(requests, **kwargs)
+
+        client._call = counted_call  # type: ignore[method-assign]
+        client._send = counted_send  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("page_size", [PAGE, 4 * PAGE])
+def test_a_persistent_get_of_a_mapped_client_reads_its_page_with_no_round_trip(
+    daemon: Daemon, page_size: int
+) -> None:
+    with connect(daemon, "g") as client:
+        pool = client.new_pool(persistent=True, page_size=page_size)
+        pages = {i: random.Random(i).randbytes(page_size) for i in range(20)}
+        for i in range(10):
+            assert pool.put(1, i, pages[i])
+        assert all(pool.put_many([(1, i, pages[i]) for i in range(10, 20)]))
+        calls = CountingCalls(client)
+        for _ in range(3):
+            for i in range(20):
+                assert pool.get(1, i) == pages[i]
+        assert calls.ops == []  # not one request: every get read the mapping
+        assert pool.get(1, 99) is None  # never put: tmemd answers
+        assert calls.ops == [int(Op.GET)]
+        pool.destroy()
+
+
+def test_a_mapped_get_never_passes_a_change_sent_before_it(daemon: Daemon) -> None:
+    """Whatever changed a page last — a put (waited for or not), write, xchg, flush,
+    flush_object, flush_many, or tmemctl — the next get sees it, byte for byte."""
+    rng = random.Random(7)
+    with connect(daemon, "g") as client:
+        pool = client.new_pool(persistent=True)
+        model: dict[tuple[int, int], bytes] = {}
+        keys = [(o, i) for o in (1, 2) for i in range(8)]
+        for step in range(600):  # bounded: random changes, each followed by gets of every key
+            oid, index = rng.choice(keys)
+            kind = rng.randrange(8)
+            data = rng.randbytes(PAGE)
+            if kind == 0:
+                assert pool.put(oid, index, data)
+                model[(oid, index)] = data
+            elif kind == 1:
+                pool.put_many_nowait([(oid, index, data)])  # not waited for: the get still sees it
+                model[(oid, index)] = data
+            elif kind == 2:
+                assert pool.put_many([(oid, index, data)]) == [True]
+                model[(oid, index)] = data
+            elif kind == 3 and (oid, index) in model:
+                assert pool.write(oid, index, 100, b"w" * 10)
+                old = model[(oid, index)]
+                model[(oid, index)] = old[:100] + b"w" * 10 + old[110:]
+            elif kind == 4 and (oid, index) in model:
+                old = model[(oid, index)]
+                assert pool.xchg(oid, index, 0, b"x" * 5) == old[:5]
+                model[(oid, index)] = b"x" * 5 + old[5:]
+            elif kind == 5:
+                pool.flush(oid, index)
+                model.pop((oid, index), None)
+            elif kind == 6 and step % 20 == 0:
+                pool.flush_object(oid)
+                for key in [k for k in model if k[0] == oid]:
+                    del model[key]
+            elif kind == 7:
+                pool.flush_many([(oid, index), (oid, (index + 1) % 8)])
+                model.pop((oid, index), None)
+                model.pop((oid, (index + 1) % 8), None)
+            for key in keys:
+                assert pool.get(*key) == model.get(key), f"step {step}: {key}"
+        pool.wait_deferred()
+        assert client.deferred.errors == 0
+        pool.destroy()
+
+
+def test_mapped_gets_are_reported_as_hits(start_daemon: Any, tmp_path: Any) -> None:
+    """tmemd counts gets it never saw: the pool reports them (TOUCH_MANY) a request's worth at
+    a time, and at wait_deferred."""
+    admin = tmp_path / "admin" / "admin.sock"
+    admin.parent.mkdir(mode=0o700)
+    daemon = start_daemon("--memory", "4MiB", "--admin-socket", str(admin))
+    with connect(daemon, "m") as client:
+        pool = client.new_pool(persistent=True)
+        assert pool.put(1, 0, b"p" * PAGE)
+        gets = 3 * client.limits.max_batch + 5  # past the report threshold more than once
+        for _ in range(gets):
+            assert pool.get(1, 0) == b"p" * PAGE
+        client.wait_deferred()
+        row = {r["name"].split("/")[-1]: r for r in AdminClient(admin).call("guests")}["m"]
+        assert row["gets_hit"] == gets
+        assert client.deferred.errors == 0
+
+
+def test_ephemeral_and_unmapped_gets_still_ask_tmemd(daemon: Daemon) -> None:
+    """An ephemeral get is exclusive (the page leaves tmem), so it must be asked for; a client
+    without a mapping has nothing to read."""
+    with connect(daemon, "e") as client:
+        pool = client.new_pool()  # ephemeral
+        assert pool.put(1, 0, b"e" * PAGE)
+        calls = CountingCalls(client)
+        assert pool.get(1, 0) == b"e" * PAGE
+        assert pool.get(1, 0) is None  # it was given up
+        assert calls.ops == [int(Op.GET)] * 2
+        pool.destroy()
+    with tmemclient.connect(daemon.socket, name="u") as plain:
+        pool = plain.new_pool(persistent=True)
+        assert pool.put(1, 0, b"u" * PAGE)
+        calls = CountingCalls(plain)
+        assert pool.get(1, 0) == b"u" * PAGE
+        assert calls.ops == [int(Op.GET)]
+        pool.destroy()
+
+
+async def test_the_trio_pool_gets_through_its_mapping_too(daemon: Daemon) -> None:
+    async with tmemclient.open_client(daemon.socket, name="t", map_pages=True) as client:
+        pool = await client.new_pool(persistent=True)
+        pages = {i: bytes([i]) * PAGE for i in range(10)}
+        for i in range(5):
+            assert await pool.put(1, i, pages[i])
+        assert await pool.put_many([(1, i, pages[i]) for i in range(5, 10)]) == [True] * 5
+        sent: list[Any] = []
+        run = client._run
+
+        async def counted(job: Any, **kwargs: Any) -> Any:
+            sent.append(job)
+            return await run(job, **kwargs)
+
+        client._run = counted  # type: ignore[method-assign]
+        for i in range(10):
+            assert await pool.get(1, i) == pages[i]
+        assert sent == []
+        await pool.write(1, 3, 0, b"zz")  # a change: the next get sees it
+        assert await pool.get(1, 3) == b"zz" + pages[3][2:]
+        await pool.flush(1, 4)
+        assert await pool.get(1, 4) is None
+        await pool.destroy()
+
+
+def test_a_mapped_get_waits_for_a_no_wait_put_sent_before_it(start_daemon: Any) -> None:
+    """The daemon is stopped while a no-wait put of the page is on its way: the mapping still
+    holds the old page, but the get must not return it; it asks tmemd, which serves the put
+    first once it runs again."""
+    daemon = start_daemon("--memory", "4MiB")
+    with connect(daemon, "g") as client:
+        pool = client.new_pool(persistent=True)
+        assert pool.put(1, 0, b"A" * PAGE)
+        assert pool.get(1, 0) == b"A" * PAGE
+        os.kill(daemon.pid, signal.SIGSTOP)
+        resume = threading.Timer(0.3, os.kill, (daemon.pid, signal.SIGCONT))
+        try:
+            pool.put_many_nowait([(1, 0, b"B" * PAGE)])
+            resume.start()
+            assert pool.get(1, 0) == b"B" * PAGE
+        finally:
+            resume.cancel()
+            os.kill(daemon.pid, signal.SIGCONT)
+        pool.wait_deferred()
+        assert client.deferred.errors == 0

@@ -80,3 +80,22 @@ async def test_trio_nowait_puts_are_counted_and_free_their_frames(daemon: Any) -
             assert client._alloc.free == 8
             got = await pool.get_many([(6, i) for i in range(300)])
             assert all(d == page(i) for i, d in enumerate(got))
+
+
+def test_single_nowait_puts_are_seen_and_counted(daemon: Any) -> None:
+    with tmemclient.connect(daemon.socket, name="nw6", frames=16) as client:
+        pool = client.new_pool(persistent=True)
+        for i in range(40):
+            pool.put_nowait(4, i, page(i))
+        assert pool.get(4, 39) == page(39)  # served in order, answer unread or not
+        assert client.wait_deferred().stored == 40
+        assert pool.get_many([(4, i) for i in range(40)]) == [page(i) for i in range(40)]
+
+
+async def test_single_nowait_puts_of_the_trio_client(daemon: Any) -> None:
+    async with tmemclient.open_client(daemon.socket, name="nw7", frames=16) as client:
+        pool = await client.new_pool(persistent=True)
+        for i in range(20):
+            await pool.put_nowait(5, i, page(i))
+        assert (await client.wait_deferred()).stored == 20
+        assert await pool.get(5, 19) == page(19)
