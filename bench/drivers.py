@@ -168,7 +168,7 @@ class RedisDriver:
 
 class TmemMapDriver(TmemDriver):
     """tmemclient with a mapping of its pages (PROTOCOL.md §4.7), through the plain calls: a
-    persistent pool's ``get`` reads the page through the mapping with no request at all (the
+    persistent pool's ``get`` and ``get_many`` read pages through the mapping with no request (the
     client keeps each page's token from its put's answer; a persistent GET leaves the page
     too, so the two are the same operation here)."""
 
@@ -176,10 +176,6 @@ class TmemMapDriver(TmemDriver):
         super().__init__(sock, keys, guest, map_pages=True)
         if self.client.mapping is None:
             raise RuntimeError("tmemd granted no mapping (is it run with --no-map-pages?)")
-
-    def get_batch(self, b: int) -> int:
-        get = self.pool.get
-        return sum(1 for o, k in self.get_items[b % self.batches] if get(o, k) == PAGE)
 
 
 def tmem_socket_driver(sock: str, keys: Keys, guest: int) -> Driver:

@@ -83,6 +83,20 @@ class PoolOps:
         """Have the mapped gets filled a TOUCH_MANY? (The pool then reports them and waits.)"""
         return len(self._touched) >= 2 * self._limits.max_batch
 
+    def _mapped_get_many(
+        self, items: Sequence[tuple[int, int]]
+    ) -> tuple[list[bytes | None], list[int]]:
+        """What the mapping gives of ``items`` (None where it gives nothing), and the positions
+        still to ask tmemd for."""
+        results: list[bytes | None] = []
+        ask: list[int] = []
+        for i, (oid, index) in enumerate(items):
+            data = self._mapped_get(oid, index)
+            results.append(data)
+            if data is None:
+                ask.append(i)
+        return results, ask
+
     def _learn(self, oid: int, index: int, answer: Any) -> None:
         """A put of (oid, index) was answered ``answer`` (a token, or false)."""
         tokens = self._tokens

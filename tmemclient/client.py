@@ -242,9 +242,23 @@ class Pool(PoolOps):
             self._client._send_deferred(self._touches())
 
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
-        """Fetch many pages; data or None per item."""
+        """Fetch many pages; data or None per item. As ``get``, a persistent pool of a mapped
+        client reads what it can through the mapping and asks tmemd for the rest."""
         job = self._get_many(items)
-        return job if isinstance(job, list) else list(self._client._run(job))
+        if isinstance(job, list):
+            return job
+        if self._tokens is None:
+            return list(self._client._run(job))
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        results, ask = self._mapped_get_many(items)
+        if ask:
+            rest = self._get_many([items[i] for i in ask])
+            fetched = rest if isinstance(rest, list) else self._client._run(rest)
+            for i, data in zip(ask, fetched, strict=True):
+                results[i] = data
+        if self._reads_due():
+            self._client.wait_deferred()
+        return results
 
     def flush_many(self, items: Sequence[tuple[int, int]]) -> None:
         """Remove many pages."""

@@ -485,6 +485,11 @@ def test_a_persistent_get_of_a_mapped_client_reads_its_page_with_no_round_trip(
         assert calls.ops == []  # not one request: every get read the mapping
         assert pool.get(1, 99) is None  # never put: tmemd answers
         assert calls.ops == [int(Op.GET)]
+        keys = [(1, i) for i in range(20)]
+        assert pool.get_many(keys) == [pages[i] for i in range(20)]
+        assert calls.ops == [int(Op.GET)]  # get_many too
+        assert pool.get_many([(1, 5), (1, 99), (1, 6)]) == [pages[5], None, pages[6]]
+        assert calls.ops == [int(Op.GET), int(Op.GET_MANY)]  # only the miss was asked for
         pool.destroy()
 
 
@@ -530,6 +535,7 @@ def test_a_mapped_get_never_passes_a_change_sent_before_it(daemon: Daemon) -> No
                 model.pop((oid, (index + 1) % 8), None)
             for key in keys:
                 assert pool.get(*key) == model.get(key), f"step {step}: {key}"
+            assert pool.get_many(keys) == [model.get(key) for key in keys], f"step {step}"
         pool.wait_deferred()
         assert client.deferred.errors == 0
         pool.destroy()
