@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tmemd.server import GuestServer
 
 LET_OTHERS_RUN = 50e-6  # seconds of watching between two turns for every other task
-CROWD_MEMORY = 2e-3  # seconds the rings say "crowded" after two guests' requests were served
+CROWD_MEMORY = 2e-3  # seconds the rings say "crowded" after a round served two connections
 
 
 class PollWindow:
@@ -78,12 +78,12 @@ class RingPoller:
         self._yield_at = 0.0  # when the others get their next turn (perf_counter)
         self.rounds = 0
         self.sleeps = 0
-        # HOST_CROWDED, as every ring shows it: set while more than one connection has had
-        # ring requests served in the last CROWD_MEMORY seconds (then a guest sleeps rather
-        # than watch its reply ring: the CPU it would spin on is the others' and ours).
+        # HOST_CROWDED, as every ring shows it: set for CROWD_MEMORY seconds after a round
+        # found requests in more than one connection's ring (then a guest sleeps rather than
+        # watch its reply ring: the CPU it would spin on is the others' and ours). One process
+        # using several connections in turn is not a crowd: each round finds one request.
         self.crowded = False
         self._crowded_until = 0.0
-        self._last_served: Connection | None = None
 
     # ------------------------------------------------------------------ membership
 
@@ -103,8 +103,6 @@ class RingPoller:
             conns.remove(conn)
             if not conns:
                 del self.tenants[uid]
-        if self._last_served is conn:
-            self._last_served = None
 
     def wake(self) -> None:
         """A doorbell, or a new connection: look at the rings now."""
@@ -138,7 +136,7 @@ class RingPoller:
         uids = list(self.tenants)
         self.rounds += 1
         first = self.rounds % len(uids)  # who goes first changes every round
-        served = False
+        served = 0  # connections served this round
         for uid in uids[first:] + uids[:first]:
             conns = self.tenants.get(uid)  # (it may have gone while others ran)
             if not conns:
@@ -148,17 +146,16 @@ class RingPoller:
                 conn = conns[0]
                 conns.rotate(-1)  # the tenant's next connection goes first next time
                 if conn.ring_ready() and conn.serve_ring(deadline):
-                    served = True
-                    if conn is not self._last_served:
-                        if self._last_served is not None:
-                            self._crowded_until = clock() + CROWD_MEMORY
-                        self._last_served = conn
+                    served += 1
                 if clock() > deadline:
                     break
             if clock() > self._yield_at:
                 await self._let_others_run()
-        self._publish_crowded(clock() < self._crowded_until)
-        return served
+        now = clock()
+        if served > 1:  # guests' requests came at once: they wait for each other's turns
+            self._crowded_until = now + CROWD_MEMORY
+        self._publish_crowded(now < self._crowded_until)
+        return served > 0
 
     def _publish_crowded(self, flag: bool) -> None:
         if flag != self.crowded:

@@ -16,6 +16,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -283,30 +284,44 @@ def test_a_busy_machine_still_uses_the_rings_without_spinning(daemon: Daemon) ->
 
 
 def test_the_rings_say_when_the_daemon_serves_other_guests_too(daemon: Daemon) -> None:
-    """While two guests' requests keep the poller busy, their rings say "crowded" (and the
-    guests sleep for replies rather than spin); once one is left alone, its ring says so
-    again soon after."""
+    """While two guests' requests come at once, their rings say "crowded" (and the guests
+    sleep for replies rather than spin); a guest alone, even one using several connections in
+    turn, is no crowd: its ring says so again soon after."""
+    stop = threading.Event()
     with connect(daemon, name="a") as a, connect(daemon, name="b") as b:
         pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
-        rings_a, rings_b = a._rings, b._rings
-        assert rings_a is not None and rings_b is not None
+        rings_a = a._rings
+        assert rings_a is not None
         assert pa.put(1, 0, b"a" * FRAME_SIZE) and pb.put(1, 0, b"b" * FRAME_SIZE)
-        seen = False
-        for _ in range(20_000):  # bounded: alternate until the word shows (at once, usually)
+
+        def other() -> None:
+            for _ in range(200_000):  # bounded
+                if stop.is_set():
+                    return
+                assert pb.get(1, 0) == b"b" * FRAME_SIZE
+
+        helper = threading.Thread(target=other)
+        helper.start()
+        try:
+            seen = False
+            for _ in range(50_000):  # bounded: until the word shows (soon, usually)
+                assert pa.get(1, 0) == b"a" * FRAME_SIZE
+                if rings_a.host_crowded():
+                    seen = True
+                    break
+        finally:
+            stop.set()
+            helper.join(timeout=30)
+        assert seen, "the rings never said the daemon was serving two guests at once"
+
+        def alone() -> bool:  # a and b in turn, from this thread: one request at a time
             assert pa.get(1, 0) == b"a" * FRAME_SIZE
             assert pb.get(1, 0) == b"b" * FRAME_SIZE
-            if rings_a.host_crowded() and rings_b.host_crowded():
-                seen = True
-                break
-        assert seen, "the rings never said the daemon was serving two guests"
-        b.close()
-
-        def alone() -> bool:
-            assert pa.get(1, 0) == b"a" * FRAME_SIZE
             return not rings_a.host_crowded()
 
-        wait_until(alone, "a lone guest's ring still says crowded")
+        wait_until(alone, "one thread's requests, in turn, still count as a crowd")
         pa.destroy()
+        pb.destroy()
 
 
 def test_region_size_includes_the_rings_asked_for(daemon: Daemon) -> None:
