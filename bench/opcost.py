@@ -1,6 +1,6 @@
 """CPU per request, each side apart, counted in instructions (callgrind), not seconds.
 
-    python -m bench.opcost [--ops 5000] [--only get,put,put_many,ping]
+    python -m bench.opcost [--ops 5000] [--only get,put,put_many,get_many,ping]
 
 For each operation it runs, under ``valgrind --tool=callgrind``, a program that does it
 ``--ops`` times and the same program doing it 0 times, and reports the difference per op:
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-OPS = ("get", "put", "put_many", "ping")
+OPS = ("get", "put", "put_many", "get_many", "ping")
 PAGE = 4096
 BATCH = 64
 
@@ -58,6 +58,7 @@ def daemon_side(op: str, n: int) -> None:
     from tmemclient.wire.messages import Op
 
     PUT, GET, PUT_MANY, PING = int(Op.PUT), int(Op.GET), int(Op.PUT_MANY), int(Op.PING)
+    GET_MANY = int(Op.GET_MANY)
     session, _store, handle = _session()
     for i in range(BATCH):  # pages to get
         session.handle([PUT, 2, handle, 1, i, 0])
@@ -65,6 +66,7 @@ def daemon_side(op: str, n: int) -> None:
         "get": [GET, 7, handle, 1, 3, 0],
         "put": [PUT, 7, handle, 1, 3, 0],
         "put_many": [PUT_MANY, 7, handle, [x for i in range(BATCH) for x in (1, i, i)]],
+        "get_many": [GET_MANY, 7, handle, [x for i in range(BATCH) for x in (1, i, i)]],
         "ping": [PING, 7],
     }
     frame = encode_frame(requests[op])
@@ -107,7 +109,8 @@ def client_side(op: str, n: int, stub_only: bool = False) -> None:
                 m = msgpack.unpackb(data[pos + 4 : pos + 4 + length])
                 pos += 4 + length
                 op = m[0]
-                result = [True] * (len(m[3]) // 3) if op == Op.PUT_MANY else results.get(op)
+                many = op in (Op.PUT_MANY, Op.GET_MANY)
+                result = [True] * (len(m[3]) // 3) if many else results.get(op)
                 body = packer.pack([m[1], 0, result])
                 self.replies += HEADER.pack(len(body)) + body
 
@@ -125,10 +128,12 @@ def client_side(op: str, n: int, stub_only: bool = False) -> None:
     pool = client.new_pool(persistent=True)
     page = bytes(PAGE)
     items = [(1, i, page) for i in range(BATCH)]
+    keys = [(1, i) for i in range(BATCH)]
     calls = {
         "get": lambda: pool.get(1, 3),
         "put": lambda: pool.put(1, 3, page),
         "put_many": lambda: pool.put_many(items),
+        "get_many": lambda: pool.get_many(keys),
         "ping": client.ping,
     }
     call = calls[op]
