@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int)
     p.add_argument("--handshake-timeout", type=float)
     p.add_argument(
+        "--reattach-seconds",
+        type=float,
+        help="seconds a named pool is kept for its guest after its connection ends (60)",
+    )
+    p.add_argument(
         "--shutdown-grace", type=float, help="seconds guests are served after SIGTERM (5)"
     )
     p.add_argument(
@@ -116,6 +121,7 @@ LIMIT_OPTIONS = (
     "max_batch",
     "handshake_timeout",
     "shutdown_grace",
+    "reattach_seconds",
     "max_ring_frames",
     "ring_poll_us",
     "ring_poll_max_us",

@@ -52,6 +52,9 @@ class Limits:
     # How often the memory a guest can fill on its own (its loan, its mirror's holes) is
     # measured and held to what it was granted.
     audit_ms: int = 250
+    # A named pool (NEW_POOL with a name) whose connection ended is kept, with its pages, this
+    # many seconds for its guest to reopen (a reconnect, a restarted client); 0: freed at once.
+    reattach_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -82,6 +85,8 @@ class Limits:
             raise ValueError("max_unsent must be 4096..67108864 bytes")
         if not 10 <= self.audit_ms <= 60_000:
             raise ValueError("audit_ms must be 10..60000 (milliseconds)")
+        if not 0 <= self.reattach_seconds <= 86_400:
+            raise ValueError("reattach_seconds must be 0..86400 (seconds)")
 
 
 @dataclass(frozen=True)

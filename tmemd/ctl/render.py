@@ -173,8 +173,10 @@ def render_pools(rows: Sequence[Mapping[str, Any]]) -> str:
         [
             count(r.get("pool")),
             str(r.get("guest")),
-            str(r.get("kind")) + (" shared" if r.get("shared") else ""),
-            str(r.get("uuid") or NONE),
+            str(r.get("kind"))
+            + (" shared" if r.get("shared") else "")
+            + (" kept" if r.get("kept") else ""),
+            str(r.get("uuid") or (f"name={r['name']}" if r.get("name") else NONE)),
             ",".join(r.get("members") or ()) if r.get("shared") else NONE,
             size(r.get("page_size")),
             count(r.get("pages")),
