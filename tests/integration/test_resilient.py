@@ -7,14 +7,13 @@ the pools come back empty, which the client reports; a daemon that stays away en
 from __future__ import annotations
 
 import random
-import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Daemon
+from conftest import Restartable
 
 import tmemclient
 from tmemclient import DaemonGone, Reconnected, Retry, Unreachable
@@ -28,37 +27,6 @@ SHORT = Retry(attempts=3, first_delay=0.01, max_delay=0.02, connect_timeout=2)
 
 def page(tag: int) -> bytes:
     return random.Random(tag).randbytes(PAGE)
-
-
-class Restartable:
-    """A tmemd that can be killed and started again on the same socket."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.generation = 0
-        self.daemon = self._start()
-
-    def _start(self) -> Daemon:
-        self.generation += 1
-        log = self.workdir / "tmemd.log"
-        if log.exists():  # the last run's, kept for a failure's report
-            log.rename(self.workdir / f"tmemd.{self.generation - 1}.log")
-        return Daemon(self.workdir, "--memory", "16MiB")
-
-    @property
-    def socket(self) -> Path:
-        return self.workdir / "tmemd.sock"
-
-    def kill(self) -> None:
-        self.daemon.proc.send_signal(signal.SIGKILL)
-        self.daemon.proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.daemon = self._start()
-
-    def stop(self) -> None:
-        self.daemon.stop()
 
 
 @pytest.fixture
