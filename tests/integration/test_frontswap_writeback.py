@@ -55,7 +55,7 @@ def test_only_refused_pages_go_to_the_swap_file(tmp_path: Path) -> None:
 
 def test_pages_survive_a_broken_connection(tmemd: Restartable, tmp_path: Path) -> None:
     with (
-        tmemclient.connect_resilient(tmemd.socket, "swapper", retry=RETRY) as client,
+        tmemclient.connect_resilient(tmemd.socket, "swapper", retry=RETRY, ring_frames=0) as client,
         SwapStore(client.new_pool(persistent=True, name="swap"), batch=4, write_back=True) as store,
     ):
         memory = SwappedMemory(store, ram_pages=8)
