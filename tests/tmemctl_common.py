@@ -14,6 +14,7 @@ from tmemd.ctl.client import ADMIN_SOCKET_ENV
 
 # The --json field names tmemctl documents (docs/operations.md "tmemctl"): the daemon's keys.
 STATUS_KEYS = {
+    "state",
     "reattach_seconds",
     "kept_pools",
     "kept_pages",

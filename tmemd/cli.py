@@ -31,12 +31,15 @@ from typing import Any
 import structlog
 import trio
 
+from tmemclient.wire.layout import FRAME_SHIFT
 from tmemclient.wire.units import format_size, size_arg
 from tmemd import logs
 from tmemd.admin import AdminServer, NoSuchGroup, admin_gid
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
 from tmemd.host import Host
 from tmemd.listen import ListenError, bind_unix, check_private_dir, require_dir, unlink_quietly
+from tmemd.memfiles import MemFile
+from tmemd.persist import Adoption, Found, StateDir, StateError, adopt
 from tmemd.server import GuestServer
 from tmemd.store import Store
 from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
@@ -59,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-socket", type=Path, help="admin socket path (0600, or 0660 with --admin-group)"
     )
     p.add_argument("--admin-group", help="group whose members may administer (name or gid)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep named pools' pages here across restarts and crashes (a tmpfs directory "
+        "only tmemd's user can write, e.g. /run/tmemd-state)",
+    )
     p.add_argument(
         "--memory", type=size_arg, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
@@ -130,6 +139,7 @@ LIMIT_OPTIONS = (
 )
 SETTING_OPTIONS = (
     "socket",
+    "state_dir",
     "admin_socket",
     "admin_group",
     "budget",
@@ -217,19 +227,64 @@ class Daemon:
         self.notifier = Notifier()
         ram = physical_memory()
         capacity = max(settings.budget, ram)
+        self.state: StateDir | None = None
+        arena: MemFile | None = None
+        found: Found | str = ""
+        if settings.state_dir is not None:
+            try:
+                self.state = StateDir(settings.state_dir, capacity >> FRAME_SHIFT)
+                arena, found = self.state.open()
+            except (StateError, OSError) as exc:
+                raise StartError(f"state directory: {exc}") from exc
+        self.store = self._make_store(settings, capacity, ram, arena)
+        self.host = Host(self.store, settings)
+        if self.state is not None:
+            self._adopt(found)
+        self.guest_server = GuestServer(self.host, settings.limits)
+        self._owned: list[Path] = []  # socket files we created (and remove at exit)
+
+    def _make_store(
+        self, settings: Settings, capacity: int, ram: int, arena: MemFile | None
+    ) -> Store:
         try:
-            self.store = Store(
+            store = Store(
                 settings.budget,
                 capacity=capacity,
                 move_slack=settings.limits.move_slack,
                 lend_idle=settings.limits.lend_idle_ms / 1000,
                 deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
+                arena=arena,
             )
         except OSError as exc:  # the arena's address space (mmap: ENOMEM), or its memfd
             raise StartError(arena_failure(exc, settings.budget, capacity, ram)) from exc
-        self.host = Host(self.store, settings)
-        self.guest_server = GuestServer(self.host, settings.limits)
-        self._owned: list[Path] = []  # socket files we created (and remove at exit)
+        store.journal = self.state
+        return store
+
+    def _adopt(self, found: Found | str) -> None:
+        """Adopt what the state directory holds, or start empty and say why; never half."""
+        state = self.state
+        assert state is not None
+        where = str(state.path)
+        if isinstance(found, Found):
+            try:
+                adoption = adopt(state, found, self.store, self.host)
+            except Exception as exc:  # a bug: never serve half of it
+                log.exception("state_adoption_failed", dir=where)
+                state.discard()
+                self.store = self._make_store(
+                    self.settings, self.store.capacity, physical_memory(), self.store.arena
+                )
+                self.host = Host(self.store, self.settings)
+                found = f"adoption failed: {type(exc).__name__}: {exc}"
+            else:
+                self.host.adoption = adoption
+                log.info("state_adopted", **adoption.as_dict())
+                return
+        self.host.adoption = Adoption(where, False, reason=found)
+        if state.fresh and found == "no state yet":
+            log.info("state_started_empty", dir=where, reason=found)
+        else:
+            log.warning("state_discarded", dir=where, reason=found, action="started empty")
 
     async def _listener(
         self, role: str, path: Path | None, mode: int, gid: int | None

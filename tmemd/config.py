@@ -123,6 +123,9 @@ class Settings:
     log_format: str = "auto"  # json | console | auto (console on a tty)
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    # Where named pools' pages and their index are kept across restarts (tmemd/persist.py);
+    # None: they die with the daemon.
+    state_dir: Path | None = None
     guests: dict[str, GuestPolicy] = field(default_factory=dict)
     uids: dict[int, UidPolicy] = field(default_factory=dict)
     # A uid without its own [uids.N] table: the cap on all its guests together (None: none).
@@ -157,6 +160,7 @@ DAEMON_KEYS = {
     "log_level": str,
     "unlisted_guests": str,
     "uid_cap": (str, int),
+    "state_dir": str,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -269,7 +273,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         raise ConfigError("[uids] must hold one table per uid: [uids.N]")
     uids = dict(parse_uid(key, t) for key, t in uids_table.items())
     values: dict[str, Any] = {}
-    for key in ("socket", "admin_socket"):
+    for key in ("socket", "admin_socket", "state_dir"):
         if key in daemon:
             values[key] = Path(daemon[key])
     if "memory" in daemon:

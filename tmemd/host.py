@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 import uuid as uuid_module
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -35,6 +35,9 @@ from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
 from tmemd.reattach import NamedPools
 from tmemd.store import Store
+
+if TYPE_CHECKING:
+    from tmemd.persist import Adoption
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -87,6 +90,7 @@ class Host:
         self.started = time.time()
         self.named = NamedPools()  # named pools, held by a connection or kept for their guest
         self.clock = time.monotonic  # when kept named pools expire (reattach_seconds)
+        self.adoption: Adoption | None = None  # what the start did with --state-dir (persist.py)
 
     # ------------------------------------------------------------------ guests
 
@@ -199,6 +203,12 @@ class Host:
             log.info("named_pool_reopened", guest=guest.name, pool=name, pages=pool.pages)
             return pool, True
         pool = self.store.new_pool(guest, persistent=persistent, order=order)
+        journal = self.store.journal
+        if journal is not None and guest.mirror is None:  # a mirror's pages are not kept
+            # Recorded before NEW_POOL is answered (tmemd/persist.py).
+            pool.key = journal.pool_created(
+                guest.name, name, member.uid, persistent=persistent, order=order
+            )
         self.named.add(member, guest.name, member.uid, name, pool)
         return pool, False
 
@@ -219,8 +229,20 @@ class Host:
         return True
 
     def destroyed(self, pool: Pool) -> None:
-        """A guest destroyed ``pool``: a name it had is free again."""
+        """A guest destroys ``pool`` (called before its pages are freed): a name it had is
+        free again, and a kept pool is gone from the state directory."""
         self.named.forget(pool)
+        journal = self.store.journal
+        if pool.key and journal is not None:
+            journal.pool_destroyed(pool.key)
+
+    def account_for(self, name: str, policy: GuestPolicy | None, uid: int) -> Guest:
+        """A store account for guest ``name`` of ``uid`` with no connection (a start adopting
+        its kept pools), under the policy and overrides it would connect with."""
+        guest = self._add_account(name, policy or GuestPolicy(), self._tenant(uid))
+        frozen = self.overrides.get(name, Override()).frozen
+        guest.frozen = self.frozen_all if frozen is None else frozen
+        return guest
 
     def expire_named(self) -> int:
         """Free the kept named pools whose ``reattach_seconds`` ran out (and the account of a
@@ -229,6 +251,9 @@ class Host:
         for named in self.named.expired(self.clock()):
             pool = named.pool
             guest = pool.guest
+            journal = self.store.journal
+            if pool.key and journal is not None:
+                journal.pool_destroyed(pool.key)
             pages = self.store.destroy_pool(pool)
             freed += pages
             log.info("named_pool_expired", guest=named.guest, pool=named.name, pages_freed=pages)

@@ -88,6 +88,12 @@ class NamedPools:
         self._by_key[(guest, name)] = named
         self._by_pool[pool] = named
 
+    def adopt(self, guest: str, name: str, uid: int, pool: Pool, until: float) -> None:
+        """Record a named pool a start found in its state directory, kept until ``until``."""
+        named = Named(guest, name, uid, pool, None, until)
+        self._by_key[(guest, name)] = named
+        self._by_pool[pool] = named
+
     def keep(self, holder: object, pool: Pool, until: float) -> bool:
         """``holder``'s connection ends: keep ``pool`` until ``until`` if it is a named pool
         ``holder`` holds (True), else leave it to be destroyed (False)."""

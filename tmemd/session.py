@@ -211,8 +211,8 @@ class Session:
             if pool not in self.pools.values():  # the last handle of it on this connection
                 self.host.leave_shared(self, pool)
         else:
-            self.store.destroy_pool(pool)
             self.host.destroyed(pool)
+            self.store.destroy_pool(pool)
 
     def _frames(self, frame: int, order: int) -> memoryview:
         return self.region[frame << FRAME_SHIFT : (frame + (1 << order)) << FRAME_SHIFT]

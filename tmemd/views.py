@@ -47,6 +47,8 @@ def status(host: Host) -> dict[str, Any]:
         "reattach_seconds": host.settings.limits.reattach_seconds,
         "kept_pools": kept[0],
         "kept_pages": kept[1],
+        # --state-dir: what this start adopted (or why it started empty); None without one.
+        "state": None if host.adoption is None else host.adoption.as_dict(),
     }
 
 

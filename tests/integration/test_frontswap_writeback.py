@@ -2,11 +2,13 @@
 tmemd processes: only what tmem refuses goes to the swap file; every page reads back byte-exact
 through refusals and a broken connection (the named pool is kept and given back); a daemon that
 restarts without the pool makes the store say exactly which pages are lost — never serve stale
-or wrong data — and carry on."""
+or wrong data — and carry on; one with a state directory comes back with every page."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,29 @@ def test_write_back_needs_a_named_pool_of_a_resilient_client(start_daemon: Any) 
         with SwapStore(client.new_pool(persistent=True, name="swap"), write_back=True) as store:
             store.store(1, page(1))
             assert store.load(1) == page(1)
+
+
+def test_pages_survive_a_daemon_killed_and_restarted_with_state(tmp_path: Path) -> None:
+    """With --state-dir, write-back loses nothing when the daemon is SIGKILLed: it comes back
+    with the pool and every answered page."""
+    state = Path(tempfile.mkdtemp(prefix="tmem-wb-", dir="/dev/shm"))
+    tmemd = Restartable(tmp_path / "d", "--memory", "1MiB", "--state-dir", str(state / "s"))
+    try:
+        with (
+            tmemclient.connect_resilient(tmemd.socket, "swapper", retry=RETRY) as client,
+            SwapStore(
+                client.new_pool(persistent=True, name="swap"), batch=4, write_back=True
+            ) as store,
+        ):
+            memory = SwappedMemory(store, ram_pages=8)
+            versions = churn(memory, 64, 120, seed=6)
+            assert store._tmem_only  # pages only tmem holds
+            tmemd.restart()  # SIGKILL, then a start that adopts the state
+            assert all_read_back(memory, versions)
+            assert store.stats.tmem_lost == 0 and not store.lost and client.reconnects == 1
+            more = churn(memory, 64, 120, seed=7)
+            assert all_read_back(memory, more)
+            assert store.stats.swap_writes_saved > 0
+    finally:
+        tmemd.stop()
+        shutil.rmtree(state, ignore_errors=True)

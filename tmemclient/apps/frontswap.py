@@ -40,11 +40,14 @@ connection: the client reconnects and the daemon gives the named pool back with 
   ``reattach_seconds``): every page is still in tmem; nothing is lost.
 - tmem is unreachable past the client's retry budget while a batch goes out: the batch goes to
   the file instead. A load of a page only tmem holds raises ``Unreachable`` until it is back.
-- the daemon comes back *without the pool* (it restarted, and this tmemd keeps no state across
-  a restart): the pages only tmem held are gone. The store knows which (``pool.resets`` moved),
-  counts them (``stats.tmem_lost``) and raises ``PagesLost`` naming the slots on their next load
-  — never stale or wrong data. Write-through is the mode that survives that; write-back is as
-  safe only where the daemon's pages survive its restart.
+- the daemon restarts or is killed and runs with ``--state-dir`` (docs/design.md §6.10): it
+  comes back with the pool and every answered page; nothing is lost. (Not for a client with
+  ``map_pages``: mirrors are not kept, so its named pool comes back empty, as below.)
+- the daemon comes back *without the pool* (it restarted without a state directory, or
+  discarded one it could not trust): the pages only tmem held are gone. The store knows which
+  (``pool.resets`` moved), counts them (``stats.tmem_lost``) and raises ``PagesLost`` naming the
+  slots on their next load — never stale or wrong data. Write-through survives that too;
+  write-back is as safe only where the daemon keeps its pages across its restarts.
 """
 
 from __future__ import annotations

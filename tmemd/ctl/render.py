@@ -94,7 +94,21 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "overdrawn": size,
     "frozen_all": yes,
     "uptime": lambda v: duration(float(v)),
+    "state": lambda v: state(v),
 }
+
+
+def state(value: Any) -> str:
+    """What the start did with its state directory (``status``'s ``state``)."""
+    if not value:
+        return "none (pages die with the daemon; tmemd --state-dir keeps them)"
+    if value.get("adopted"):
+        return (
+            f"adopted {value.get('pages')} pages ({size(value.get('bytes'))}) of "
+            f"{value.get('pools')} pools in {float(value.get('seconds', 0)):.3f}s from "
+            f"{value.get('dir')}"
+        )
+    return f"started empty: {value.get('reason')} ({value.get('dir')})"
 
 
 def render_status(status: Mapping[str, Any]) -> str:

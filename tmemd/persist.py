@@ -1,0 +1,592 @@
+"""State that survives the daemon: ``tmemd --state-dir DIR`` (docs/design.md §6.10, issue #17).
+
+What is kept: the pages of *named* pools (design.md §2.6), the only pools a guest can come back
+to, with what names them. Unnamed pools die with their connection anyway, and every connection
+dies with the daemon. Mapped guests' pages live in their mirrors, which are not kept (their
+named pools come back empty).
+
+Files in DIR (a tmpfs such as /run/tmemd/state: the point is memory that outlives a process,
+not a disk; a directory others can write is refused):
+
+- ``arena``: the page arena itself, a sparse file of the arena's capacity that the daemon maps
+  shared (instead of an anonymous memfd), so a page written there is in the page cache, and
+  survives the process, the moment the copy is done.
+- ``index``: a header page, then one column per field for every slot: ``gen`` (u64, 0: no
+  record; else the record's generation, unique and increasing), ``key`` (u32, the named pool),
+  ``index`` (u32), ``next`` (i32, the page's next slot, -1 at its last), ``oid0..2`` (u64 x 3:
+  the 192-bit object id). Only a page's head slot has a record; ``next`` chains its other
+  slots.
+- ``pools``: an append-only log of named pools, one line each, ``JSON<TAB>crc32``: created
+  (key, guest, name, uid, kind, order) or destroyed (key).
+
+**Crash consistency** (SIGKILL at any instant): the order of the writes makes every state the
+next start can see a consistent one.
+
+1. A named pool's ``created`` line is written before NEW_POOL is answered; ``destroyed`` before
+   any of its pages is freed.
+2. A put writes the page into its slots first, then the record's fields and ``next`` chain, then
+   ``gen`` last (one aligned 8-byte store: the commit), then the answer goes out. A record
+   whose ``gen`` is 0 does not exist; so a put in flight is whole or absent.
+3. A persistent page being replaced is written to new slots (copy on write) and committed with a
+   higher ``gen`` before the old record is cleared, so an answered page is never torn; the next
+   start keeps the highest ``gen`` of a handle. (An ephemeral page is cleared, rewritten in place
+   and committed again: absent if killed meanwhile, as ephemeral pages may be.)
+4. A page leaves (flush, eviction, exclusive get, its pool destroyed) by clearing ``gen``
+   first; only then can its slots be reused.
+
+Sub-page WRITE and XCHG change a page in place: a kill in the middle of one may leave that byte
+range partly written (the rest of the page, and every other page, is intact).
+
+**Adopt or start empty.** A start reads everything and checks it before changing anything: the
+header (magic, version, the arena's capacity), the log (a torn last line is a write the kill cut
+short and is ignored; any other bad line is corruption), and every record of a live pool (slots
+in range, chains of the pool's page size, no slot claimed twice). Any doubt and it starts empty,
+wiping the files, and says why (``state_discarded``); otherwise it adopts all of it
+(``state_adopted``): the pools are kept for their guests as after a disconnect, for
+``reattach_seconds`` from the start. Records not adopted (stale, superseded) are cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+import struct
+import time
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
+from tmemd.accounts import NIL, Pool
+from tmemd.memfiles import MemFile, data_extents
+
+if TYPE_CHECKING:
+    from tmemd.host import Host
+    from tmemd.store import Store
+
+MAGIC: Final = b"TMEMST01"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<8sIQ")  # magic, version, capacity in slots
+HEADER_BYTES: Final = 4096
+COLUMNS: Final = (
+    ("gen", "Q"),
+    ("key", "I"),
+    ("index", "I"),
+    ("next", "i"),
+    ("oid0", "Q"),
+    ("oid1", "Q"),
+    ("oid2", "Q"),
+)
+FILE_MODE: Final = 0o600
+_U64: Final = (1 << 64) - 1
+
+
+class StateError(Exception):
+    """The state directory cannot be used, or what it holds cannot be trusted (the message
+    says which and what to do)."""
+
+
+def check_state_dir(path: Path) -> None:
+    """Make ``path`` (0700) if it is missing; refuse one that is not a directory, belongs to
+    another user or is writable by group or others (anyone who can write there can forge
+    pages the next start would hand to guests)."""
+    if path.exists() and not path.is_dir():
+        raise StateError(f"state directory {path} is not a directory")
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise StateError(f"cannot use state directory {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateError(
+            f"state directory {path} belongs to uid {st.st_uid}, not tmemd's ({os.geteuid()}): "
+            f"chown {os.geteuid()} {path}"
+        )
+    if st.st_mode & 0o022:
+        raise StateError(
+            f"state directory {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); anyone who can write there can forge pages: "
+            f"chmod 0700 {path}"
+        )
+
+
+def _column_layout(capacity: int) -> dict[str, tuple[int, int, str]]:
+    """Column name -> (offset, bytes, typecode) in the index file."""
+    out: dict[str, tuple[int, int, str]] = {}
+    offset = HEADER_BYTES
+    for name, code in COLUMNS:
+        size = struct.calcsize(code) * capacity
+        out[name] = (offset, size, code)
+        offset += -(-size // FRAME_SIZE) * FRAME_SIZE
+    return out
+
+
+def index_size(capacity: int) -> int:
+    """Bytes of the index file for an arena of ``capacity`` slots."""
+    offset, size, _ = _column_layout(capacity)[COLUMNS[-1][0]]
+    return -(-(offset + size) // FRAME_SIZE) * FRAME_SIZE
+
+
+class StateArena(MemFile):
+    """The arena as a file of the state directory, mapped shared (not a sealed memfd: it is
+    never handed to a guest)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)
+        self.view = memoryview(self._map)
+        self.closed = False
+        self.queued = 0
+
+
+@dataclass
+class PoolRecord:
+    """One named pool as the log has it."""
+
+    key: int
+    guest: str
+    name: str
+    uid: int
+    persistent: bool
+    order: int
+
+
+@dataclass
+class PageRecord:
+    """One page as the index has it."""
+
+    gen: int
+    key: int
+    oid: int
+    index: int
+    slots: list[int]
+
+
+@dataclass
+class Found:
+    """What a start found in the state directory, checked."""
+
+    pools: dict[int, PoolRecord] = field(default_factory=dict)
+    pages: list[PageRecord] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)  # heads of records not to adopt
+    max_gen: int = 0
+    max_key: int = 0
+
+
+@dataclass
+class Adoption:
+    """What a start did with the state directory (``tmemctl status``: ``state``)."""
+
+    dir: str
+    adopted: bool
+    pools: int = 0
+    pages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reason: str | None = None  # why it started empty
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row for ``tmemctl status``."""
+        return {
+            "dir": self.dir,
+            "adopted": self.adopted,
+            "pools": self.pools,
+            "pages": self.pages,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 4),
+            "reason": self.reason,
+        }
+
+
+class StateDir:
+    """The files of a state directory, open and mapped, and the journal the store and host
+    write through (module docstring)."""
+
+    def __init__(self, path: Path, capacity_slots: int) -> None:
+        check_state_dir(path)
+        self.path = path
+        self.capacity = capacity_slots
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self.arena_fd = os.open(path / "arena", flags, FILE_MODE)
+        self.index_fd = os.open(path / "index", flags, FILE_MODE)
+        self.log_path = path / "pools"
+        self.log_fd = os.open(self.log_path, flags | os.O_APPEND, FILE_MODE)
+        self.fresh = False  # set when the files are (re)made empty
+        self._map: mmap.mmap | None = None
+        self.next_gen = 1
+        self.next_key = 1
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> tuple[StateArena, Found | str]:
+        """Map the files; what they hold, checked (Found), or why it cannot be adopted."""
+        arena_size = self.capacity << FRAME_SHIFT
+        verdict: Found | str
+        try:
+            verdict = self._check_header(arena_size)
+        except StateError as exc:
+            verdict = str(exc)
+        if isinstance(verdict, str):
+            self._make_empty(arena_size)
+        self._map_index()
+        if not isinstance(verdict, str):
+            try:
+                verdict = self.read()
+            except StateError as exc:
+                verdict = str(exc)
+                self._wipe()
+        return StateArena(self.arena_fd, arena_size), verdict
+
+    def _check_header(self, arena_size: int) -> Found | str:
+        size = os.fstat(self.index_fd).st_size
+        if size == 0 and os.fstat(self.log_fd).st_size == 0:
+            self.fresh = True
+            return "no state yet"
+        head = os.pread(self.index_fd, HEADER.size, 0)
+        if len(head) < HEADER.size:
+            raise StateError("the index file is cut short")
+        magic, version, capacity = HEADER.unpack(head)
+        if magic != MAGIC or version != VERSION:
+            raise StateError(f"the index file is not tmemd state version {VERSION}")
+        if capacity != self.capacity:
+            raise StateError(
+                f"the state was kept for an arena of {capacity << FRAME_SHIFT} bytes, this start "
+                f"has {self.capacity << FRAME_SHIFT} (its capacity follows --memory and the "
+                "host's RAM): start with the same to adopt it"
+            )
+        if size != index_size(self.capacity) or os.fstat(self.arena_fd).st_size != arena_size:
+            raise StateError("the state files have the wrong sizes")
+        return Found()
+
+    def _make_empty(self, arena_size: int) -> None:
+        for fd in (self.index_fd, self.arena_fd, self.log_fd):
+            os.ftruncate(fd, 0)
+        os.ftruncate(self.arena_fd, arena_size)
+        os.ftruncate(self.index_fd, index_size(self.capacity))
+        os.pwrite(self.index_fd, HEADER.pack(MAGIC, VERSION, self.capacity), 0)
+        self.fresh = True
+
+    def discard(self) -> None:
+        """Start empty after all (an adoption that failed): see ``_wipe``."""
+        self._wipe()
+
+    def _wipe(self) -> None:
+        """Start empty after all: every record and pool gone, the arena's memory freed."""
+        self.close_columns()
+        self._make_empty(self.capacity << FRAME_SHIFT)
+        self._map_index()
+
+    def _map_index(self) -> None:
+        self._map = mmap.mmap(self.index_fd, index_size(self.capacity))
+        view = memoryview(self._map)
+        layout = _column_layout(self.capacity)
+        self._cols: dict[str, Any] = {}
+        for name, (off, size, code) in layout.items():
+            column: Any = view[off : off + size]
+            self._cols[name] = column.cast(code)
+        self._view = view
+        self.gen = self._cols["gen"]
+        self.key = self._cols["key"]
+        self.index = self._cols["index"]
+        self.next = self._cols["next"]
+        self.oid0, self.oid1, self.oid2 = self._cols["oid0"], self._cols["oid1"], self._cols["oid2"]
+
+    def close_columns(self) -> None:
+        """Release the index mapping."""
+        if self._map is None:
+            return
+        for view in self._cols.values():
+            view.release()
+        self._view.release()
+        self._map.close()
+        self._map = None
+
+    # ------------------------------------------------------------------ reading (adoption)
+
+    def read(self) -> Found:
+        """Every live pool and page record, checked (StateError: corruption)."""
+        found = Found()
+        found.pools = self._read_log()
+        found.max_key = max(found.pools, default=0)
+        gen_off = _column_layout(self.capacity)["gen"][0]
+        claimed: dict[int, int] = {}  # slot -> head that claims it
+        best: dict[tuple[int, int, int], PageRecord] = {}
+        for head in self._heads(gen_off):
+            g = self.gen[head]
+            found.max_gen = max(found.max_gen, g)
+            pool = found.pools.get(self.key[head])
+            if pool is None:
+                found.stale.append(head)  # its pool was destroyed: the record is dead
+                continue
+            slots = [head]
+            n = 1 << pool.order
+            while len(slots) < n:
+                nxt = self.next[slots[-1]]
+                if not 0 <= nxt < self.capacity:
+                    raise StateError(f"page at slot {head}: its chain leaves the arena")
+                slots.append(nxt)
+            if n > 1 and self.next[slots[-1]] != -1:
+                raise StateError(f"page at slot {head}: its chain is longer than the page")
+            if len(set(slots)) != n:
+                raise StateError(f"page at slot {head}: its chain loops")
+            oid = self.oid0[head] | self.oid1[head] << 64 | self.oid2[head] << 128
+            page = PageRecord(g, pool.key, oid, self.index[head], slots)
+            handle = (pool.key, oid, page.index)
+            other = best.get(handle)
+            if other is not None:  # a copy on write the kill interrupted: the newer one wins
+                loser = page if other.gen > page.gen else other
+                found.stale.append(loser.slots[0])
+                if loser is other:
+                    best[handle] = page
+                    for slot in other.slots:
+                        claimed.pop(slot, None)
+                else:
+                    continue
+            else:
+                best[handle] = page
+            for slot in slots:
+                if claimed.setdefault(slot, head) != head:
+                    raise StateError(f"slot {slot} is claimed by two pages")
+        found.pages = list(best.values())
+        return found
+
+    def _heads(self, gen_off: int) -> Iterator[int]:
+        """Slots whose gen is not 0, found through the parts of the gen column that hold
+        memory (a sparse file: pages never written are holes, skipped for free)."""
+        gen = self.gen
+        end = gen_off + 8 * self.capacity
+        for start, stop in data_extents(self.index_fd, gen_off, end, 1 << 30):
+            first = (start - gen_off) // 8
+            last = min(self.capacity, (stop - gen_off + 7) // 8)
+            chunk = gen[first:last]
+            for i, value in enumerate(chunk):
+                if value:
+                    yield first + i
+
+    def _read_log(self) -> dict[int, PoolRecord]:
+        data = os.pread(self.log_fd, os.fstat(self.log_fd).st_size, 0)
+        lines = data.split(b"\n")
+        pools: dict[int, PoolRecord] = {}
+        for n, line in enumerate(lines):
+            if not line:
+                continue
+            record = _decode_line(line)
+            if record is None:
+                if n == len(lines) - 1:  # the last line, cut short by a kill: never answered
+                    continue
+                raise StateError(f"line {n + 1} of the pools log is damaged")
+            if record.get("op") == "new":
+                rec = PoolRecord(
+                    int(record["key"]),
+                    str(record["guest"]),
+                    str(record["name"]),
+                    int(record["uid"]),
+                    bool(record["persistent"]),
+                    int(record["order"]),
+                )
+                if not 0 <= rec.order <= 4 or not 0 < rec.key < 1 << 32:
+                    raise StateError(f"line {n + 1} of the pools log is out of range")
+                pools[rec.key] = rec
+            elif record.get("op") == "del":
+                pools.pop(int(record["key"]), None)
+            else:
+                raise StateError(f"line {n + 1} of the pools log has an unknown op")
+        return pools
+
+    # ------------------------------------------------------------------ writing (the journal)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        body = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+        line = body + b"\t" + f"{zlib.crc32(body):08x}".encode() + b"\n"
+        os.write(self.log_fd, line)
+
+    def pool_created(self, guest: str, name: str, uid: int, *, persistent: bool, order: int) -> int:
+        """Record a new named pool (before NEW_POOL is answered); its key."""
+        key = self.next_key
+        self.next_key += 1
+        self._append(
+            {
+                "op": "new",
+                "key": key,
+                "guest": guest,
+                "name": name,
+                "uid": uid,
+                "persistent": persistent,
+                "order": order,
+            }
+        )
+        return key
+
+    def pool_destroyed(self, key: int) -> None:
+        """Record that a named pool is gone (before any of its pages is freed)."""
+        self._append({"op": "del", "key": key})
+
+    def stored(self, slots: tuple[int, ...], key: int, oid: int, index: int) -> None:
+        """Make a page visible: fields and chain first, ``gen`` last (the commit)."""
+        head = slots[0]
+        nxt = self.next
+        for a, b in pairwise(slots):
+            nxt[a] = b
+        nxt[slots[-1]] = -1
+        self.key[head] = key
+        self.index[head] = index
+        self.oid0[head] = oid & _U64
+        self.oid1[head] = (oid >> 64) & _U64
+        self.oid2[head] = oid >> 128
+        self.gen[head] = self.next_gen
+        self.next_gen += 1
+
+    def removed(self, head: int) -> None:
+        """A page leaves: its record is gone before its slots can be reused."""
+        self.gen[head] = 0
+
+    def compact_log(self, pools: dict[int, PoolRecord]) -> None:
+        """Rewrite the log with the live pools only (after an adoption)."""
+        tmp = self.path / "pools.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            for rec in pools.values():
+                body = json.dumps(
+                    {
+                        "op": "new",
+                        "key": rec.key,
+                        "guest": rec.guest,
+                        "name": rec.name,
+                        "uid": rec.uid,
+                        "persistent": rec.persistent,
+                        "order": rec.order,
+                    },
+                    separators=(",", ":"),
+                    sort_keys=True,
+                ).encode()
+                os.write(fd, body + b"\t" + f"{zlib.crc32(body):08x}".encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.log_path)
+        os.close(self.log_fd)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        self.log_fd = os.open(self.log_path, flags, FILE_MODE)
+
+    def close(self) -> None:
+        """Close everything but the arena (the store owns and closes that)."""
+        self.close_columns()
+        os.close(self.index_fd)
+        os.close(self.log_fd)
+
+
+def _decode_line(line: bytes) -> dict[str, Any] | None:
+    body, sep, crc = line.rpartition(b"\t")
+    if not sep:
+        return None
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        record = json.loads(body)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------- adoption
+
+
+def adopt(state: StateDir, found: Found, store: Store, host: Host) -> Adoption:
+    """Put what ``found`` holds into an empty store and host: accounts, named pools (kept for
+    their guests for ``reattach_seconds``), pages in the very slots they occupy. Persistent pages
+    are adopted whatever the budget (design.md §2.5: kept, and new puts refused until they
+    fit); ephemeral ones while they fit."""
+    started = time.monotonic()
+    pools: dict[int, Pool] = {}
+    until = host.clock() + host.settings.limits.reattach_seconds
+    for rec in found.pools.values():
+        guest = store.guests.get(rec.guest)
+        if guest is None:
+            policy = host.settings.guests.get(rec.guest)
+            guest = host.account_for(rec.guest, policy, rec.uid)
+        pool = store.new_pool(guest, persistent=rec.persistent, order=rec.order)
+        pool.key = rec.key
+        pools[rec.key] = pool
+        host.named.adopt(rec.guest, rec.name, rec.uid, pool, until)
+    pages = sorted(found.pages, key=lambda p: (not pools[p.key].persistent, p.gen))
+    budget = store.budget_slots
+    used: list[int] = []
+    placed = 0
+    for page in pages:
+        pool = pools[page.key]
+        if not pool.persistent and store.used_slots + len(page.slots) > budget:
+            found.stale.append(page.slots[0])
+            continue
+        _place(store, pool, page)
+        used.extend(page.slots)
+        placed += 1
+    for head in found.stale:
+        state.gen[head] = 0
+    _rebuild_free(store, used)
+    state.next_gen = found.max_gen + 1
+    state.next_key = found.max_key + 1
+    state.compact_log(found.pools)
+    return Adoption(
+        str(state.path),
+        True,
+        pools=len(pools),
+        pages=placed,
+        bytes=len(used) << FRAME_SHIFT,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _place(store: Store, pool: Pool, page: PageRecord) -> None:
+    """One page into the store's index and accounting, at its own slots."""
+    head = page.slots[0]
+    _grow(store, max(page.slots) + 1)
+    store._pool[head] = pool
+    store._oid[head] = page.oid
+    store._index[head] = page.index
+    if pool.order:
+        store._tails[head] = array("i", page.slots[1:])
+    pool.objects.setdefault(page.oid, {})[page.index] = head
+    pool.pages += 1
+    guest = pool.guest
+    n = len(page.slots)
+    store.used_slots += n
+    if pool.persistent:
+        guest.pers_slots += n
+    else:
+        guest.eph_slots += n
+        store._lru_append(guest, head)
+
+
+def _grow(store: Store, slots: int) -> None:
+    """The store's per-slot arrays, long enough for ``slots`` slots."""
+    have = len(store._index)
+    if slots <= have:
+        return
+    grow = slots - have
+    store._pool.extend([None] * grow)
+    store._oid.extend([0] * grow)
+    store._index.extend([0] * grow)
+    store._prev.extend([NIL] * grow)
+    store._next.extend([NIL] * grow)
+    store._stamp.extend([0] * grow)
+    store._owner.extend([0] * grow)
+
+
+def _rebuild_free(store: Store, used: list[int]) -> None:
+    """Every slot below the highest one in use and not in use is free; above it, fresh."""
+    if not used:
+        return
+    top = max(used) + 1
+    taken = bytearray(top)
+    for slot in used:
+        taken[slot] = 1
+    store._fresh = top
+    store._free = array("i", (s for s in range(top - 1, -1, -1) if not taken[s]))
