@@ -39,10 +39,16 @@ from tmemd.config import ConfigError, Settings, load_config, parse_mode, setting
 from tmemd.host import Host
 from tmemd.listen import ListenError, bind_unix, check_private_dir, require_dir, unlink_quietly
 from tmemd.memfiles import MemFile
-from tmemd.persist import Adoption, Found, StateDir, StateError, adopt
+from tmemd.persist import FD_NAMES, Adoption, Found, StateDir, StateError, adopt
 from tmemd.server import GuestServer
 from tmemd.store import Store
-from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
+from tmemd.systemd import (
+    ActivationError,
+    Notifier,
+    activated_sockets,
+    listen_fds,
+    stored_state,
+)
 
 log = structlog.get_logger("tmemd")
 
@@ -67,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="keep named pools' pages here across restarts and crashes (a tmpfs directory "
         "only tmemd's user can write, e.g. /run/tmemd-state)",
+    )
+    p.add_argument(
+        "--state-fdstore",
+        action="store_const",
+        const=True,
+        help="keep named pools' pages across restarts in memfds held by systemd's fd store "
+        "(FDSTORE=1; the unit needs FileDescriptorStoreMax=), instead of --state-dir",
     )
     p.add_argument(
         "--memory", type=size_arg, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
@@ -140,6 +153,7 @@ LIMIT_OPTIONS = (
 SETTING_OPTIONS = (
     "socket",
     "state_dir",
+    "state_fdstore",
     "admin_socket",
     "admin_group",
     "budget",
@@ -219,7 +233,11 @@ class Daemon:
     """The daemon's lifetime: sockets, servers, signals, systemd notifications."""
 
     def __init__(
-        self, settings: Settings, args: argparse.Namespace, activated: dict[str, int]
+        self,
+        settings: Settings,
+        args: argparse.Namespace,
+        activated: dict[str, int],
+        stored: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.args = args
@@ -230,18 +248,51 @@ class Daemon:
         self.state: StateDir | None = None
         arena: MemFile | None = None
         found: Found | str = ""
+        stored = dict(stored or {})
+        if settings.state_fdstore:
+            self.state = self._fd_store_state(stored, capacity >> FRAME_SHIFT)
+        elif stored:  # the fd store kept state this start was not asked to use
+            log.warning("state_fds_unused", names=sorted(stored), hint="set state_fdstore")
+            for fd in stored.values():
+                os.close(fd)
         if settings.state_dir is not None:
             try:
                 self.state = StateDir(settings.state_dir, capacity >> FRAME_SHIFT)
-                arena, found = self.state.open()
             except (StateError, OSError) as exc:
                 raise StartError(f"state directory: {exc}") from exc
+        if self.state is not None:
+            try:
+                arena, found = self.state.open()
+            except OSError as exc:
+                raise StartError(f"state ({self.state.where}): {exc}") from exc
+            # Handed to systemd every start (it keeps one copy of each): the next start gets
+            # them back in LISTEN_FDS.
+            if settings.state_fdstore:
+                self.notifier.store_fds(self.state.fds())
         self.store = self._make_store(settings, capacity, ram, arena)
         self.host = Host(self.store, settings)
         if self.state is not None:
             self._adopt(found)
         self.guest_server = GuestServer(self.host, settings.limits)
         self._owned: list[Path] = []  # socket files we created (and remove at exit)
+
+    def _fd_store_state(self, stored: dict[str, int], capacity_slots: int) -> StateDir:
+        """State in memfds of systemd's fd store: those it handed back, or new ones."""
+        if not self.notifier.enabled:
+            raise StartError(
+                "state_fdstore needs systemd's fd store (no NOTIFY_SOCKET: not started by "
+                "systemd); without systemd keep state in a directory: --state-dir DIR"
+            )
+        if set(stored) != set(FD_NAMES):
+            for fd in stored.values():
+                os.close(fd)
+            if stored:
+                log.warning("state_fds_incomplete", names=sorted(stored), action="started empty")
+            try:
+                stored = StateDir.memfds()
+            except OSError as exc:
+                raise StartError(f"cannot make memfds for the state: {exc}") from exc
+        return StateDir(None, capacity_slots, stored)
 
     def _make_store(
         self, settings: Settings, capacity: int, ram: int, arena: MemFile | None
@@ -264,7 +315,7 @@ class Daemon:
         """Adopt what the state directory holds, or start empty and say why; never half."""
         state = self.state
         assert state is not None
-        where = str(state.path)
+        where = state.where
         if isinstance(found, Found):
             try:
                 adoption = adopt(state, found, self.store, self.host)
@@ -479,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(Path(argv[1]))
     args = build_parser().parse_args(argv)
     try:
-        guest_fd, admin_fd = activated_sockets(listen_fds())
+        passed = listen_fds()
+        stored = stored_state(passed)  # what the fd store kept of the last run's state
+        guest_fd, admin_fd = activated_sockets(passed)
     except ActivationError as exc:
         print(f"tmemd: socket activation: {exc}", file=sys.stderr)
         return 2
@@ -497,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     soft, hard = raise_fd_limit()
     try:
-        daemon = Daemon(settings, args, activated)
+        daemon = Daemon(settings, args, activated, stored)
     except StartError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2

@@ -126,6 +126,8 @@ class Settings:
     # Where named pools' pages and their index are kept across restarts (tmemd/persist.py);
     # None: they die with the daemon.
     state_dir: Path | None = None
+    # ...or in memfds kept in systemd's fd store (FDSTORE=1), given back on the next start.
+    state_fdstore: bool = False
     guests: dict[str, GuestPolicy] = field(default_factory=dict)
     uids: dict[int, UidPolicy] = field(default_factory=dict)
     # A uid without its own [uids.N] table: the cap on all its guests together (None: none).
@@ -145,6 +147,8 @@ class Settings:
             raise ValueError("log format must be json, console or auto")
         if self.unlisted_guests not in UNLISTED:
             raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
+        if self.state_dir is not None and self.state_fdstore:
+            raise ValueError("state_dir and state_fdstore exclude each other: keep state in one")
 
 
 # The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
@@ -161,6 +165,7 @@ DAEMON_KEYS = {
     "unlisted_guests": str,
     "uid_cap": (str, int),
     "state_dir": str,
+    "state_fdstore": bool,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -282,7 +287,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
-    for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
+    for key in ("admin_group", "log_format", "log_level", "unlisted_guests", "state_fdstore"):
         if key in daemon:
             values[key] = daemon[key]
     values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})

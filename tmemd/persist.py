@@ -84,6 +84,8 @@ COLUMNS: Final = (
     ("oid2", "Q"),
 )
 FILE_MODE: Final = 0o600
+# FDNAME= of the state's descriptors in systemd's fd store (FDSTORE=1; LISTEN_FDNAMES).
+FD_NAMES: Final = ("state-arena", "state-index", "state-pools")
 _U64: Final = (1 << 64) - 1
 
 
@@ -211,19 +213,57 @@ class StateDir:
     """The files of a state directory, open and mapped, and the journal the store and host
     write through (module docstring)."""
 
-    def __init__(self, path: Path, capacity_slots: int) -> None:
-        check_state_dir(path)
-        self.path = path
+    def __init__(
+        self, path: Path | None, capacity_slots: int, fds: dict[str, int] | None = None
+    ) -> None:
+        """The files of directory ``path``; or, with ``fds`` (``FD_NAMES`` -> fd: memfds made
+        by ``memfds``, or handed back by systemd's fd store), those, and no directory."""
         self.capacity = capacity_slots
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self.arena_fd = os.open(path / "arena", flags, FILE_MODE)
-        self.index_fd = os.open(path / "index", flags, FILE_MODE)
-        self.log_path = path / "pools"
-        self.log_fd = os.open(self.log_path, flags | os.O_APPEND, FILE_MODE)
+        self.path = path
+        if fds is not None:
+            self.arena_fd, self.index_fd = fds["state-arena"], fds["state-index"]
+            # Appends go to the end whoever wrote last: the log is re-opened O_APPEND.
+            self.log_fd = os.open(
+                f"/proc/self/fd/{fds['state-pools']}", os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+            )
+            os.close(fds["state-pools"])
+        else:
+            assert path is not None
+            check_state_dir(path)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self.arena_fd = os.open(path / "arena", flags, FILE_MODE)
+            self.index_fd = os.open(path / "index", flags, FILE_MODE)
+            self.log_fd = os.open(path / "pools", flags | os.O_APPEND, FILE_MODE)
         self.fresh = False  # set when the files are (re)made empty
         self._map: mmap.mmap | None = None
         self.next_gen = 1
         self.next_key = 1
+
+    @staticmethod
+    def memfds() -> dict[str, int]:
+        """Three new, empty memfds for a state kept in systemd's fd store (``FD_NAMES``)."""
+        fds: dict[str, int] = {}
+        try:
+            for name in FD_NAMES:
+                fds[name] = os.memfd_create(f"tmem-{name}", os.MFD_CLOEXEC)
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return fds
+
+    def fds(self) -> dict[str, int]:
+        """The state's descriptors by their fd-store names (to hand to systemd)."""
+        return {
+            "state-arena": self.arena_fd,
+            "state-index": self.index_fd,
+            "state-pools": self.log_fd,
+        }
+
+    @property
+    def where(self) -> str:
+        """The directory, or "fd store"."""
+        return "fd store" if self.path is None else str(self.path)
 
     # ------------------------------------------------------------------ opening
 
@@ -450,7 +490,12 @@ class StateDir:
         self.gen[head] = 0
 
     def compact_log(self, pools: dict[int, PoolRecord]) -> None:
-        """Rewrite the log with the live pools only (after an adoption)."""
+        """Rewrite the log with the live pools only (after an adoption). Not in the fd store,
+        where no rename can swap a new file in at once: there the log keeps its lines (one per
+        named pool made or destroyed)."""
+        if self.path is None:
+            return
+        self.log_path = self.path / "pools"
         tmp = self.path / "pools.new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
@@ -535,7 +580,7 @@ def adopt(state: StateDir, found: Found, store: Store, host: Host) -> Adoption:
     state.next_key = found.max_key + 1
     state.compact_log(found.pools)
     return Adoption(
-        str(state.path),
+        state.where,
         True,
         pools=len(pools),
         pages=placed,
