@@ -53,7 +53,7 @@ def adoption(pages: int) -> dict[str, Any]:
             result = adopt(state, found, store, host) if isinstance(found, Found) else None
             return state, store, host, result
 
-        _, store, host, _ = start()
+        filled, store, host, _ = start()
 
         class Member:
             uid = 1000
@@ -66,6 +66,7 @@ def adoption(pages: int) -> dict[str, Any]:
         for first in range(0, pages, 64):
             n = min(64, pages - first)
             store.put_many(pool, [1] * n, range(first, first + n), range(n), region)
+        filled.close()  # as a SIGKILL would: the directory's lock goes with the descriptors
         began = time.perf_counter()
         _, _, _, result = start()
         seconds = time.perf_counter() - began

@@ -48,6 +48,7 @@ wiping the files, and says why (``state_discarded``); otherwise it adopts all of
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -233,6 +234,17 @@ class StateDir:
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
             self.arena_fd = os.open(path / "arena", flags, FILE_MODE)
             self.index_fd = os.open(path / "index", flags, FILE_MODE)
+            try:
+                # One tmemd per directory: a second one adopting (and compacting, or wiping)
+                # under a running one would corrupt its state. Released when we die.
+                fcntl.flock(self.index_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.arena_fd)
+                os.close(self.index_fd)
+                raise StateError(
+                    f"another tmemd uses state directory {path}; stop it first, or give this "
+                    "one a directory of its own"
+                ) from None
             self.log_fd = os.open(path / "pools", flags | os.O_APPEND, FILE_MODE)
         self.fresh = False  # set when the files are (re)made empty
         self._map: mmap.mmap | None = None

@@ -5,6 +5,7 @@ Host; and the checks that make a start adopt all or nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from tmemd.accounts import Guest, Pool
 from tmemd.config import GuestPolicy, Limits, Settings
 from tmemd.host import Host
 from tmemd.persist import Found, StateDir, StateError, adopt, check_state_dir
-from tmemd.store import Store
+from tmemd.store import Store, StoreError
 
 PAGE = FRAME_SIZE
 SLOTS = 256
@@ -38,10 +39,19 @@ class Member:
         raise AssertionError
 
 
+_RUNNING: dict[Path, Run] = {}
+
+
 class Run:
-    """One daemon's life on a state directory: store, host, journal."""
+    """One daemon's life on a state directory: store, host, journal. Making the next one on
+    the same directory first "kills" this one: its descriptors are closed, nothing else (what
+    SIGKILL leaves: the files as they were written, and the directory's lock free)."""
 
     def __init__(self, path: Path, budget_slots: int = SLOTS) -> None:
+        last = _RUNNING.pop(path, None)
+        if last is not None:
+            last.kill()
+        _RUNNING[path] = self
         self.state = StateDir(path, SLOTS)
         arena, self.found = self.state.open()
         self.store = Store(budget_slots * PAGE, capacity=SLOTS * PAGE, arena=arena)
@@ -53,6 +63,12 @@ class Run:
         self.adoption = None
         if isinstance(self.found, Found):
             self.adoption = adopt(self.state, self.found, self.store, self.host)
+
+    def kill(self) -> None:
+        self.state.close_columns()  # (mmap holds a copy of the index's descriptor)
+        for fd in (self.state.index_fd, self.state.log_fd, self.state.arena_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def member(self, name: str = "1000/vm", uid: int = 1000) -> Member:
         guest = self.host.attach(name, GuestPolicy(sessions=1024), uid=uid)
@@ -224,6 +240,7 @@ def test_a_corrupt_chain_discards_everything(state_dir: Path) -> None:
 def test_state_for_another_capacity_is_not_adopted(state_dir: Path) -> None:
     one = Run(state_dir)
     assert one.store.put(one.pool(), 1, 1, memoryview(page(1)))
+    one.kill()
     other = StateDir(state_dir, SLOTS * 2)
     _, found = other.open()
     assert isinstance(found, str) and "start with the same" in found
@@ -246,3 +263,18 @@ def test_unsafe_state_directories_are_refused(tmp_path: Path) -> None:
         os.chown(made, 1234, 1234)
         with pytest.raises(StateError, match="belongs to uid 1234"):
             check_state_dir(made)
+
+
+def test_one_tmemd_per_state_directory(state_dir: Path) -> None:
+    one = Run(state_dir)
+    with pytest.raises(StateError, match="another tmemd uses state directory"):
+        StateDir(state_dir, SLOTS)
+    one.kill()  # the lock goes with the descriptor: with a killed process too
+    StateDir(state_dir, SLOTS).close()
+
+
+def test_a_guest_with_kept_pools_is_not_mapped(state_dir: Path) -> None:
+    one = Run(state_dir)
+    pool = one.pool()
+    with pytest.raises(StoreError, match="kept in the state"):
+        one.store.map_guest(pool.guest)
