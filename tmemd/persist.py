@@ -49,6 +49,7 @@ wiping the files, and says why (``state_discarded``); otherwise it adopts all of
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import mmap
 import os
@@ -58,8 +59,9 @@ import time
 import zlib
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import compress, pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -163,15 +165,8 @@ class PoolRecord:
     order: int
 
 
-@dataclass
-class PageRecord:
-    """One page as the index has it."""
-
-    gen: int
-    key: int
-    oid: int
-    index: int
-    slots: list[int]
+# One page as the index has it: (gen, pool key, oid, index, slots).
+PageRecord = tuple[int, int, int, int, tuple[int, ...]]
 
 
 @dataclass
@@ -365,64 +360,84 @@ class StateDir:
     # ------------------------------------------------------------------ reading (adoption)
 
     def read(self) -> Found:
-        """Every live pool and page record, checked (StateError: corruption)."""
+        """Every live pool and page record, checked (StateError: corruption). The loop runs
+        once per page held, so it is written for speed: locals, tuples, a bitmap of slots, and
+        no cyclic garbage collection while it makes millions of objects that all stay."""
+        with _no_gc():
+            return self._read()
+
+    def _read(self) -> Found:
         found = Found()
-        found.pools = self._read_log()
-        found.max_key = max(found.pools, default=0)
+        found.pools = pools = self._read_log()
+        found.max_key = max(pools, default=0)
         gen_off = _column_layout(self.capacity)["gen"][0]
-        claimed: dict[int, int] = {}  # slot -> head that claims it
+        capacity = self.capacity
+        gen, keys, indexes = self.gen, self.key, self.index
+        oid0, oid1, oid2 = self.oid0, self.oid1, self.oid2
+        orders = {key: rec.order for key, rec in pools.items()}
+        claimed = bytearray(capacity)  # slots some page holds
         best: dict[tuple[int, int, int], PageRecord] = {}
+        stale = found.stale
+        max_gen = 0
         for head in self._heads(gen_off):
-            g = self.gen[head]
-            found.max_gen = max(found.max_gen, g)
-            pool = found.pools.get(self.key[head])
-            if pool is None:
-                found.stale.append(head)  # its pool was destroyed: the record is dead
+            g = gen[head]
+            if g > max_gen:
+                max_gen = g
+            key = keys[head]
+            order = orders.get(key)
+            if order is None:
+                stale.append(head)  # its pool was destroyed: the record is dead
                 continue
-            slots = [head]
-            n = 1 << pool.order
-            while len(slots) < n:
-                nxt = self.next[slots[-1]]
-                if not 0 <= nxt < self.capacity:
-                    raise StateError(f"page at slot {head}: its chain leaves the arena")
-                slots.append(nxt)
-            if n > 1 and self.next[slots[-1]] != -1:
-                raise StateError(f"page at slot {head}: its chain is longer than the page")
-            if len(set(slots)) != n:
-                raise StateError(f"page at slot {head}: its chain loops")
-            oid = self.oid0[head] | self.oid1[head] << 64 | self.oid2[head] << 128
-            page = PageRecord(g, pool.key, oid, self.index[head], slots)
-            handle = (pool.key, oid, page.index)
+            slots = self._chain(head, 1 << order) if order else (head,)
+            oid = oid0[head]
+            if oid1[head] or oid2[head]:
+                oid |= oid1[head] << 64 | oid2[head] << 128
+            page = (g, key, oid, indexes[head], slots)
+            handle = (key, oid, page[3])
             other = best.get(handle)
             if other is not None:  # a copy on write the kill interrupted: the newer one wins
-                loser = page if other.gen > page.gen else other
-                found.stale.append(loser.slots[0])
-                if loser is other:
-                    best[handle] = page
-                    for slot in other.slots:
-                        claimed.pop(slot, None)
-                else:
+                if other[0] > g:
+                    stale.append(head)
                     continue
-            else:
-                best[handle] = page
+                stale.append(other[4][0])
+                for slot in other[4]:
+                    claimed[slot] = 0
+            best[handle] = page
             for slot in slots:
-                if claimed.setdefault(slot, head) != head:
+                if claimed[slot]:
                     raise StateError(f"slot {slot} is claimed by two pages")
+                claimed[slot] = 1
+        found.max_gen = max_gen
         found.pages = list(best.values())
         return found
 
-    def _heads(self, gen_off: int) -> Iterator[int]:
+    def _chain(self, head: int, n: int) -> tuple[int, ...]:
+        """The ``n`` slots of the page at ``head``, by its ``next`` links, checked."""
+        nxt = self.next
+        slots = [head]
+        while len(slots) < n:
+            after = nxt[slots[-1]]
+            if not 0 <= after < self.capacity:
+                raise StateError(f"page at slot {head}: its chain leaves the arena")
+            slots.append(after)
+        if nxt[slots[-1]] != -1:
+            raise StateError(f"page at slot {head}: its chain is longer than the page")
+        if len(set(slots)) != n:
+            raise StateError(f"page at slot {head}: its chain loops")
+        return tuple(slots)
+
+    def _heads(self, gen_off: int) -> list[int]:
         """Slots whose gen is not 0, found through the parts of the gen column that hold
-        memory (a sparse file: pages never written are holes, skipped for free)."""
+        memory (a sparse file: pages never written are holes, skipped for free), and within
+        them in C (``compress``)."""
         gen = self.gen
         end = gen_off + 8 * self.capacity
+        heads: list[int] = []
         for start, stop in data_extents(self.index_fd, gen_off, end, 1 << 30):
             first = (start - gen_off) // 8
             last = min(self.capacity, (stop - gen_off + 7) // 8)
-            chunk = gen[first:last]
-            for i, value in enumerate(chunk):
-                if value:
-                    yield first + i
+            heads.extend(compress(range(first, last), gen[first:last]))
+        return heads
 
     def _read_log(self) -> dict[int, PoolRecord]:
         data = os.pread(self.log_fd, os.fstat(self.log_fd).st_size, 0)
@@ -562,6 +577,24 @@ def adopt(state: StateDir, found: Found, store: Store, host: Host) -> Adoption:
     are adopted whatever the budget (design.md §2.5: kept, and new puts refused until they
     fit); ephemeral ones while they fit."""
     started = time.monotonic()
+    with _no_gc():
+        return _adopt(state, found, store, host, started)
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic GC meanwhile (every object made is kept: collecting finds nothing, and its
+    passes over millions of new objects cost more than the work)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _adopt(state: StateDir, found: Found, store: Store, host: Host, started: float) -> Adoption:
     pools: dict[int, Pool] = {}
     until = host.clock() + host.settings.limits.reattach_seconds
     for rec in found.pools.values():
@@ -573,21 +606,26 @@ def adopt(state: StateDir, found: Found, store: Store, host: Host) -> Adoption:
         pool.key = rec.key
         pools[rec.key] = pool
         host.named.adopt(rec.guest, rec.name, rec.uid, pool, until)
-    pages = sorted(found.pages, key=lambda p: (not pools[p.key].persistent, p.gen))
-    budget = store.budget_slots
-    used: list[int] = []
-    placed = 0
-    for page in pages:
-        pool = pools[page.key]
-        if not pool.persistent and store.used_slots + len(page.slots) > budget:
-            found.stale.append(page.slots[0])
+    # Persistent pages first (kept whatever the budget), then ephemeral ones oldest first,
+    # so that their LRU order is their puts' and the budget keeps the newest.
+    persistent = [p for p in found.pages if pools[p[1]].persistent]
+    ephemeral = sorted((p for p in found.pages if not pools[p[1]].persistent), reverse=True)
+    room = store.budget_slots - sum(len(p[4]) for p in persistent)
+    kept_ephemeral = []
+    for page in ephemeral:  # newest first, while they fit
+        if len(page[4]) > room:
+            found.stale.append(page[4][0])
             continue
-        _place(store, pool, page)
-        used.extend(page.slots)
-        placed += 1
+        room -= len(page[4])
+        kept_ephemeral.append(page)
+    kept_ephemeral.reverse()
+    pages = persistent + kept_ephemeral
+    top = max((max(p[4]) for p in pages), default=-1) + 1
+    _grow(store, top)
+    used = _place_all(store, pools, pages)
     for head in found.stale:
         state.gen[head] = 0
-    _rebuild_free(store, used)
+    _rebuild_free(store, used, top)
     state.next_gen = found.max_gen + 1
     state.next_key = found.max_key + 1
     state.compact_log(found.pools)
@@ -595,31 +633,40 @@ def adopt(state: StateDir, found: Found, store: Store, host: Host) -> Adoption:
         state.where,
         True,
         pools=len(pools),
-        pages=placed,
-        bytes=len(used) << FRAME_SHIFT,
+        pages=len(pages),
+        bytes=used << FRAME_SHIFT,
         seconds=time.monotonic() - started,
     )
 
 
-def _place(store: Store, pool: Pool, page: PageRecord) -> None:
-    """One page into the store's index and accounting, at its own slots."""
-    head = page.slots[0]
-    _grow(store, max(page.slots) + 1)
-    store._pool[head] = pool
-    store._oid[head] = page.oid
-    store._index[head] = page.index
-    if pool.order:
-        store._tails[head] = array("i", page.slots[1:])
-    pool.objects.setdefault(page.oid, {})[page.index] = head
-    pool.pages += 1
-    guest = pool.guest
-    n = len(page.slots)
-    store.used_slots += n
-    if pool.persistent:
-        guest.pers_slots += n
-    else:
-        guest.eph_slots += n
-        store._lru_append(guest, head)
+def _place_all(store: Store, pools: dict[int, Pool], pages: list[PageRecord]) -> int:
+    """Every page into the store's index and accounting, at its own slots; slots used."""
+    s_pool, s_oid, s_index, tails = store._pool, store._oid, store._index, store._tails
+    ints = store._index_ints
+    small = len(ints)
+    used = 0
+    for _gen, key, oid, index, slots in pages:
+        pool = pools[key]
+        head = slots[0]
+        s_pool[head] = pool
+        s_oid[head] = oid
+        s_index[head] = index
+        n = len(slots)
+        if n > 1:
+            tails[head] = array("i", slots[1:])
+        objects = pool.objects.get(oid)
+        if objects is None:
+            objects = pool.objects[oid] = {}
+        objects[ints[index] if index < small else index] = head
+        pool.pages += 1
+        used += n
+        if pool.persistent:
+            pool.guest.pers_slots += n
+        else:
+            pool.guest.eph_slots += n
+            store._lru_append(pool.guest, head)
+    store.used_slots += used
+    return used
 
 
 def _grow(store: Store, slots: int) -> None:
@@ -637,13 +684,17 @@ def _grow(store: Store, slots: int) -> None:
     store._owner.extend([0] * grow)
 
 
-def _rebuild_free(store: Store, used: list[int]) -> None:
-    """Every slot below the highest one in use and not in use is free; above it, fresh."""
+def _rebuild_free(store: Store, used: int, top: int) -> None:
+    """Every slot below ``top`` (one past the highest in use) that no page holds is free;
+    from ``top`` on, slots are fresh."""
     if not used:
         return
-    top = max(used) + 1
-    taken = bytearray(top)
-    for slot in used:
-        taken[slot] = 1
+    held = store._pool
+    tails = bytearray(top)
+    for rest in store._tails.values():
+        for slot in rest:
+            tails[slot] = 1
     store._fresh = top
-    store._free = array("i", (s for s in range(top - 1, -1, -1) if not taken[s]))
+    store._free = array(
+        "i", (s for s in range(top - 1, -1, -1) if held[s] is None and not tails[s])
+    )
