@@ -122,8 +122,15 @@ def store_cost(ops: int, with_state: bool) -> tuple[float, float]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def daemon_cost(ops: int, with_state: bool) -> tuple[float, float]:
-    """Seconds per put and per get through a real tmemd and a sync guest."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cost(ops: int, with_state: bool) -> tuple[float, float, float, float]:
+    """Seconds per put and per get through a real tmemd and a sync guest: wall time, then the
+    daemon's own CPU time (which other load on the machine disturbs less)."""
     import tmemclient
     from tmemd.launch import Tmemd
 
@@ -141,20 +148,21 @@ def daemon_cost(ops: int, with_state: bool) -> tuple[float, float]:
             data = random.randbytes(PAGE)
             for i in range(1000):
                 pool.put(1, i, data)
-            began = time.perf_counter()
+            pid = tmemd.pid
+            cpu0, began = cpu_seconds(pid), time.perf_counter()
             for i in range(ops):
                 pool.put(1, i % 1000, data)
-            mid = time.perf_counter()
+            cpu1, mid = cpu_seconds(pid), time.perf_counter()
             for i in range(ops):
                 pool.get(1, i % 1000)
-            end = time.perf_counter()
-        return (mid - began) / ops, (end - mid) / ops
+            cpu2, end = cpu_seconds(pid), time.perf_counter()
+        return (mid - began) / ops, (end - mid) / ops, (cpu1 - cpu0) / ops, (cpu2 - cpu1) / ops
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+def medians(runs: list[tuple[float, ...]]) -> tuple[float, ...]:
+    return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{full * per_page[-1] / 1e6:.1f} s (goal: < 1 s)"
     )
     rows = []
-    for kind, fn in (("store alone", store_cost), ("tmemd + sync guest", daemon_cost)):
-        without: list[tuple[float, float]] = []
-        with_: list[tuple[float, float]] = []
+    measures: list[tuple[str, Any]] = [("store alone", store_cost), ("tmemd", daemon_cost)]
+    for kind, fn in measures:
+        without: list[tuple[float, ...]] = []
+        with_: list[tuple[float, ...]] = []
         for rep in range(args.repeats):
             order = (False, True) if rep % 2 == 0 else (True, False)
             for state in order:
                 (with_ if state else without).append(fn(args.ops, state))
-        (p0, g0), (p1, g1) = median_pair(without), median_pair(with_)
-        rows.append((kind, p0, p1, g0, g1))
+        m0, m1 = medians(without), medians(with_)
+        rows.append((f"{kind}, wall", m0[0], m1[0], m0[1], m1[1]))
+        if len(m0) > 2:
+            rows.append((f"{kind}, daemon CPU", m0[2], m1[2], m0[3], m1[3]))
     print(
         "\n| path | put without, us | put with state, us | ratio | get without, us | "
         "get with state, us | ratio |"

@@ -11,11 +11,11 @@ not a disk; a directory others can write is refused):
 - ``arena``: the page arena itself, a sparse file of the arena's capacity that the daemon maps
   shared (instead of an anonymous memfd), so a page written there is in the page cache, and
   survives the process, the moment the copy is done.
-- ``index``: a header page, then one column per field for every slot: ``gen`` (u64, 0: no
-  record; else the record's generation, unique and increasing), ``key`` (u32, the named pool),
-  ``index`` (u32), ``next`` (i32, the page's next slot, -1 at its last), ``oid0..2`` (u64 x 3:
-  the 192-bit object id). Only a page's head slot has a record; ``next`` chains its other
-  slots.
+- ``index``: a header page, then a 48-byte row for every slot: ``gen`` (u64, 0: no record;
+  else the record's generation, unique and increasing), ``key`` (u32, the named pool),
+  ``index`` (u32), ``next`` (i32, the page's next slot, -1 at its last), a pad, ``oid0..2``
+  (u64 x 3: the 192-bit object id). Only a page's head slot has a record; ``next`` chains its
+  other slots. One row is one cache line or two, written with one store of all but ``gen``.
 - ``pools``: an append-only log of named pools, one line each, ``JSON<TAB>crc32``: created
   (key, guest, name, uid, kind, order) or destroyed (key).
 
@@ -77,15 +77,10 @@ MAGIC: Final = b"TMEMST01"
 VERSION: Final = 1
 HEADER: Final = struct.Struct("<8sIQ")  # magic, version, capacity in slots
 HEADER_BYTES: Final = 4096
-COLUMNS: Final = (
-    ("gen", "Q"),
-    ("key", "I"),
-    ("index", "I"),
-    ("next", "i"),
-    ("oid0", "Q"),
-    ("oid1", "Q"),
-    ("oid2", "Q"),
-)
+# One row per slot: gen (the commit word, written last), then the rest of the record.
+ROW: Final = struct.Struct("<QIIiIQQQ")  # gen, key, index, next, (pad), oid0, oid1, oid2
+ROW_REST: Final = struct.Struct("<IIiIQQQ")  # the row after gen, written in one go
+ROW_BYTES: Final = ROW.size  # 48
 FILE_MODE: Final = 0o600
 # FDNAME= of the state's descriptors in systemd's fd store (FDSTORE=1; LISTEN_FDNAMES).
 FD_NAMES: Final = ("state-arena", "state-index", "state-pools")
@@ -123,21 +118,9 @@ def check_state_dir(path: Path) -> None:
         )
 
 
-def _column_layout(capacity: int) -> dict[str, tuple[int, int, str]]:
-    """Column name -> (offset, bytes, typecode) in the index file."""
-    out: dict[str, tuple[int, int, str]] = {}
-    offset = HEADER_BYTES
-    for name, code in COLUMNS:
-        size = struct.calcsize(code) * capacity
-        out[name] = (offset, size, code)
-        offset += -(-size // FRAME_SIZE) * FRAME_SIZE
-    return out
-
-
 def index_size(capacity: int) -> int:
     """Bytes of the index file for an arena of ``capacity`` slots."""
-    offset, size, _ = _column_layout(capacity)[COLUMNS[-1][0]]
-    return -(-(offset + size) // FRAME_SIZE) * FRAME_SIZE
+    return -(-(HEADER_BYTES + ROW_BYTES * capacity) // FRAME_SIZE) * FRAME_SIZE
 
 
 class StateArena(MemFile):
@@ -335,12 +318,24 @@ class StateDir:
     def _map_index(self) -> None:
         self._map = mmap.mmap(self.index_fd, index_size(self.capacity))
         view = memoryview(self._map)
-        layout = _column_layout(self.capacity)
-        self._cols: dict[str, Any] = {}
-        for name, (off, size, code) in layout.items():
-            column: Any = view[off : off + size]
-            self._cols[name] = column.cast(code)
+        rows: Any = view[HEADER_BYTES : HEADER_BYTES + ROW_BYTES * self.capacity]
+        u64, u32, i32 = rows.cast("Q"), rows.cast("I"), rows.cast("i")
+        # Each field as a strided view over the rows (a row is 6 u64 or 12 u32).
+        self._cols: dict[str, Any] = {
+            "rows": rows,
+            "u64": u64,
+            "u32": u32,
+            "i32": i32,
+            "gen": u64[0::6],
+            "key": u32[2::12],
+            "index": u32[3::12],
+            "next": i32[4::12],
+            "oid0": u64[3::6],
+            "oid1": u64[4::6],
+            "oid2": u64[5::6],
+        }
         self._view = view
+        self._rows = rows
         self.gen = self._cols["gen"]
         self.key = self._cols["key"]
         self.index = self._cols["index"]
@@ -351,8 +346,9 @@ class StateDir:
         """Release the index mapping."""
         if self._map is None:
             return
-        for view in self._cols.values():
-            view.release()
+        for name in ("gen", "key", "index", "next", "oid0", "oid1", "oid2", "u64", "u32", "i32"):
+            self._cols[name].release()
+        self._cols["rows"].release()
         self._view.release()
         self._map.close()
         self._map = None
@@ -370,7 +366,7 @@ class StateDir:
         found = Found()
         found.pools = pools = self._read_log()
         found.max_key = max(pools, default=0)
-        gen_off = _column_layout(self.capacity)["gen"][0]
+        gen_off = HEADER_BYTES
         capacity = self.capacity
         gen, keys, indexes = self.gen, self.key, self.index
         oid0, oid1, oid2 = self.oid0, self.oid1, self.oid2
@@ -431,11 +427,11 @@ class StateDir:
         memory (a sparse file: pages never written are holes, skipped for free), and within
         them in C (``compress``)."""
         gen = self.gen
-        end = gen_off + 8 * self.capacity
+        end = gen_off + ROW_BYTES * self.capacity
         heads: list[int] = []
         for start, stop in data_extents(self.index_fd, gen_off, end, 1 << 30):
-            first = (start - gen_off) // 8
-            last = min(self.capacity, (stop - gen_off + 7) // 8)
+            first = (start - gen_off) // ROW_BYTES
+            last = min(self.capacity, -(-(stop - gen_off) // ROW_BYTES))
             heads.extend(compress(range(first, last), gen[first:last]))
         return heads
 
@@ -500,15 +496,22 @@ class StateDir:
     def stored(self, slots: tuple[int, ...], key: int, oid: int, index: int) -> None:
         """Make a page visible: fields and chain first, ``gen`` last (the commit)."""
         head = slots[0]
-        nxt = self.next
-        for a, b in pairwise(slots):
-            nxt[a] = b
-        nxt[slots[-1]] = -1
-        self.key[head] = key
-        self.index[head] = index
-        self.oid0[head] = oid & _U64
-        self.oid1[head] = (oid >> 64) & _U64
-        self.oid2[head] = oid >> 128
+        after = -1
+        if len(slots) > 1:
+            nxt = self.next
+            for a, b in pairwise(slots):
+                nxt[a] = b
+            nxt[slots[-1]] = -1
+            after = slots[1]
+        # The row but its gen in one store, then gen: the commit.
+        if oid >> 64:
+            ROW_REST.pack_into(
+                self._rows,
+                ROW_BYTES * head + 8,
+                *(key, index, after, 0, oid & _U64, (oid >> 64) & _U64, oid >> 128),
+            )
+        else:
+            ROW_REST.pack_into(self._rows, ROW_BYTES * head + 8, key, index, after, 0, oid, 0, 0)
         self.gen[head] = self.next_gen
         self.next_gen += 1
 
