@@ -259,17 +259,18 @@ def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
 WRITER = """
 import json, random, sys, tmemclient
 from tmemclient import Retry
-path, log_path, ops, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, log_path, ops, seed, name = sys.argv[1:4] + [int(sys.argv[4])] + sys.argv[5:6]
+size = int(sys.argv[6])
 retry = Retry(attempts=200, first_delay=0.02, max_delay=0.5, connect_timeout=10)
 def page(n, v):
-    return random.Random(n * 100_003 + v).randbytes(4096)
+    return random.Random(n * 100_003 + v).randbytes(size)
 rng = random.Random(seed)
 versions = {}
 with open(log_path, "a", buffering=1) as log, tmemclient.connect_resilient(
-    path, "writer", retry=retry, ring_frames=0
+    path, name, retry=retry, ring_frames=0
 ) as client:
-    pool = client.new_pool(persistent=True, name="swap")
-    for _ in range(ops):
+    pool = client.new_pool(persistent=True, name="swap", page_size=size)
+    for _ in range(int(ops)):
         n = rng.randrange(300)
         if rng.random() < 0.1:
             pool.flush(1, n)
@@ -284,36 +285,12 @@ with open(log_path, "a", buffering=1) as log, tmemclient.connect_resilient(
     print(client.reconnects)
 """
 
+# Two guests at once: 4 KiB pages and 8 KiB pages (two slots a page, chained in the index).
+WRITERS = (("writer", 4096, 7), ("writer2", 8192, 8))
 
-def test_kill_at_random_points_under_load_loses_no_answered_put(tmemd: Stateful) -> None:
-    """A guest puts and flushes as fast as it can, logging each answered request; the daemon is
-    SIGKILLed at random moments and started again on its state, the guest reconnects and goes
-    on. Afterwards every page holds exactly what its last answered put wrote."""
-    log = tmemd.workdir / "answered.jsonl"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmemd.socket), str(log), "20000", "7"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    rng = random.Random(11)
-    kills = 0
-    try:
-        for _ in range(8):  # bounded: 8 kills at most
-            if writer.poll() is not None:
-                break
-            time.sleep(rng.uniform(0.05, 0.6))  # a random point in the guest's work
-            tmemd.restart(signal.SIGKILL)
-            kills += 1
-        out, err = writer.communicate(timeout=300)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
-    assert writer.returncode == 0, err
-    assert kills >= 3, "the writer finished before the daemon was killed enough"
-    tmemd.restart(signal.SIGKILL)  # one more, after the last answer
+
+def expected_pages(log: Path) -> dict[int, int | None]:
+    """Each handle's last answered version (None: flushed) from a writer's log."""
     expected: dict[int, int | None] = {}
     for line in log.read_text().splitlines():
         entry = json.loads(line)
@@ -322,15 +299,69 @@ def test_kill_at_random_points_under_load_loses_no_answered_put(tmemd: Stateful)
         else:
             for m in range(entry[1], entry[2]):
                 expected[m] = entry[3]
-    with tmemclient.connect(tmemd.socket, name="writer", timeout=30) as c:
-        pool = c.new_pool(persistent=True, name="swap")
-        assert pool.reopened
-        handles = sorted(expected)
-        got = pool.get_many([(1, n) for n in handles])
-    want = {n: None if v is None else page(n, v) for n, v in expected.items()}
-    wrong = [n for n, data in zip(handles, got, strict=True) if data != want[n]]
-    reconnects = int(out.strip().splitlines()[-1])  # (its log lines come before)
-    print(f"kills={kills} pages_checked={len(handles)} lost={len(wrong)} reconnects={reconnects}")
-    assert not wrong, f"{len(wrong)} of {len(handles)} pages differ from their last answered put"
-    # The guest rode through every restart (one reconnect may span two kills in a row).
-    assert 0 < reconnects <= kills
+    return expected
+
+
+def test_kill_at_random_points_under_load_loses_no_answered_put(tmp_path: Path) -> None:
+    """Two guests put and flush as fast as they can, logging each answered request; the daemon
+    is killed at random moments — SIGKILL, or now and then SIGTERM — and started again on its
+    state; the guests reconnect and go on. Afterwards every page holds exactly what its last
+    answered put wrote."""
+    tmemd = Stateful(tmp_path / "d", "--shutdown-grace", "0.3")
+    writers = []
+    try:
+        for name, size, seed in WRITERS:
+            log = tmemd.workdir / f"{name}.jsonl"
+            writers.append(
+                subprocess.Popen(
+                    [
+                        *(sys.executable, "-c", WRITER, str(tmemd.socket), str(log), "15000"),
+                        *(str(seed), name, str(size)),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                )
+            )
+        rng = random.Random(11)
+        kills = {"SIGKILL": 0, "SIGTERM": 0}
+        for _ in range(10):  # bounded: 10 kills at most
+            if all(w.poll() is not None for w in writers):
+                break
+            time.sleep(rng.uniform(0.05, 0.6))  # a random point in the guests' work
+            sig = signal.SIGTERM if rng.random() < 0.25 else signal.SIGKILL
+            tmemd.restart(sig)
+            kills[sig.name] += 1
+        outs = [w.communicate(timeout=300) for w in writers]
+        for w, (_, err) in zip(writers, outs, strict=True):
+            assert w.returncode == 0, err
+        assert sum(kills.values()) >= 3, "the writers finished before the daemon was killed enough"
+        tmemd.restart(signal.SIGKILL)  # one more, after the last answer
+        checked = lost = 0
+        for name, size, _ in WRITERS:
+            expected = expected_pages(tmemd.workdir / f"{name}.jsonl")
+            with tmemclient.connect(tmemd.socket, name=name, timeout=30) as c:
+                pool = c.new_pool(persistent=True, name="swap", page_size=size)
+                assert pool.reopened
+                handles = sorted(expected)
+                got = pool.get_many([(1, n) for n in handles])
+            want = {n: None if v is None else page(n, v, size) for n, v in expected.items()}
+            lost += sum(data != want[n] for n, data in zip(handles, got, strict=True))
+            checked += len(handles)
+        answered = sum(
+            len((tmemd.workdir / f"{n}.jsonl").read_text().splitlines()) for n, _, _ in WRITERS
+        )
+        reconnects = [int(out.strip().splitlines()[-1]) for out, _ in outs]
+        print(
+            f"kills={kills} answered_requests={answered} pages_checked={checked} lost={lost} "
+            f"reconnects={reconnects}"
+        )
+        assert lost == 0, f"{lost} of {checked} pages differ from their last answered put"
+        assert all(0 < r <= sum(kills.values()) for r in reconnects)  # they rode through
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        tmemd.stop()
