@@ -5,6 +5,7 @@ processes of their own, and reading raw frames. The unit tests (tests/unit/) use
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -206,3 +207,37 @@ def read_raw_frame(sock: socket.socket, buf: bytearray, timeout: float) -> Any:
             assert not buf, f"connection closed in the middle of a frame: {buf!r}"
             return EOF
         buf += chunk
+
+
+class Restartable:
+    """A tmemd that can be killed (SIGKILL) and started again on the same socket, in
+    ``workdir``; each run's log is kept (``tmemd.N.log``)."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.workdir = workdir
+        workdir.mkdir(exist_ok=True)
+        self.args = args or ("--memory", "16MiB")
+        self.generation = 0
+        self.daemon = self._start()
+
+    def _start(self) -> Daemon:
+        self.generation += 1
+        log = self.workdir / "tmemd.log"
+        if log.exists():  # the last run's, kept for a failure's report
+            log.rename(self.workdir / f"tmemd.{self.generation - 1}.log")
+        return Daemon(self.workdir, *self.args)
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "tmemd.sock"
+
+    def kill(self) -> None:
+        self.daemon.proc.send_signal(signal.SIGKILL)
+        self.daemon.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.daemon = self._start()
+
+    def stop(self) -> None:
+        self.daemon.stop()

@@ -14,6 +14,10 @@ from tmemd.ctl.client import ADMIN_SOCKET_ENV
 
 # The --json field names tmemctl documents (docs/operations.md "tmemctl"): the daemon's keys.
 STATUS_KEYS = {
+    "state",
+    "reattach_seconds",
+    "kept_pools",
+    "kept_pages",
     "resident",
     "overdrawn",
     "budget",
@@ -53,6 +57,8 @@ POOL_KEYS = {
     "kind",
     "shared",
     "uuid",
+    "name",
+    "kept",
     "members",
     "page_size",
     "pages",

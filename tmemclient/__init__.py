@@ -12,7 +12,16 @@ awaited.
 """
 
 from tmemclient.aclient import AsyncClient, AsyncPool, open_client
+from tmemclient.areconnect import AsyncResilientClient, AsyncResilientPool, open_resilient_client
 from tmemclient.client import DEFAULT_FRAMES, Client, Pool, connect
+from tmemclient.reconnect import (
+    Reconnected,
+    ResilientClient,
+    ResilientPool,
+    Retry,
+    Unreachable,
+    connect_resilient,
+)
 from tmemclient.region import FrameRun
 from tmemclient.wire.errors import (
     DaemonGone,
@@ -37,6 +46,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AsyncClient",
     "AsyncPool",
+    "AsyncResilientClient",
+    "AsyncResilientPool",
     "Client",
     "DaemonGone",
     "DaemonShuttingDown",
@@ -47,9 +58,16 @@ __all__ = [
     "PermissionDenied",
     "Pool",
     "ProtocolError",
+    "Reconnected",
+    "ResilientClient",
+    "ResilientPool",
+    "Retry",
     "TmemError",
     "UnknownPool",
+    "Unreachable",
     "VersionMismatch",
     "connect",
+    "connect_resilient",
     "open_client",
+    "open_resilient_client",
 ]

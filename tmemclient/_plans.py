@@ -43,6 +43,8 @@ class PoolInfo:
     shared: bool
     uuid: bytes | None
     destroyed: bool = False
+    name: str | None = None  # a named pool (new_pool(name=...)), kept for its guest to reopen
+    reopened: bool = False  # the daemon gave back the named pool with its pages
 
     @property
     def frames_per_page(self) -> int:

@@ -15,7 +15,15 @@ from tmemclient import _plans
 from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.wire.errors import InvalidArgument, UnknownPool
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
-from tmemclient.wire.messages import UUID_BYTES, Limits, Op, check_oid, encode_oid, make_pool_flags
+from tmemclient.wire.messages import (
+    UUID_BYTES,
+    Limits,
+    Op,
+    check_oid,
+    encode_oid,
+    make_pool_flags,
+    valid_guest_name,
+)
 
 
 class Job(NamedTuple):
@@ -175,6 +183,17 @@ class PoolOps:
         """True for a shared pool."""
         return self.info.shared
 
+    @property
+    def name(self) -> str | None:
+        """The pool's name (``new_pool(name=...)``), or None for an unnamed pool."""
+        return self.info.name
+
+    @property
+    def reopened(self) -> bool:
+        """True if ``new_pool(name=...)`` found this guest's pool of that name, with its pages,
+        rather than making a new, empty one (always False for an unnamed pool)."""
+        return self.info.reopened
+
     def _alive(self) -> _plans.PoolInfo:
         if self.info.destroyed:
             raise UnknownPool(f"pool {self.info.handle} was destroyed")
@@ -293,9 +312,19 @@ class PoolOps:
 
 
 def new_pool_request(
-    *, persistent: bool, shared: bool, uuid: uuid_module.UUID | bytes | str | None, page_size: int
+    *,
+    persistent: bool,
+    shared: bool,
+    uuid: uuid_module.UUID | bytes | str | None,
+    page_size: int,
+    name: str | None = None,
 ) -> tuple[list[Any], bytes | None]:
     """The NEW_POOL request for these options, checked; and the uuid as 16 bytes."""
+    if name is not None:
+        if not isinstance(name, str) or not valid_guest_name(name):
+            raise InvalidArgument("pool name must be 1..64 characters of A-Z a-z 0-9 . _ -")
+        if shared:
+            raise InvalidArgument("a shared pool is named by its uuid: leave name out")
     orders = {FRAME_SIZE << k: k for k in range(MAX_ORDER + 1)}
     if isinstance(page_size, bool) or page_size not in orders:
         raise InvalidArgument(f"page_size must be one of {sorted(orders)} (4096 << order)")
@@ -316,4 +345,18 @@ def new_pool_request(
     if shared and raw is None:
         raise InvalidArgument("a shared pool needs a uuid that names it")
     flags = make_pool_flags(persistent=persistent, shared=shared, order=orders[page_size])
-    return [Op.NEW_POOL, flags, raw if shared else None], raw if shared else None
+    request: list[Any] = [Op.NEW_POOL, flags, raw if shared else None]
+    if name is not None:
+        request.append(name)
+    return request, raw if shared else None
+
+
+def pool_info(
+    result: Any, *, persistent: bool, shared: bool, uuid: bytes | None, name: str | None
+) -> _plans.PoolInfo:
+    """What NEW_POOL's answer (``[handle, page_size]``, and ``reopened`` for a named pool)
+    says of the new pool."""
+    handle, size, *rest = result
+    return _plans.PoolInfo(
+        handle, size, persistent, shared, uuid, name=name, reopened=bool(rest and rest[0])
+    )

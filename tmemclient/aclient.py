@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from tmemclient import _plans
-from tmemclient._pool import Job, PoolOps, new_pool_request
+from tmemclient._pool import Job, PoolOps, new_pool_request, pool_info
 from tmemclient.client import DEFAULT_FRAMES
 from tmemclient.core import (
     GONE,
@@ -288,14 +288,21 @@ class AsyncClient:
         shared: bool = False,
         uuid: uuid_module.UUID | bytes | str | None = None,
         page_size: int = FRAME_SIZE,
+        name: str | None = None,
     ) -> AsyncPool:
-        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise."""
+        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise.
+
+        ``name`` (1..64 characters of A-Z a-z 0-9 . _ -) makes a *named* private pool: asked
+        again by the same guest (same name, same uid) on a later connection, the daemon gives
+        back that pool with its pages (``pool.reopened``), if it asks within the daemon's
+        ``reattach_seconds`` of the pool's last connection ending. The kind and page size
+        must be the same; another connection holding it gets GuestConflict."""
         request, raw = new_pool_request(
-            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size
+            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size, name=name
         )
         (result,) = await self._exchange([request], None)
-        handle, size = result
-        pool = AsyncPool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        info = pool_info(result, persistent=persistent, shared=shared, uuid=raw, name=name)
+        pool = AsyncPool(self, info)
         self._pools.add(pool)  # to report its mapped reads in wait_deferred
         return pool
 

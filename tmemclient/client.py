@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tmemclient import _plans
-from tmemclient._pool import Job, PoolOps, new_pool_request
+from tmemclient._pool import Job, PoolOps, new_pool_request, pool_info
 from tmemclient.core import (
     GONE,
     Answer,
@@ -343,14 +343,21 @@ class Client:
         shared: bool = False,
         uuid: uuid_module.UUID | bytes | str | None = None,
         page_size: int = FRAME_SIZE,
+        name: str | None = None,
     ) -> Pool:
-        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise."""
+        """Create a pool: private and ephemeral with 4096-byte pages unless told otherwise.
+
+        ``name`` (1..64 characters of A-Z a-z 0-9 . _ -) makes a *named* private pool: asked
+        again by the same guest (same name, same uid) on a later connection, the daemon gives
+        back that pool with its pages (``pool.reopened``), if it asks within the daemon's
+        ``reattach_seconds`` of the pool's last connection ending. The kind and page size
+        must be the same; another connection holding it gets GuestConflict."""
         request, raw = new_pool_request(
-            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size
+            persistent=persistent, shared=shared, uuid=uuid, page_size=page_size, name=name
         )
         (result,) = self._exchange([request])
-        handle, size = result
-        pool = Pool(self, _plans.PoolInfo(handle, size, persistent, shared, raw))
+        info = pool_info(result, persistent=persistent, shared=shared, uuid=raw, name=name)
+        pool = Pool(self, info)
         self._pools.add(pool)  # to report its mapped reads in wait_deferred
         return pool
 

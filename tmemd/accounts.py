@@ -128,6 +128,7 @@ class Pool:
     __slots__ = (
         "dead",
         "guest",
+        "key",
         "objects",
         "order",
         "pages",
@@ -149,6 +150,7 @@ class Pool:
         self.pages = 0
         self.stats = Stats()
         self.dead = False  # destroyed: no request reaches it; its pages may still be freeing
+        self.key = 0  # a named pool kept in the state directory (tmemd/persist.py), else 0
 
     @property
     def page_size(self) -> int:

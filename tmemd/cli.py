@@ -31,15 +31,24 @@ from typing import Any
 import structlog
 import trio
 
+from tmemclient.wire.layout import FRAME_SHIFT
 from tmemclient.wire.units import format_size, size_arg
 from tmemd import logs
 from tmemd.admin import AdminServer, NoSuchGroup, admin_gid
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
 from tmemd.host import Host
 from tmemd.listen import ListenError, bind_unix, check_private_dir, require_dir, unlink_quietly
+from tmemd.memfiles import MemFile
+from tmemd.persist import FD_NAMES, Adoption, Found, StateDir, StateError, adopt
 from tmemd.server import GuestServer
 from tmemd.store import Store
-from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
+from tmemd.systemd import (
+    ActivationError,
+    Notifier,
+    activated_sockets,
+    listen_fds,
+    stored_state,
+)
 
 log = structlog.get_logger("tmemd")
 
@@ -60,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--admin-group", help="group whose members may administer (name or gid)")
     p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep named pools' pages here across restarts and crashes (a tmpfs directory "
+        "only tmemd's user can write, e.g. /run/tmemd-state)",
+    )
+    p.add_argument(
+        "--state-fdstore",
+        action="store_const",
+        const=True,
+        help="keep named pools' pages across restarts in memfds held by systemd's fd store "
+        "(FDSTORE=1; the unit needs FileDescriptorStoreMax=), instead of --state-dir",
+    )
+    p.add_argument(
         "--memory", type=size_arg, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
     p.add_argument("--socket-mode", type=_mode, help="octal, default 660")
@@ -69,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pools", type=int)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--handshake-timeout", type=float)
+    p.add_argument(
+        "--reattach-seconds",
+        type=float,
+        help="seconds a named pool is kept for its guest after its connection ends (60)",
+    )
     p.add_argument(
         "--shutdown-grace", type=float, help="seconds guests are served after SIGTERM (5)"
     )
@@ -116,6 +143,7 @@ LIMIT_OPTIONS = (
     "max_batch",
     "handshake_timeout",
     "shutdown_grace",
+    "reattach_seconds",
     "max_ring_frames",
     "ring_poll_us",
     "ring_poll_max_us",
@@ -124,6 +152,8 @@ LIMIT_OPTIONS = (
 )
 SETTING_OPTIONS = (
     "socket",
+    "state_dir",
+    "state_fdstore",
     "admin_socket",
     "admin_group",
     "budget",
@@ -203,7 +233,11 @@ class Daemon:
     """The daemon's lifetime: sockets, servers, signals, systemd notifications."""
 
     def __init__(
-        self, settings: Settings, args: argparse.Namespace, activated: dict[str, int]
+        self,
+        settings: Settings,
+        args: argparse.Namespace,
+        activated: dict[str, int],
+        stored: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.args = args
@@ -211,19 +245,97 @@ class Daemon:
         self.notifier = Notifier()
         ram = physical_memory()
         capacity = max(settings.budget, ram)
+        self.state: StateDir | None = None
+        arena: MemFile | None = None
+        found: Found | str = ""
+        stored = dict(stored or {})
+        if settings.state_fdstore:
+            self.state = self._fd_store_state(stored, capacity >> FRAME_SHIFT)
+        elif stored:  # the fd store kept state this start was not asked to use
+            log.warning("state_fds_unused", names=sorted(stored), hint="set state_fdstore")
+            for fd in stored.values():
+                os.close(fd)
+        if settings.state_dir is not None:
+            try:
+                self.state = StateDir(settings.state_dir, capacity >> FRAME_SHIFT)
+            except (StateError, OSError) as exc:
+                raise StartError(f"state directory: {exc}") from exc
+        if self.state is not None:
+            try:
+                arena, found = self.state.open()
+            except OSError as exc:
+                raise StartError(f"state ({self.state.where}): {exc}") from exc
+            # Handed to systemd every start (it keeps one copy of each): the next start gets
+            # them back in LISTEN_FDS.
+            if settings.state_fdstore:
+                self.notifier.store_fds(self.state.fds())
+        self.store = self._make_store(settings, capacity, ram, arena)
+        self.host = Host(self.store, settings)
+        if self.state is not None:
+            self._adopt(found)
+        self.guest_server = GuestServer(self.host, settings.limits)
+        self._owned: list[Path] = []  # socket files we created (and remove at exit)
+
+    def _fd_store_state(self, stored: dict[str, int], capacity_slots: int) -> StateDir:
+        """State in memfds of systemd's fd store: those it handed back, or new ones."""
+        if not self.notifier.enabled:
+            raise StartError(
+                "state_fdstore needs systemd's fd store (no NOTIFY_SOCKET: not started by "
+                "systemd); without systemd keep state in a directory: --state-dir DIR"
+            )
+        if set(stored) != set(FD_NAMES):
+            for fd in stored.values():
+                os.close(fd)
+            if stored:
+                log.warning("state_fds_incomplete", names=sorted(stored), action="started empty")
+            try:
+                stored = StateDir.memfds()
+            except OSError as exc:
+                raise StartError(f"cannot make memfds for the state: {exc}") from exc
+        return StateDir(None, capacity_slots, stored)
+
+    def _make_store(
+        self, settings: Settings, capacity: int, ram: int, arena: MemFile | None
+    ) -> Store:
         try:
-            self.store = Store(
+            store = Store(
                 settings.budget,
                 capacity=capacity,
                 move_slack=settings.limits.move_slack,
                 lend_idle=settings.limits.lend_idle_ms / 1000,
                 deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
+                arena=arena,
             )
         except OSError as exc:  # the arena's address space (mmap: ENOMEM), or its memfd
             raise StartError(arena_failure(exc, settings.budget, capacity, ram)) from exc
-        self.host = Host(self.store, settings)
-        self.guest_server = GuestServer(self.host, settings.limits)
-        self._owned: list[Path] = []  # socket files we created (and remove at exit)
+        store.journal = self.state
+        return store
+
+    def _adopt(self, found: Found | str) -> None:
+        """Adopt what the state directory holds, or start empty and say why; never half."""
+        state = self.state
+        assert state is not None
+        where = state.where
+        if isinstance(found, Found):
+            try:
+                adoption = adopt(state, found, self.store, self.host)
+            except Exception as exc:  # a bug: never serve half of it
+                log.exception("state_adoption_failed", dir=where)
+                state.discard()
+                self.store = self._make_store(
+                    self.settings, self.store.capacity, physical_memory(), self.store.arena
+                )
+                self.host = Host(self.store, self.settings)
+                found = f"adoption failed: {type(exc).__name__}: {exc}"
+            else:
+                self.host.adoption = adoption
+                log.info("state_adopted", **adoption.as_dict())
+                return
+        self.host.adoption = Adoption(where, False, reason=found)
+        if state.fresh and found == "no state yet":
+            log.info("state_started_empty", dir=where, reason=found)
+        else:
+            log.warning("state_discarded", dir=where, reason=found, action="started empty")
 
     async def _listener(
         self, role: str, path: Path | None, mode: int, gid: int | None
@@ -419,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(Path(argv[1]))
     args = build_parser().parse_args(argv)
     try:
-        guest_fd, admin_fd = activated_sockets(listen_fds())
+        passed = listen_fds()
+        stored = stored_state(passed)  # what the fd store kept of the last run's state
+        guest_fd, admin_fd = activated_sockets(passed)
     except ActivationError as exc:
         print(f"tmemd: socket activation: {exc}", file=sys.stderr)
         return 2
@@ -437,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     soft, hard = raise_fd_limit()
     try:
-        daemon = Daemon(settings, args, activated)
+        daemon = Daemon(settings, args, activated, stored)
     except StartError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,9 @@ class Limits:
     # How often the memory a guest can fill on its own (its loan, its mirror's holes) is
     # measured and held to what it was granted.
     audit_ms: int = 250
+    # A named pool (NEW_POOL with a name) whose connection ended is kept, with its pages, this
+    # many seconds for its guest to reopen (a reconnect, a restarted client); 0: freed at once.
+    reattach_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
@@ -82,6 +85,8 @@ class Limits:
             raise ValueError("max_unsent must be 4096..67108864 bytes")
         if not 10 <= self.audit_ms <= 60_000:
             raise ValueError("audit_ms must be 10..60000 (milliseconds)")
+        if not 0 <= self.reattach_seconds <= 86_400:
+            raise ValueError("reattach_seconds must be 0..86400 (seconds)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,11 @@ class Settings:
     log_format: str = "auto"  # json | console | auto (console on a tty)
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    # Where named pools' pages and their index are kept across restarts (tmemd/persist.py);
+    # None: they die with the daemon.
+    state_dir: Path | None = None
+    # ...or in memfds kept in systemd's fd store (FDSTORE=1), given back on the next start.
+    state_fdstore: bool = False
     guests: dict[str, GuestPolicy] = field(default_factory=dict)
     uids: dict[int, UidPolicy] = field(default_factory=dict)
     # A uid without its own [uids.N] table: the cap on all its guests together (None: none).
@@ -137,6 +147,8 @@ class Settings:
             raise ValueError("log format must be json, console or auto")
         if self.unlisted_guests not in UNLISTED:
             raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
+        if self.state_dir is not None and self.state_fdstore:
+            raise ValueError("state_dir and state_fdstore exclude each other: keep state in one")
 
 
 # The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
@@ -152,6 +164,8 @@ DAEMON_KEYS = {
     "log_level": str,
     "unlisted_guests": str,
     "uid_cap": (str, int),
+    "state_dir": str,
+    "state_fdstore": bool,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -264,7 +278,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         raise ConfigError("[uids] must hold one table per uid: [uids.N]")
     uids = dict(parse_uid(key, t) for key, t in uids_table.items())
     values: dict[str, Any] = {}
-    for key in ("socket", "admin_socket"):
+    for key in ("socket", "admin_socket", "state_dir"):
         if key in daemon:
             values[key] = Path(daemon[key])
     if "memory" in daemon:
@@ -273,7 +287,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
-    for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
+    for key in ("admin_group", "log_format", "log_level", "unlisted_guests", "state_fdstore"):
         if key in daemon:
             values[key] = daemon[key]
     values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})

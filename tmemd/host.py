@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 import uuid as uuid_module
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -33,7 +33,11 @@ from tmemd import views
 from tmemd.accounts import Guest, Pool, Tenant
 from tmemd.config import GuestPolicy, Settings
 from tmemd.policy import validate_weight
+from tmemd.reattach import NamedPools
 from tmemd.store import Store
+
+if TYPE_CHECKING:
+    from tmemd.persist import Adoption
 
 log = structlog.get_logger("tmemd.host")
 audit = structlog.get_logger("tmemd.audit")
@@ -84,6 +88,9 @@ class Host:
         self.uid_caps: dict[int, int | None] = {}  # caps an administrator set per uid (tmemctl)
         self.frozen_all = False
         self.started = time.time()
+        self.named = NamedPools()  # named pools, held by a connection or kept for their guest
+        self.clock = time.monotonic  # when kept named pools expire (reattach_seconds)
+        self.adoption: Adoption | None = None  # what the start did with --state-dir (persist.py)
 
     # ------------------------------------------------------------------ guests
 
@@ -173,8 +180,90 @@ class Host:
                 live.discard(member)
                 if not live:
                     del self.sessions[name]
-            if not live and self.store.guests.get(name) is member.guest:
+            if (
+                not live
+                and self.store.guests.get(name) is member.guest
+                and not self.named.kept(name)  # its account stays while it has kept pools
+            ):
                 self.store.remove_guest(member.guest)
+
+    # ------------------------------------------------------------------ named pools
+
+    def open_named(
+        self, member: Member, name: str, *, persistent: bool, order: int
+    ) -> tuple[Pool, bool]:
+        """Guest ``member``'s private pool ``name``: the one kept for it (True: reopened, with
+        its pages) or a new one (False). Only the uid that made a named pool gets it back
+        (reattach.NamedPools.find)."""
+        guest = member.guest
+        pool = self.named.find(
+            member, guest.name, member.uid, name, persistent=persistent, order=order
+        )
+        if pool is not None:
+            log.info("named_pool_reopened", guest=guest.name, pool=name, pages=pool.pages)
+            return pool, True
+        pool = self.store.new_pool(guest, persistent=persistent, order=order)
+        journal = self.store.journal
+        if journal is not None and guest.mirror is None:  # a mirror's pages are not kept
+            # Recorded before NEW_POOL is answered (tmemd/persist.py).
+            pool.key = journal.pool_created(
+                guest.name, name, member.uid, persistent=persistent, order=order
+            )
+        self.named.add(member, guest.name, member.uid, name, pool)
+        return pool, False
+
+    def keep_named(self, member: Member, pool: Pool) -> bool:
+        """``member``'s connection ends: keep ``pool`` for its guest for ``reattach_seconds``
+        if it is a named pool it holds (True), else the caller destroys it (False)."""
+        grace = self.settings.limits.reattach_seconds
+        if grace <= 0 or not self.named.keep(member, pool, self.clock() + grace):
+            return False
+        named = self.named.of(pool)
+        log.info(
+            "named_pool_kept",
+            guest=member.guest.name,
+            pool=named.name if named else None,
+            pages=pool.pages,
+            seconds=grace,
+        )
+        return True
+
+    def destroyed(self, pool: Pool) -> None:
+        """A guest destroys ``pool`` (called before its pages are freed): a name it had is
+        free again, and a kept pool is gone from the state directory."""
+        self.named.forget(pool)
+        journal = self.store.journal
+        if pool.key and journal is not None:
+            journal.pool_destroyed(pool.key)
+
+    def account_for(self, name: str, policy: GuestPolicy | None, uid: int) -> Guest:
+        """A store account for guest ``name`` of ``uid`` with no connection (a start adopting
+        its kept pools), under the policy and overrides it would connect with."""
+        guest = self._add_account(name, policy or GuestPolicy(), self._tenant(uid))
+        frozen = self.overrides.get(name, Override()).frozen
+        guest.frozen = self.frozen_all if frozen is None else frozen
+        return guest
+
+    def expire_named(self) -> int:
+        """Free the kept named pools whose ``reattach_seconds`` ran out (and the account of a
+        guest left with no connection and nothing kept); return pages freed."""
+        freed = 0
+        for named in self.named.expired(self.clock()):
+            pool = named.pool
+            guest = pool.guest
+            journal = self.store.journal
+            if pool.key and journal is not None:
+                journal.pool_destroyed(pool.key)
+            pages = self.store.destroy_pool(pool)
+            freed += pages
+            log.info("named_pool_expired", guest=named.guest, pool=named.name, pages_freed=pages)
+            if (
+                not self.sessions.get(guest.name)
+                and self.store.guests.get(guest.name) is guest
+                and not self.named.kept(guest.name)
+            ):
+                self.store.remove_guest(guest)
+        return freed
 
     def reload(self, settings: Settings) -> list[str]:
         """Adopt a reloaded config: guest policies, weights and caps. The new config is the

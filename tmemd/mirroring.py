@@ -21,6 +21,10 @@ class Mirroring(StoreState):
         if guest.mirror is None:
             if guest.held_slots:
                 raise StoreError(f"guest {guest.name!r} holds pages: map it before any put")
+            if any(pool.key for pool in guest.pools):
+                # Its kept pools' pages are recorded in the state's arena; in a mirror they
+                # would not be (tmemd/persist.py).
+                raise StoreError(f"guest {guest.name!r} has pools kept in the state")
             ident = self._next_ident
             if ident >= 1 << 32:  # pragma: no cover - four billion mapped guests
                 raise StoreError("out of mirror numbers")

@@ -180,8 +180,8 @@ class GuestServer:
 
     async def maintain(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Deferred store work (dying pools freed a step at a time; big punches in a worker
-        thread) and, every ``audit_ms``, the audit of what guests hold in their files. Runs
-        until cancelled."""
+        thread) and, every ``audit_ms``, kept named pools whose time is up freed and the audit
+        of what guests hold in their files. Runs until cancelled."""
         store = self.store
         task_status.started()
         next_audit = trio.current_time()
@@ -197,6 +197,10 @@ class GuestServer:
                 continue
             now = trio.current_time()
             if now >= next_audit:
+                # Named pools whose guest did not come back in reattach_seconds go (their
+                # pages are freed by the steps above, a slice at a time).
+                if self.host.expire_named():
+                    continue
                 await self._audit_all()
                 next_audit = trio.current_time() + self.limits.audit_ms / 1000
                 continue

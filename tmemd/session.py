@@ -163,7 +163,7 @@ class Session:
         try:
             pools, self.pools = list(self.pools.values()), {}
             for pool in pools:
-                if not pool.shared and not pool.dead:
+                if not pool.shared and not pool.dead and not self.host.keep_named(self, pool):
                     freed += self.store.destroy_pool(pool)
         finally:
             try:
@@ -181,7 +181,7 @@ class Session:
 
     # ------------------------------------------------------------------ handlers
 
-    def _new_pool(self, request: NewPool) -> list[int]:
+    def _new_pool(self, request: NewPool) -> list[Any]:
         spec = request.spec
         if len(self.pools) >= self.limits.max_pools:
             raise LimitExceeded(f"guest already has max_pools={self.limits.max_pools} pools")
@@ -192,11 +192,17 @@ class Session:
         if spec.shared:
             assert spec.uuid is not None
             pool = self.host.open_shared(self, spec.uuid, spec.order)
+        elif spec.name is not None:
+            pool, reopened = self.host.open_named(
+                self, spec.name, persistent=spec.persistent, order=spec.order
+            )
         else:
             pool = self.store.new_pool(self.guest, persistent=spec.persistent, order=spec.order)
         self._pools_made += 1
         handle = (self._pools_made * self._handle_mul + self._handle_add) & 0xFFFFFFFF
         self.pools[handle] = pool
+        if spec.name is not None:
+            return [handle, spec.page_size, reopened]
         return [handle, spec.page_size]
 
     def _destroy_pool(self, request: DestroyPool) -> None:
@@ -205,6 +211,7 @@ class Session:
             if pool not in self.pools.values():  # the last handle of it on this connection
                 self.host.leave_shared(self, pool)
         else:
+            self.host.destroyed(pool)
             self.store.destroy_pool(pool)
 
     def _frames(self, frame: int, order: int) -> memoryview:

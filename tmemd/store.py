@@ -42,7 +42,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import NIL, Guest, Overdraft, Pool, Stats, StoreError, Tenant
@@ -54,6 +54,9 @@ from tmemd.memfiles import Loan, MemFile, Mirror
 from tmemd.mirroring import Mirroring
 from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 from tmemd.slots import Slots
+
+if TYPE_CHECKING:
+    from tmemd.persist import StateDir
 
 __all__ = [
     "NIL",
@@ -83,6 +86,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         lend_idle: float = LEND_IDLE,
         now_ns: Callable[[], int] = time.monotonic_ns,
         deferred: bool = False,
+        arena: MemFile | None = None,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
@@ -90,7 +94,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         put to take it rather than the guest's own (policy.choose_victim; 0: the plain
         weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
         is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
-        ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring)."""
+        ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring).
+        ``arena``: the arena's file (a state directory's, tmemd/persist.py), else a memfd."""
         if budget < FRAME_SIZE:
             raise ValueError(f"budget must be at least {FRAME_SIZE} bytes")
         self.move_slack = move_slack
@@ -100,7 +105,10 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         capacity = max(capacity or budget, budget)
         self.capacity_slots = capacity >> FRAME_SHIFT
         self.budget_slots = budget >> FRAME_SHIFT
-        self.arena = MemFile("tmem-arena", self.capacity_slots << FRAME_SHIFT)
+        self.arena = arena or MemFile("tmem-arena", self.capacity_slots << FRAME_SHIFT)
+        # Records of named pools' pages in a state directory (tmemd/persist.py: the order of
+        # its writes is what makes them survive a SIGKILL); None without one.
+        self.journal: StateDir | None = None
         self._mem = self.arena.view
         self.used_slots = 0
         self.clock = 0  # logical clock: one tick per page operation
@@ -307,7 +315,13 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         order = pool.order
         mirror = guest.mirror
         mem = self._mem_of(guest)
+        journal = self.journal if pool.key else None
+        old = NIL
+        if head != NIL and journal is not None and pool.persistent:
+            old, head = head, NIL  # copy on write: the answered copy stays until this is whole
         if head != NIL:
+            if journal is not None:
+                journal.removed(head)  # an ephemeral page: absent while it is rewritten
             if mirror is not None:
                 mirror.gen[head] = 0  # being rewritten: a mapped read of it now fails
             if order:
@@ -317,13 +331,15 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
                 mem[off : off + FRAME_SIZE] = src
             if mirror is not None:
                 mirror.gen[head] = self._gen[head] = self.clock
+            if journal is not None:
+                journal.stored(self._slots_of(head, order), pool.key, oid, index)
             if not pool.persistent:
                 self._touch(guest, head)
             self._put_head = head
             return True
         need = 1 << order
         if not self._make_room(guest, need, pool.persistent):
-            return self._refuse(pool, oid, index, NIL)
+            return self._refuse(pool, oid, index, old)
         head = self._alloc(need, order, 0 if mirror is None else mirror.ident)
         self._copy_in(mem, head, order, src)
         if mirror is not None:
@@ -344,12 +360,16 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         self._pool[head] = pool
         self._oid[head] = oid
         self._index[head] = index
+        if journal is not None:  # the data is whole: now the record that makes it visible
+            journal.stored(self._slots_of(head, order), pool.key, oid, index)
         pool.pages += 1
         if pool.persistent:
             guest.pers_slots += need
         else:
             guest.eph_slots += need
             self._lru_append(guest, head)
+        if old != NIL:  # the copy it replaces goes only now that this one is recorded
+            self._release(self._unlink(pool, old))
         self._put_head = head
         return True
 
@@ -527,6 +547,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
     def _unlink(self, pool: Pool, head: int) -> list[int]:
         """A page already out of its pool's index: out of the LRU and the accounting; return
         its slots (not yet free)."""
+        if pool.key and self.journal is not None:
+            self.journal.removed(head)  # the record goes before the slots can be reused
         pool.pages -= 1
         guest = pool.guest
         n = 1 << pool.order

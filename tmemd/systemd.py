@@ -5,11 +5,14 @@ Both protocols are small and stable (sd_notify(3), sd_listen_fds(3)):
   starts with ``@``), e.g. ``READY=1``, ``STATUS=...``, ``WATCHDOG=1``, ``STOPPING=1``;
 - activation: listening sockets arrive as fds 3.. with ``LISTEN_FDS`` (how many), ``LISTEN_PID``
   (must be our pid, else they are meant for someone else) and ``LISTEN_FDNAMES`` (one name per
-  fd, colon-separated, from ``FileDescriptorName=``).
+  fd, colon-separated, from ``FileDescriptorName=``);
+- the fd store: ``FDSTORE=1`` with ``FDNAME=`` and the descriptor (SCM_RIGHTS) keeps it in
+  systemd across a restart; it comes back with the sockets, named, in ``LISTEN_FDS``.
 """
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import Mapping, MutableMapping
@@ -80,6 +83,30 @@ class Notifier:
         """Tell systemd a reload started (READY=1 follows when done)."""
         return self.send("RELOADING=1")
 
+    def store_fds(self, fds: Mapping[str, int]) -> bool:
+        """Hand descriptors to systemd's fd store, one message each (``FDSTORE=1``,
+        ``FDNAME=``): the service gets them back in ``LISTEN_FDS`` when it starts again
+        (with ``FileDescriptorStoreMax=`` in the unit; systemd ignores one it already holds).
+        False if not under systemd or a send failed."""
+        if self.address is None:
+            return False
+        ok = True
+        for name, fd in fds.items():
+            message = f"FDSTORE=1\nFDNAME={name}".encode()
+            try:
+                if self._sock is None:
+                    kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                    self._sock = socket.socket(socket.AF_UNIX, kind)
+                self._sock.sendmsg(
+                    [message],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                    0,
+                    self.address,
+                )
+            except OSError:
+                ok = False
+        return ok
+
     def close(self) -> None:
         """Close our datagram socket."""
         if self._sock is not None:
@@ -135,6 +162,21 @@ def listen_fds(
         name = fd_names[i] if fd_names else "unknown"
         result.setdefault(name, []).append(fd)
     return result
+
+
+STATE_PREFIX = "state-"  # FDNAME= of the state kept in the fd store (tmemd/persist.py)
+
+
+def stored_state(fds: dict[str, list[int]]) -> dict[str, int]:
+    """Take the state descriptors the fd store handed back out of ``fds`` (the rest are
+    sockets); by name."""
+    state: dict[str, int] = {}
+    for name in [n for n in fds if n.startswith(STATE_PREFIX)]:
+        numbers = fds.pop(name)
+        for extra in numbers[1:]:  # one of each is ever stored; more would be a stale copy
+            os.close(extra)
+        state[name] = numbers[0]
+    return state
 
 
 def activated_sockets(fds: dict[str, list[int]]) -> tuple[int | None, int | None]:

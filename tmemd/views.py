@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 def status(host: Host) -> dict[str, Any]:
     """Global figures."""
     store = host.store
+    kept = host.named.kept_total()
     return {
         "budget": store.budget,
         "used": store.used,
@@ -42,6 +43,12 @@ def status(host: Host) -> dict[str, Any]:
         "overdrawn": store.overdrawn_slots << FRAME_SHIFT,
         "frozen_all": host.frozen_all,
         "uptime": round(time.time() - host.started, 3),
+        # Named pools whose connection ended, kept for their guest to reopen (design.md §2.6).
+        "reattach_seconds": host.settings.limits.reattach_seconds,
+        "kept_pools": kept[0],
+        "kept_pages": kept[1],
+        # --state-dir: what this start adopted (or why it started empty); None without one.
+        "state": None if host.adoption is None else host.adoption.as_dict(),
     }
 
 
@@ -113,6 +120,7 @@ def pools(host: Host, guest: str | None = None) -> list[dict[str, Any]]:
     for g in sorted(host.store.guests.values(), key=lambda g: g.name):
         for p in sorted(g.pools, key=lambda p: p.pool_id):
             entry = uuids.get(id(p))
+            named = host.named.of(p)
             members = sorted(m.guest.name for m in entry.members) if entry else [g.name]
             if guest is not None and guest not in members:
                 continue
@@ -123,6 +131,8 @@ def pools(host: Host, guest: str | None = None) -> list[dict[str, Any]]:
                     "kind": "persistent" if p.persistent else "ephemeral",
                     "shared": p.shared,
                     "uuid": str(uuid_module.UUID(bytes=entry.uuid)) if entry else None,
+                    "name": named.name if named else None,  # a named pool (PROTOCOL.md §6.1)
+                    "kept": named is not None and named.holder is None,  # waiting for its guest
                     "members": members,
                     "page_size": p.page_size,
                     "pages": p.pages,

@@ -156,13 +156,14 @@ def table(results: list[dict[str, Any]]) -> str:
 def swap_table(rows: list[dict[str, Any]]) -> str:
     """The frontswap scenario as a markdown table."""
     lines = [
-        "| setup | faults | swap-file reads | swap-file writes | tmem puts ok (refused) | "
-        "tmem gets | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | faults | swap-file reads | swap-file writes | writes saved | "
+        "tmem puts ok (refused) | tmem gets | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['setup']} | {r['faults']} | {r['swap_reads']} | {r['swap_writes']} | "
+            f"{r.get('swap_writes_saved', 0)} | "
             f"{r['tmem_puts_ok']} ({r['tmem_puts_refused']}) | {r['tmem_gets']} | "
             f"{r['seconds']:.2f} |"
         )

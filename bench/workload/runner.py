@@ -238,8 +238,18 @@ def command(pattern: str, reads: int, seed: int, rnd: int) -> dict[str, Any]:
     return {"cmd": "run", "pattern": pattern, "reads": reads, "seed": (seed * 1009 + rnd) * 1009}
 
 
-def swap_scenario(args: argparse.Namespace, workdir: Path, use_tmem: bool) -> dict[str, Any]:
-    """A guest whose working set exceeds its RAM, swapping to a file, with or without tmem."""
+SWAP_SETUPS = {
+    "file only": (False, False),
+    "file + tmem": (True, False),
+    "file + tmem write-back": (True, True),
+}
+
+
+def swap_scenario(args: argparse.Namespace, workdir: Path, setup: str) -> dict[str, Any]:
+    """A guest whose working set exceeds its RAM, swapping to a file: alone, with tmem in front
+    (write-through), or with tmem in front and only what it refuses written (write-back, a named
+    pool of a resilient client)."""
+    use_tmem, write_back = SWAP_SETUPS[setup]
     disk = LatencyDisk(args.disk_latency_us)
     rng = random.Random(args.seed)
     ram, pages, run = args.swap_ram, args.swap_pages, args.run
@@ -254,15 +264,22 @@ def swap_scenario(args: argparse.Namespace, workdir: Path, use_tmem: bool) -> di
     )
     with daemon as tmemd:
         sock = None if tmemd is None else tmemd.socket
-        client = tmemclient.connect(sock, name="swapper", map_pages=args.map) if sock else None
+        client: Any = None
+        pool: Any = None
+        if sock is not None and write_back:
+            client = tmemclient.connect_resilient(sock, "swapper", map_pages=args.map)
+            pool = client.new_pool(persistent=True, name="swap")
+        elif sock is not None:
+            client = tmemclient.connect(sock, name="swapper", map_pages=args.map)
+            pool = client.new_pool(persistent=True)
         try:
-            pool = client.new_pool(persistent=True) if client else None
             with SwapStore(
                 pool,
                 workdir / "swapfile",
                 batch=args.put_batch,
                 disk_read=disk.read,
                 disk_write=disk.write,
+                write_back=write_back,
             ) as store:
                 memory = SwappedMemory(store, ram)
                 started = time.monotonic()
@@ -285,7 +302,7 @@ def swap_scenario(args: argparse.Namespace, workdir: Path, use_tmem: bool) -> di
             if client is not None:
                 client.close()
     return {
-        "setup": "file + tmem" if use_tmem else "file only",
+        "setup": setup,
         "seconds": seconds,
         "faults": memory.faults,
         "bad_pages": bad,
@@ -421,11 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     results.append(res | {"repeat": n})
         if args.swap:
-            for use_tmem in (False, True):
-                progress(f"frontswap / {'file + tmem' if use_tmem else 'file only'}")
-                run_dir = workdir / f"swap-{int(use_tmem)}"
+            for n, setup in enumerate(SWAP_SETUPS):
+                progress(f"frontswap / {setup}")
+                run_dir = workdir / f"swap-{n}"
                 run_dir.mkdir()
-                swaps.append(swap_scenario(args, run_dir, use_tmem))
+                swaps.append(swap_scenario(args, run_dir, setup))
     print(table(results))
     print()
     for line in verdicts(results):

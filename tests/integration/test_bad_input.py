@@ -709,7 +709,7 @@ ARGUMENTS = [
     ("put-5-args", Op.PUT, [P, 1, 0, 0, 0], INVALID, "PUT takes 4 arguments"),
     ("get-0-args", Op.GET, [], INVALID, "GET takes 4 arguments"),
     ("ping-1-arg", Op.PING, [0], INVALID, "PING takes 0 arguments (none), got 1"),
-    ("new-pool-1-arg", Op.NEW_POOL, [FLAGS], INVALID, "NEW_POOL takes 2 arguments"),
+    ("new-pool-1-arg", Op.NEW_POOL, [FLAGS], INVALID, "NEW_POOL takes 2 to 3 arguments"),
     ("destroy-2-args", Op.DESTROY_POOL, [P, P], INVALID, "DESTROY_POOL takes 1 arguments"),
     ("read-5-args", Op.READ, [P, 1, 0, 0, 1], INVALID, "READ takes 6 arguments"),
     ("flush-many-3-args", Op.FLUSH_MANY, [P, [], 0], INVALID, "FLUSH_MANY takes 2 arguments"),

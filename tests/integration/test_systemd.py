@@ -332,6 +332,7 @@ class NotifyReader:
         self.sock.bind(str(path))
         self.sock.settimeout(0.1)
         self.messages: list[dict[str, str]] = []
+        self.store: dict[str, int] = {}  # the fd store: FDNAME -> a descriptor we hold
         self._changed = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -340,13 +341,23 @@ class NotifyReader:
     def _read(self) -> None:
         while not self._closing:
             try:
-                data = self.sock.recv(4096)
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
             except TimeoutError:
                 continue
             except OSError:
                 return
+            message = parse_notify(data)
             with self._changed:
-                self.messages.append(parse_notify(data))
+                if message.get("FDSTORE") == "1":  # as systemd: keep one of each name
+                    for fd in fds:
+                        old = self.store.pop(message.get("FDNAME", "stored"), None)
+                        if old is not None:
+                            os.close(old)
+                        self.store[message.get("FDNAME", "stored")] = fd
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                self.messages.append(message)
                 self._changed.notify_all()
 
     def wait(
@@ -372,6 +383,9 @@ class NotifyReader:
         self._closing = True
         self._thread.join(5)
         self.sock.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
 
 
 def has(key: str, value: str = "1") -> Callable[[dict[str, str]], bool]:
@@ -393,12 +407,14 @@ class ActivatedDaemon(Daemon):
         self.log_path = service.dir / f"tmemd-{len(service.daemons)}.log"
         self._log = self.log_path.open("wb")
         self.args = ["--config", str(service.config), *args]
+        # As systemd: the sockets, then what the fd store holds, each named.
+        names = ["guest", "admin", *service.notify.store]
         self.proc = launch(
-            [service.guest.fileno(), service.admin.fileno()],
+            [service.guest.fileno(), service.admin.fileno(), *service.notify.store.values()],
             [sys.executable, "-m", "tmemd", *self.args],
             {
-                "LISTEN_FDS": "2",
-                "LISTEN_FDNAMES": "guest:admin",
+                "LISTEN_FDS": str(len(names)),
+                "LISTEN_FDNAMES": ":".join(names),
                 "NOTIFY_SOCKET": str(service.notify.path),
                 "WATCHDOG_USEC": "200000",
             },
@@ -715,6 +731,35 @@ def test_guest_reconnects_after_a_restart_and_finds_its_pages_gone(service: Serv
     assert per2.get(1, 2) == page("vm1", 2, tag=1)
     assert service.account("vm1")["persistent_bytes"] == PAGE
     assert second.alive
+
+
+def test_state_in_the_fd_store_survives_sigkill(service: Service) -> None:
+    """With state_fdstore, tmemd hands its state memfds to the fd store (FDSTORE=1, named);
+    killed, the next start gets them back in LISTEN_FDS and adopts every named page."""
+    first = service.start("--state-fdstore")
+    service.notify.wait(has("FDNAME", "state-pools"))
+    assert set(service.notify.store) == {"state-arena", "state-index", "state-pools"}
+    client = service.connect("vm1")
+    swap = client.new_pool(persistent=True, name="swap")
+    plain = client.new_pool(persistent=True)
+    assert swap.put_many([(1, i, page("vm1", i)) for i in range(50)]) == [True] * 50
+    assert plain.put(1, 1, page("vm1", 1))
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=IO_TIMEOUT)
+    service.start("--state-fdstore")
+    state = service.admin_call("status")["state"]
+    assert state["adopted"] and state["dir"] == "fd store" and state["pages"] == 50
+    again = service.connect("vm1")
+    swap2 = again.new_pool(persistent=True, name="swap")
+    assert swap2.reopened
+    assert swap2.get_many([(1, i) for i in range(50)]) == [page("vm1", i) for i in range(50)]
+    assert again.new_pool(persistent=True).get(1, 1) is None  # unnamed: gone
+
+
+def test_state_fdstore_without_systemd_is_refused(tmp_path: Path) -> None:
+    run = run_tmemd("--socket", str(tmp_path / "t.sock"), "--state-fdstore")
+    assert run.returncode == 2
+    assert "state_fdstore needs systemd's fd store" in run.stderr and "--state-dir" in run.stderr
 
 
 def test_activation_with_a_socket_that_is_not_ours_exits_2(

@@ -73,6 +73,10 @@ def test_a_small_run_adds_up(tmp_path: Path) -> None:
         assert s["bad_pages"] == 0
         assert s["loads"] == s["queue_hits"] + s["tmem_gets"] + s["swap_reads"]
     assert swaps["file + tmem"]["swap_reads"] < swaps["file only"]["swap_reads"]
+    # Write-back writes to the file only what tmem refused; write-through writes every page.
+    wb, wt = swaps["file + tmem write-back"], swaps["file + tmem"]
+    assert wb["swap_writes"] == wb["tmem_puts_refused"] < wt["swap_writes"]
+    assert wb["swap_writes_saved"] == wb["tmem_puts_ok"] > 0 and wb["tmem_lost"] == 0
 
 
 def test_repeated_runs_take_the_first_turn_in_turn(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from tmemd import cli, config
 from tmemd.config import Limits
-from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds
+from tmemd.systemd import ActivationError, Notifier, activated_sockets, listen_fds, stored_state
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "systemd" / "tmemd.toml"
@@ -232,3 +232,15 @@ def test_daemon_refuses_to_start_with_a_bad_config(
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("tmemd: ") and "guests.db.uids" in err
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_stored_state_takes_the_state_fds_out_and_leaves_the_sockets() -> None:
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    fds = {"guest": [3], "state-arena": [spare[0]], "state-index": [spare[1], spare[2]]}
+    state = stored_state(fds)
+    assert fds == {"guest": [3]}  # the sockets, for activated_sockets
+    assert state == {"state-arena": spare[0], "state-index": spare[1]}
+    with pytest.raises(OSError):
+        os.fstat(spare[2])  # a second copy of one name is closed, never leaked
+    for fd in spare[:2]:
+        os.close(fd)

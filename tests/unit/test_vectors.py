@@ -47,7 +47,7 @@ from tmemclient.wire.messages import (
     split_request,
     status_for_error,
 )
-from tmemclient.wire.requests import ARGS
+from tmemclient.wire.requests import ARGS, OPTIONAL
 from tmemd.config import GuestPolicy, Settings
 from tmemd.config import Limits as DaemonLimits
 from tmemd.host import Host
@@ -67,7 +67,7 @@ SHARED_UUID = bytes.fromhex("5f1d3a7e9c2b4e8ab6d01a2b3c4d5e6f")
 
 # PROTOCOL.md §6: the argument list of every op but HELLO (which has its own shape, §4.2).
 SPEC_ARGS: dict[int, tuple[str, ...]] = {
-    Op.NEW_POOL: ("flags", "uuid"),
+    Op.NEW_POOL: ("flags", "uuid", "name"),
     Op.DESTROY_POOL: ("pool",),
     Op.PUT: ("pool", "oid", "index", "frame"),
     Op.GET: ("pool", "oid", "index", "frame"),
@@ -84,6 +84,8 @@ SPEC_ARGS: dict[int, tuple[str, ...]] = {
     Op.PING: (),
     Op.DOORBELL: (),
 }
+# Trailing arguments a request may leave out (PROTOCOL.md §6.1: NEW_POOL's name).
+SPEC_OPTIONAL: dict[int, int] = {Op.NEW_POOL: 1}
 
 ERROR_CLASS: dict[int, type[TmemError]] = {
     Status.INVALID: InvalidArgument,
@@ -154,11 +156,11 @@ def check_arguments(op: int, m: list[Any]) -> None:
     is assumed to name a live order-0 pool; the region to be large enough)."""
     if op not in SPEC_ARGS:
         raise InvalidArgument(f"unknown op {op}")
-    if len(m) != 2 + len(SPEC_ARGS[op]):
+    if not 2 + len(SPEC_ARGS[op]) - SPEC_OPTIONAL.get(op, 0) <= len(m) <= 2 + len(SPEC_ARGS[op]):
         raise InvalidArgument("wrong number of arguments")
-    args = dict(zip(SPEC_ARGS[op], m[2:], strict=True))
+    args = dict(zip(SPEC_ARGS[op], m[2:], strict=False))
     if op == Op.NEW_POOL:
-        PoolSpec.decode(args["flags"], args["uuid"])
+        PoolSpec.decode(args["flags"], args["uuid"], args.get("name"))
     if "oid" in args:
         decode_oid(args["oid"])
     for name in ("index", "offset", "length", "frame"):
@@ -315,6 +317,7 @@ def test_all_vectors_as_one_stream() -> None:
 
 def test_spec_argument_lists_match_the_daemon() -> None:
     assert {op: len(a) for op, a in SPEC_ARGS.items()} == {op: len(a) for op, a in ARGS.items()}
+    assert SPEC_OPTIONAL == OPTIONAL
 
 
 @pytest.mark.parametrize("case", REQUESTS, ids=ids(REQUESTS))
@@ -332,7 +335,7 @@ def test_request_passes_validation(case: dict[str, Any]) -> None:
         return
     op, req_id, _ = split_request(message)
     assert 1 <= req_id < 1 << 32  # 0 is reserved for notices
-    assert len(message) == 2 + len(SPEC_ARGS[op])
+    assert 0 <= 2 + len(SPEC_ARGS[op]) - len(message) <= SPEC_OPTIONAL.get(op, 0)
     assert verdict(data, hello=False) == "OK"
 
 
@@ -353,11 +356,13 @@ def test_request_oids_are_canonical(case: dict[str, Any]) -> None:
     "case", [c for c in REQUESTS if c["message"][0] == Op.NEW_POOL], ids=lambda c: c["name"]
 )
 def test_new_pool_reply_matches_its_request(case: dict[str, Any]) -> None:
-    _, req_id, flags, uuid = from_json(case["message"])
-    spec = PoolSpec.decode(flags, uuid)
+    _, req_id, flags, uuid, *name = from_json(case["message"])
+    spec = PoolSpec.decode(flags, uuid, *name)
     (reply,) = [c for c in REPLIES if c["name"] == case["name"] + "_reply"]
-    r_id, status, (handle, page_size) = from_json(reply["message"])
+    r_id, status, (handle, page_size, *reopened) = from_json(reply["message"])
     assert (r_id, status) == (req_id, Status.OK)
+    assert len(reopened) == (spec.name is not None)  # a named pool's reply says if reopened
+    assert all(type(flag) is bool for flag in reopened)
     assert page_size == spec.page_size == FRAME_SIZE << spec.order
     assert check_uint(handle, 32, "handle") == handle
     if spec.shared:

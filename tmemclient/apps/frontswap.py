@@ -25,6 +25,29 @@ held when the daemon goes away.
 
 With a client connected with ``map_pages`` (PROTOCOL.md §4.7), a swap-in needs no round trip at
 all: each put's answer says where the page went, and the store reads it through the mapping.
+
+Write-back (``write_back=True``, issue #17), as the kernel's frontswap did: a page goes to the swap
+file only when tmem refuses it, so a swapping guest saves device writes as well as reads. It needs
+a *named* persistent pool of a resilient client (``connect_resilient(...).new_pool(
+persistent=True, name=...)``), because a page that only tmem holds must outlive a broken
+connection: the client reconnects and the daemon gives the named pool back with its pages
+(docs/design.md §2.6). What it guarantees, and what it cannot:
+
+- tmem refuses a put (no room, frozen, over a cap): that page goes to the file, in the same
+  batch write. A refused re-put also flushes tmem's older copy, so nothing stale is read.
+- tmem evicts: never, for persistent pages.
+- the connection breaks, or the daemon stops and comes back *with the pool* (a reconnect within
+  ``reattach_seconds``): every page is still in tmem; nothing is lost.
+- tmem is unreachable past the client's retry budget while a batch goes out: the batch goes to
+  the file instead. A load of a page only tmem holds raises ``Unreachable`` until it is back.
+- the daemon restarts or is killed and runs with ``--state-dir`` (docs/design.md §6.10): it
+  comes back with the pool and every answered page; nothing is lost. (Not for a client with
+  ``map_pages``: mirrors are not kept, so its named pool comes back empty, as below.)
+- the daemon comes back *without the pool* (it restarted without a state directory, or
+  discarded one it could not trust): the pages only tmem held are gone. The store knows which
+  (``pool.resets`` moved), counts them (``stats.tmem_lost``) and raises ``PagesLost`` naming the
+  slots on their next load — never stale or wrong data. Write-through survives that too;
+  write-back is as safe only where the daemon keeps its pages across its restarts.
 """
 
 from __future__ import annotations
@@ -37,13 +60,27 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tmemclient.client import Pool
-from tmemclient.wire.errors import DaemonGone, InvalidArgument
+from tmemclient.reconnect import ResilientPool
+from tmemclient.wire.errors import DaemonGone, InvalidArgument, TmemError
 from tmemclient.wire.layout import FRAME_SIZE
 
 DiskRead = Callable[[int, int, int], bytes]  # os.pread's signature: (fd, length, offset)
 DiskWrite = Callable[[int, list[tuple[int, bytes]]], None]  # (fd, [(offset, data), ...])
 
 SWAP_OID = 0  # the one object of the store's pool; the slot is the index
+
+
+class PagesLost(TmemError):
+    """Pages only tmem held (write-back) are gone: the daemon came back without their pool."""
+
+    def __init__(self, slots: Iterable[int]) -> None:
+        self.slots = sorted(slots)
+        shown = ", ".join(map(str, self.slots[:8])) + (", ..." if len(self.slots) > 8 else "")
+        super().__init__(
+            f"swap slots {shown} ({len(self.slots)} pages) were held only by tmem, and tmemd came "
+            "back without their pool (it restarted without its pages); they are lost. Use "
+            "write-through (write_back=False) unless tmemd keeps its pages across restarts"
+        )
 
 
 def write_pages(fd: int, pages: list[tuple[int, bytes]]) -> None:
@@ -70,8 +107,10 @@ class SwapStats:
     tmem_gets: int = 0  # pages loaded from tmem
     tmem_get_rounds: int = 0  # get_many round trips
     mapped_reads: int = 0  # of tmem_gets, read through the client's mapping: no round trip
-    tmem_lost: int = 0  # pages tmem held when the daemon went away (the file has them)
+    tmem_lost: int = 0  # pages tmem held when the daemon went away (write-through: the file has
+    # them; write-back: pages only tmem held, now gone: PagesLost)
     daemon_gone: bool = False
+    swap_writes_saved: int = 0  # write-back: pages tmem took that write-through would have written
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as a plain dict."""
@@ -88,21 +127,32 @@ class SwapStore:
 
     def __init__(
         self,
-        pool: Pool | None,
+        pool: Pool | ResilientPool | None,
         path: str | os.PathLike[str] | None = None,
         *,
         batch: int = 64,
         disk_read: DiskRead | None = None,
         disk_write: DiskWrite | None = None,
+        write_back: bool = False,
     ) -> None:
         if pool is not None and not pool.persistent:
             raise InvalidArgument("a swap store needs a persistent pool (ephemeral pages vanish)")
+        if write_back and (not isinstance(pool, ResilientPool) or pool.name is None):
+            raise InvalidArgument(
+                "write-back needs a named persistent pool of a resilient client "
+                "(tmemclient.connect_resilient(...).new_pool(persistent=True, name=...)): a page "
+                "only tmem holds must survive a broken connection"
+            )
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise InvalidArgument(f"batch must be an int >= 1, got {batch!r}")
         self.page_size = pool.page_size if pool is not None else FRAME_SIZE
         self.batch = batch
         self.stats = SwapStats()
         self._pool = pool
+        self.write_back_mode = write_back
+        self._tmem_only: set[int] = set()  # write-back: slots whose page only tmem holds
+        self.lost: set[int] = set()  # write-back: slots whose only copy tmem lost
+        self._resets = pool.resets if isinstance(pool, ResilientPool) else 0
         if path is None:
             self.fd, name = tempfile.mkstemp(prefix="tmem-swap-")
             os.unlink(name)  # unnamed: it disappears when closed, or if the guest dies
@@ -140,6 +190,8 @@ class SwapStore:
             self._queue.move_to_end(slot)
             self._live.add(slot)
             self._in_tmem.pop(slot, None)  # the older copy there is stale until the batch goes
+            self._tmem_only.discard(slot)
+            self.lost.discard(slot)  # a new page replaces the one that was lost
             self.stats.stores += 1
             if len(self._queue) >= self.batch:
                 self.write_back()
@@ -155,6 +207,10 @@ class SwapStore:
         for slot in slots:
             if slot not in self._live:
                 raise KeyError(f"swap slot {slot} holds no page")
+        self._check_resets()
+        if self.lost.intersection(slots):
+            raise PagesLost(self.lost.intersection(slots))
+        for slot in slots:
             page = self._queue.get(slot)
             if page is not None:
                 out[slot] = page
@@ -166,15 +222,24 @@ class SwapStore:
             try:
                 found = self._pool.get_many([(SWAP_OID, s) for s in wanted])
             except DaemonGone:
+                if self.write_back_mode:
+                    raise  # pages only tmem holds cannot be read now; they may come back
                 self._daemon_gone()
                 found = [None] * len(wanted)
             self.stats.tmem_get_rounds += 1
+            self._check_resets()
             for slot, page in zip(wanted, found, strict=True):
                 if page is not None:
                     out[slot] = page
                     self.stats.tmem_gets += 1
                 else:  # not expected of a persistent pool; the file has it anyway
                     self._in_tmem.pop(slot, None)
+                    if slot in self._tmem_only:  # ...unless only tmem had it
+                        self._tmem_only.discard(slot)
+                        self.lost.add(slot)
+                        self.stats.tmem_lost += 1
+            if self.lost.intersection(slots):
+                raise PagesLost(self.lost.intersection(slots))
         ps = self.page_size
         for slot in slots:
             if slot not in out:
@@ -193,6 +258,8 @@ class SwapStore:
         for slot in slots:
             self._live.discard(slot)
             self._queue.pop(slot, None)
+            self._tmem_only.discard(slot)
+            self.lost.discard(slot)
             if slot in self._in_tmem:
                 del self._in_tmem[slot]
                 flush.append((SWAP_OID, slot))
@@ -207,23 +274,51 @@ class SwapStore:
         if not self._queue:
             return
         items = list(self._queue.items())
+        to_file = items
         if self._pool is not None:
             try:
                 flags = self._put([(SWAP_OID, slot, page) for slot, page in items])
             except DaemonGone:
-                self._daemon_gone()
-                flags = [False] * len(items)
+                if not self.write_back_mode:
+                    self._daemon_gone()
+                flags = [False] * len(items)  # write-back: this batch goes to the file
+            self._check_resets()  # before this batch counts: it went to the pool as it is now
             for (slot, _), ok in zip(items, flags, strict=True):
                 if ok:
                     self._in_tmem[slot] = ok
                     self.stats.tmem_puts_ok += 1
                 elif self._pool is not None:
                     self.stats.tmem_puts_refused += 1
+            if self.write_back_mode:  # only what tmem refused goes to the file
+                to_file = [
+                    (slot, page) for (slot, page), ok in zip(items, flags, strict=True) if not ok
+                ]
+                for (slot, _), ok in zip(items, flags, strict=True):
+                    if ok:
+                        self._tmem_only.add(slot)
+                self.stats.swap_writes_saved += len(items) - len(to_file)
         ps = self.page_size
-        self._disk_write(self.fd, [(slot * ps, page) for slot, page in items])
-        self.stats.swap_writes += len(items)
-        self.stats.swap_write_batches += 1
+        if to_file:
+            self._disk_write(self.fd, [(slot * ps, page) for slot, page in to_file])
+            self.stats.swap_writes += len(to_file)
+            self.stats.swap_write_batches += 1
         self._queue.clear()
+
+    def _check_resets(self) -> None:
+        """Write-back: if the pool came back empty since we last looked (a reconnect to a
+        daemon that no longer had it), the pages only tmem held are lost: say which."""
+        pool = self._pool
+        if not self.write_back_mode or not isinstance(pool, ResilientPool):
+            return
+        if pool.resets == self._resets:
+            return
+        self._resets = pool.resets
+        gone = self._tmem_only
+        self._tmem_only = set()
+        for slot in gone:
+            self._in_tmem.pop(slot, None)
+        self.lost |= gone
+        self.stats.tmem_lost += len(gone)
 
     def _put(self, items: list[tuple[int, int, bytes]]) -> Sequence[Any]:
         """put_many; with a mapping, each page's token (truthy) or None, not True or False."""

@@ -188,6 +188,7 @@ class PoolSpec:
     shared: bool
     order: int
     uuid: bytes | None
+    name: str | None = None  # a named private pool its guest can come back to (§6.1)
 
     @property
     def page_size(self) -> int:
@@ -200,7 +201,7 @@ class PoolSpec:
         return make_pool_flags(persistent=self.persistent, shared=self.shared, order=self.order)
 
     @classmethod
-    def decode(cls, flags: Any, uuid: Any) -> PoolSpec:
+    def decode(cls, flags: Any, uuid: Any, name: Any = None) -> PoolSpec:
         """Validate NEW_POOL's arguments."""
         flags = check_uint(flags, 32, "pool flags")
         known = FLAG_PERSISTENT | FLAG_SHARED | (ORDER_MASK << ORDER_SHIFT)
@@ -220,7 +221,14 @@ class PoolSpec:
             raise InvalidArgument(f"pool uuid must be nil or {UUID_BYTES} bytes")
         if shared and uuid is None:
             raise InvalidArgument("a shared pool needs a 16-byte uuid")
-        return cls(bool(flags & FLAG_PERSISTENT), shared, order, uuid if shared else None)
+        if name is not None:
+            if type(name) is not str or not valid_guest_name(name):
+                raise InvalidArgument(
+                    f"pool name must be nil or 1..{MAX_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+                )
+            if shared:
+                raise InvalidArgument("a shared pool is named by its uuid, not by a name")
+        return cls(bool(flags & FLAG_PERSISTENT), shared, order, uuid if shared else None, name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,10 @@ class NewPool:
 
     def to_wire(self) -> list[Any]:
         """The request as sent."""
-        return [Op.NEW_POOL, self.req_id, self.spec.flags, self.spec.uuid]
+        message: list[Any] = [Op.NEW_POOL, self.req_id, self.spec.flags, self.spec.uuid]
+        if self.spec.name is not None:
+            message.append(self.spec.name)
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +267,7 @@ Request = (
 
 # Argument names by op, in wire order (the spec's tables, PROTOCOL.md §6).
 ARGS: dict[int, tuple[str, ...]] = {
-    Op.NEW_POOL: ("flags", "uuid"),
+    Op.NEW_POOL: ("flags", "uuid", "name"),
     Op.DESTROY_POOL: ("pool",),
     Op.PUT: ("pool", "oid", "index", "frame"),
     Op.GET: ("pool", "oid", "index", "frame"),
@@ -281,6 +284,8 @@ ARGS: dict[int, tuple[str, ...]] = {
     Op.PING: (),
     Op.DOORBELL: (),
 }
+# Trailing arguments a request may leave out (they read as nil): NEW_POOL's name came later.
+OPTIONAL: dict[int, int] = {Op.NEW_POOL: 1}
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -299,12 +304,19 @@ def decode_request(message: Any, ctx: Context) -> Request:
     if want is None:
         raise InvalidArgument(f"unknown op {op}")
     if len(m) != 2 + len(want):
-        raise InvalidArgument(
-            f"{Op(op).name} takes {len(want)} arguments ({', '.join(want) or 'none'}), "
-            f"got {len(m) - 2}"
-        )
+        optional = OPTIONAL.get(op, 0)
+        if not optional or not 2 + len(want) - optional <= len(m) < 2 + len(want):
+            raise InvalidArgument(
+                f"{Op(op).name} takes {_arg_count(len(want), optional)} arguments "
+                f"({', '.join(want) or 'none'}), got {len(m) - 2}"
+            )
+        m = [*m, *[None] * (2 + len(want) - len(m))]
     request: Request = _DECODERS[op](op, req_id, m, ctx)
     return request
+
+
+def _arg_count(want: int, optional: int) -> str:
+    return str(want) if not optional else f"{want - optional} to {want}"
 
 
 def _order(handle: Any, ctx: Context) -> int:
@@ -359,7 +371,7 @@ def _columns(entries: list[Any], width: int) -> tuple[Sequence[int], Sequence[in
 
 
 def _new_pool(op: int, req_id: int, m: list[Any], ctx: Context) -> NewPool:
-    spec = PoolSpec.decode(m[2], m[3])
+    spec = PoolSpec.decode(m[2], m[3], m[4])
     if spec.shared and spec.persistent:
         raise InvalidArgument("shared persistent pools are not supported (as in Xen)")
     return NewPool(req_id, spec)

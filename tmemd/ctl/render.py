@@ -94,7 +94,21 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "overdrawn": size,
     "frozen_all": yes,
     "uptime": lambda v: duration(float(v)),
+    "state": lambda v: state(v),
 }
+
+
+def state(value: Any) -> str:
+    """What the start did with its state directory (``status``'s ``state``)."""
+    if not value:
+        return "none (pages die with the daemon; tmemd --state-dir keeps them)"
+    if value.get("adopted"):
+        return (
+            f"adopted {value.get('pages')} pages ({size(value.get('bytes'))}) of "
+            f"{value.get('pools')} pools in {float(value.get('seconds', 0)):.3f}s from "
+            f"{value.get('dir')}"
+        )
+    return f"started empty: {value.get('reason')} ({value.get('dir')})"
 
 
 def render_status(status: Mapping[str, Any]) -> str:
@@ -173,8 +187,10 @@ def render_pools(rows: Sequence[Mapping[str, Any]]) -> str:
         [
             count(r.get("pool")),
             str(r.get("guest")),
-            str(r.get("kind")) + (" shared" if r.get("shared") else ""),
-            str(r.get("uuid") or NONE),
+            str(r.get("kind"))
+            + (" shared" if r.get("shared") else "")
+            + (" kept" if r.get("kept") else ""),
+            str(r.get("uuid") or (f"name={r['name']}" if r.get("name") else NONE)),
             ",".join(r.get("members") or ()) if r.get("shared") else NONE,
             size(r.get("page_size")),
             count(r.get("pages")),
