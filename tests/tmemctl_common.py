@@ -29,6 +29,9 @@ STATUS_KEYS = {
     "recalled",
     "frozen_all",
     "uptime",
+    "packed",
+    "packed_bytes",
+    "packed_waste",
 }
 COUNTER_KEYS = {"puts_ok", "puts_refused", "gets_hit", "gets_miss", "flushes", "evictions"}
 GUEST_KEYS = {
@@ -45,6 +48,11 @@ GUEST_KEYS = {
     "persistent_bytes",
     "lent_bytes",
     "pages",
+    "page_bytes",
+    "ratio",
+    "packed",
+    "packed_bytes",
+    "packed_waste",
     "pools",
 } | COUNTER_KEYS
 POOL_KEYS = {

@@ -29,8 +29,12 @@ keeps its memory in that file (so the guest's next page there costs no page faul
 slot is given to another owner: then it is punched out of the file, so memory in all files
 together stays within what the arena alone would use.
 
+Packed pages (packing.py): a same-filled page, or with compression on a page that compresses
+well, is kept as an object of a few bytes in its pool's zspages (zpool.py), not in slots of its
+own; in the index it appears as a value below NIL.
+
 The store is one class made of parts, each in its own module (tmemd/state.py lists them):
-mapped guests (mirroring.py), where pages' memory is (slots.py), the budget and caps (budget.py),
+packed pages (packing.py), mapped guests (mirroring.py), where pages' memory is (slots.py), the budget and caps (budget.py),
 lent memory (lending.py), the audit of what guests hold in their files (audit.py: the trust
 boundary, tmemd/memfiles.py) and heavy work done off the event loop (deferred.py).
 """
@@ -48,10 +52,12 @@ from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import NIL, Guest, Overdraft, Pool, Stats, StoreError, Tenant
 from tmemd.audit import Auditing
 from tmemd.budget import Budgeting
+from tmemd.compress import Codec
 from tmemd.deferred import REAP_INLINE, Deferring, Later
 from tmemd.lending import LEND_IDLE, Lending
 from tmemd.memfiles import Loan, MemFile, Mirror
 from tmemd.mirroring import Mirroring
+from tmemd.packing import Packing
 from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 from tmemd.slots import Slots
 
@@ -71,7 +77,7 @@ __all__ = [
 _INTERNED_INDEXES: Final = 1 << 16  # page indexes below this share their int objects
 
 
-class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
+class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
     """Pages of every guest in one budget. Not thread-safe: one event loop drives it."""
 
     def __init__(
@@ -83,6 +89,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         lend_idle: float = LEND_IDLE,
         now_ns: Callable[[], int] = time.monotonic_ns,
         deferred: bool = False,
+        codec: Codec | None = None,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
@@ -90,7 +97,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         put to take it rather than the guest's own (policy.choose_victim; 0: the plain
         weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
         is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
-        ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring)."""
+        ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring).
+        ``codec``: compress pages with it (tmemd/compress.py; same-filled pages are packed
+        whatever it is)."""
         if budget < FRAME_SIZE:
             raise ValueError(f"budget must be at least {FRAME_SIZE} bytes")
         self.move_slack = move_slack
@@ -134,6 +143,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         self._dying: deque[Pool] = deque()  # destroyed pools whose pages are still freeing
         self._later: deque[Later] = deque()  # large punches waiting for a worker thread
         self._put_head = NIL  # head slot of the page the last successful put stored
+        self._init_packing(codec)
 
     def add_guest(
         self,
@@ -304,8 +314,15 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if frozen or guest.frozen:
             return self._refuse(pool, oid, index, head)
-        order = pool.order
         mirror = guest.mirror
+        if mirror is None:
+            packed = self._pack(pool, src)
+            if packed is not None:
+                return self._put_packed(pool, oid, index, head, packed)
+            if head < NIL:  # was packed, is not now: the old copy goes first
+                self._release(self._remove(pool, oid, index))
+                head = NIL
+        order = pool.order
         mem = self._mem_of(guest)
         if head != NIL:
             if mirror is not None:
@@ -321,9 +338,23 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
                 self._touch(guest, head)
             self._put_head = head
             return True
+        return self._put_raw(pool, oid, index, src)
+
+    def _put_raw(
+        self, pool: Pool, oid: int, index: int, src: memoryview, force: bool = False
+    ) -> bool:
+        """A new page in slots of its own, making room for it; False if none was found.
+        ``force``: past the budget and caps if need be (a persistent page being rewritten,
+        packing.py), as long as the arena has the slots."""
+        guest = pool.guest
+        order = pool.order
+        mirror = guest.mirror
+        mem = self._mem_of(guest)
         need = 1 << order
-        if not self._make_room(guest, need, pool.persistent):
-            return self._refuse(pool, oid, index, NIL)
+        if not self._make_room(guest, need, pool.persistent) and not (
+            force and self.used_slots + need <= self.capacity_slots
+        ):
+            return False
         head = self._alloc(need, order, 0 if mirror is None else mirror.ident)
         self._copy_in(mem, head, order, src)
         if mirror is not None:
@@ -359,6 +390,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if head == NIL:
             return False
+        if head < NIL:
+            self._get_packed(pool, oid, index, head, dst)
+            return True
         mem = self._mem_of(pool.guest)
         if pool.order:
             self._copy_out(mem, head, pool.order, dst)
@@ -408,6 +442,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(dst))
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, dst, "read")
         for start, chunk in self._spans(pool, head, offset, len(dst)):
             dst[start : start + len(chunk)] = chunk
         return True
@@ -418,6 +454,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(src), changes=True)
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, src, "write")
         for start, chunk in self._spans(pool, head, offset, len(src)):
             chunk[:] = src[start : start + len(chunk)]
         return True
@@ -428,6 +466,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(buf), changes=True)
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, buf, "xchg")
         for start, chunk in self._spans(pool, head, offset, len(buf)):
             old = bytes(chunk)
             chunk[:] = buf[start : start + len(chunk)]
@@ -435,7 +475,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         return True
 
     def page_slots(self, pool: Pool, oid: int, index: int) -> int | None:
-        """The head slot of a page, or None (for tests and introspection)."""
+        """The head slot of a page (below NIL: a packed page), or None (for tests and
+        introspection)."""
         head = self._lookup(pool, oid, index)
         return None if head == NIL else head
 
@@ -457,7 +498,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             # Changed in place: no mapped read may trust it again.
             mirror.gen[head] = self._gen[head] = 0
         if head != NIL and not pool.persistent:
-            self._touch(pool.guest, head)
+            self._touch_page(pool.guest, head)
         return head
 
     def _refuse(self, pool: Pool, oid: int, index: int, head: int) -> bool:
@@ -465,17 +506,22 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             self._release(self._remove(pool, oid, index))
         return False
 
-    def _make_room(self, guest: Guest, need: int, persistent: bool) -> bool:
+    def _make_room(
+        self, guest: Guest, need: int, persistent: bool, found: Callable[[], bool] | None = None
+    ) -> bool:
         """Evict ephemeral pages until ``need`` slots fit the budget, the guest's cap and its
-        tenant's cap."""
+        tenant's cap, or until ``found()`` says an eviction made other room (a hole in a
+        zspage, for a packed page)."""
         cap = guest.cap_slots
         if cap is not None:
             if guest.pers_slots + guest.lent_slots + need > cap:
                 return False
             while guest.held_slots + need > cap:
-                if guest.lru_head == NIL:  # pragma: no cover - implied by the check above
+                if guest.oldest == NIL:  # pragma: no cover - implied by the check above
                     return False
-                self._evict(guest.lru_head)
+                self._evict(guest.oldest)
+                if found is not None and found():
+                    return True
         tenant = guest.tenant
         if tenant is not None and tenant.cap_slots is not None:
             if tenant.fixed_slots + need > tenant.cap_slots:
@@ -484,7 +530,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
                 victim = choose_victim(tenant.guests, self.clock)
                 if victim is None:  # pragma: no cover - implied by the check above
                     return False
-                self._evict(victim.lru_head)
+                self._evict(victim.oldest)
+                if found is not None and found():
+                    return True
         if need > self.budget_slots:
             return False
         if self.used_slots + need > self.budget_slots:
@@ -505,16 +553,17 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             )
             if victim is None:
                 return False
-            self._evict(victim.lru_head)
+            self._evict(victim.oldest)
+            if found is not None and found():
+                return True
         return True
 
     def _evict(self, head: int) -> None:
-        pool = self._pool[head]
-        assert pool is not None
+        pool, oid, index = self._whose(head)
         pool.stats.evictions += 1
         pool.guest.stats.evictions += 1
         self.evictions += 1
-        self._release(self._remove(pool, self._oid[head], self._index[head]))
+        self._release(self._remove(pool, oid, index))
 
     def _remove(self, pool: Pool, oid: int, index: int) -> list[int]:
         """Unlink a page from index, LRU and accounting; return its slots (not yet free)."""
@@ -527,6 +576,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
     def _unlink(self, pool: Pool, head: int) -> list[int]:
         """A page already out of its pool's index: out of the LRU and the accounting; return
         its slots (not yet free)."""
+        if head < NIL:
+            return self._unlink_packed(pool, head)
         pool.pages -= 1
         guest = pool.guest
         n = 1 << pool.order

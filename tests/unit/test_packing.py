@@ -1,0 +1,444 @@
+"""Unit tests of packed pages (docs/design.md §6.10): same-filled pages kept as their word, the
+size-class allocator they live in (tmemd/zpool.py), and what the store does with them: round
+trips byte for byte, slots and caps in real memory, eviction by the weighted LRU, sub-page
+changes, and mapped guests' pages kept raw. No sockets, no daemon."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
+from tmemd.accounts import NIL, Pool
+from tmemd.compress import fill_word, pack, unpack
+from tmemd.store import Store
+from tmemd.zpool import CLASSES, MAX_OBJECT, OBJ_MIN, ZPool, class_of
+
+MakeStore = Callable[..., Store]
+
+
+@pytest.fixture
+def make_store() -> Iterator[MakeStore]:
+    """Stores of ``slots`` 4 KiB slots (keywords go to Store); closed at teardown."""
+    made: list[Store] = []
+
+    def make(slots: int, **kwargs: object) -> Store:
+        store = Store(slots * FRAME_SIZE, **kwargs)  # type: ignore[arg-type]
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def filled(word: int, order: int = 0) -> bytes:
+    """A page of one repeated 8-byte word."""
+    return word.to_bytes(8, "little") * ((FRAME_SIZE << order) // 8)
+
+
+def rand(tag: int, order: int = 0) -> bytes:
+    return random.Random(tag).randbytes(FRAME_SIZE << order)
+
+
+def put(store: Store, pool: Pool, oid: int, index: int, data: bytes) -> bool:
+    return store.put(pool, oid, index, memoryview(data))
+
+
+def get(store: Store, pool: Pool, oid: int, index: int) -> bytes | None:
+    dst = bytearray(pool.page_size)
+    return bytes(dst) if store.get(pool, oid, index, memoryview(dst)) else None
+
+
+def is_packed(store: Store, pool: Pool, oid: int, index: int) -> bool:
+    head = store.page_slots(pool, oid, index)
+    assert head is not None
+    return head < NIL
+
+
+# ------------------------------------------------------------------------- what packs, and how
+
+
+@pytest.mark.parametrize("order", range(MAX_ORDER + 1))
+@pytest.mark.parametrize("word", [0, 1, 0xFFFF_FFFF_FFFF_FFFF, 0x0102_0304_0506_0708])
+def test_a_same_filled_page_packs_to_its_word_and_back(order: int, word: int) -> None:
+    data = filled(word, order)
+    packed = pack(memoryview(data), None)
+    assert packed == (word.to_bytes(8, "little"), 0)
+    dst = bytearray(len(data))
+    unpack(packed[0], packed[1], memoryview(dst), None)
+    assert dst == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        filled(7)[:-1] + b"\x08",  # the last byte differs
+        b"\x01" + filled(0)[1:],  # the first byte differs
+        (b"\x00" * 4 + b"\x01" * 4) * 511 + b"\x00" * 8,  # a 4-byte period broken at the end
+        b"ab" * (FRAME_SIZE // 2 - 8) + b"abcdefghabcdefgh",
+    ],
+)
+def test_a_page_that_is_almost_same_filled_is_not(data: bytes) -> None:
+    assert len(data) == FRAME_SIZE
+    assert fill_word(data) is None
+    assert pack(memoryview(data), None) is None
+
+
+# ---------------------------------------------------------------------------------- the zpool
+
+
+def test_classes_grow_and_hold_what_they_say() -> None:
+    sizes = [size for size, _, _ in CLASSES]
+    assert sizes == sorted(sizes) and sizes[0] == OBJ_MIN and sizes[-1] == MAX_OBJECT
+    for size, slots, objects in CLASSES:
+        assert 1 <= slots <= 16 and objects >= 1
+        assert objects * size <= slots * FRAME_SIZE
+    for length in (1, OBJ_MIN, OBJ_MIN + 1, 1000, FRAME_SIZE, FRAME_SIZE + 1, MAX_OBJECT):
+        size = CLASSES[class_of(length)][0]
+        assert size >= length
+        smaller = class_of(length) - 1
+        assert smaller < 0 or CLASSES[smaller][0] < length
+
+
+@pytest.mark.parametrize("length", [0, MAX_OBJECT + 1])
+def test_an_object_outside_the_classes_is_refused(length: int) -> None:
+    with pytest.raises(ValueError, match="packed objects are"):
+        class_of(length)
+
+
+class Arena:
+    """Slots for a ZPool to live in, handed out in order, and the objects' owners' handles."""
+
+    def __init__(self, slots: int) -> None:
+        self.mem = memoryview(bytearray(slots * FRAME_SIZE))
+        self.free = list(range(slots - 1, -1, -1))
+        self.handles: dict[int, int] = {}
+        self.zpool = ZPool(self.mem, self.relocate)
+
+    def relocate(self, owner: int, handle: int) -> None:
+        self.handles[owner] = handle
+
+    def store(self, owner: int, data: bytes) -> None:
+        handle = self.zpool.alloc(len(data), owner)
+        if handle < 0:
+            need = self.zpool.slots_needed(len(data))
+            self.zpool.grow(len(data), [self.free.pop() for _ in range(need)])
+            handle = self.zpool.alloc(len(data), owner)
+        self.zpool.write(handle, data)
+        self.handles[owner] = handle
+
+    def drop(self, owner: int, length: int) -> None:
+        self.free.extend(self.zpool.free(self.handles.pop(owner), length))
+
+
+@pytest.mark.parametrize("length", [8, 100, 1365, 3000, 5000, 20_000])
+def test_zpool_objects_come_back_byte_for_byte_across_slot_boundaries(length: int) -> None:
+    arena = Arena(64)
+    objects = {owner: random.Random(owner).randbytes(length) for owner in range(10)}
+    for owner, data in objects.items():
+        arena.store(owner, data)
+    for owner, data in objects.items():
+        assert bytes(arena.zpool.read(arena.handles[owner], length)) == data
+    assert arena.zpool.stored == 10 * length and arena.zpool.objects == 10
+
+
+def test_zpool_compacts_a_class_once_its_holes_make_a_zspage() -> None:
+    arena = Arena(8)
+    _, slots, per = CLASSES[class_of(1000)]
+    assert slots == 1 and per == 4  # 4 objects of <= 1024 bytes a slot
+    data = {owner: random.Random(owner).randbytes(1000) for owner in range(8)}
+    for owner, d in data.items():
+        arena.store(owner, d)
+    assert arena.zpool.slots == 2
+    # One object out of each zspage: 2 holes, not yet a zspage's worth.
+    arena.drop(0, 1000)
+    arena.drop(4, 1000)
+    assert arena.zpool.slots == 2
+    # Two more: 4 holes, one zspage is emptied into the other's holes and given back.
+    arena.drop(1, 1000)
+    arena.drop(5, 1000)
+    assert arena.zpool.slots == 1 and len(arena.free) == 7
+    for owner in (2, 3, 6, 7):
+        assert bytes(arena.zpool.read(arena.handles[owner], 1000)) == data[owner]
+
+
+def test_zpool_gives_back_every_slot_when_emptied_in_any_order() -> None:
+    arena = Arena(1024)
+    rng = random.Random(5)
+    lengths = {owner: rng.randrange(1, 6000) for owner in range(300)}
+    for owner, length in lengths.items():
+        arena.store(owner, rng.randbytes(length))
+    owners = list(lengths)
+    rng.shuffle(owners)
+    for owner in owners:
+        arena.drop(owner, lengths[owner])
+    assert arena.zpool.slots == 0 and arena.zpool.objects == 0 and arena.zpool.stored == 0
+    assert sorted(arena.free) == list(range(1024))
+
+
+def test_zpool_waste_stays_below_one_zspage_a_class() -> None:
+    arena = Arena(512)
+    rng = random.Random(9)
+    lengths: dict[int, int] = {}
+    for owner in range(2000):
+        if lengths and rng.random() < 0.45:
+            victim = rng.choice(list(lengths))
+            arena.drop(victim, lengths.pop(victim))
+        else:
+            lengths[owner] = rng.randrange(1, 3000)
+            arena.store(owner, bytes(lengths[owner]))
+    by_class: dict[int, int] = {}
+    for length in lengths.values():
+        by_class[class_of(length)] = by_class.get(class_of(length), 0) + 1
+    for cls, count in by_class.items():
+        _, slots, per = CLASSES[cls]
+        zspages = -(-count // per)
+        # what the class holds needs `zspages`; at most one more is tolerated
+        held = sum(len(z.slots) for z in arena.zpool.zspages if z is not None and z.cls == cls)
+        assert held <= (zspages + 1) * slots
+
+
+# ---------------------------------------------------------------------------------- the store
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("order", range(MAX_ORDER + 1))
+def test_same_filled_pages_round_trip_and_share_slots(
+    make_store: MakeStore, order: int, persistent: bool
+) -> None:
+    store = make_store(2)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=persistent, order=order)
+    for i in range(100):
+        assert put(store, pool, 1, i, filled(i * 0x0101_0101, order))
+    assert store.used_slots == 1 and guest.held_slots == 1  # 100 words, one 32-byte class
+    assert pool.pages == 100
+    for i in range(100):
+        assert get(store, pool, 1, i) == filled(i * 0x0101_0101, order)
+    if not persistent:  # exclusive gets: all gone, and the slot with them
+        assert pool.pages == 0 and store.used_slots == 0 and guest.held_slots == 0
+
+
+def test_a_budget_of_one_slot_holds_128_same_filled_pages(make_store: MakeStore) -> None:
+    store = make_store(1)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    assert all(put(store, pool, 0, i, filled(i)) for i in range(128))
+    assert not put(store, pool, 0, 128, filled(128))  # the next needs a slot: refused
+    assert not put(store, pool, 0, 129, rand(1))
+    assert pool.pages == 128 and store.used_slots == 1
+
+
+def test_replacing_pages_across_kinds_keeps_one_copy_and_the_slots_right(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(4)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=0)
+    kinds = [filled(0), rand(1), filled(3), filled(3), rand(2), rand(3), filled(0)]
+    for data in kinds:
+        assert put(store, pool, 5, 5, data)
+        assert pool.pages == 1
+        packed = fill_word(data) is not None
+        assert is_packed(store, pool, 5, 5) == packed
+        assert store.used_slots == 1 == guest.eph_slots
+    assert get(store, pool, 5, 5) == kinds[-1]
+    assert store.used_slots == 0 and pool.zpool is not None and pool.zpool.slots == 0
+
+
+def test_a_refused_put_over_a_packed_page_leaves_no_stale_copy(make_store: MakeStore) -> None:
+    store = make_store(1)
+    guest = store.add_guest("g")
+    pers = store.new_pool(guest, persistent=True, order=0)
+    assert put(store, pers, 0, 0, filled(1))
+    assert put(store, pers, 0, 1, filled(2))
+    assert not put(store, pers, 0, 1, rand(1))  # needs a slot of its own: none
+    assert get(store, pers, 0, 1) is None
+    assert get(store, pers, 0, 0) == filled(1)
+    guest.frozen = True
+    assert not put(store, pers, 0, 0, filled(1))
+    assert get(store, pers, 0, 0) is None
+
+
+def test_flush_and_flush_object_free_the_zspage(make_store: MakeStore) -> None:
+    store = make_store(4)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=2)
+    for i in range(10):
+        put(store, pool, i % 2, i, filled(i, 2))
+    assert store.used_slots == 1
+    assert store.flush(pool, 0, 0)
+    assert not store.flush(pool, 0, 0)
+    assert store.flush_object(pool, 1) == 5
+    assert store.flush_object(pool, 0) == 4
+    assert pool.pages == 0 and store.used_slots == 0 and guest.eph_slots == 0
+
+
+def test_destroying_a_pool_frees_its_packed_pages(make_store: MakeStore) -> None:
+    store = make_store(128)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    for i in range(300):
+        put(store, pool, i, 0, filled(i) if i % 3 else rand(i))
+    assert store.used_slots == 100 + 2  # 100 raw pages, 200 words in two slots
+    store.destroy_pool(pool)
+    assert store.used_slots == 0 and guest.held_slots == 0 and store.packed_pages == 0
+
+
+def test_a_cap_counts_real_slots_and_evicts_only_what_a_packed_page_needs(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(16)
+    guest = store.add_guest("g", cap=FRAME_SIZE)
+    pool = store.new_pool(guest, persistent=False, order=0)
+    for i in range(128):
+        assert put(store, pool, 0, i, filled(i))
+    assert guest.held_slots == 1 and pool.pages == 128
+    # The 129th needs a hole, not a slot: one page (the oldest) goes, not 128.
+    assert put(store, pool, 0, 128, filled(128))
+    assert guest.stats.evictions == 1 and pool.pages == 128
+    assert get(store, pool, 0, 0) is None
+    assert get(store, pool, 0, 1) == filled(1)
+    # A raw page needs a whole slot within the cap: every packed page goes.
+    assert put(store, pool, 1, 0, rand(1))
+    assert guest.held_slots == 1 and pool.pages == 1
+
+
+def test_the_weighted_lru_takes_raw_and_packed_pages_oldest_first(make_store: MakeStore) -> None:
+    store = make_store(3)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=0)
+    put(store, pool, 0, 0, rand(0))  # oldest
+    put(store, pool, 0, 1, filled(1))
+    put(store, pool, 0, 2, rand(2))
+    put(store, pool, 0, 3, filled(3))
+    assert store.used_slots == 3
+    # A raw page needs a slot: the oldest page (raw) goes, nothing else.
+    assert put(store, pool, 0, 4, rand(4))
+    assert [store.page_slots(pool, 0, i) is not None for i in range(5)] == [
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
+    # Then page 1 (packed) is the oldest: it goes, but its slot holds page 3 still, so the
+    # next oldest goes too (page 2, raw), and page 3 stays.
+    assert put(store, pool, 0, 5, rand(5))
+    present = [store.page_slots(pool, 0, i) is not None for i in range(6)]
+    assert present == [False, False, False, True, True, True]
+    assert store.used_slots == 3
+
+
+def test_oldest_is_the_older_of_the_raw_and_packed_heads(make_store: MakeStore) -> None:
+    store = make_store(4)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=0)
+    put(store, pool, 0, 0, filled(0))
+    put(store, pool, 0, 1, rand(1))
+    assert guest.oldest == store.page_slots(pool, 0, 0)
+    store.read(pool, 0, 0, 0, memoryview(bytearray(8)))  # touched: now the newest
+    assert guest.oldest == store.page_slots(pool, 0, 1)
+    assert guest.newest_stamp == store._pstamp[-2 - store.page_slots(pool, 0, 0)]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_sub_page_access_to_a_packed_page(make_store: MakeStore, persistent: bool) -> None:
+    store = make_store(8)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=persistent, order=1)
+    data = bytearray(filled(0xAB, 1))
+    put(store, pool, 0, 0, bytes(data))
+    out = bytearray(100)
+    assert store.read(pool, 0, 0, 4000, memoryview(out)) and out == data[4000:4100]
+    # A write of the same word keeps it packed.
+    assert store.write(pool, 0, 0, 8, memoryview(filled(0xAB)[:16]))
+    assert is_packed(store, pool, 0, 0)
+    # One that breaks the pattern makes it raw: 2 slots.
+    assert store.write(pool, 0, 0, 5000, memoryview(b"hello"))
+    data[5000:5005] = b"hello"
+    assert not is_packed(store, pool, 0, 0) and store.used_slots == 2
+    # xchg on another packed page returns the old bytes and keeps the new.
+    put(store, pool, 0, 1, filled(7, 1))
+    buf = bytearray(b"x" * 10)
+    assert store.xchg(pool, 0, 1, 8180, memoryview(buf))
+    assert buf == filled(7, 1)[8180:8190]
+    other = bytearray(filled(7, 1))
+    other[8180:8190] = b"x" * 10
+    assert get(store, pool, 0, 1) == bytes(other)
+    assert get(store, pool, 0, 0) == bytes(data)
+
+
+def test_a_persistent_packed_page_changed_beyond_the_budget_is_kept(
+    make_store: MakeStore,
+) -> None:
+    # Budget of one slot, all of it the zspage of the persistent words; the arena has two.
+    store = Store(FRAME_SIZE, capacity=2 * FRAME_SIZE)
+    try:
+        guest = store.add_guest("g")
+        pool = store.new_pool(guest, persistent=True, order=0)
+        put(store, pool, 0, 0, filled(1))
+        put(store, pool, 0, 1, filled(2))
+        assert store.write(pool, 0, 0, 0, memoryview(b"raw now"))
+        assert get(store, pool, 0, 0) == b"raw now" + filled(1)[7:]
+        assert get(store, pool, 0, 1) == filled(2)
+        assert store.used_slots == 2 > store.budget_slots  # over the budget, as §2.5 allows
+        assert not put(store, pool, 0, 2, rand(3))  # so puts needing a slot are refused
+    finally:
+        store.close()
+
+
+def test_a_persistent_packed_page_is_unchanged_when_the_arena_is_full(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(1)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    put(store, pool, 0, 0, filled(1))
+    assert not store.write(pool, 0, 0, 0, memoryview(b"raw now"))
+    assert get(store, pool, 0, 0) == filled(1)
+    buf = bytearray(b"abc")
+    assert not store.xchg(pool, 0, 0, 0, memoryview(buf))
+    assert buf == b"abc" and get(store, pool, 0, 0) == filled(1)
+
+
+def test_an_ephemeral_packed_page_changed_without_room_is_gone(make_store: MakeStore) -> None:
+    store = make_store(2)
+    guest = store.add_guest("g")
+    pers = store.new_pool(guest, persistent=True, order=0)
+    eph = store.new_pool(guest, persistent=False, order=1)
+    assert put(store, pers, 0, 0, rand(1))  # one slot nobody can take
+    assert put(store, eph, 0, 0, filled(2, 1))  # a zspage: the other slot
+    # Changed, it needs two slots of its own: there is one. The write is done, and the page
+    # is gone right after, as an ephemeral page may be at any time (an eviction).
+    assert store.write(eph, 0, 0, 0, memoryview(b"changed"))
+    assert get(store, eph, 0, 0) is None
+    assert guest.stats.evictions == 1 and store.evictions == 1
+    assert store.used_slots == 1 == guest.held_slots
+
+
+def test_a_mapped_guests_pages_are_kept_raw(make_store: MakeStore) -> None:
+    store = make_store(4)
+    guest = store.add_guest("g")
+    store.map_guest(guest)
+    pool = store.new_pool(guest, persistent=False, order=0)
+    assert put(store, pool, 0, 0, filled(0))
+    assert not is_packed(store, pool, 0, 0) and store.used_slots == 1
+    token = store.token(pool, 0, 0)
+    assert token is not None and token[0] >= 0 and token[1] > 0
+    assert get(store, pool, 0, 0) == filled(0)
+
+
+def test_shared_pool_packed_pages_stay_after_get_and_are_billed_to_the_pool(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(4)
+    account = store.add_guest("shared:x")
+    pool = store.new_pool(account, persistent=False, order=0, shared=True)
+    assert put(store, pool, 0, 0, filled(5))
+    assert get(store, pool, 0, 0) == filled(5)
+    assert get(store, pool, 0, 0) == filled(5)
+    assert account.eph_slots == 1 and pool.pages == 1
