@@ -10,6 +10,7 @@ from typing import Any
 from tmemclient.wire.layout import FRAME_SIZE, MAX_RING_FRAMES
 from tmemclient.wire.messages import HELLO_MAX_FRAME, valid_guest_name
 from tmemclient.wire.units import parse_size
+from tmemd.compress import COMPRESSORS
 from tmemd.policy import DEFAULT_WEIGHT, MOVE_SLACK, validate_weight
 
 
@@ -125,6 +126,9 @@ class Settings:
     # Names not in [guests]: "namespaced" serves them as UID/NAME (the embedded default, so no
     # user can impersonate another's guest); "deny" refuses them.
     unlisted_guests: str = "namespaced"
+    # Pages are compressed with this (docs/design.md §6.10): "off", "lz4" or "zstd".
+    # Same-filled pages are packed whatever it says.
+    compress: str = "off"
 
     def uid_policy(self, uid: int) -> UidPolicy:
         """The limits of uid ``uid``: its [uids.N] table, else the defaults."""
@@ -137,6 +141,10 @@ class Settings:
             raise ValueError("log format must be json, console or auto")
         if self.unlisted_guests not in UNLISTED:
             raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
+        if self.compress not in COMPRESSORS:
+            raise ValueError(
+                f"compress must be one of {', '.join(COMPRESSORS)}, got {self.compress!r}"
+            )
 
 
 # The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
@@ -152,6 +160,7 @@ DAEMON_KEYS = {
     "log_level": str,
     "unlisted_guests": str,
     "uid_cap": (str, int),
+    "compress": str,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -273,7 +282,7 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
-    for key in ("admin_group", "log_format", "log_level", "unlisted_guests"):
+    for key in ("admin_group", "log_format", "log_level", "unlisted_guests", "compress"):
         if key in daemon:
             values[key] = daemon[key]
     values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})

@@ -244,6 +244,11 @@ class ZPool:
         zspage = self.zspages[handle >> _IDX_BITS]
         assert zspage is not None
         mem, pos = self.mem, 0
+        start = (handle & _IDX_MASK) * CLASSES[zspage.cls][0]
+        if (start & (FRAME_SIZE - 1)) + len(data) <= FRAME_SIZE:  # in one slot: most objects
+            off = (zspage.slots[start >> FRAME_SHIFT] << FRAME_SHIFT) + (start & (FRAME_SIZE - 1))
+            mem[off : off + len(data)] = data
+            return
         for off, n in self._spans(zspage, handle & _IDX_MASK, len(data)):
             mem[off : off + n] = data[pos : pos + n]
             pos += n
@@ -252,8 +257,12 @@ class ZPool:
         """The object's first ``length`` bytes (a view of the arena when in one slot)."""
         zspage = self.zspages[handle >> _IDX_BITS]
         assert zspage is not None
-        spans = self._spans(zspage, handle & _IDX_MASK, length)
         mem = self.mem
+        start = (handle & _IDX_MASK) * CLASSES[zspage.cls][0]
+        if (start & (FRAME_SIZE - 1)) + length <= FRAME_SIZE:  # in one slot: most objects
+            off = (zspage.slots[start >> FRAME_SHIFT] << FRAME_SHIFT) + (start & (FRAME_SIZE - 1))
+            return mem[off : off + length]
+        spans = self._spans(zspage, handle & _IDX_MASK, length)
         if len(spans) == 1:
             off, n = spans[0]
             return mem[off : off + n]

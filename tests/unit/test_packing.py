@@ -6,13 +6,17 @@ changes, and mapped guests' pages kept raw. No sockets, no daemon."""
 from __future__ import annotations
 
 import random
+import sysconfig
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from test_store import StoreModel
 
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
 from tmemd.accounts import NIL, Pool
-from tmemd.compress import fill_word, pack, unpack
+from tmemd.compress import codec, fill_word, pack, unpack
 from tmemd.store import Store
 from tmemd.zpool import CLASSES, MAX_OBJECT, OBJ_MIN, ZPool, class_of
 
@@ -442,3 +446,180 @@ def test_shared_pool_packed_pages_stay_after_get_and_are_billed_to_the_pool(
     assert get(store, pool, 0, 0) == filled(5)
     assert get(store, pool, 0, 0) == filled(5)
     assert account.eph_slots == 1 and pool.pages == 1
+
+
+# -------------------------------------------------------------------------------- compression
+
+TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "typing.py").read_bytes()
+
+
+def text(tag: int, order: int = 0) -> bytes:
+    """A page of real source text (it compresses 2-4x)."""
+    size = FRAME_SIZE << order
+    start = (tag * 977) % (len(TEXT) - size)
+    return TEXT[start : start + size]
+
+
+def kinds(order: int) -> dict[str, bytes]:
+    """Every kind of page: random (grows when compressed), text, zeros, repeated words, a page
+    that compresses too little (7/8 random, then text), and one just short of same-filled."""
+    size = FRAME_SIZE << order
+    half = rand(7, order)[: size * 7 // 8] + text(3, order)[: size // 8]
+    return {
+        "random": rand(1, order),
+        "text": text(2, order),
+        "zeros": bytes(size),
+        "words": filled(0xDEAD_BEEF_0BAD_F00D, order),
+        "half": half,
+        "almost": filled(5, order)[:-1] + b"\x06",
+    }
+
+
+@pytest.fixture(params=["lz4", "zstd"])
+def compressor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.parametrize("order", range(MAX_ORDER + 1))
+def test_every_kind_of_page_round_trips_compressed(
+    make_store: MakeStore, compressor: str, order: int
+) -> None:
+    store = make_store(256, codec=codec(compressor))
+    guest = store.add_guest("g")
+    pers = store.new_pool(guest, persistent=True, order=order)
+    eph = store.new_pool(guest, persistent=False, order=order)
+    pages = kinds(order)
+    for i, data in enumerate(pages.values()):
+        assert put(store, pers, 0, i, data) and put(store, eph, 0, i, data)
+    packed = {name: is_packed(store, pers, 0, i) for i, name in enumerate(pages)}
+    assert packed == {
+        "random": False,  # grows when compressed: kept raw
+        "text": True,
+        "zeros": True,
+        "words": True,
+        "half": False,  # shrinks, but not to 3/4 of its size: raw
+        "almost": True,  # compresses to nothing
+    }
+    for i, data in enumerate(pages.values()):
+        assert get(store, pers, 0, i) == data
+        assert get(store, pers, 0, i) == data  # persistent: still there
+        assert get(store, eph, 0, i) == data
+        assert get(store, eph, 0, i) is None  # ephemeral: the get took it
+    raw = sum(not p for p in packed.values()) << order
+    assert guest.pers_slots == raw + (pers.zpool.slots if pers.zpool else 0)
+    assert guest.eph_slots == 0 and store.used_slots == guest.pers_slots
+
+
+def test_text_pages_take_a_fraction_of_their_slots(make_store: MakeStore, compressor: str) -> None:
+    store = make_store(64, codec=codec(compressor))
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    stored = 0
+    while stored < 1000 and put(store, pool, 0, stored, text(stored)):
+        stored += 1
+    assert stored > 64 * 3 // 2  # the budget of 64 raw slots held half as many again, or more
+    assert store.used_slots <= 64 and guest.pers_slots == store.used_slots
+    assert pool.zpool is not None and pool.zpool.stored < pool.zpool.slots * FRAME_SIZE
+    assert all(get(store, pool, 0, i) == text(i) for i in range(stored))
+
+
+def test_a_cap_holds_in_real_slots_with_compression(make_store: MakeStore, compressor: str) -> None:
+    store = make_store(256, codec=codec(compressor))
+    guest = store.add_guest("g", cap=32 * FRAME_SIZE)
+    pool = store.new_pool(guest, persistent=False, order=0)
+    for i in range(300):
+        assert put(store, pool, 0, i, text(i))
+        assert guest.held_slots <= 32
+    assert pool.pages > 32  # more pages than raw slots the cap allows
+    for i in range(300, 400):  # with pages that do not compress among them
+        assert put(store, pool, 0, i, text(i) if i % 3 else rand(i))
+        assert guest.held_slots <= 32
+    assert guest.stats.evictions == 400 - pool.pages > 0
+    for i in range(400):  # what is there is right; what is gone went by eviction
+        got = get(store, pool, 0, i)
+        assert got is None or got == (text(i) if i < 300 or i % 3 else rand(i))
+
+
+def test_sub_page_changes_move_a_page_between_packed_and_raw(
+    make_store: MakeStore, compressor: str
+) -> None:
+    store = make_store(64, codec=codec(compressor))
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=1)
+    want = bytearray(text(9, 1))
+    put(store, pool, 1, 1, bytes(want))
+    assert is_packed(store, pool, 1, 1)
+    noise = rand(3)[:3000]
+    old = bytearray(noise)
+    assert store.xchg(pool, 1, 1, 4000, memoryview(old))  # across the slot boundary
+    assert old == want[4000:7000]
+    want[4000:7000] = noise
+    assert get(store, pool, 1, 1) == bytes(want)
+    assert store.write(pool, 1, 1, 0, memoryview(rand(4, 1)))  # now incompressible: raw
+    assert not is_packed(store, pool, 1, 1) and get(store, pool, 1, 1) == rand(4, 1)
+    # A raw page is written in place: it stays raw until a put packs it again.
+    assert store.write(pool, 1, 1, 0, memoryview(text(5, 1)))
+    assert not is_packed(store, pool, 1, 1) and get(store, pool, 1, 1) == text(5, 1)
+    assert put(store, pool, 1, 1, text(5, 1)) and is_packed(store, pool, 1, 1)
+    assert store.packed_pages == 1 and pool.pages == 1
+
+
+def test_accounting_adds_up_after_mixed_puts_flushes_and_evictions(
+    make_store: MakeStore, compressor: str
+) -> None:
+    store = make_store(24, codec=codec(compressor))
+    guests = [store.add_guest(f"g{i}", weight=100 * (i + 1)) for i in range(3)]
+    pools = [
+        store.new_pool(g, persistent=p, order=o)
+        for g in guests
+        for p, o in ((False, 0), (False, 2), (True, 0))
+    ]
+    rng = random.Random(18)
+    makers = [rand, text, lambda t, o: filled(t, o)]
+    for step in range(3000):
+        pool = rng.choice(pools)
+        key = (rng.randrange(3), rng.randrange(8))
+        roll = rng.random()
+        if roll < 0.6:
+            put(store, pool, *key, rng.choice(makers)(step, pool.order))
+        elif roll < 0.75:
+            get(store, pool, *key)
+        elif roll < 0.85:
+            store.flush(pool, *key)
+        elif roll < 0.9:
+            store.flush_object(pool, key[0])
+        else:
+            store.write(pool, *key, 0, memoryview(rng.randbytes(rng.randrange(1, 600))))
+        if step % 100 == 0 or step == 2999:
+            for g in guests:
+                mine = [p for p in pools if p.guest is g]
+                slots = [
+                    ((p.pages - (p.zpool.objects if p.zpool else 0)) << p.order)
+                    + (p.zpool.slots if p.zpool else 0)
+                    for p in mine
+                ]
+                assert g.eph_slots == sum(
+                    s for p, s in zip(mine, slots, strict=True) if not p.persistent
+                )
+                assert g.pers_slots == sum(
+                    s for p, s in zip(mine, slots, strict=True) if p.persistent
+                )
+            assert store.used_slots == sum(g.held_slots for g in guests)
+            assert store.used_slots <= store.budget_slots
+            assert store.packed_pages == sum(p.zpool.objects for p in pools if p.zpool)
+    assert store.evictions == sum(g.stats.evictions for g in guests) > 0
+
+
+class CompressedStoreModel(StoreModel):
+    """The dict model of tests/unit/test_store.py on a store that compresses (lz4): the same
+    rules and invariants, with most non-filled pages now packed too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store.codec = codec("lz4")
+
+
+CompressedStoreModel.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=50, deadline=None, derandomize=True, database=None
+)
+test_a_compressing_store_agrees_with_a_dict_model = CompressedStoreModel.TestCase

@@ -195,6 +195,7 @@ def test_a_missing_admin_group_is_a_warning_to_check_config(
     [
         ('[daemon]\nsokcet = "/run/x.sock"\n', "'sokcet'"),
         ('[daemon]\nsocket = "/x"\nmemory = "lots"\n', "daemon.memory"),
+        ('[daemon]\nsocket = "/x"\ncompress = "gzip"\n', "compress must be one of off, lz4, zstd"),
         ('[daemon]\nsocket = "/x"\n[guests.db]\nuids = [1]\nweight = 0\n', "guests.db"),
         ('[daemon]\nsocket = "/x"\n[limits]\nshutdown_grace = "long"\n', "limits.shutdown_grace"),
         ("[daemon\n", "not valid TOML"),
@@ -232,3 +233,18 @@ def test_daemon_refuses_to_start_with_a_bad_config(
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("tmemd: ") and "guests.db.uids" in err
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("compress", ["off", "lz4", "zstd"])
+def test_compress_comes_from_the_file_and_the_command_line_wins(
+    tmp_path: Path, compress: str
+) -> None:
+    path = tmp_path / "tmemd.toml"
+    path.write_text(f'[daemon]\nsocket = "/x"\ncompress = "{compress}"\n')
+    args = cli.build_parser().parse_args(["--config", str(path)])
+    assert cli.settings_from_args(args).compress == compress
+    args = cli.build_parser().parse_args(["--config", str(path), "--compress", "zstd"])
+    assert cli.settings_from_args(args).compress == "zstd"
+    assert cli.settings_from_args(cli.build_parser().parse_args(["--socket", "/x"])).compress == (
+        "off"
+    )
