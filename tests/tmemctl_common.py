@@ -30,6 +30,7 @@ STATUS_KEYS = {
     "frozen_all",
     "uptime",
     "packed",
+    "deduped",
     "packed_bytes",
     "packed_waste",
 }
@@ -51,6 +52,7 @@ GUEST_KEYS = {
     "page_bytes",
     "ratio",
     "packed",
+    "deduped",
     "packed_bytes",
     "packed_waste",
     "pools",

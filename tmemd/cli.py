@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress pages that compress well (lz4: fast; zstd: tighter); same-filled pages "
         "are packed either way (default: off)",
     )
+    p.add_argument(
+        "--dedup",
+        action=argparse.BooleanOptionalAction,
+        help="store identical pages of one pool once (never across guests; default: off)",
+    )
     p.add_argument("--log-format", choices=("json", "console", "auto"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--max-region-frames", type=int)
@@ -138,6 +143,7 @@ SETTING_OPTIONS = (
     "log_format",
     "log_level",
     "compress",
+    "dedup",
 )
 
 
@@ -227,6 +233,7 @@ class Daemon:
                 lend_idle=settings.limits.lend_idle_ms / 1000,
                 deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
                 codec=codec(settings.compress),
+                dedup=settings.dedup,
             )
         except OSError as exc:  # the arena's address space (mmap: ENOMEM), or its memfd
             raise StartError(arena_failure(exc, settings.budget, capacity, ram)) from exc
@@ -299,6 +306,7 @@ class Daemon:
                         budget=settings.budget,
                         budget_human=format_size(settings.budget),
                         compress=settings.compress,
+                        dedup=settings.dedup,
                         guests_configured=len(settings.guests),
                         pid=os.getpid(),
                     )
@@ -363,6 +371,7 @@ class Daemon:
                 "socket_mode",
                 "budget",
                 "compress",  # pages stored compressed need the codec they were stored with
+                "dedup",
             )
             if getattr(new, key) != getattr(self.settings, key)
         ]

@@ -101,7 +101,11 @@ def pack(page: memoryview, codec: Codec | None) -> tuple[bytes, int] | None:
 
 
 def unpack(data: memoryview | bytes, code: int, dst: memoryview, codec: Codec | None) -> None:
-    """Write the page an object holds into ``dst`` (the page's size)."""
+    """Write the page an object holds into ``dst`` (the page's size). A length code of the
+    page's size is a raw page (kept as an object to be shared, tmemd/dedup.py)."""
+    if code == len(dst):
+        dst[:] = data[:code]
+        return
     if code == 0:
         dst[:] = bytes(data[:WORD]) * (len(dst) // WORD)
         return

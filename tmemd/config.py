@@ -129,6 +129,8 @@ class Settings:
     # Pages are compressed with this (docs/design.md §6.10): "off", "lz4" or "zstd".
     # Same-filled pages are packed whatever it says.
     compress: str = "off"
+    # Identical pages of one pool are stored once (docs/design.md §6.10); never across guests.
+    dedup: bool = False
 
     def uid_policy(self, uid: int) -> UidPolicy:
         """The limits of uid ``uid``: its [uids.N] table, else the defaults."""
@@ -161,6 +163,7 @@ DAEMON_KEYS = {
     "unlisted_guests": str,
     "uid_cap": (str, int),
     "compress": str,
+    "dedup": bool,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -282,7 +285,14 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
-    for key in ("admin_group", "log_format", "log_level", "unlisted_guests", "compress"):
+    for key in (
+        "admin_group",
+        "log_format",
+        "log_level",
+        "unlisted_guests",
+        "compress",
+        "dedup",
+    ):
         if key in daemon:
             values[key] = daemon[key]
     values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})

@@ -28,6 +28,7 @@ from typing import Final
 from tmemd import compress
 from tmemd.accounts import NIL, Guest, Pool
 from tmemd.compress import Codec
+from tmemd.dedup import DedupZPool
 from tmemd.slots import Slots
 from tmemd.zpool import ZPool
 
@@ -43,9 +44,11 @@ class Packing(Slots):
     """The store's packed pages (module docstring)."""
 
     codec: Codec | None
+    dedup: bool
 
-    def _init_packing(self, codec: Codec | None) -> None:
+    def _init_packing(self, codec: Codec | None, dedup: bool) -> None:
         self.codec = codec
+        self.dedup = dedup
         self._ppool: list[Pool | None] = []
         self._poid: list[int] = []
         self._pindex = array("I")
@@ -64,7 +67,10 @@ class Packing(Slots):
         mapped guest."""
         if pool.guest.mirror is not None:
             return None
-        return compress.pack(src, self.codec)
+        packed = compress.pack(src, self.codec)
+        if packed is None and self.dedup:  # a raw page, as an object identical pages share
+            return bytes(src), len(src)
+        return packed
 
     def _put_packed(
         self, pool: Pool, oid: int, index: int, head: int, packed: tuple[bytes, int]
@@ -102,8 +108,15 @@ class Packing(Slots):
         data, code = packed
         zpool = pool.zpool
         if zpool is None:
-            zpool = pool.zpool = ZPool(self._mem, self._relocate)
+            zpool = pool.zpool = (DedupZPool if self.dedup else ZPool)(self._mem, self._relocate)
         pid = self._new_pid()
+        if isinstance(zpool, DedupZPool):
+            same = zpool.find(data, code)
+            if same >= 0:  # an identical page of this pool: share its object, take no memory
+                zpool.share(same, pid)
+                self._pobj[pid] = same
+                self._plen[pid] = code
+                return pid
         handle = zpool.alloc(len(data), pid)
         if handle < 0:
             need = zpool.slots_needed(len(data))
@@ -123,6 +136,8 @@ class Packing(Slots):
                     guest.eph_slots += need
                 handle = zpool.alloc(len(data), pid)
         zpool.write(handle, data)
+        if isinstance(zpool, DedupZPool):
+            zpool.remember(handle, data, code)
         self._pobj[pid] = handle
         self._plen[pid] = code
         return pid
@@ -152,7 +167,7 @@ class Packing(Slots):
         zpool = pool.zpool
         assert zpool is not None
         code = self._plen[pid]
-        slots = zpool.free(self._pobj[pid], code or compress.WORD, compact=not pool.dead)
+        slots = zpool.free(self._pobj[pid], code or compress.WORD, owner=pid, compact=not pool.dead)
         if slots:
             if pool.persistent:
                 guest.pers_slots -= len(slots)
@@ -291,14 +306,15 @@ class Packing(Slots):
     # -------------------------------------------------------------------------------- views
 
     def packing_stats(self, pools: list[Pool] | None = None) -> dict[str, int]:
-        """Packed pages of ``pools`` (default: all): ``packed`` pages, ``packed_slots`` their
-        zspages hold, ``packed_stored`` bytes of their objects (the rest of those slots is
-        fragmentation)."""
+        """Packed pages of ``pools`` (default: all): ``packed`` pages, ``deduped`` pages of them
+        that share another's bytes, ``packed_slots`` their zspages hold, ``packed_stored`` bytes
+        of their objects (the rest of those slots is fragmentation)."""
         if pools is None:
             pools = [p for g in self.guests.values() for p in g.pools]
         zpools = [p.zpool for p in pools if p.zpool is not None]
         return {
             "packed": sum(z.objects for z in zpools),
+            "deduped": sum(z.shares for z in zpools if isinstance(z, DedupZPool)),
             "packed_slots": sum(z.slots for z in zpools),
             "packed_stored": sum(z.stored for z in zpools),
         }

@@ -90,6 +90,7 @@ class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         now_ns: Callable[[], int] = time.monotonic_ns,
         deferred: bool = False,
         codec: Codec | None = None,
+        dedup: bool = False,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
@@ -99,7 +100,7 @@ class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
         ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring).
         ``codec``: compress pages with it (tmemd/compress.py; same-filled pages are packed
-        whatever it is)."""
+        whatever it is). ``dedup``: identical pages of a pool share one copy (tmemd/dedup.py)."""
         if budget < FRAME_SIZE:
             raise ValueError(f"budget must be at least {FRAME_SIZE} bytes")
         self.move_slack = move_slack
@@ -143,7 +144,7 @@ class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         self._dying: deque[Pool] = deque()  # destroyed pools whose pages are still freeing
         self._later: deque[Later] = deque()  # large punches waiting for a worker thread
         self._put_head = NIL  # head slot of the page the last successful put stored
-        self._init_packing(codec)
+        self._init_packing(codec, dedup)
 
     def add_guest(
         self,

@@ -47,12 +47,14 @@ def status(host: Host) -> dict[str, Any]:
 
 
 def packing(stats: dict[str, int]) -> dict[str, Any]:
-    """What packed pages (docs/design.md §6.10) hold: ``packed`` pages, ``packed_bytes`` of the
-    slots they use, and ``packed_waste``, the part of those bytes no object uses (the
-    fragmentation of the size classes, 0..1)."""
+    """What packed pages (docs/design.md §6.10) hold: ``packed`` pages, ``deduped`` of them
+    sharing another page's bytes (``--dedup``), ``packed_bytes`` of the slots they use, and
+    ``packed_waste``, the part of those bytes no object uses (the fragmentation of the size
+    classes, 0..1)."""
     held = stats["packed_slots"] << FRAME_SHIFT
     return {
         "packed": stats["packed"],
+        "deduped": stats["deduped"],
         "packed_bytes": held,
         "packed_waste": round(1 - stats["packed_stored"] / held, 3) if held else 0.0,
     }

@@ -28,7 +28,7 @@ from typing import Final
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE, MAX_ORDER
 
 OBJ_MIN: Final = 32  # bytes: the smallest class (zsmalloc's too): what a same-filled page costs
-MAX_OBJECT: Final = (FRAME_SIZE << MAX_ORDER) * 3 // 4  # the largest object ever packed
+MAX_OBJECT: Final = FRAME_SIZE << MAX_ORDER  # the largest object (a raw page, with dedup)
 _IDX_BITS: Final = 10  # a handle is (zspage number << _IDX_BITS) | object number
 _IDX_MASK: Final = (1 << _IDX_BITS) - 1
 
@@ -165,10 +165,11 @@ class ZPool:
         state.zspages += 1
         self.slots += len(slots)
 
-    def free(self, handle: int, length: int, *, compact: bool = True) -> list[int]:
-        """Free an object of ``length`` bytes; return the slots no longer used (of its zspage,
-        or of one that compaction emptied). ``compact=False``: no objects move (the pool is
-        dying: every object will be freed anyway)."""
+    def free(self, handle: int, length: int, *, owner: int = -1, compact: bool = True) -> list[int]:
+        """Free an object of ``length`` bytes (``owner``'s: tmemd/dedup.py's objects have
+        several); return the slots no longer used (of its zspage, or of one that compaction
+        emptied). ``compact=False``: no objects move (the pool is dying: every object will be
+        freed anyway)."""
         number, obj = handle >> _IDX_BITS, handle & _IDX_MASK
         zspage = self.zspages[number]
         assert zspage is not None and zspage.owners[obj] != -1
@@ -221,8 +222,12 @@ class ZPool:
             self._copy(src, obj, dst, new, size)
             src.owners[obj] = -1
             src.free.append(obj)
-            self.relocate(owner, target << _IDX_BITS | new)
+            self._moved(source << _IDX_BITS | obj, target << _IDX_BITS | new, owner)
         return self._drop(source)
+
+    def _moved(self, old: int, new: int, owner: int) -> None:
+        """Compaction moved ``owner``'s object from handle ``old`` to ``new``."""
+        self.relocate(owner, new)
 
     # --------------------------------------------------------------------------------- bytes
 

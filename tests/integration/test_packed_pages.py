@@ -193,3 +193,34 @@ def test_a_compressing_daemon_holds_more_text_than_its_budget(compressing: Daemo
         assert all(g is None or g == want[i] for i, g in enumerate(got))
         assert sum(g is not None for g in got) >= min(stored, 256) - 64
     assert compressing.events("daemon_ready")[0]["compress"] in ("lz4", "zstd")
+
+
+# ------------------------------------------------------------------------------------- dedup
+
+
+def test_a_deduplicating_daemon_stores_a_guests_identical_pages_once(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "--memory", "1MiB", "--dedup", admin=True)
+    try:
+        page = random.Random(18).randbytes(PAGE)
+        with (
+            tmemclient.connect(d.socket, name="a", frames=64) as a,
+            tmemclient.connect(d.socket, name="b", frames=64) as b,
+        ):
+            pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
+            assert all(pa.put_many([(0, i, page) for i in range(100)]))
+            assert all(pb.put_many([(0, i, page) for i in range(3)]))
+            row_a, row_b = guest_row(d, "a"), guest_row(d, "b")
+            assert (row_a["persistent_bytes"], row_a["pages"], row_a["deduped"]) == (PAGE, 100, 99)
+            assert (row_b["persistent_bytes"], row_b["deduped"]) == (PAGE, 2)  # its own copy
+            # Copy on write: changing one page changes no other.
+            assert pa.write(0, 5, 0, b"mine")
+            assert pa.xchg(0, 6, PAGE - 3, b"xyz") == page[-3:]
+            got = pa.get_many([(0, i) for i in range(100)])
+            assert got[5] == b"mine" + page[4:] and got[6] == page[:-3] + b"xyz"
+            assert all(g == page for i, g in enumerate(got) if i not in (5, 6))
+            assert pb.get_many([(0, i) for i in range(3)]) == [page] * 3
+            assert guest_row(d, "a")["persistent_bytes"] == 3 * PAGE
+        assert d.events("daemon_ready")[0]["dedup"] is True
+        assert not [e for e in d.events() if e.get("level") in ("error", "critical")]
+    finally:
+        d.stop()

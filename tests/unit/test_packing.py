@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import rule
 from test_store import StoreModel
 
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
 from tmemd.accounts import NIL, Pool
 from tmemd.compress import codec, fill_word, pack, unpack
+from tmemd.dedup import DedupZPool
 from tmemd.store import Store
 from tmemd.zpool import CLASSES, MAX_OBJECT, OBJ_MIN, ZPool, class_of
 
@@ -623,3 +626,163 @@ CompressedStoreModel.TestCase.settings = settings(
     max_examples=60, stateful_step_count=50, deadline=None, derandomize=True, database=None
 )
 test_a_compressing_store_agrees_with_a_dict_model = CompressedStoreModel.TestCase
+
+
+# ------------------------------------------------------------------------------------- dedup
+
+
+def test_identical_pages_of_a_pool_are_stored_once(make_store: MakeStore) -> None:
+    store = make_store(16, dedup=True)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    for i in range(100):
+        assert put(store, pool, i % 3, i, rand(1))
+    assert pool.pages == 100 and store.used_slots == 1 == guest.pers_slots
+    assert all(get(store, pool, i % 3, i) == rand(1) for i in range(100))
+    assert store.packing_stats()["deduped"] == 99
+
+
+def test_identical_pages_are_never_shared_across_pools_or_guests(make_store: MakeStore) -> None:
+    store = make_store(16, dedup=True)
+    a, b = store.add_guest("a"), store.add_guest("b")
+    pools = [
+        store.new_pool(a, persistent=True, order=0),
+        store.new_pool(a, persistent=True, order=0),
+    ]
+    pools.append(store.new_pool(b, persistent=True, order=0))
+    for pool in pools:
+        assert put(store, pool, 0, 0, rand(5)) and put(store, pool, 0, 1, rand(5))
+    assert store.used_slots == 3 and a.pers_slots == 2 and b.pers_slots == 1
+
+
+@pytest.mark.parametrize("compressor", [None, "lz4"])
+def test_a_change_to_one_copy_never_shows_in_another(
+    make_store: MakeStore, compressor: str | None
+) -> None:
+    store = make_store(16, dedup=True, codec=codec(compressor or "off"))
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=1)
+    data = text(4, 1) if compressor else rand(4, 1)
+    for i in range(4):
+        put(store, pool, 0, i, data)
+    assert store.write(pool, 0, 0, 100, memoryview(b"written"))
+    buf = bytearray(b"exchanged")
+    assert store.xchg(pool, 0, 1, 5000, memoryview(buf)) and buf == data[5000:5009]
+    assert put(store, pool, 0, 2, rand(9, 1))
+    assert get(store, pool, 0, 0) == data[:100] + b"written" + data[107:]
+    assert get(store, pool, 0, 1) == data[:5000] + b"exchanged" + data[5009:]
+    assert get(store, pool, 0, 2) == rand(9, 1)
+    assert get(store, pool, 0, 3) == data
+
+
+def test_a_shared_copy_goes_with_its_last_page(make_store: MakeStore) -> None:
+    store = make_store(4, dedup=True)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=0)
+    for i in range(5):
+        put(store, pool, 0, i, rand(2))
+    for i in range(4):
+        assert store.flush(pool, 0, i)
+        assert store.used_slots == 1
+    assert get(store, pool, 0, 4) == rand(2)  # the last one, then gone
+    assert store.used_slots == 0 and pool.zpool is not None and pool.zpool.objects == 0
+
+
+def test_evicting_shared_pages_goes_by_the_lru_and_frees_only_the_last(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(2, dedup=True)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=False, order=0)
+    for i in range(3):
+        put(store, pool, 0, i, rand(1))  # one object, three pages
+    put(store, pool, 0, 3, rand(2))  # the second slot
+    assert store.used_slots == 2
+    assert put(store, pool, 0, 4, rand(3))  # needs a slot: pages 0, 1, 2 go, oldest first
+    assert [store.page_slots(pool, 0, i) is not None for i in range(5)] == [
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert guest.stats.evictions == 3 and store.used_slots == 2
+
+
+def test_an_object_is_shared_by_no_more_pages_than_a_slot_of_words(make_store: MakeStore) -> None:
+    store = make_store(8, dedup=True)
+    guest = store.add_guest("g")
+    pool = store.new_pool(guest, persistent=True, order=0)
+    for i in range(300):
+        assert put(store, pool, 0, i, rand(1))
+    assert store.used_slots == 3  # 128 pages a copy at most (4096 // 32)
+    for i in range(300):  # same-filled pages are never shared: 128 words a slot
+        assert put(store, pool, 1, i, filled(1))
+    assert store.used_slots == 3 + 3
+
+
+# Only g0 packs (g1 and g2 are mapped: their pages stay raw): its pools are 0..2.
+G0_POOL = st.integers(0, 2)
+
+
+class DedupStoreModel(StoreModel):
+    """The dict model on a store that compresses and dedups, with puts of a few random pages
+    again and again (random pages are kept raw, as objects many pages may share), so pages
+    share objects, and writes, evictions and compaction must keep them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store.codec = codec("lz4")
+        self.store.dedup = True
+
+    @rule(pick=st.integers(0, 2), p=G0_POOL, oid=StoreModel.oid, index=StoreModel.index)
+    def put_a_copy(self, p: int, oid: int, index: int, pick: int) -> None:
+        pool = self.pools[p]
+        data = random.Random(p * 10 + pick).randbytes(pool.page_size)
+        if self.store.put(pool, oid, index, memoryview(data)):
+            self.model[(p, oid, index)] = bytearray(data)
+            self._count(pool, "puts_ok")
+        else:
+            self.model.pop((p, oid, index), None)
+            self._count(pool, "puts_refused")
+
+    @rule(pick=st.integers(0, 2), p=G0_POOL, oid=StoreModel.oid, index=StoreModel.index)
+    def put_another_copy(self, p: int, oid: int, index: int, pick: int) -> None:
+        self.put_a_copy(p, oid, index, pick)
+
+    @rule(p=G0_POOL, oid=StoreModel.oid, index=StoreModel.index)
+    def write_one_copy(self, p: int, oid: int, index: int) -> None:
+        key = (p, oid, index)
+        if key in self.model:
+            assert self.store.write(self.pools[p], oid, index, 64, memoryview(b"one copy"))
+            self.model[key][64:72] = b"one copy"
+
+
+DedupStoreModel.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=50, deadline=None, derandomize=True, database=None
+)
+test_a_deduplicating_store_agrees_with_a_dict_model = DedupStoreModel.TestCase
+
+
+def test_compaction_moves_a_shared_object_for_every_page_that_shares_it() -> None:
+    arena = Arena(8)
+    arena.zpool = DedupZPool(arena.mem, arena.relocate)
+    data = {n: random.Random(n).randbytes(1000) for n in range(8)}
+    for n, d in data.items():  # owners 0..7 own the objects, 100+n and 200+n share them
+        arena.store(n, d)
+        assert isinstance(arena.zpool, DedupZPool)
+        arena.zpool.remember(arena.handles[n], d, len(d))
+        for extra in (100 + n, 200 + n):
+            same = arena.zpool.find(d, len(d))
+            assert same == arena.handles[n]
+            arena.zpool.share(same, extra)
+            arena.handles[extra] = same
+    assert arena.zpool.slots == 2 and arena.zpool.objects == 24
+    for n in (0, 1, 4, 5):  # every copy of four objects: 4 holes, one zspage compacted away
+        for owner in (n, 100 + n, 200 + n):
+            arena.drop(owner, 1000)
+    assert arena.zpool.slots == 1
+    for n in (2, 3, 6, 7):
+        for owner in (n, 100 + n, 200 + n):
+            assert bytes(arena.zpool.read(arena.handles[owner], 1000)) == data[n]
+        assert arena.zpool.find(data[n], 1000) == arena.handles[n]

@@ -248,3 +248,15 @@ def test_compress_comes_from_the_file_and_the_command_line_wins(
     assert cli.settings_from_args(cli.build_parser().parse_args(["--socket", "/x"])).compress == (
         "off"
     )
+
+
+def test_dedup_comes_from_the_file_and_the_command_line_wins(tmp_path: Path) -> None:
+    path = tmp_path / "tmemd.toml"
+    path.write_text('[daemon]\nsocket = "/x"\ndedup = true\n')
+    parse = cli.build_parser().parse_args
+    assert cli.settings_from_args(parse(["--config", str(path)])).dedup is True
+    assert cli.settings_from_args(parse(["--config", str(path), "--no-dedup"])).dedup is False
+    assert cli.settings_from_args(parse(["--socket", "/x"])).dedup is False
+    path.write_text('[daemon]\nsocket = "/x"\ndedup = "yes"\n')
+    with pytest.raises(config.ConfigError, match=r"daemon\.dedup has the wrong type"):
+        cli.settings_from_args(parse(["--config", str(path)]))
