@@ -73,14 +73,23 @@ class Packing(Slots):
         return packed
 
     def _put_packed(
-        self, pool: Pool, oid: int, index: int, head: int, packed: tuple[bytes, int]
+        self,
+        pool: Pool,
+        oid: int,
+        index: int,
+        head: int,
+        packed: tuple[bytes, int],
+        src: memoryview,
     ) -> bool:
         """A put of a page that packs: the old copy (raw or packed) goes first, so a refused
-        put leaves none (docs/design.md §2.4)."""
+        put leaves none (docs/design.md §2.4). If no room is found for a new zspage of more
+        slots than the page has (a cap or budget of a few slots), it is stored raw."""
         if head != NIL:
             self._release(self._remove(pool, oid, index))
         pid = self._store_packed(pool, packed, force=False)
         if pid == NIL:
+            if ZPool.slots_needed(len(packed[0])) > 1 << pool.order:
+                return self._put_raw(pool, oid, index, src)
             return False
         self._index_packed(pool, oid, index, pid)
         self._put_head = -2 - pid

@@ -319,7 +319,7 @@ class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         if mirror is None:
             packed = self._pack(pool, src)
             if packed is not None:
-                return self._put_packed(pool, oid, index, head, packed)
+                return self._put_packed(pool, oid, index, head, packed, src)
             if head < NIL:  # was packed, is not now: the old copy goes first
                 self._release(self._remove(pool, oid, index))
                 head = NIL

@@ -20,8 +20,9 @@ from test_store import StoreModel
 
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
 from tmemd.accounts import NIL, Pool
-from tmemd.compress import codec, fill_word
+from tmemd.compress import Codec, codec, fill_word, pack
 from tmemd.store import Store
+from tmemd.zpool import ZPool
 
 MakeStore = Callable[..., Store]
 
@@ -619,3 +620,26 @@ DedupStoreModel.TestCase.settings = settings(
     max_examples=60, stateful_step_count=50, deadline=None, derandomize=True, database=None
 )
 test_a_deduplicating_store_agrees_with_a_dict_model = DedupStoreModel.TestCase
+
+
+def slots_of_packed(page: bytes, compressor: Codec | None) -> int:
+    """Slots of a zspage of the class the page packs to (0: it does not pack)."""
+    packed = pack(memoryview(page), compressor)
+    return 0 if packed is None else ZPool.slots_needed(len(packed[0]))
+
+
+def test_a_page_whose_zspage_would_not_fit_a_small_cap_is_stored_raw(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(16, codec=codec("zstd"))
+    guest = store.add_guest("g", cap=2 * FRAME_SIZE)
+    pool = store.new_pool(guest, persistent=True, order=0)
+    # A page that compresses to a class of zspages of 3 or 4 slots (e.g. 96 bytes: 3 slots).
+    zstd = codec("zstd")
+    candidates = (
+        (random.Random(n).randbytes(n) * FRAME_SIZE)[:FRAME_SIZE] for n in range(20, 400, 3)
+    )
+    page = next(p for p in candidates if slots_of_packed(p, zstd) > 2)
+    assert put(store, pool, 0, 0, page)  # its zspage would not fit the cap; 1 raw slot does
+    assert not is_packed(store, pool, 0, 0) and guest.pers_slots == 1
+    assert get(store, pool, 0, 0) == page
