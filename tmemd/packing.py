@@ -45,10 +45,10 @@ class Packing(Slots):
 
     codec: Codec | None
     dedup: bool
+    packs_all: bool
 
     def _init_packing(self, codec: Codec | None, dedup: bool) -> None:
-        self.codec = codec
-        self.dedup = dedup
+        self.set_packing(codec, dedup)
         self._ppool: list[Pool | None] = []
         self._poid: list[int] = []
         self._pindex = array("I")
@@ -59,6 +59,14 @@ class Packing(Slots):
         self._plen = array("I")  # 0: same-filled (the object is the word); else the object's size
         self._pfree = array("i")
         self.packed_pages = 0
+
+    def set_packing(self, codec: Codec | None, dedup: bool) -> None:
+        """Compress with ``codec`` (None: only same-filled pages pack) and share identical
+        pages of a pool (``dedup``). Before any page is stored: pages stored compressed need
+        the codec they were stored with."""
+        self.codec = codec
+        self.dedup = dedup
+        self.packs_all = codec is not None or dedup  # else only same-filled pages pack
 
     # --------------------------------------------------------------------------- put and get
 

@@ -317,7 +317,10 @@ class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             return self._refuse(pool, oid, index, head)
         mirror = guest.mirror
         if mirror is None:
-            packed = self._pack(pool, src)
+            # Most pages differ in their first and ninth bytes: they cannot be same-filled,
+            # and with compression off that is all a raw put pays for packing (one compare).
+            maybe = self.packs_all or src[0] == src[8]
+            packed = self._pack(pool, src) if maybe else None
             if packed is not None:
                 return self._put_packed(pool, oid, index, head, packed, src)
             if head < NIL:  # was packed, is not now: the old copy goes first

@@ -477,7 +477,7 @@ class CompressedStoreModel(StoreModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store.codec = codec("lz4")
+        self.store.set_packing(codec("lz4"), dedup=False)
 
 
 CompressedStoreModel.TestCase.settings = settings(
@@ -590,8 +590,7 @@ class DedupStoreModel(StoreModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store.codec = codec("lz4")
-        self.store.dedup = True
+        self.store.set_packing(codec("lz4"), dedup=True)
 
     @rule(pick=st.integers(0, 2), p=G0_POOL, oid=StoreModel.oid, index=StoreModel.index)
     def put_a_copy(self, p: int, oid: int, index: int, pick: int) -> None:
