@@ -1,8 +1,8 @@
 """Packed objects in arena slots, by size class, as Linux's zsmalloc does: pure, no I/O.
 
-A *packed* page (docs/design.md §6.10: a same-filled page's word, or a compressed page) is an
-object of a few bytes to a few KiB. Giving each a 4 KiB slot would waste what packing saved, so
-objects are kept in *zspages*: a zspage is 1..16 slots (not necessarily adjacent) holding ``k``
+A *packed* page (docs/design.md §6.10: a same-filled page's word, a compressed page, or with
+dedup a raw page to share) is an object of a few bytes to a few KiB. Giving each a 4 KiB slot
+would waste what packing saved, so objects are kept in *zspages*: a zspage is 1..16 slots (not necessarily adjacent) holding ``k``
 objects of one *size class* laid end to end, an object possibly straddling two slots. A class's
 size and slots per zspage are chosen so that little of a zspage is left over, and classes that
 would pack the same number of objects into the same number of slots are merged (the larger
