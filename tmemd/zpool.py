@@ -2,11 +2,11 @@
 
 A *packed* page (docs/design.md §6.10: a same-filled page's word, a compressed page, or with
 dedup a raw page to share) is an object of a few bytes to a few KiB. Giving each a 4 KiB slot
-would waste what packing saved, so objects are kept in *zspages*: a zspage is 1..16 slots (not necessarily adjacent) holding ``k``
-objects of one *size class* laid end to end, an object possibly straddling two slots. A class's
-size and slots per zspage are chosen so that little of a zspage is left over, and classes that
-would pack the same number of objects into the same number of slots are merged (the larger
-size serves both).
+would waste what packing saved, so objects are kept in *zspages*: a zspage is 1..16 slots (not
+necessarily adjacent) holding ``k`` objects of one *size class* laid end to end, an object
+possibly straddling two slots. A class's size and slots per zspage are chosen so that little of
+a zspage is left over, and classes that would pack the same number of objects into the same
+number of slots are merged (the larger size serves both).
 
 What the budget counts is slots: a zspage's slots are in use while it holds any object. An
 object freed leaves a hole; holes cost memory that no page uses (*fragmentation*). So a class
