@@ -33,6 +33,10 @@ STATUS_KEYS = {
     "recalled",
     "frozen_all",
     "uptime",
+    "packed",
+    "deduped",
+    "packed_bytes",
+    "packed_waste",
 }
 COUNTER_KEYS = {"puts_ok", "puts_refused", "gets_hit", "gets_miss", "flushes", "evictions"}
 GUEST_KEYS = {
@@ -49,6 +53,12 @@ GUEST_KEYS = {
     "persistent_bytes",
     "lent_bytes",
     "pages",
+    "page_bytes",
+    "ratio",
+    "packed",
+    "deduped",
+    "packed_bytes",
+    "packed_waste",
     "pools",
 } | COUNTER_KEYS
 POOL_KEYS = {

@@ -11,6 +11,7 @@ from tmemd.memfiles import Loan, Mirror
 
 if TYPE_CHECKING:
     from tmemd.store import Store
+    from tmemd.zpool import ZPool
 
 NIL: Final = -1
 
@@ -77,6 +78,8 @@ class Guest:
         "name",
         "overdrawn",
         "pers_slots",
+        "plru_head",
+        "plru_tail",
         "pools",
         "stats",
         "tenant",
@@ -93,6 +96,8 @@ class Guest:
         self.pers_slots = 0
         self.lru_head = NIL  # least recently used ephemeral page (head slot)
         self.lru_tail = NIL  # most recently used
+        self.plru_head = NIL  # the same for its packed ephemeral pages (packed ids)
+        self.plru_tail = NIL
         self.mirror: Mirror | None = None  # set by Store.map_guest
         self.loan: Loan | None = None  # set by Store.open_loan
         self.lent_slots = 0  # of the loan, the slots the guest may use now
@@ -102,16 +107,34 @@ class Guest:
         self.overdrawn = 0  # slots of memory found (and punched) beyond its grant, ever
 
     @property
+    def oldest(self) -> int:
+        """The least recently used ephemeral page: its head slot, or (packed, below NIL) its
+        ``-2 - packed id`` (tmemd/packing.py); NIL if none. The older of the heads of the
+        guest's two LRU lists, raw and packed pages."""
+        head, pid = self.lru_head, self.plru_head
+        if pid == NIL:
+            return head
+        if head == NIL or self._store._pstamp[pid] < self._store._stamp[head]:
+            return -2 - pid
+        return head
+
+    @property
     def oldest_stamp(self) -> int | None:
         """Logical time of this guest's least recently used ephemeral page."""
-        head = self.lru_head
-        return None if head == NIL else self._store._stamp[head]
+        head, pid = self.lru_head, self.plru_head
+        if pid == NIL:
+            return None if head == NIL else self._store._stamp[head]
+        stamp = self._store._pstamp[pid]
+        return stamp if head == NIL else min(stamp, self._store._stamp[head])
 
     @property
     def newest_stamp(self) -> int | None:
         """Logical time of this guest's most recently used ephemeral page."""
-        tail = self.lru_tail
-        return None if tail == NIL else self._store._stamp[tail]
+        tail, pid = self.lru_tail, self.plru_tail
+        if pid == NIL:
+            return None if tail == NIL else self._store._stamp[tail]
+        stamp = self._store._pstamp[pid]
+        return stamp if tail == NIL else max(stamp, self._store._stamp[tail])
 
     @property
     def held_slots(self) -> int:
@@ -136,6 +159,7 @@ class Pool:
         "pool_id",
         "shared",
         "stats",
+        "zpool",
     )
 
     def __init__(
@@ -151,6 +175,7 @@ class Pool:
         self.stats = Stats()
         self.dead = False  # destroyed: no request reaches it; its pages may still be freeing
         self.key = 0  # a named pool kept in the state directory (tmemd/persist.py), else 0
+        self.zpool: ZPool | None = None  # its packed pages' objects (made on the first)
 
     @property
     def page_size(self) -> int:

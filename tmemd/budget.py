@@ -48,8 +48,8 @@ class Budgeting(StoreState):
         guest.cap_slots = None if cap is None else cap >> FRAME_SHIFT
         evicted = 0
         if guest.cap_slots is not None:
-            while guest.held_slots > guest.cap_slots and guest.lru_head != NIL:
-                self._evict(guest.lru_head)
+            while guest.held_slots > guest.cap_slots and guest.oldest != NIL:
+                self._evict(guest.oldest)
                 evicted += 1
             over = guest.held_slots - guest.cap_slots
             if over > 0:
@@ -67,7 +67,7 @@ class Budgeting(StoreState):
                 victim = choose_victim(tenant.guests, self.clock)
                 if victim is None:
                     break
-                self._evict(victim.lru_head)
+                self._evict(victim.oldest)
                 evicted += 1
             for g in sorted(tenant.guests, key=lambda g: -g.lent_slots):
                 over = tenant.held_slots - tenant.cap_slots
@@ -79,8 +79,8 @@ class Budgeting(StoreState):
     def drop_ephemeral(self, guest: Guest) -> int:
         """Evict every ephemeral page billed to ``guest`` (an administrator's flush)."""
         evicted = 0
-        while guest.lru_head != NIL:
-            self._evict(guest.lru_head)
+        while guest.oldest != NIL:
+            self._evict(guest.oldest)
             evicted += 1
         return evicted
 
@@ -91,7 +91,7 @@ class Budgeting(StoreState):
             victim = choose_victim(self.guests.values(), self.clock)
             if victim is None:
                 break
-            self._evict(victim.lru_head)
+            self._evict(victim.oldest)
             evicted += 1
         # Then lent memory: idle guests' first, then the biggest loans.
         self._recall_idle(lambda: self.used_slots - slots, self.now_ns(), None)

@@ -35,6 +35,7 @@ from tmemclient.wire.layout import FRAME_SHIFT
 from tmemclient.wire.units import format_size, size_arg
 from tmemd import logs
 from tmemd.admin import AdminServer, NoSuchGroup, admin_gid
+from tmemd.compress import COMPRESSORS, codec
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
 from tmemd.host import Host
 from tmemd.listen import ListenError, bind_unix, check_private_dir, require_dir, unlink_quietly
@@ -85,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory", type=size_arg, dest="budget", help="page budget, e.g. 256MiB (default 256MiB)"
     )
     p.add_argument("--socket-mode", type=_mode, help="octal, default 660")
+    p.add_argument(
+        "--compress",
+        choices=COMPRESSORS,
+        help="compress pages that compress well (lz4: fast; zstd: tighter); same-filled pages "
+        "are packed either way (default: off)",
+    )
+    p.add_argument(
+        "--dedup",
+        action=argparse.BooleanOptionalAction,
+        help="store identical pages of one pool once (never across guests; default: off)",
+    )
     p.add_argument("--log-format", choices=("json", "console", "auto"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--max-region-frames", type=int)
@@ -160,6 +172,8 @@ SETTING_OPTIONS = (
     "socket_mode",
     "log_format",
     "log_level",
+    "compress",
+    "dedup",
 )
 
 
@@ -305,6 +319,8 @@ class Daemon:
                 lend_idle=settings.limits.lend_idle_ms / 1000,
                 deferred=True,  # heavy frees in slices and worker threads (GuestServer.maintain)
                 arena=arena,
+                codec=codec(settings.compress),
+                dedup=settings.dedup,
             )
         except OSError as exc:  # the arena's address space (mmap: ENOMEM), or its memfd
             raise StartError(arena_failure(exc, settings.budget, capacity, ram)) from exc
@@ -402,6 +418,8 @@ class Daemon:
                         else "activated",
                         budget=settings.budget,
                         budget_human=format_size(settings.budget),
+                        compress=settings.compress,
+                        dedup=settings.dedup,
                         guests_configured=len(settings.guests),
                         pid=os.getpid(),
                     )
@@ -459,7 +477,15 @@ class Daemon:
             return
         restart_needed = [
             key
-            for key in ("socket", "admin_socket", "admin_group", "socket_mode", "budget")
+            for key in (
+                "socket",
+                "admin_socket",
+                "admin_group",
+                "socket_mode",
+                "budget",
+                "compress",  # pages stored compressed need the codec they were stored with
+                "dedup",
+            )
             if getattr(new, key) != getattr(self.settings, key)
         ]
         if new.limits != self.settings.limits:

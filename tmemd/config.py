@@ -10,6 +10,7 @@ from typing import Any
 from tmemclient.wire.layout import FRAME_SIZE, MAX_RING_FRAMES
 from tmemclient.wire.messages import HELLO_MAX_FRAME, valid_guest_name
 from tmemclient.wire.units import parse_size
+from tmemd.compress import COMPRESSORS
 from tmemd.policy import DEFAULT_WEIGHT, MOVE_SLACK, validate_weight
 
 
@@ -135,6 +136,11 @@ class Settings:
     # Names not in [guests]: "namespaced" serves them as UID/NAME (the embedded default, so no
     # user can impersonate another's guest); "deny" refuses them.
     unlisted_guests: str = "namespaced"
+    # Pages are compressed with this (docs/design.md §6.11): "off", "lz4" or "zstd".
+    # Same-filled pages are packed whatever it says.
+    compress: str = "off"
+    # Identical pages of one pool are stored once (docs/design.md §6.11); never across guests.
+    dedup: bool = False
 
     def uid_policy(self, uid: int) -> UidPolicy:
         """The limits of uid ``uid``: its [uids.N] table, else the defaults."""
@@ -149,6 +155,10 @@ class Settings:
             raise ValueError(f"unlisted_guests must be one of {UNLISTED}")
         if self.state_dir is not None and self.state_fdstore:
             raise ValueError("state_dir and state_fdstore exclude each other: keep state in one")
+        if self.compress not in COMPRESSORS:
+            raise ValueError(
+                f"compress must be one of {', '.join(COMPRESSORS)}, got {self.compress!r}"
+            )
 
 
 # The keys each table accepts, with their TOML types; [limits] accepts Limits' fields
@@ -166,6 +176,8 @@ DAEMON_KEYS = {
     "uid_cap": (str, int),
     "state_dir": str,
     "state_fdstore": bool,
+    "compress": str,
+    "dedup": bool,
 }
 GUEST_KEYS = {"uids": list, "weight": int, "cap": (str, int), "sessions": int}
 UID_KEYS = {"cap": (str, int), "max_connections": int}
@@ -287,7 +299,15 @@ def settings_from_doc(doc: dict[str, Any], overrides: dict[str, Any]) -> Setting
         values["uid_cap"] = _size(daemon["uid_cap"], "daemon.uid_cap")
     if "socket_mode" in daemon:
         values["socket_mode"] = parse_mode(daemon["socket_mode"], "daemon.socket_mode")
-    for key in ("admin_group", "log_format", "log_level", "unlisted_guests", "state_fdstore"):
+    for key in (
+        "admin_group",
+        "log_format",
+        "log_level",
+        "unlisted_guests",
+        "state_fdstore",
+        "compress",
+        "dedup",
+    ):
         if key in daemon:
             values[key] = daemon[key]
     values.update({k: v for k, v in overrides.items() if v is not None and k != "limits"})

@@ -139,7 +139,7 @@ class Lending(StoreState):
             victim = choose_victim(self.guests.values(), self.clock)
             if victim is None:
                 break
-            self._evict(victim.lru_head)
+            self._evict(victim.oldest)
         # Busy guests' loans above their share, while the asker is below its own.
         share = self._shares(now, asker)
         may = share(asker) - asker.lent_slots - (self.budget_slots - self.used_slots)

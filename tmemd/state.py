@@ -1,6 +1,7 @@
 """What every part of the store shares: its state, set by ``Store.__init__``, and (for the
 type checker only) the methods one part calls in another. The store is one class made of parts,
-each in its own module: the pages and their index (store.py), mapped guests (mirroring.py), where their memory is (slots.py),
+each in its own module: the pages and their index (store.py), packed pages (packing.py),
+mapped guests (mirroring.py), where their memory is (slots.py),
 the budget and caps (budget.py), lent memory (lending.py), the audit of guests' files
 (audit.py) and the work done off the event loop (deferred.py)."""
 
@@ -11,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tmemd.accounts import Guest, Pool, Tenant
+from tmemd.accounts import NIL, Guest, Pool, Tenant
 from tmemd.memfiles import MemFile, Mirror
 
 if TYPE_CHECKING:
@@ -65,6 +66,26 @@ class StoreState:
         def _count_punch(self, ok: bool) -> None: ...
 
         def _evict(self, head: int) -> None: ...
+
+        def _make_room(
+            self,
+            guest: Guest,
+            need: int,
+            persistent: bool,
+            found: Callable[[], bool] | None = None,
+        ) -> bool: ...
+
+        def _put_raw(
+            self,
+            pool: Pool,
+            oid: int,
+            index: int,
+            src: memoryview,
+            force: bool = False,
+            old: int = NIL,
+        ) -> bool: ...
+
+        def _remove(self, pool: Pool, oid: int, index: int) -> list[int]: ...
 
         def _give_back(self, held: list[tuple[int, int]]) -> None: ...
 

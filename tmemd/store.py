@@ -29,8 +29,12 @@ keeps its memory in that file (so the guest's next page there costs no page faul
 slot is given to another owner: then it is punched out of the file, so memory in all files
 together stays within what the arena alone would use.
 
+Packed pages (packing.py): a same-filled page, or with compression on a page that compresses
+well, is kept as an object of a few bytes in its pool's zspages (zpool.py), not in slots of its
+own; in the index it appears as a value below NIL.
+
 The store is one class made of parts, each in its own module (tmemd/state.py lists them):
-mapped guests (mirroring.py), where pages' memory is (slots.py), the budget and caps (budget.py),
+packed pages (packing.py), mapped guests (mirroring.py), where pages' memory is (slots.py), the budget and caps (budget.py),
 lent memory (lending.py), the audit of what guests hold in their files (audit.py: the trust
 boundary, tmemd/memfiles.py) and heavy work done off the event loop (deferred.py).
 """
@@ -48,10 +52,12 @@ from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import NIL, Guest, Overdraft, Pool, Stats, StoreError, Tenant
 from tmemd.audit import Auditing
 from tmemd.budget import Budgeting
+from tmemd.compress import Codec
 from tmemd.deferred import REAP_INLINE, Deferring, Later
 from tmemd.lending import LEND_IDLE, Lending
 from tmemd.memfiles import Loan, MemFile, Mirror
 from tmemd.mirroring import Mirroring
+from tmemd.packing import Packing
 from tmemd.policy import ACTIVE_TICKS_PER_GUEST, DEFAULT_WEIGHT, MOVE_SLACK, choose_victim
 from tmemd.slots import Slots
 
@@ -74,7 +80,7 @@ __all__ = [
 _INTERNED_INDEXES: Final = 1 << 16  # page indexes below this share their int objects
 
 
-class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
+class Store(Packing, Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
     """Pages of every guest in one budget. Not thread-safe: one event loop drives it."""
 
     def __init__(
@@ -87,6 +93,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         now_ns: Callable[[], int] = time.monotonic_ns,
         deferred: bool = False,
         arena: MemFile | None = None,
+        codec: Codec | None = None,
+        dedup: bool = False,
     ) -> None:
         """``budget`` bytes may hold pages; ``capacity`` bytes of address space are reserved so
         the budget can later grow to it without moving pages (default: the budget).
@@ -95,7 +103,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         weighted LRU). ``lend_idle``: seconds a guest leaves its lent memory unused before it
         is taken back ahead of anything else (``now_ns``: the clock, CLOCK_MONOTONIC).
         ``deferred``: queue heavy work for ``reap`` and ``later_work`` (module docstring).
-        ``arena``: the arena's file (a state directory's, tmemd/persist.py), else a memfd."""
+        ``arena``: the arena's file (a state directory's, tmemd/persist.py), else a memfd.
+        ``codec``: compress pages with it (tmemd/compress.py; same-filled pages are packed
+        whatever it is). ``dedup``: identical pages of a pool share one copy (tmemd/dedup.py)."""
         if budget < FRAME_SIZE:
             raise ValueError(f"budget must be at least {FRAME_SIZE} bytes")
         self.move_slack = move_slack
@@ -142,6 +152,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         self._dying: deque[Pool] = deque()  # destroyed pools whose pages are still freeing
         self._later: deque[Later] = deque()  # large punches waiting for a worker thread
         self._put_head = NIL  # head slot of the page the last successful put stored
+        self._init_packing(codec, dedup)
 
     def add_guest(
         self,
@@ -312,8 +323,20 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if frozen or guest.frozen:
             return self._refuse(pool, oid, index, head)
-        order = pool.order
         mirror = guest.mirror
+        # Pages of a mapped guest, or of a named pool whose records the state journal keeps
+        # (tmemd/persist.py: a record names slots), are kept raw.
+        if mirror is None and not pool.key:
+            # Most pages differ in their first and ninth bytes: they cannot be same-filled,
+            # and with compression off that is all a raw put pays for packing (one compare).
+            maybe = self.packs_all or src[0] == src[8]
+            packed = self._pack(pool, src) if maybe else None
+            if packed is not None:
+                return self._put_packed(pool, oid, index, head, packed, src)
+            if head < NIL:  # was packed, is not now: the old copy goes first
+                self._release(self._remove(pool, oid, index))
+                head = NIL
+        order = pool.order
         mem = self._mem_of(guest)
         journal = self.journal if pool.key else None
         old = NIL
@@ -337,8 +360,31 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
                 self._touch(guest, head)
             self._put_head = head
             return True
+        return self._put_raw(pool, oid, index, src, old=old)
+
+    def _put_raw(
+        self,
+        pool: Pool,
+        oid: int,
+        index: int,
+        src: memoryview,
+        force: bool = False,
+        old: int = NIL,
+    ) -> bool:
+        """A new page in slots of its own, making room for it; False if none was found.
+        ``force``: past the budget and caps if need be (a persistent page being rewritten,
+        packing.py), as long as the arena has the slots. ``old``: the copy of a kept named
+        pool's page this one replaces (copy on write), freed once this one is recorded, or
+        dropped if this put is refused."""
+        guest = pool.guest
+        order = pool.order
+        mirror = guest.mirror
+        mem = self._mem_of(guest)
+        journal = self.journal if pool.key else None
         need = 1 << order
-        if not self._make_room(guest, need, pool.persistent):
+        if not self._make_room(guest, need, pool.persistent) and not (
+            force and self.used_slots + need <= self.capacity_slots
+        ):
             return self._refuse(pool, oid, index, old)
         head = self._alloc(need, order, 0 if mirror is None else mirror.ident)
         self._copy_in(mem, head, order, src)
@@ -379,6 +425,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = NIL if pages_of_oid is None else pages_of_oid.get(index, NIL)
         if head == NIL:
             return False
+        if head < NIL:
+            self._get_packed(pool, oid, index, head, dst)
+            return True
         mem = self._mem_of(pool.guest)
         if pool.order:
             self._copy_out(mem, head, pool.order, dst)
@@ -428,6 +477,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(dst))
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, dst, "read")
         for start, chunk in self._spans(pool, head, offset, len(dst)):
             dst[start : start + len(chunk)] = chunk
         return True
@@ -438,6 +489,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(src), changes=True)
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, src, "write")
         for start, chunk in self._spans(pool, head, offset, len(src)):
             chunk[:] = src[start : start + len(chunk)]
         return True
@@ -448,6 +501,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         head = self._sub_page(pool, oid, index, offset, len(buf), changes=True)
         if head == NIL:
             return False
+        if head < NIL:
+            return self._sub_packed(pool, oid, index, head, offset, buf, "xchg")
         for start, chunk in self._spans(pool, head, offset, len(buf)):
             old = bytes(chunk)
             chunk[:] = buf[start : start + len(chunk)]
@@ -455,7 +510,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
         return True
 
     def page_slots(self, pool: Pool, oid: int, index: int) -> int | None:
-        """The head slot of a page, or None (for tests and introspection)."""
+        """The head slot of a page (below NIL: a packed page), or None (for tests and
+        introspection)."""
         head = self._lookup(pool, oid, index)
         return None if head == NIL else head
 
@@ -477,7 +533,7 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             # Changed in place: no mapped read may trust it again.
             mirror.gen[head] = self._gen[head] = 0
         if head != NIL and not pool.persistent:
-            self._touch(pool.guest, head)
+            self._touch_page(pool.guest, head)
         return head
 
     def _refuse(self, pool: Pool, oid: int, index: int, head: int) -> bool:
@@ -485,17 +541,22 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             self._release(self._remove(pool, oid, index))
         return False
 
-    def _make_room(self, guest: Guest, need: int, persistent: bool) -> bool:
+    def _make_room(
+        self, guest: Guest, need: int, persistent: bool, found: Callable[[], bool] | None = None
+    ) -> bool:
         """Evict ephemeral pages until ``need`` slots fit the budget, the guest's cap and its
-        tenant's cap."""
+        tenant's cap, or until ``found()`` says an eviction made other room (a hole in a
+        zspage, for a packed page)."""
         cap = guest.cap_slots
         if cap is not None:
             if guest.pers_slots + guest.lent_slots + need > cap:
                 return False
             while guest.held_slots + need > cap:
-                if guest.lru_head == NIL:  # pragma: no cover - implied by the check above
+                if guest.oldest == NIL:  # pragma: no cover - implied by the check above
                     return False
-                self._evict(guest.lru_head)
+                self._evict(guest.oldest)
+                if found is not None and found():
+                    return True
         tenant = guest.tenant
         if tenant is not None and tenant.cap_slots is not None:
             if tenant.fixed_slots + need > tenant.cap_slots:
@@ -504,7 +565,9 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
                 victim = choose_victim(tenant.guests, self.clock)
                 if victim is None:  # pragma: no cover - implied by the check above
                     return False
-                self._evict(victim.lru_head)
+                self._evict(victim.oldest)
+                if found is not None and found():
+                    return True
         if need > self.budget_slots:
             return False
         if self.used_slots + need > self.budget_slots:
@@ -525,16 +588,17 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
             )
             if victim is None:
                 return False
-            self._evict(victim.lru_head)
+            self._evict(victim.oldest)
+            if found is not None and found():
+                return True
         return True
 
     def _evict(self, head: int) -> None:
-        pool = self._pool[head]
-        assert pool is not None
+        pool, oid, index = self._whose(head)
         pool.stats.evictions += 1
         pool.guest.stats.evictions += 1
         self.evictions += 1
-        self._release(self._remove(pool, self._oid[head], self._index[head]))
+        self._release(self._remove(pool, oid, index))
 
     def _remove(self, pool: Pool, oid: int, index: int) -> list[int]:
         """Unlink a page from index, LRU and accounting; return its slots (not yet free)."""
@@ -547,6 +611,8 @@ class Store(Mirroring, Lending, Auditing, Budgeting, Deferring, Slots):
     def _unlink(self, pool: Pool, head: int) -> list[int]:
         """A page already out of its pool's index: out of the LRU and the accounting; return
         its slots (not yet free)."""
+        if head < NIL:
+            return self._unlink_packed(pool, head)
         if pool.key and self.journal is not None:
             self.journal.removed(head)  # the record goes before the slots can be reused
         pool.pages -= 1

@@ -49,6 +49,21 @@ def status(host: Host) -> dict[str, Any]:
         "kept_pages": kept[1],
         # --state-dir: what this start adopted (or why it started empty); None without one.
         "state": None if host.adoption is None else host.adoption.as_dict(),
+        **packing(store.packing_stats()),
+    }
+
+
+def packing(stats: dict[str, int]) -> dict[str, Any]:
+    """What packed pages (docs/design.md §6.11) hold: ``packed`` pages, ``deduped`` of them
+    sharing another page's bytes (``--dedup``), ``packed_bytes`` of the slots they use, and
+    ``packed_waste``, the part of those bytes no object uses (the fragmentation of the size
+    classes, 0..1)."""
+    held = stats["packed_slots"] << FRAME_SHIFT
+    return {
+        "packed": stats["packed"],
+        "deduped": stats["deduped"],
+        "packed_bytes": held,
+        "packed_waste": round(1 - stats["packed_stored"] / held, 3) if held else 0.0,
     }
 
 
@@ -60,6 +75,8 @@ def guests(host: Host) -> list[dict[str, Any]]:
 def guest_row(host: Host, g: Guest) -> dict[str, Any]:
     """One account's row."""
     pages = sum(p.pages for p in g.pools)
+    page_bytes = sum(p.pages * p.page_size for p in g.pools)
+    used = (g.eph_slots + g.pers_slots) << FRAME_SHIFT
     return {
         "name": g.name,
         "kind": "shared" if g.name.startswith("shared:") else "guest",
@@ -76,6 +93,11 @@ def guest_row(host: Host, g: Guest) -> dict[str, Any]:
         "resident_bytes": host.store.files_resident(g),
         "overdrawn_bytes": g.overdrawn << FRAME_SHIFT,
         "pages": pages,
+        # What its pages would take raw, against what they take (packed pages share slots):
+        # the ratio is page_bytes / (ephemeral_bytes + persistent_bytes).
+        "page_bytes": page_bytes,
+        "ratio": round(page_bytes / used, 3) if used else None,
+        **packing(host.store.packing_stats(list(g.pools))),
         "pools": len(g.pools),
         **g.stats.as_dict(),
     }

@@ -11,6 +11,7 @@ import os
 import random
 import struct
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -87,13 +88,46 @@ def header(guest: int, file: int, index: int) -> bytes:
     return struct.pack("<IIII", MAGIC, guest, file, index)
 
 
-def make_files(directory: Path, guest: int, files: int, pages: int) -> list[str]:
-    """Create a guest's data files: ``files`` files of ``pages`` pages, each page self-naming."""
+TEXT_CORPUS = 16 << 20  # bytes of the standard library's source the text data is cut from
+
+
+def text_corpus() -> bytes:
+    """Up to TEXT_CORPUS bytes of this interpreter's standard library source, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if size >= TEXT_CORPUS or "site-packages" in path.parts:
+            continue
+        try:
+            part = path.read_bytes()
+        except OSError:
+            continue
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)[:TEXT_CORPUS]
+
+
+def make_files(
+    directory: Path, guest: int, files: int, pages: int, data: str = "random"
+) -> list[str]:
+    """Create a guest's data files: ``files`` files of ``pages`` pages, each page self-naming.
+    ``data``: what fills a page after its header, "random" (one random filler per guest) or
+    "text" (a page's worth of standard library source, different for every page: data that
+    compresses as files do, for runs with ``tmemd --compress``)."""
     filler = random.Random(guest).randbytes(PAGE - 16)
+    corpus = text_corpus() if data == "text" else b""
+    body = PAGE - 16
     paths = []
     for f in range(files):
         path = directory / f"guest{guest}-file{f}.dat"
-        path.write_bytes(b"".join(header(guest, f, i) + filler for i in range(pages)))
+        chunks = []
+        for i in range(pages):
+            if corpus:
+                start = (((guest * files + f) * pages + i) * body) % (len(corpus) - body)
+                chunks.append(header(guest, f, i) + corpus[start : start + body])
+            else:
+                chunks.append(header(guest, f, i) + filler)
+        path.write_bytes(b"".join(chunks))
         paths.append(str(path))
     return paths
 

@@ -324,6 +324,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--memory", type=parse_size, default=8 << 20, help="tmem budget M (default 8MiB)")
     add("--local-pages", type=int, default=512, help="each guest's own cache L, in pages")
     add("--files", type=int, default=4, help="data files per guest")
+    add(
+        "--data",
+        choices=("random", "text"),
+        default="random",
+        help="what fills the data pages: random bytes, or standard library source (for runs "
+        "with --tmemd-arg=--compress --tmemd-arg=zstd; needs --no-map: mapped pages stay raw)",
+    )
     add("--file-pages", type=int, default=512, help="pages per data file")
     add("--run", type=int, default=8, help="pages per read")
     add("--phase-reads", type=int, default=2048, help="reads of the busy guest per phase")
@@ -424,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tmem-workload-") as tmp:
         workdir = Path(tmp)
-        data = [make_files(workdir, g, args.files, args.file_pages) for g in range(args.guests)]
+        data = [
+            make_files(workdir, g, args.files, args.file_pages, args.data)
+            for g in range(args.guests)
+        ]
         for scenario in args.scenario_list:
             progress(f"{scenario}: static and tmem guests side by side, taking turns")
             for n in range(args.repeats):

@@ -1375,7 +1375,7 @@ def test_guest_killed_in_the_middle_of_a_batch(own_env: Callable[..., Env], mode
     heir = tmemclient.connect(env.daemon.socket, name=unique("heir"), frames=1024)
     try:
         pool = heir.new_pool(persistent=True)
-        page = b"\x42" * FRAME_SIZE
+        page = b"\x42" * (FRAME_SIZE - 1) + b"\x43"  # not same-filled: a slot each (§6.11)
         free = budget_pages - env.ref.slots
         assert all(pool.put_many([(1, i, page) for i in range(free)]))
         assert pool.put(2, 0, page) is False  # and the budget is exactly full

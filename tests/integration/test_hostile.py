@@ -1075,6 +1075,8 @@ def rename_around_cap(path: str, names: list[str]) -> Target:
             g, _, fds = hello(path, name, frames=16, mapped=lending, lend=lending)
             for fd in fds:
                 os.close(fd)
+            for f in range(16):  # pages that do not pack: each costs a slot (design.md §6.11)
+                g.frame(f)[:] = random.Random(f).randbytes(PAGE)
             if lending:
                 assert g.ok(Op.LEND, CAP // 4)["lent"] == CAP // 4
             pers, _ = g.ok(Op.NEW_POOL, pool_flags(persistent=True), None)

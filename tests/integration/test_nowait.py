@@ -23,7 +23,7 @@ def daemon(shared_daemon: Daemon) -> Daemon:
 
 
 def page(i: int) -> bytes:
-    return i.to_bytes(4, "big") * 1024
+    return i.to_bytes(4, "big") * 1023 + b"\xff" * 4  # not same-filled: a slot each
 
 
 def test_nowait_puts_are_seen_by_later_gets_in_order(daemon: Any) -> None:

@@ -186,7 +186,7 @@ def guest_row(sock: Path, name: str) -> dict[str, Any]:
 
 def page(n: int) -> bytes:
     """A recognisable 4 KiB page."""
-    return bytes([n % 251]) * PAGE
+    return bytes([n % 251]) * (PAGE - 1) + b"\xff"  # not same-filled: a slot each (§6.11)
 
 
 # ------------------------------------------------------------------------------ read commands

@@ -22,6 +22,11 @@ from tmemd.store import Store
 PAGE = FRAME_SIZE
 
 
+def page(i: int) -> bytes:
+    """A page that does not pack (not one repeated word): a slot of its own (design.md §6.11)."""
+    return bytes([i + 1]) * (PAGE - 1) + b"\xff"
+
+
 class Member:
     """A guest connection as the host sees it."""
 
@@ -74,7 +79,7 @@ def disconnect(host: Host, member: Member, pools: list[Pool]) -> None:
 
 def fill(host: Host, pool: Pool, n: int) -> None:
     for i in range(n):
-        assert host.store.put(pool, 7, i, memoryview(bytes([i + 1]) * PAGE))
+        assert host.store.put(pool, 7, i, memoryview(page(i)))
 
 
 def read(host: Host, pool: Pool, index: int) -> bytes | None:
@@ -98,7 +103,7 @@ def test_named_pool_comes_back_with_its_pages_to_the_same_guest_and_uid(world) -
     second = connect(host)
     again, reopened = host.open_named(second, "swap", persistent=True, order=0)
     assert reopened and again is pool
-    assert [read(host, again, i) for i in range(3)] == [bytes([i + 1]) * PAGE for i in range(3)]
+    assert [read(host, again, i) for i in range(3)] == [page(i) for i in range(3)]
 
 
 def test_kept_pool_is_freed_after_reattach_seconds_with_its_account(world) -> None:
@@ -141,7 +146,7 @@ def test_another_uid_of_the_same_listed_name_cannot_open_it(world) -> None:
         host.open_named(intruder, "swap", persistent=True, order=0)
     # Still kept for its owner, pages intact.
     assert host.named.kept("vm") == 1
-    assert read(host, pool, 0) == b"\x01" * PAGE
+    assert read(host, pool, 0) == page(0)
 
 
 def test_another_guest_name_never_sees_the_pool(world) -> None:
@@ -214,7 +219,7 @@ def test_kept_pages_count_against_caps_and_budget(world) -> None:
     # 60 of 64 slots are kept for vm: another guest finds only 4 persistent pages of room.
     other = connect(host, name="1000/x")
     mine = host.store.new_pool(other.guest, persistent=True, order=0)
-    stored = [host.store.put(mine, 1, i, memoryview(b"x" * PAGE)) for i in range(6)]
+    stored = [host.store.put(mine, 1, i, memoryview(page(100 + i))) for i in range(6)]
     assert stored == [True] * 4 + [False] * 2
 
 

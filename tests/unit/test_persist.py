@@ -143,6 +143,25 @@ def test_pages_of_named_pools_are_adopted_byte_exact(state_dir: Path) -> None:
     assert [two.read(big2, 3, i) for i in range(5)] == [page(i, 2, 4 * PAGE) for i in range(5)]
 
 
+def test_same_filled_pages_of_kept_pools_are_stored_raw_and_survive(state_dir: Path) -> None:
+    """A state record names the slots of its page, so a kept named pool's pages are never
+    packed (design.md §6.11): zero and repeated-word pages take a slot each, and come back;
+    an unnamed pool beside it packs them as usual."""
+    one = Run(state_dir)
+    swap = one.pool()
+    plain = one.store.new_pool(one.member("1000/x").guest, persistent=True, order=0)
+    filled = [bytes(PAGE), b"\xab" * PAGE, (7).to_bytes(8, "little") * (PAGE // 8)]
+    for i, data in enumerate(filled):
+        assert one.store.put(swap, 1, i, memoryview(data))
+        assert one.store.put(plain, 1, i, memoryview(data))
+    assert one.store.guests["1000/vm"].pers_slots == len(filled)  # raw: a slot each
+    assert one.store.guests["1000/x"].pers_slots == 1  # packed: one zspage for all three
+    two = Run(state_dir)
+    assert two.adoption is not None and two.adoption.pages == len(filled)
+    again = two.reopen()
+    assert [two.read(again, 1, i) for i in range(len(filled))] == filled
+
+
 def test_an_interrupted_copy_on_write_keeps_the_newer_page(state_dir: Path) -> None:
     one = Run(state_dir)
     swap = one.pool()

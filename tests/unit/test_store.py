@@ -59,7 +59,10 @@ def peek(store: Store, pool: Pool, oid: int, index: int) -> bytes | None:
     if head is None:
         return None
     dst = bytearray(pool.page_size)
-    store._copy_out(store._mem_of(pool.guest), head, pool.order, memoryview(dst))
+    if head < NIL:  # packed (tmemd/packing.py)
+        store._unpack(pool, head, memoryview(dst))
+    else:
+        store._copy_out(store._mem_of(pool.guest), head, pool.order, memoryview(dst))
     return bytes(dst)
 
 
@@ -765,10 +768,25 @@ def test_stats_count_each_kind_of_operation(make_store: MakeStore) -> None:
 
 
 def model_page(serial: int, order: int) -> bytes:
-    """Distinct per put and per slot, cheap to make."""
+    """Distinct per put and per slot, cheap to make: every other one same-filled (packed by
+    the store), the others not (their last word differs)."""
+    if serial % 2:
+        return serial.to_bytes(8, "big") * ((FRAME_SIZE << order) // 8)
     return b"".join(
-        ((serial << 8) | k).to_bytes(8, "big") * (FRAME_SIZE // 8) for k in range(1 << order)
+        ((serial << 8) | k).to_bytes(8, "big") * (FRAME_SIZE // 8 - 1) + b"\xff" * 8
+        for k in range(1 << order)
     )
+
+
+def raw_slots(pool: Pool) -> int:
+    """Slots of the pool's raw pages."""
+    packed = 0 if pool.zpool is None else pool.zpool.objects
+    return (pool.pages - packed) << pool.order
+
+
+def pool_slots(pool: Pool) -> int:
+    """Slots billed for the pool's pages: raw pages' and its packed pages' zspages."""
+    return raw_slots(pool) + (0 if pool.zpool is None else pool.zpool.slots)
 
 
 # (persistent, order) of the pools every guest of the model has.
@@ -1008,7 +1026,7 @@ class StoreModel(RuleBasedStateMachine):
     @invariant()
     def slot_accounting_adds_up(self) -> None:
         store = self.store
-        by_pools = sum(pool.pages << pool.order for pool in self.pools)
+        by_pools = sum(pool_slots(pool) for pool in self.pools)
         lent = sum(g.lent_slots for g in self.guests)
         by_guests = sum(g.held_slots for g in self.guests)
         assert store.used_slots == by_pools + lent == by_guests
@@ -1016,8 +1034,8 @@ class StoreModel(RuleBasedStateMachine):
         assert store.used_slots <= max(store.budget_slots, pers)
         for guest in self.guests:
             mine = [pool for pool in self.pools if pool.guest is guest]
-            assert guest.eph_slots == sum(p.pages << p.order for p in mine if not p.persistent)
-            assert guest.pers_slots == sum(p.pages << p.order for p in mine if p.persistent)
+            assert guest.eph_slots == sum(pool_slots(p) for p in mine if not p.persistent)
+            assert guest.pers_slots == sum(pool_slots(p) for p in mine if p.persistent)
             if guest.cap_slots is not None:
                 assert guest.held_slots <= guest.cap_slots
         for pool in self.pools:
@@ -1029,7 +1047,12 @@ class StoreModel(RuleBasedStateMachine):
         for pool in self.pools:
             for pages in pool.objects.values():
                 for head in pages.values():
-                    used.extend(self.store._slots_of(head, pool.order))
+                    if head >= 0:
+                        used.extend(self.store._slots_of(head, pool.order))
+            if pool.zpool is not None:
+                for zspage in pool.zpool.zspages:
+                    if zspage is not None:
+                        used.extend(zspage.slots)
         free = list(self.store._free)
         assert len(set(used)) == len(used), "a slot belongs to two pages"
         assert len(set(free)) == len(free), "a slot is free twice"
@@ -1052,10 +1075,25 @@ class StoreModel(RuleBasedStateMachine):
             while slot != NIL and len(walked) <= len(heads):
                 walked.append(slot)
                 slot = store._next[slot]
-            assert set(walked) == heads and len(walked) == len(heads)
             stamps = [store._stamp[s] for s in walked]
             assert stamps == sorted(stamps)
             assert guest.lru_tail == (walked[-1] if walked else NIL)
+            packed: list[int] = []  # packed pages: a list of their own (tmemd/packing.py)
+            pid = guest.plru_head
+            while pid != NIL and len(packed) <= len(heads):
+                packed.append(pid)
+                pid = store._pnext[pid]
+            stamps = [store._pstamp[p] for p in packed]
+            assert stamps == sorted(stamps)
+            assert guest.plru_tail == (packed[-1] if packed else NIL)
+            walked += [-2 - p for p in packed]
+            assert set(walked) == heads and len(walked) == len(heads)
+            oldest = min(
+                walked,
+                key=lambda h: store._pstamp[-2 - h] if h < NIL else store._stamp[h],
+                default=NIL,
+            )
+            assert guest.oldest == oldest
 
     @invariant()
     def statistics_match_the_operations(self) -> None:

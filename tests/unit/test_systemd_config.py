@@ -195,6 +195,7 @@ def test_a_missing_admin_group_is_a_warning_to_check_config(
     [
         ('[daemon]\nsokcet = "/run/x.sock"\n', "'sokcet'"),
         ('[daemon]\nsocket = "/x"\nmemory = "lots"\n', "daemon.memory"),
+        ('[daemon]\nsocket = "/x"\ncompress = "gzip"\n', "compress must be one of off, lz4, zstd"),
         ('[daemon]\nsocket = "/x"\n[guests.db]\nuids = [1]\nweight = 0\n', "guests.db"),
         ('[daemon]\nsocket = "/x"\n[limits]\nshutdown_grace = "long"\n', "limits.shutdown_grace"),
         ("[daemon\n", "not valid TOML"),
@@ -244,3 +245,30 @@ def test_stored_state_takes_the_state_fds_out_and_leaves_the_sockets() -> None:
         os.fstat(spare[2])  # a second copy of one name is closed, never leaked
     for fd in spare[:2]:
         os.close(fd)
+
+
+@pytest.mark.parametrize("compress", ["off", "lz4", "zstd"])
+def test_compress_comes_from_the_file_and_the_command_line_wins(
+    tmp_path: Path, compress: str
+) -> None:
+    path = tmp_path / "tmemd.toml"
+    path.write_text(f'[daemon]\nsocket = "/x"\ncompress = "{compress}"\n')
+    args = cli.build_parser().parse_args(["--config", str(path)])
+    assert cli.settings_from_args(args).compress == compress
+    args = cli.build_parser().parse_args(["--config", str(path), "--compress", "zstd"])
+    assert cli.settings_from_args(args).compress == "zstd"
+    assert cli.settings_from_args(cli.build_parser().parse_args(["--socket", "/x"])).compress == (
+        "off"
+    )
+
+
+def test_dedup_comes_from_the_file_and_the_command_line_wins(tmp_path: Path) -> None:
+    path = tmp_path / "tmemd.toml"
+    path.write_text('[daemon]\nsocket = "/x"\ndedup = true\n')
+    parse = cli.build_parser().parse_args
+    assert cli.settings_from_args(parse(["--config", str(path)])).dedup is True
+    assert cli.settings_from_args(parse(["--config", str(path), "--no-dedup"])).dedup is False
+    assert cli.settings_from_args(parse(["--socket", "/x"])).dedup is False
+    path.write_text('[daemon]\nsocket = "/x"\ndedup = "yes"\n')
+    with pytest.raises(config.ConfigError, match=r"daemon\.dedup has the wrong type"):
+        cli.settings_from_args(parse(["--config", str(path)]))

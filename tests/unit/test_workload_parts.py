@@ -50,3 +50,18 @@ def test_the_verdict_goes_by_the_median_of_repeated_runs() -> None:
     (line,) = report.verdicts(results[:2])
     assert "median" not in line
     assert line.endswith("NOT MET (one run; for a verdict: --scenarios uniform --repeats 21)")
+
+
+def test_text_data_pages_name_themselves_and_hold_distinct_source(tmp_path: Path) -> None:
+    paths = guest.make_files(tmp_path, 1, 2, 8, "text")
+    page = guest.PAGE
+    pages = [Path(p).read_bytes()[i * page : (i + 1) * page] for p in paths for i in range(8)]
+    assert all(len(p) == page for p in pages)
+    assert [p[:16] for p in pages] == [guest.header(1, f, i) for f in range(2) for i in range(8)]
+    bodies = [p[16:] for p in pages]
+    assert len(set(bodies)) == len(bodies)  # every page different
+    assert all(b.count(b" ") > 100 for b in bodies)  # source text, not random bytes
+    (tmp_path / "r").mkdir()
+    (random_file,) = guest.make_files(tmp_path / "r", 1, 1, 2)  # the default: one filler
+    data = Path(random_file).read_bytes()
+    assert data[16:page] == data[page + 16 :] and data[16:].count(b" ") < 100

@@ -53,6 +53,11 @@ def ratio(value: float | None) -> str:
     return NONE if value is None else f"{100.0 * value:.1f}%"
 
 
+def times(value: float | None) -> str:
+    """A ratio of sizes, as ``2.53x`` (``-`` for none)."""
+    return NONE if value is None else f"{value:.2f}x"
+
+
 def hit_ratio(hits: float, misses: float) -> float | None:
     """hits / (hits + misses); None without any get."""
     total = hits + misses
@@ -92,6 +97,8 @@ _STATUS_FORMAT: Final[dict[str, Callable[[Any], str]]] = {
     "recalled": size,
     "resident": size,
     "overdrawn": size,
+    "packed_bytes": size,
+    "packed_waste": lambda v: f"{float(v):.1%}",
     "frozen_all": yes,
     "uptime": lambda v: duration(float(v)),
     "state": lambda v: state(v),
@@ -125,7 +132,7 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
     """``guests`` as a table."""
     headers = (
         "NAME", "KIND", "SESS", "WEIGHT", "CAP", "FROZEN", "MAPPED", "EPHEMERAL", "PERSISTENT",
-        "LENT", "PAGES", "POOLS", "PUTS", "REFUSED", "HIT%", "EVICTED",
+        "LENT", "PAGES", "PACKED", "RATIO", "POOLS", "PUTS", "REFUSED", "HIT%", "EVICTED",
     )  # fmt: skip
     body = [
         [
@@ -140,6 +147,8 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
             size(r.get("persistent_bytes")),
             size(r.get("lent_bytes")),
             count(r.get("pages")),
+            count(r.get("packed")),
+            times(r.get("ratio")),
             count(r.get("pools")),
             count(r.get("puts_ok")),
             count(r.get("puts_refused")),
