@@ -25,6 +25,7 @@ from tmemclient.mapping import Mapping
 from tmemclient.reconnect import (
     RETRYABLE,
     OnReconnect,
+    PoolCarrier,
     PoolSpec,
     Reconnected,
     Retry,
@@ -38,48 +39,11 @@ from tmemclient.wire.layout import FRAME_SIZE
 T = TypeVar("T")
 
 
-class AsyncResilientPool:
+class AsyncResilientPool(PoolCarrier[AsyncPool]):
     """A pool of an ``AsyncResilientClient``: ``AsyncPool``'s methods, carried over
     reconnects."""
 
-    def __init__(self, client: AsyncResilientClient, spec: PoolSpec, inner: AsyncPool) -> None:
-        self._client = client
-        self._spec = spec
-        self._inner = inner
-        self.resets = 0  # times it came back empty after a reconnect
-        self._dead: TmemError | None = None
-
-    @property
-    def inner(self) -> AsyncPool:
-        """The pool on the current connection."""
-        if self._dead is not None:
-            raise self._dead
-        return self._inner
-
-    @property
-    def name(self) -> str | None:
-        """The pool's name, or None."""
-        return self._spec.name
-
-    @property
-    def reopened(self) -> bool:
-        """Did the last (re)open find this guest's named pool with its pages?"""
-        return self._inner.reopened
-
-    @property
-    def persistent(self) -> bool:
-        """True for a persistent pool."""
-        return self._spec.persistent
-
-    @property
-    def page_size(self) -> int:
-        """Bytes per page."""
-        return self._inner.page_size
-
-    @property
-    def mapping(self) -> Mapping | None:
-        """The current connection's mapping, or None."""
-        return self._inner.mapping
+    _client: AsyncResilientClient
 
     async def put(self, oid: int, index: int, data: Any) -> bool:
         """``AsyncPool.put``, through reconnects."""

@@ -32,10 +32,11 @@ import uuid as uuid_module
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
+from tmemclient._pool import PoolOps
 from tmemclient.client import DEFAULT_FRAMES, Client, Pool, connect
 from tmemclient.core import OnAnswer
 from tmemclient.mapping import Mapping, Token
@@ -165,10 +166,14 @@ def gave_up(path: Any, retry: Retry, last: BaseException | None) -> Unreachable:
     )
 
 
-class ResilientPool:
-    """A pool of a ``ResilientClient``: the same methods as ``Pool``, carried over reconnects."""
+InnerPool = TypeVar("InnerPool", bound=PoolOps)
 
-    def __init__(self, client: ResilientClient, spec: PoolSpec, inner: Pool) -> None:
+
+class PoolCarrier(Generic[InnerPool]):
+    """What the sync and trio resilient pools share: the pool on the current connection
+    (``inner``), and what stays the same across reconnects."""
+
+    def __init__(self, client: Any, spec: PoolSpec, inner: InnerPool) -> None:
         self._client = client
         self._spec = spec
         self._inner = inner
@@ -176,7 +181,7 @@ class ResilientPool:
         self._dead: TmemError | None = None
 
     @property
-    def inner(self) -> Pool:
+    def inner(self) -> InnerPool:
         """The pool on the current connection."""
         if self._dead is not None:
             raise self._dead
@@ -206,6 +211,12 @@ class ResilientPool:
     def mapping(self) -> Mapping | None:
         """The current connection's mapping (``map_pages``), or None."""
         return self._inner.mapping
+
+
+class ResilientPool(PoolCarrier[Pool]):
+    """A pool of a ``ResilientClient``: the same methods as ``Pool``, carried over reconnects."""
+
+    _client: ResilientClient
 
     def put(self, oid: int, index: int, data: Any) -> bool:
         """``Pool.put``, through reconnects."""
