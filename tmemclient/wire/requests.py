@@ -48,6 +48,15 @@ class Context(Protocol):
 # ------------------------------------------------------------------------------- the requests
 
 
+def flat(*columns: Sequence[Any]) -> list[Any]:
+    """A batch's flat entry array: the columns' i-th values, one entry after another."""
+    width = len(columns)
+    entries: list[Any] = [None] * (width * len(columns[0]))
+    for k, column in enumerate(columns):
+        entries[k::width] = column
+    return entries
+
+
 @dataclass(frozen=True, slots=True)
 class NewPool:
     """Create a pool (§6.1)."""
@@ -174,10 +183,7 @@ class PageBatch:
 
     def to_wire(self) -> list[Any]:
         """The request as sent."""
-        entries: list[Any] = [None] * (3 * len(self.idxs))
-        entries[0::3] = [encode_oid(o) for o in self.oids]
-        entries[1::3] = self.idxs
-        entries[2::3] = self.frames
+        entries = flat([encode_oid(o) for o in self.oids], self.idxs, self.frames)
         return [self.op, self.req_id, self.pool, entries]
 
 
@@ -192,9 +198,7 @@ class FlushMany:
 
     def to_wire(self) -> list[Any]:
         """The request as sent."""
-        entries: list[Any] = [None] * (2 * len(self.idxs))
-        entries[0::2] = [encode_oid(o) for o in self.oids]
-        entries[1::2] = self.idxs
+        entries = flat([encode_oid(o) for o in self.oids], self.idxs)
         return [Op.FLUSH_MANY, self.req_id, self.pool, entries]
 
 
@@ -209,10 +213,7 @@ class TouchMany:
 
     def to_wire(self) -> list[Any]:
         """The request as sent."""
-        entries: list[Any] = [None] * (2 * len(self.heads))
-        entries[0::2] = self.heads
-        entries[1::2] = self.gens
-        return [Op.TOUCH_MANY, self.req_id, self.pool, entries]
+        return [Op.TOUCH_MANY, self.req_id, self.pool, flat(self.heads, self.gens)]
 
 
 @dataclass(frozen=True, slots=True)
