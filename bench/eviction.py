@@ -12,6 +12,7 @@ The policy scans the heads of the G guests' LRU lists per eviction (O(G)), never
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,9 @@ from tmemclient.wire.layout import FRAME_SIZE
 from tmemd.launch import Tmemd
 from tmemd.store import Store
 
-PAGE = memoryview(bytes(FRAME_SIZE))
+# Random bytes: a zero page would be packed (same-filled, docs/design.md §6.11), not stored in
+# a slot of its own as the pages this bench is about.
+PAGE = memoryview(random.Random(3).randbytes(FRAME_SIZE))
 
 
 def store_put_ns(pages: int, guests: int, full: bool) -> float:
@@ -56,7 +59,7 @@ def daemon_put_rate(budget: int, seconds: float) -> float:
         tmemclient.connect(tmemd.socket, name="bench") as client,
     ):
         pool = client.new_pool()
-        data = bytes(4096)
+        data = bytes(PAGE)  # random: not packed
 
         def put64(i: int) -> int:
             pool.put_many([(i, k, data) for k in range(64)])

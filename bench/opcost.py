@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -44,7 +45,9 @@ def _session() -> tuple[Any, Any, int]:
 
     store = Store(64 << 20)
     host = Host(store, Settings(socket=Path("/nonexistent"), budget=64 << 20))
-    region = memoryview(bytearray(256 * PAGE))
+    # Pages of random bytes: a zero page would be packed (same-filled, docs/design.md §6.11),
+    # a different path from the pages a guest usually puts.
+    region = memoryview(bytearray(random.Random(1).randbytes(256 * PAGE)))
     session = Session(host, host.attach("bench", GuestPolicy()), region, DaemonLimits())
     host.join(session)
     session.handle([1, 1, 0x01000001, None])  # NEW_POOL, persistent, 4 KiB pages
@@ -126,7 +129,7 @@ def client_side(op: str, n: int, stub_only: bool = False) -> None:
     stub = Stub()
     client = Client(stub, region, wire)  # type: ignore[arg-type]
     pool = client.new_pool(persistent=True)
-    page = bytes(PAGE)
+    page = random.Random(2).randbytes(PAGE)  # not same-filled (see _session)
     items = [(1, i, page) for i in range(BATCH)]
     keys = [(1, i) for i in range(BATCH)]
     calls = {
