@@ -11,9 +11,11 @@ trio: ``async with tmemclient.open_client(path, name="vm1") as client:`` with th
 awaited.
 """
 
-from tmemclient.aclient import AsyncClient, AsyncPool, open_client
+from tmemclient.aclient import AsyncClient, open_client
+from tmemclient.apool import AsyncPool
 from tmemclient.areconnect import AsyncResilientClient, AsyncResilientPool, open_resilient_client
-from tmemclient.client import DEFAULT_FRAMES, Client, Pool, connect
+from tmemclient.client import DEFAULT_FRAMES, Client, connect
+from tmemclient.pool import Pool
 from tmemclient.reconnect import (
     Reconnected,
     ResilientClient,

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from tmemclient.aclient import AsyncClient, AsyncPool, open_client
+from tmemclient.aclient import AsyncClient, open_client
+from tmemclient.apool import AsyncPool
 from tmemclient.client import DEFAULT_FRAMES
 from tmemclient.mapping import Mapping
 from tmemclient.reconnect import (

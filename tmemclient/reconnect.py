@@ -37,9 +37,10 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from tmemclient._pool import PoolOps
-from tmemclient.client import DEFAULT_FRAMES, Client, Pool, connect
+from tmemclient.client import DEFAULT_FRAMES, Client, connect
 from tmemclient.core import OnAnswer
 from tmemclient.mapping import Mapping, Token
+from tmemclient.pool import Pool
 from tmemclient.wire.errors import DaemonGone, GuestConflict, InvalidArgument, TmemError
 from tmemclient.wire.layout import FRAME_SIZE
 

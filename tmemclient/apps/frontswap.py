@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tmemclient.client import Pool
+from tmemclient.pool import Pool
 from tmemclient.reconnect import ResilientPool
 from tmemclient.wire.errors import DaemonGone, InvalidArgument, TmemError
 from tmemclient.wire.layout import FRAME_SIZE

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from tmemclient.aclient import AsyncPool
+from tmemclient.apool import AsyncPool
 from tmemclient.apps.cleancache.coherency import CachedFile
 from tmemclient.apps.cleancache.core import _CacheCore
 from tmemclient.apps.cleancache.fetcher import _Fetcher
@@ -33,8 +33,8 @@ from tmemclient.apps.cleancache.requests import (
     unknown,
 )
 from tmemclient.apps.cleancache.state import Page
-from tmemclient.client import Pool
 from tmemclient.core import OnAnswer
+from tmemclient.pool import Pool
 from tmemclient.wire.errors import DaemonGone
 
 

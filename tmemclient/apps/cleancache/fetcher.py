@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from tmemclient.apps.cleancache.state import Key
-from tmemclient.client import Pool
+from tmemclient.pool import Pool
 
 
 class _Fetcher:

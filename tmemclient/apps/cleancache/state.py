@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tmemclient.aclient import AsyncPool
+from tmemclient.apool import AsyncPool
 from tmemclient.apps.cleancache.costs import _Costs
-from tmemclient.client import Pool
 from tmemclient.mapping import LentMemory, Mapping, Token
+from tmemclient.pool import Pool
 from tmemclient.wire.errors import InvalidArgument
 from tmemclient.wire.layout import FRAME_SIZE
 
