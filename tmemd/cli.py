@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--max-region-frames", type=int)
     p.add_argument("--max-pools", type=int)
+    p.add_argument("--max-named-pools", type=int, help="named pools per uid, held or kept")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--handshake-timeout", type=float)
     p.add_argument(
@@ -152,6 +153,7 @@ def _mode(text: str) -> int:
 LIMIT_OPTIONS = (
     "max_region_frames",
     "max_pools",
+    "max_named_pools",
     "max_batch",
     "handshake_timeout",
     "shutdown_grace",

@@ -25,6 +25,7 @@ class Limits:
     max_frame: int = 1 << 20  # bytes of one request frame
     max_batch: int = 4096  # pages in one PUT_MANY/GET_MANY/FLUSH_MANY
     max_pools: int = 64  # live pools per guest
+    max_named_pools: int = 256  # named pools per uid, held or kept for reattaching (§2.6)
     max_region_frames: int = 1 << 16  # 256 MiB of guest region at most
     max_connections: int = 1024  # guest connections in all
     max_connections_per_uid: int = 256  # for uids without their own [uids.N] connections
@@ -60,7 +61,13 @@ class Limits:
     def __post_init__(self) -> None:
         if not HELLO_MAX_FRAME <= self.max_frame <= 64 << 20:
             raise ValueError(f"max_frame must be {HELLO_MAX_FRAME}..{64 << 20} bytes")
-        for name in ("max_batch", "max_pools", "max_region_frames", "max_connections"):
+        for name in (
+            "max_batch",
+            "max_pools",
+            "max_named_pools",
+            "max_region_frames",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_connections_per_uid < 1:

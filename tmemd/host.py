@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from tmemclient.wire.errors import GuestConflict, InvalidArgument, NotFound, PermissionDenied
+from tmemclient.wire.errors import (
+    GuestConflict,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+)
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemclient.wire.units import format_size
 from tmemd import views
@@ -202,6 +208,15 @@ class Host:
         if pool is not None:
             log.info("named_pool_reopened", guest=guest.name, pool=name, pages=pool.pages)
             return pool, True
+        # A kept pool outlives its connection, so max_pools (per connection) does not bound
+        # what a tenant connecting again and again could leave behind: this does, per uid.
+        most = self.settings.limits.max_named_pools
+        if self.named.of_uid(member.uid) >= most:
+            raise LimitExceeded(
+                f"uid {member.uid} already has max_named_pools={most} named pools (held, or "
+                "kept for reattach_seconds after their connection ended): destroy some, or "
+                "wait for kept ones to expire"
+            )
         pool = self.store.new_pool(guest, persistent=persistent, order=order)
         journal = self.store.journal
         if journal is not None and guest.mirror is None:  # a mirror's pages are not kept

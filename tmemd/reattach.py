@@ -43,9 +43,14 @@ class NamedPools:
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], Named] = {}
         self._by_pool: dict[Pool, Named] = {}
+        self._per_uid: dict[int, int] = {}  # named pools each uid made (a tenant's bound)
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def of_uid(self, uid: int) -> int:
+        """How many named pools (held or kept) uid ``uid`` made."""
+        return self._per_uid.get(uid, 0)
 
     def of(self, pool: Pool) -> Named | None:
         """The named-pool record of ``pool``, or None for an unnamed pool."""
@@ -87,12 +92,14 @@ class NamedPools:
         named = Named(guest, name, uid, pool, holder)
         self._by_key[(guest, name)] = named
         self._by_pool[pool] = named
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
 
     def adopt(self, guest: str, name: str, uid: int, pool: Pool, until: float) -> None:
         """Record a named pool a start found in its state directory, kept until ``until``."""
         named = Named(guest, name, uid, pool, None, until)
         self._by_key[(guest, name)] = named
         self._by_pool[pool] = named
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
 
     def keep(self, holder: object, pool: Pool, until: float) -> bool:
         """``holder``'s connection ends: keep ``pool`` until ``until`` if it is a named pool
@@ -109,6 +116,11 @@ class NamedPools:
         named = self._by_pool.pop(pool, None)
         if named is not None:
             self._by_key.pop((named.guest, named.name), None)
+            left = self._per_uid[named.uid] - 1
+            if left:
+                self._per_uid[named.uid] = left
+            else:
+                del self._per_uid[named.uid]
 
     def kept(self, guest: str) -> int:
         """How many pools of ``guest`` are kept for it (held by no connection)."""

@@ -148,3 +148,29 @@ def test_a_held_named_pool_is_not_given_to_a_second_session(tmp_path: Path) -> N
             assert held.get(1, 1) == page(1)
     finally:
         d.stop()
+
+
+def test_a_tenant_reconnecting_for_new_names_is_stopped_at_max_named_pools(
+    tmp_path: Path,
+) -> None:
+    """Each connection makes a named pool under a new name and leaves (the pool is kept): past
+    --max-named-pools the next one is refused with LIMIT (the connection goes on), and the
+    kept pools' pages are intact."""
+    d = start(tmp_path, "--max-named-pools", "4")
+    try:
+        for i in range(4):
+            with open_sync(d, f"g{i}") as client:
+                pool = client.new_pool(persistent=True, name=f"swap{i}")
+                assert pool.put(1, i, page(i))
+        with open_sync(d, "g9") as client:
+            with pytest.raises(tmemclient.LimitExceeded, match="max_named_pools=4"):
+                client.new_pool(persistent=True, name="swap9")
+            client.ping()  # still served
+            assert client.new_pool(persistent=True).put(1, 0, page(9))  # unnamed: fine
+        with open_sync(d, "g0") as client:
+            kept = client.new_pool(persistent=True, name="swap0")
+            assert kept.reopened and kept.get(1, 0) == page(0)
+        assert status(d)["kept_pools"] == 4
+        assert d.alive, d.log_text()
+    finally:
+        d.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tmemclient.wire.errors import GuestConflict, InvalidArgument, PermissionDenied
+from tmemclient.wire.errors import GuestConflict, InvalidArgument, LimitExceeded, PermissionDenied
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import PoolSpec
 from tmemclient.wire.requests import NewPool, decode_request
@@ -271,3 +271,39 @@ def test_new_pool_name_is_optional_on_the_wire() -> None:
     assert named.spec == PoolSpec(True, False, 0, None, "swap")
     assert named.to_wire() == [1, 5, 1 << 24 | 1, None, "swap"]
     assert unnamed.to_wire() == [1, 5, 1 << 24 | 1, None]
+
+
+def test_a_uid_holds_at_most_max_named_pools_however_often_it_reconnects() -> None:
+    """Kept pools outlive their connection, so max_pools (per connection) cannot bound them: a
+    tenant connecting again and again, a new name each time, is stopped at max_named_pools
+    (held and kept together, per uid), with a clear error; another uid is not; a pool that
+    expires or is destroyed makes room again."""
+    settings = Settings(
+        socket=Path("/nonexistent"),
+        budget=64 * PAGE,
+        limits=Limits(reattach_seconds=30.0, max_named_pools=3),
+    )
+    store = Store(64 * PAGE)
+    host = Host(store, settings)
+    clock = Clock()
+    host.clock = clock
+    try:
+        for i in range(3):  # a new connection, a new name, each time
+            member = connect(host, name=f"1000/g{i}")
+            pool, reopened = host.open_named(member, f"p{i}", persistent=True, order=0)
+            assert not reopened
+            disconnect(host, member, [pool])
+        member = connect(host, name="1000/g9")
+        with pytest.raises(LimitExceeded, match="max_named_pools=3"):
+            host.open_named(member, "one-more", persistent=True, order=0)
+        # Another uid is not held back.
+        other = connect(host, name="1001/x", uid=1001)
+        theirs, _ = host.open_named(other, "p0", persistent=True, order=0)
+        assert theirs is not None
+        clock.now += 31
+        host.expire_named()  # (frees the three kept pools: empty, so no pages)
+        assert host.named.of_uid(1000) == 0
+        fresh, reopened = host.open_named(member, "one-more", persistent=True, order=0)
+        assert not reopened and fresh is not None
+    finally:
+        store.close()
