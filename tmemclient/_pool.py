@@ -113,10 +113,26 @@ class PoolOps:
             if token is not None:
                 tokens.setdefault(oid, {})[index] = token
 
-    def _learn_many(self, items: Sequence[tuple[int, int, Any]], answers: Sequence[Any]) -> None:
-        if self._tokens is not None:
+    def _put_many_learning(self, items: Sequence[tuple[int, int, Any]]) -> Job | list[bool]:
+        """``_put_many`` (a bool per page) for either pool class; of a pool that keeps tokens,
+        one that forgets the pages' tokens now, as it is about to be sent, and learns the
+        new ones from its answer (the rule above, in one place for both clients)."""
+        if self._tokens is None:
+            return self._put_many(items)
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        job = self._put_many(items, answers=True)
+        if isinstance(job, list):
+            return job
+        self._forget_many(items)
+        plan_of = job.factory
+
+        def learning(start: int, count: int) -> _plans.Plan[list[bool]]:
+            answers: list[Any] = yield from plan_of(start, count)
             for (oid, index, _data), answer in zip(items, answers, strict=False):
                 self._learn(oid, index, answer)
+            return [bool(answer) for answer in answers]
+
+        return job._replace(factory=learning)
 
     def _forget(self, oid: int, index: int | None = None) -> None:
         """A request that changes page (oid, index), or every page of ``oid``, is being sent."""

@@ -130,17 +130,8 @@ class Pool(PoolOps):
 
     def put_many(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
         """Store many pages in as few frames as the region allows; one bool per item."""
-        if self._tokens is None:
-            job = self._put_many(items)
-            return job if isinstance(job, list) else list(self._client._run(job))
-        items = items if isinstance(items, (list, tuple)) else list(items)
-        job = self._put_many(items, answers=True)
-        if isinstance(job, list):
-            return job
-        self._forget_many(items)
-        answers = list(self._client._run(job))
-        self._learn_many(items, answers)
-        return [bool(answer) for answer in answers]
+        job = self._put_many_learning(items)
+        return job if isinstance(job, list) else list(self._client._run(job))
 
     def put_many_nowait(
         self, items: Sequence[tuple[int, int, Any]], on_answer: OnAnswer | None = None
