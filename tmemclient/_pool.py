@@ -91,11 +91,14 @@ class PoolOps:
         """Have the mapped gets filled a TOUCH_MANY? (The pool then reports them and waits.)"""
         return len(self._touched) >= 2 * self._limits.max_batch
 
-    def _mapped_get_many(
-        self, items: Sequence[tuple[int, int]]
-    ) -> tuple[list[bytes | None], list[int]]:
-        """What the mapping gives of ``items`` (None where it gives nothing), and the positions
-        still to ask tmemd for."""
+    def _get_many_mapping(self, items: Sequence[tuple[int, int]]) -> Job | list[bytes | None]:
+        """``_get_many`` for either pool class; of a pool that keeps tokens, what the mapping
+        gives of ``items`` at once, and a job asking tmemd only for the rest (None: no job
+        needed)."""
+        job = self._get_many(items)  # (checks every item, whatever the mapping holds)
+        if isinstance(job, list) or self._tokens is None:
+            return job
+        items = items if isinstance(items, (list, tuple)) else list(items)
         results: list[bytes | None] = []
         ask: list[int] = []
         for i, (oid, index) in enumerate(items):
@@ -103,7 +106,18 @@ class PoolOps:
             results.append(data)
             if data is None:
                 ask.append(i)
-        return results, ask
+        rest = self._get_many([items[i] for i in ask])
+        if isinstance(rest, list):  # the mapping gave everything
+            return results
+        plan_of = rest.factory
+
+        def merging(start: int, count: int) -> _plans.Plan[list[bytes | None]]:
+            fetched: list[bytes | None] = yield from plan_of(start, count)
+            for i, data in zip(ask, fetched, strict=True):
+                results[i] = data
+            return results
+
+        return rest._replace(factory=merging)
 
     def _learn(self, oid: int, index: int, answer: Any) -> None:
         """A put of (oid, index) was answered ``answer`` (a token, or false)."""

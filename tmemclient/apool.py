@@ -130,19 +130,9 @@ class AsyncPool(PoolOps):
     async def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item (through the mapping where the sync
         ``Pool.get_many`` would)."""
-        job = self._get_many(items)
-        if isinstance(job, list):
-            return job
-        if self._tokens is None:
-            return list(await self._client._run(job))
-        items = items if isinstance(items, (list, tuple)) else list(items)
-        results, ask = self._mapped_get_many(items)
-        if ask:
-            rest = self._get_many([items[i] for i in ask])
-            fetched = rest if isinstance(rest, list) else await self._client._run(rest)
-            for i, data in zip(ask, fetched, strict=True):
-                results[i] = data
-        if self._reads_due():
+        job = self._get_many_mapping(items)
+        results = job if isinstance(job, list) else list(await self._client._run(job))
+        if self._tokens is not None and self._reads_due():
             await self._client.wait_deferred()
         return results
 

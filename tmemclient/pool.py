@@ -196,19 +196,9 @@ class Pool(PoolOps):
     def get_many(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Fetch many pages; data or None per item. As ``get``, a persistent pool of a mapped
         client reads what it can through the mapping and asks tmemd for the rest."""
-        job = self._get_many(items)
-        if isinstance(job, list):
-            return job
-        if self._tokens is None:
-            return list(self._client._run(job))
-        items = items if isinstance(items, (list, tuple)) else list(items)
-        results, ask = self._mapped_get_many(items)
-        if ask:
-            rest = self._get_many([items[i] for i in ask])
-            fetched = rest if isinstance(rest, list) else self._client._run(rest)
-            for i, data in zip(ask, fetched, strict=True):
-                results[i] = data
-        if self._reads_due():
+        job = self._get_many_mapping(items)
+        results = job if isinstance(job, list) else list(self._client._run(job))
+        if self._tokens is not None and self._reads_due():
             self._client.wait_deferred()
         return results
 
