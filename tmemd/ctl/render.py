@@ -150,10 +150,7 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
             count(r.get("packed")),
             times(r.get("ratio")),
             count(r.get("pools")),
-            count(r.get("puts_ok")),
-            count(r.get("puts_refused")),
-            ratio(hit_ratio(r.get("gets_hit", 0), r.get("gets_miss", 0))),
-            count(r.get("evictions")),
+            *stats_cells(r),
         ]
         for r in rows
     ]
@@ -162,6 +159,16 @@ def render_guests(rows: Sequence[Mapping[str, Any]]) -> str:
         if body
         else "no guests"
     )
+
+
+def stats_cells(r: Mapping[str, Any]) -> list[str]:
+    """PUTS, REFUSED, HIT%, EVICTED of a guest's or a pool's row."""
+    return [
+        count(r.get("puts_ok")),
+        count(r.get("puts_refused")),
+        ratio(hit_ratio(r.get("gets_hit", 0), r.get("gets_miss", 0))),
+        count(r.get("evictions")),
+    ]
 
 
 def render_uids(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -204,10 +211,7 @@ def render_pools(rows: Sequence[Mapping[str, Any]]) -> str:
             size(r.get("page_size")),
             count(r.get("pages")),
             size(r.get("bytes")),
-            count(r.get("puts_ok")),
-            count(r.get("puts_refused")),
-            ratio(hit_ratio(r.get("gets_hit", 0), r.get("gets_miss", 0))),
-            count(r.get("evictions")),
+            *stats_cells(r),
         ]
         for r in rows
     ]
