@@ -6,8 +6,9 @@ doorbell wakes it.
 **Fairness.** Every connection is served on the one trio thread, so a connection that kept
 serving would keep every other guest, and the admin socket, waiting. So a connection serves for
 at most one *turn* (``turn_us`` of work) and then yields (``GuestServer.yield_turn``), whatever
-the guest does: a full request ring, a socket stream of pipelined requests, a batch of 4096
-64 KiB pages (a Session Job, served in slices with the turn's clock read between slices). A
+the guest does: a socket stream of pipelined requests, a batch of 4096 64 KiB pages (a Session
+Job, served in slices with the turn's clock read between slices); a full request ring gets the
+same quantum per round from the poller. A
 guest that waits for its answers does not notice: its request is served, and it waits anyway.
 
 Turns are shared by tenant, not by connection: a connection serves only while it holds its
@@ -297,8 +298,8 @@ class Connection:
     async def _take_turn(self) -> None:
         """Hold the tenant's turn (waiting, in order, while another connection of the same uid
         serves). The clock of the turn runs on from the last time this connection let the
-        others run (waited, slept, or yielded): serving, then watching the ring, then serving
-        again never yields by itself."""
+        others run (waited, slept, or yielded): serving, then waiting for the socket, then
+        serving again never yields by itself."""
         turn = self.turn
         try:
             turn.acquire_nowait()  # the usual case, with no schedule point
