@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sysconfig
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,55 @@ def test_every_kind_of_page_round_trips_through_a_compressing_daemon(
         # raw. The ratio says so; bigger sets are the next test's.)
         used = row["persistent_bytes"] + row["ephemeral_bytes"]
         assert row["pages"] == 5 and row["ratio"] == round(5 * size / used, 3)
+
+
+def test_a_guest_rewriting_its_pages_while_they_are_compressed_hurts_no_one(
+    compressing: Daemon,
+) -> None:
+    """A hostile guest puts pages straight from region frames (put_frame) while a thread of
+    its own keeps rewriting those frames (text, zeros, random bytes: every packing decision's
+    input changes under the daemon). The daemon decides on one copy, so at worst the guest
+    stores a torn page of its own: tmemd stays up and logs no error (the fixture checks), the
+    accounting stays within the budget, and another guest, checked between the attacker's
+    puts, is served and keeps its compressed persistent pages byte for byte."""
+    stop = threading.Event()
+    variants = [text(7), bytes(PAGE), random.Random(3).randbytes(PAGE), filled(0x42, PAGE)]
+    with (
+        tmemclient.connect(compressing.socket, name="honest", frames=64) as honest,
+        tmemclient.connect(compressing.socket, name="hostile", frames=64) as hostile,
+    ):
+        mine = honest.new_pool(persistent=True)
+        kept = {i: text(100 + i) for i in range(32)}
+        assert all(mine.put_many([(1, i, p) for i, p in kept.items()]))
+        run = hostile.reserve_frames(8)
+        view = run.view
+
+        def scribble() -> None:
+            rng = random.Random(5)
+            for _ in range(200_000):  # bounded
+                if stop.is_set():
+                    return
+                f = rng.randrange(8) * PAGE
+                view[f : f + PAGE] = variants[rng.randrange(len(variants))]
+
+        theirs = hostile.new_pool()
+        scribbler = threading.Thread(target=scribble)
+        scribbler.start()
+        try:
+            for i in range(600):  # bounded
+                theirs.put_frame(2, i % 300, run.start + i % 8)
+                if i % 100 == 99:  # the honest guest, served while the attack goes on
+                    assert mine.get_many([(1, k) for k in kept]) == list(kept.values())
+        finally:
+            stop.set()
+            scribbler.join(timeout=30)
+        got = theirs.get_many([(2, k) for k in range(300)])
+        assert all(g is None or len(g) == PAGE for g in got)
+        assert mine.get_many([(1, k) for k in kept]) == list(kept.values())
+        row = guest_row(compressing, "hostile")
+        assert row["persistent_bytes"] + row["ephemeral_bytes"] <= 1 << 20
+        run.release()
+    assert compressing.alive
 
 
 def test_a_compressing_daemon_holds_more_text_than_its_budget(compressing: Daemon) -> None:

@@ -158,18 +158,23 @@ def test_a_tenant_reconnecting_for_new_names_is_stopped_at_max_named_pools(
     kept pools' pages are intact."""
     d = start(tmp_path, "--max-named-pools", "4")
     try:
-        for i in range(4):
-            with open_sync(d, f"g{i}") as client:
-                pool = client.new_pool(persistent=True, name=f"swap{i}")
-                assert pool.put(1, i, page(i))
-        with open_sync(d, "g9") as client:
-            with pytest.raises(tmemclient.LimitExceeded, match="max_named_pools=4"):
-                client.new_pool(persistent=True, name="swap9")
-            client.ping()  # still served
-            assert client.new_pool(persistent=True).put(1, 0, page(9))  # unnamed: fine
-        with open_sync(d, "g0") as client:
-            kept = client.new_pool(persistent=True, name="swap0")
-            assert kept.reopened and kept.get(1, 0) == page(0)
+        with open_sync(d, "honest") as honest:  # another guest, checked while it goes on
+            mine = honest.new_pool(persistent=True)
+            assert all(mine.put_many([(1, i, page(100 + i)) for i in range(16)]))
+            for i in range(4):
+                with open_sync(d, f"g{i}") as client:
+                    pool = client.new_pool(persistent=True, name=f"swap{i}")
+                    assert pool.put(1, i, page(i))
+                assert mine.get(1, i) == page(100 + i)
+            with open_sync(d, "g9") as client:
+                with pytest.raises(tmemclient.LimitExceeded, match="max_named_pools=4"):
+                    client.new_pool(persistent=True, name="swap9")
+                client.ping()  # still served
+                assert client.new_pool(persistent=True).put(1, 0, page(9))  # unnamed: fine
+            with open_sync(d, "g0") as client:
+                kept = client.new_pool(persistent=True, name="swap0")
+                assert kept.reopened and kept.get(1, 0) == page(0)
+            assert mine.get_many([(1, i) for i in range(16)]) == [page(100 + i) for i in range(16)]
         assert status(d)["kept_pools"] == 4
         assert d.alive, d.log_text()
     finally:
