@@ -403,7 +403,7 @@ def start_servers(
                     continue
                 argv = servers.memcached_argv(sock, MEMCACHED_THREADS, args.memcached_mb)
             else:
-                argv = servers.tmemd_argv(sock, args.memory)
+                argv = servers.tmemd_argv(sock, args.memory) + args.tmemd_arg
             started[system] = servers.start(system, argv, sock, tmp / f"{system}.log")
     except BaseException:
         stop_all(started)
@@ -712,6 +712,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", type=parse_size, default=1 << 30, help="each tmemd's budget (1GiB)")
     p.add_argument("--memcached-mb", type=int, default=2048, help="memcached -m (2048)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get install memcached")
+    p.add_argument(
+        "--tmemd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for both tmemds, e.g. --tmemd-arg=--ring-poll-us=0 (repeatable)",
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"(default {DEFAULT_JSON})")
     args = p.parse_args(argv)
     quick = args.quick
@@ -757,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = [s for s in SIDES if s == "tmem" or not skipped]
     ops = [row for row in rows(args.batch) if row.key in args.op_keys]
     versions = {"tmemd": servers.server_version("tmemd").split(" (")[0]}
+    if args.tmemd_arg:
+        versions["tmemd"] += " " + " ".join(args.tmemd_arg)
     if not skipped:
         versions["memcached"] = (
             f"{servers.server_version('memcached')} (-t {MEMCACHED_THREADS} -m {args.memcached_mb})"
