@@ -295,8 +295,14 @@ class AsyncClient:
 
     async def _transmit(self, ids: list[int], data: bytes) -> None:
         rings = self._rings
-        if rings is not None and len(data) <= rings.size // 2:
-            # One channel at a time carries requests (PROTOCOL.md §4.6).
+        if (
+            rings is not None
+            and len(data) <= rings.size // 2
+            and (self._on_ring or not rings.peer_sleeping())
+        ):
+            # One channel at a time carries requests (PROTOCOL.md §4.6). The ring while the
+            # daemon watches it; while it sleeps, a ring request would cost a doorbell each
+            # way (we sleep on the socket) and the ring's work on top: then the socket.
             while self._on_socket or not rings.write(data):
                 if not self._on_socket and not self._on_ring:
                     break  # it does not fit even an empty ring: the socket

@@ -296,12 +296,19 @@ class Client:
         """Put the bytes of requests ``ids`` on the wire: the request ring, or the socket."""
         rings = self._rings
         try:
-            if rings is not None and len(data) <= rings.size // 2:
+            if (
+                rings is not None
+                and len(data) <= rings.size // 2
+                and (self._on_ring or not rings.peer_sleeping() or self._may_spin(rings))
+            ):
                 # The daemon serves each channel in order, not the two against each other: one
                 # channel at a time carries requests (nothing is in flight on the other).
-                # The ring even when nobody may spin: the daemon's poller then finds it in
-                # its next round, or a doorbell wakes it, and its answer costs one wakeup
-                # (our read of its doorbell), where the socket costs a send and a read.
+                # The ring while the daemon watches it, even if we will not spin: its poller
+                # finds the request in its next round, and the answer costs one wakeup (our
+                # read of its doorbell), where the socket costs a send and a read. But with
+                # the daemon asleep and no spin of ours to catch the answer, the ring would
+                # cost the socket's syscalls and wakeups (a doorbell each way) and the ring's
+                # work on top: then the socket carries the request.
                 while self._on_socket:
                     self._read_one_reply({})
                 if not rings.write(data):
@@ -393,11 +400,7 @@ class Client:
                 return message
             if rings is not None:
                 if rings.pending() or (
-                    self._on_ring
-                    and self._spin
-                    and not rings.host_crowded()
-                    and self._gate.open()
-                    and self._spin_for_reply(rings)
+                    self._on_ring and self._may_spin(rings) and self._spin_for_reply(rings)
                 ):
                     self._ring_decoder.feed(rings.take())
                     continue
@@ -414,6 +417,12 @@ class Client:
             if not n:
                 raise ConnectionResetError(self.notice or GONE)
             self._decoder.feed(memoryview(self._rbuf)[:n])
+
+    def _may_spin(self, rings: Rings) -> bool:
+        """Is watching the reply ring for an answer worth it now? Not when spinning is off,
+        nor while the daemon serves other guests too (HOST_CROWDED: the CPU we would spin on
+        is theirs and the daemon's), nor with no CPU to spare (the gate)."""
+        return bool(self._spin) and not rings.host_crowded() and self._gate.open()
 
     def _spin_for_reply(self, rings: Rings) -> bool:
         """Watch the reply ring a short while (yielding the CPU each round, so a daemon on our

@@ -194,8 +194,11 @@ class RingPoller:
 
     async def _sleep(self) -> None:
         """Tell every guest we sleep (so it rings its doorbell), look once more, and wait for
-        a doorbell. How long the guests kept us waiting sizes the next watch."""
-        self._publish_crowded(time.perf_counter() < self._crowded_until)
+        a doorbell. How long the guests kept us waiting sizes the next watch. The rings stop
+        saying "crowded" once its memory runs out, asleep or not (a guest that sleeps for its
+        answers takes the socket while we sleep, and no round of ours would say it)."""
+        crowd_left = self._crowded_until - time.perf_counter()
+        self._publish_crowded(crowd_left > 0)
         self._wakeup = trio.Event()  # before the words: a wake from now on is not lost
         self.asleep = True
         for conns in self.tenants.values():
@@ -206,6 +209,11 @@ class RingPoller:
         try:
             if not self._ready():
                 self.sleeps += 1
+                if crowd_left > 0:
+                    with trio.move_on_after(crowd_left) as memory:
+                        await self._wakeup.wait()
+                    if memory.cancelled_caught:
+                        self._publish_crowded(False)
                 await self._wakeup.wait()
         finally:
             self.asleep = False

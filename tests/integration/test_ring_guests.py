@@ -266,10 +266,13 @@ def test_a_guest_with_short_gaps_is_served_with_and_without_the_grown_watch(
         assert daemon.stop() == 0
 
 
-def test_a_busy_machine_still_uses_the_rings_without_spinning(daemon: Daemon) -> None:
-    """With no CPU to spare the guest does not watch its reply ring: it sleeps on the socket
-    and the daemon's doorbell wakes it; requests still go through the rings."""
+def test_a_busy_machine_takes_the_socket_while_the_daemon_sleeps(start_daemon: Any) -> None:
+    """With no CPU to spare the guest does not watch its reply ring. While the daemon sleeps
+    (here it never watches), a ring request would cost a doorbell each way and the ring's work
+    on top, so requests take the socket; every answer is right."""
+    daemon = start_daemon("--ring-poll-us", "0", name="sleepy")
     with tmemclient.connect(daemon.socket, name="r") as client:
+        client._sock.settimeout(10)  # a lost request fails the test instead of hanging it
         client._gate.open = lambda: False  # type: ignore[method-assign]
         spins: list[int] = []
 
@@ -278,9 +281,29 @@ def test_a_busy_machine_still_uses_the_rings_without_spinning(daemon: Daemon) ->
             return False
 
         client._spin_for_reply = spin  # type: ignore[method-assign]
+        rings = client._rings
+        assert rings is not None
+        for _ in range(1000):  # bounded: the poller sleeps once it has looked at the new ring
+            if rings.peer_sleeping():
+                break
+            time.sleep(0.001)
+        assert rings.peer_sleeping()
         workload(client, 5)
-        assert client._rings is not None and client._rings.written > 0
+        assert rings.written == 0
         assert spins == []
+    assert daemon.stop() == 0
+
+
+def test_a_guest_that_may_spin_rings_a_sleeping_daemon(start_daemon: Any) -> None:
+    """A guest that will watch for its answer uses the ring even while the daemon sleeps: its
+    doorbell wakes the daemon, and the answer comes back with no doorbell the other way."""
+    daemon = start_daemon("--ring-poll-us", "0", name="sleepy")
+    with tmemclient.connect(daemon.socket, name="r") as client:
+        client._sock.settimeout(10)
+        client._gate = AlwaysOpen()
+        workload(client, 6)
+        assert client._rings is not None and client._rings.written > 0
+    assert daemon.stop() == 0
 
 
 def test_the_rings_say_when_the_daemon_serves_other_guests_too(daemon: Daemon) -> None:
