@@ -24,7 +24,9 @@ from tmemclient.wire.errors import (
 )
 from tmemclient.wire.fds import fds_from_ancillary
 from tmemclient.wire.messages import (
+    OK,
     PROTOCOL_VERSION,
+    SHUTDOWN,
     Hello,
     Limits,
     Status,
@@ -118,7 +120,7 @@ class DeferredStats:
 
     def count(self, status: int, result: Any) -> None:
         """Count one answer."""
-        if status != Status.OK:
+        if status != OK:
             self.errors += 1
             self.last_error = str(result)
             return
@@ -163,7 +165,7 @@ class Answer:
 
     def value(self) -> Any:
         """The result, or the error the reply carries, raised."""
-        if self.status != Status.OK:
+        if self.status != OK:
             raise error_for_status(self.status, self.result)
         return self.result
 
@@ -226,10 +228,10 @@ class Core:
         ProtocolError for a reply that answers nothing asked."""
         req_id, status, result = split_reply(message)
         if req_id == 0:
-            if status == Status.SHUTDOWN:
+            if status == SHUTDOWN:
                 self.notice = str(result)
                 return None
-            if status == Status.OK:
+            if status == OK:
                 return None  # a doorbell: replies are in the reply ring
             raise error_for_status(status, f"tmemd dropped the connection: {result}")
         pending = self.pending.pop(req_id, None)
@@ -239,7 +241,7 @@ class Core:
             self.deferred.count(status, result)
             if pending.on_answer is not None:
                 first, handler = pending.on_answer
-                handler(first, result if status == Status.OK else None)
+                handler(first, result if status == OK else None)
         return Answer(req_id, status, result, pending)
 
     def abandon(self, req_id: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tmemclient.wire.errors import InvalidArgument, LimitExceeded, ProtocolError, TmemError
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
-from tmemclient.wire.messages import Op, Status, encode_reply, status_for_error
+from tmemclient.wire.messages import OK, Op, Status, encode_reply, status_for_error
 from tmemclient.wire.requests import (
     DestroyPool,
     Doorbell,
@@ -64,7 +64,7 @@ class Job:
         """Serve the next slice; the reply once the request is complete, else None."""
         if not self._next():
             return None
-        return encode_reply(self.req_id, Status.OK, self._finish())
+        return encode_reply(self.req_id, OK, self._finish())
 
 
 def _slices(total: int, per_slice: int, run: Callable[[int, int], None]) -> Callable[[], bool]:
@@ -153,7 +153,7 @@ class Session:
             return encode_reply(request.req_id, status_for_error(exc), str(exc))
         if type(result) is Job:
             return result
-        return encode_reply(request.req_id, Status.OK, result)
+        return encode_reply(request.req_id, OK, result)
 
     def close(self) -> int:
         """Free every page of this connection's private pools, leave its shared pools, and

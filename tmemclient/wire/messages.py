@@ -82,6 +82,14 @@ class Status(enum.IntEnum):
     NOT_FOUND = 9  # admin: no such guest or grant
 
 
+# Plain ints for the per-request paths: an IntEnum member is a class attribute lookup (about
+# 200 ns on Python 3.11, a global 35 ns), and msgpack packs an int faster than an int subclass.
+OK: Final = int(Status.OK)
+SHUTDOWN: Final = int(Status.SHUTDOWN)
+DOORBELL: Final = int(Op.DOORBELL)
+PUT: Final = int(Op.PUT)
+
+
 _STATUS_ERRORS: Final[dict[int, type[TmemError]]] = {
     Status.INVALID: InvalidArgument,
     Status.NO_POOL: UnknownPool,
@@ -375,7 +383,7 @@ def split_reply(message: Any) -> tuple[int, int, Any]:
     req_id, status, result = message
     if type(req_id) is not int or type(status) is not int:
         raise ProtocolError("reply req_id and status must be integers")
-    if status != Status.OK and type(result) is not str:
+    if status != OK and type(result) is not str:
         raise ProtocolError("an error reply must carry a message string")
     return req_id, status, result
 

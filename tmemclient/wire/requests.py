@@ -22,7 +22,9 @@ from typing import Any, Protocol
 from tmemclient.wire.errors import InvalidArgument, LimitExceeded, UnknownPool
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import (
+    DOORBELL,
     INDEX_BITS,
+    PUT,
     Op,
     PoolSpec,
     check_uint,
@@ -299,7 +301,7 @@ def decode_request(message: Any, ctx: Context) -> Request:
     and the error to answer (InvalidArgument, UnknownPool, LimitExceeded) when it is a request
     with bad arguments (the connection goes on)."""
     op, req_id, m = split_request(message)
-    if op == Op.DOORBELL and len(m) == 2:
+    if op == DOORBELL and len(m) == 2:
         return Doorbell(req_id)
     want = ARGS.get(op)
     if want is None:
@@ -388,7 +390,7 @@ def _page(op: int, req_id: int, m: list[Any], ctx: Context) -> Put | Get:
     oid = decode_oid(m[3])
     index = check_uint(m[4], INDEX_BITS, "index")
     frame = page_frame(m[5], order, ctx.frames)
-    return (Put if op == Op.PUT else Get)(req_id, m[2], oid, index, frame)
+    return (Put if op == PUT else Get)(req_id, m[2], oid, index, frame)
 
 
 def _flush(op: int, req_id: int, m: list[Any], ctx: Context) -> Flush:
