@@ -620,7 +620,9 @@ def render(result: dict[str, Any]) -> str:
         f"{meta['batch']} pages); cpu: us per op (per page for batches) of the server and of "
         "all guests; sock: tmem requests sent on the socket, not the ring, per call (1 per "
         "request = all on the socket); bell: doorbells per call; waits: guest sleeps "
-        "(voluntary context switches) per call",
+        "(voluntary context switches) per call; ceiling: the rate the machine's CPUs allow "
+        "at this CPU per op, server and guests together (cpus / (srv + guest cpu)): a rate "
+        "near it is CPU-bound, and only cheaper ops raise it",
     ]
     for row in rows(meta["batch"]):
         by_n = result["rows"].get(row.key)
@@ -632,7 +634,8 @@ def render(result: dict[str, Any]) -> str:
             f"{'N':>3} {'tmem ' + unit:>13} {'mc ' + unit:>13} {'ratio':>6} | "
             f"{'p50 tmem':>9} {'mc':>7} | {'p99 tmem':>9} {'mc':>7} {'ratio':>6} | "
             f"{'srv cpu tmem':>12} {'mc':>5} | {'guest cpu tmem':>14} {'mc':>5} | "
-            f"{'sock':>5} {'bell':>5} | {'waits tmem':>10} {'mc':>5}"
+            f"{'sock':>5} {'bell':>5} | {'waits tmem':>10} {'mc':>5} | "
+            f"{'ceiling tmem':>12} {'mc':>9}"
         )
         lines += [head, "-" * len(head)]
         for n in sorted(by_n, key=int):
@@ -648,7 +651,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{_f(t.get('server_cpu_us'), 12, 1)} {_f(m.get('server_cpu_us'), 5, 1)} | "
                 f"{_f(t.get('guest_cpu_us'), 14, 1)} {_f(m.get('guest_cpu_us'), 5, 1)} | "
                 f"{_f(t.get('sock_per_call'), 5, 2)} {_f(t.get('doorbells_per_call'), 5, 2)} | "
-                f"{_f(t.get('waits_per_call'), 10, 2)} {_f(m.get('waits_per_call'), 5, 2)}"
+                f"{_f(t.get('waits_per_call'), 10, 2)} {_f(m.get('waits_per_call'), 5, 2)} | "
+                f"{_f(ceiling(t, meta['cpus']), 12)} {_f(ceiling(m, meta['cpus']), 9)}"
             )
     rr = result.get("round_robin")
     if rr:
@@ -689,6 +693,15 @@ def render(result: dict[str, Any]) -> str:
     if bad:
         lines.append("  !! pages refused, missing or wrong: " + "; ".join(bad))
     return "\n".join(lines)
+
+
+def ceiling(cell: dict[str, Any], cpus: int) -> float | None:
+    """Ops (pages) per second if the machine's CPUs did nothing but this op at the measured
+    CPU per op of the server and the guests together."""
+    srv, guest = cell.get("server_cpu_us"), cell.get("guest_cpu_us")
+    if not srv or guest is None:
+        return None
+    return float(cpus * 1e6 / (srv + guest))
 
 
 def _loads(loads: list[float] | tuple[float, ...]) -> str:
