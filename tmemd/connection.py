@@ -358,12 +358,12 @@ class Connection:
                     with trio.fail_at(min(deadline, server.grace_deadline + 1)):
                         try:
                             await trio.lowlevel.wait_writable(raw)
+                            writable = True
                         except trio.ClosedResourceError:
-                            continue  # shutdown(), kick() or poke() woke us; still ours
-                    try:
-                        rest = rest[raw.send(rest) :]
-                    except BlockingIOError:
-                        continue
+                            writable = False  # shutdown(), kick() or poke() woke us; still ours
+                    if writable:
+                        with contextlib.suppress(BlockingIOError):
+                            rest = rest[raw.send(rest) :]
         finally:
             self._sending = False
         if held:
