@@ -298,11 +298,12 @@ class AsyncClient:
         if (
             rings is not None
             and len(data) <= rings.size // 2
-            and (self._on_ring or not rings.peer_sleeping())
+            and (self._on_ring or not rings.peer_sleeping() or rings.host_crowded())
         ):
             # One channel at a time carries requests (PROTOCOL.md §4.6). The ring while the
-            # daemon watches it; while it sleeps, a ring request would cost a doorbell each
-            # way (we sleep on the socket) and the ring's work on top: then the socket.
+            # daemon watches it or other guests keep it busy (client.py says why); while it
+            # sleeps for us alone, a ring request would cost a doorbell each way (we sleep on
+            # the socket) and the ring's work on top: then the socket.
             while self._on_socket or not rings.write(data):
                 if not self._on_socket and not self._on_ring:
                     break  # it does not fit even an empty ring: the socket

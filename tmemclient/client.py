@@ -299,16 +299,23 @@ class Client:
             if (
                 rings is not None
                 and len(data) <= rings.size // 2
-                and (self._on_ring or not rings.peer_sleeping() or self._may_spin(rings))
+                and (
+                    self._on_ring
+                    or not rings.peer_sleeping()
+                    or rings.host_crowded()
+                    or self._may_spin(rings)
+                )
             ):
                 # The daemon serves each channel in order, not the two against each other: one
                 # channel at a time carries requests (nothing is in flight on the other).
                 # The ring while the daemon watches it, even if we will not spin: its poller
                 # finds the request in its next round, and the answer costs one wakeup (our
-                # read of its doorbell), where the socket costs a send and a read. But with
-                # the daemon asleep and no spin of ours to catch the answer, the ring would
-                # cost the socket's syscalls and wakeups (a doorbell each way) and the ring's
-                # work on top: then the socket carries the request.
+                # read of its doorbell), where the socket costs a send and a read. The ring
+                # too while other guests keep the daemon busy (HOST_CROWDED): one wakeup of
+                # its poller serves all their rings, where each socket request costs one. But
+                # a guest alone, with the daemon asleep and no spin of ours to catch the
+                # answer, would pay the socket's syscalls and wakeups (a doorbell each way)
+                # and the ring's work on top: then the socket carries the request.
                 while self._on_socket:
                     self._read_one_reply({})
                 if not rings.write(data):

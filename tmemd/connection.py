@@ -101,6 +101,7 @@ class Connection:
         try:
             while True:
                 if self.decoder.has_message():
+                    poller.socket_request()
                     await self._take_turn()
                     try:
                         await self._serve_socket()

@@ -294,6 +294,45 @@ def test_a_busy_machine_takes_the_socket_while_the_daemon_sleeps(start_daemon: A
     assert daemon.stop() == 0
 
 
+def test_guests_busy_on_their_sockets_at_once_go_back_to_the_rings(start_daemon: Any) -> None:
+    """Two guests that do not spin, on a daemon that never watches, start on their sockets;
+    once their requests come in together the daemon says "crowded", and they use their rings
+    (one wakeup of the poller then serves both), every answer right."""
+    daemon = start_daemon("--ring-poll-us", "0", name="sleepy")
+    stop = threading.Event()
+    with (
+        tmemclient.connect(daemon.socket, name="a") as a,
+        tmemclient.connect(daemon.socket, name="b") as b,
+    ):
+        for client in (a, b):
+            client._sock.settimeout(10)
+            client._gate.open = lambda: False  # type: ignore[method-assign]
+        pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
+        assert pa.put(1, 0, b"a" * FRAME_SIZE) and pb.put(1, 0, b"b" * FRAME_SIZE)
+        rings_a = a._rings
+        assert rings_a is not None
+
+        def other() -> None:
+            for _ in range(200_000):  # bounded
+                if stop.is_set():
+                    return
+                assert pb.get(1, 0) == b"b" * FRAME_SIZE
+
+        helper = threading.Thread(target=other)
+        helper.start()
+        try:
+            start = rings_a.written
+            for _ in range(50_000):  # bounded: until a request of a's takes the ring
+                assert pa.get(1, 0) == b"a" * FRAME_SIZE
+                if rings_a.written != start:
+                    break
+        finally:
+            stop.set()
+            helper.join(timeout=30)
+        assert rings_a.written != start, "busy guests stayed on their sockets"
+    assert daemon.stop() == 0
+
+
 def test_a_guest_that_may_spin_rings_a_sleeping_daemon(start_daemon: Any) -> None:
     """A guest that will watch for its answer uses the ring even while the daemon sleeps: its
     doorbell wakes the daemon, and the answer comes back with no doorbell the other way."""
