@@ -43,7 +43,8 @@ from tmemclient.wire.messages import (
     Status,
     split_reply,
 )
-from tmemclient.wire.ring import Rings, SpinGate, fence
+from tmemclient.wire.ring import Rings, fence
+from tmemclient.wire.spingate import SpinGate
 
 DEFAULT_FRAMES = 256  # a 1 MiB region: 256 pages staged per pipeline round
 _RECV = 256 * 1024

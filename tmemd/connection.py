@@ -101,12 +101,13 @@ class Connection:
         try:
             while True:
                 if self.decoder.has_message():
-                    poller.socket_request()
+                    poller.socket_request(self)
                     await self._take_turn()
                     try:
                         await self._serve_socket()
                     finally:
                         self._end_turn()
+                        poller.socket_done(self)
                 if rings is not None and self.ring_ready():
                     # A doorbell (the poller slept), or a request the poller has not reached:
                     # serve it now, and have the poller watch the rings from here on if

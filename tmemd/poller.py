@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 LET_OTHERS_RUN = 50e-6  # seconds of watching between two turns for every other task
 CROWD_MEMORY = 2e-3  # seconds the rings say "crowded" after a round served two connections
-CROWD_LOOK = 0.5e-3  # seconds between two looks for a crowd on the sockets
+CROWD_GAP = 30e-6  # a socket request of another guest this soon after one ended was waiting
 
 
 class PollWindow:
@@ -85,7 +85,8 @@ class RingPoller:
         # using several connections in turn is not a crowd: each round finds one request.
         self.crowded = False
         self._crowded_until = 0.0
-        self._next_crowd_look = 0.0
+        self._socket_last: Connection | None = None  # whose socket request ended last...
+        self._socket_done = 0.0  # ...and when (perf_counter)
 
     # ------------------------------------------------------------------ membership
 
@@ -118,22 +119,25 @@ class RingPoller:
             if conns and any(conn.ring_ready() for conn in conns):
                 self.wake()
 
-    def socket_request(self) -> None:
-        """A connection is about to serve requests from its socket. If other tasks are ready
-        to run at that moment (other guests' sockets came in with it), the daemon is crowded
-        on its sockets too: the rings say so, so that the guests stay on them (their requests
-        are served together in the poller's rounds; on the sockets each costs a wakeup of its
-        own). Looked at most every CROWD_LOOK: trio's statistics cost microseconds."""
-        now = time.perf_counter()
-        if now < self._next_crowd_look:
-            return
-        self._next_crowd_look = now + CROWD_LOOK
-        if trio.lowlevel.current_statistics().tasks_runnable:
-            self._crowded_until = now + CROWD_MEMORY
+    def socket_request(self, conn: Connection) -> None:
+        """``conn`` is about to serve requests from its socket. If another guest's socket
+        request ended less than CROWD_GAP ago, this one was already waiting then (no guest
+        answers a reply that fast): the daemon is crowded on its sockets too. The rings say
+        so, so that the guests stay on them: their requests are served together in the
+        poller's rounds, where on the sockets each costs a wakeup and a turn of its own.
+        One thread using several connections in turn is no crowd: each of its requests
+        comes a round trip after the last."""
+        if conn is not self._socket_last and time.perf_counter() - self._socket_done < CROWD_GAP:
+            self._crowded_until = time.perf_counter() + CROWD_MEMORY
             if not self.crowded:
                 self._publish_crowded(True)
                 if self.asleep:
                     self.wake()  # it goes back to sleep with the word's memory on a timer
+
+    def socket_done(self, conn: Connection) -> None:
+        """``conn`` has served the requests its socket held (``socket_request``)."""
+        self._socket_last = conn
+        self._socket_done = time.perf_counter()
 
     def _ready(self) -> bool:
         return any(conn.ring_ready() for conns in self.tenants.values() for conn in conns)

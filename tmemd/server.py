@@ -39,7 +39,8 @@ from tmemclient.wire.messages import (
     status_for_error,
 )
 from tmemclient.wire.messages import Limits as WireLimits
-from tmemclient.wire.ring import Rings, SpinGate
+from tmemclient.wire.ring import Rings
+from tmemclient.wire.spingate import SpinGate
 from tmemd.accounts import StoreError
 from tmemd.config import GuestPolicy, Limits
 from tmemd.connection import RECV_SIZE, Connection

@@ -31,6 +31,7 @@ from tmemclient.wire.codec import encode_frame
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Hello, Op
 from tmemclient.wire.ring import Rings
+from tmemclient.wire.spingate import SpinGate
 
 pytestmark = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
 
@@ -42,7 +43,7 @@ def daemon(shared_daemon: Daemon) -> Daemon:
     return shared_daemon
 
 
-class AlwaysOpen(ring.SpinGate):
+class AlwaysOpen(SpinGate):
     """A gate that ignores how busy the machine is (the test machine may be)."""
 
     def open(self) -> bool:
@@ -299,37 +300,42 @@ def test_guests_busy_on_their_sockets_at_once_go_back_to_the_rings(start_daemon:
     once their requests come in together the daemon says "crowded", and they use their rings
     (one wakeup of the poller then serves both), every answer right."""
     daemon = start_daemon("--ring-poll-us", "0", name="sleepy")
-    stop = threading.Event()
-    with (
-        tmemclient.connect(daemon.socket, name="a") as a,
-        tmemclient.connect(daemon.socket, name="b") as b,
-    ):
-        for client in (a, b):
-            client._sock.settimeout(10)
-            client._gate.open = lambda: False  # type: ignore[method-assign]
-        pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
-        assert pa.put(1, 0, b"a" * FRAME_SIZE) and pb.put(1, 0, b"b" * FRAME_SIZE)
-        rings_a = a._rings
-        assert rings_a is not None
-
-        def other() -> None:
-            for _ in range(200_000):  # bounded
-                if stop.is_set():
-                    return
-                assert pb.get(1, 0) == b"b" * FRAME_SIZE
-
-        helper = threading.Thread(target=other)
-        helper.start()
-        try:
-            start = rings_a.written
-            for _ in range(50_000):  # bounded: until a request of a's takes the ring
+    other = f"""
+import time
+import tmemclient
+c = tmemclient.connect({str(daemon.socket)!r}, name="b")
+c._gate.open = lambda: False  # never spins
+p = c.new_pool(persistent=True)
+assert p.put(1, 0, b"b" * 4096)
+print("ready", flush=True)
+end = time.monotonic() + 30
+for _ in range(1_000_000):  # bounded; killed once the test has seen what it waits for
+    assert p.get(1, 0) == b"b" * 4096
+    if time.monotonic() > end:
+        break
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", other], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with tmemclient.connect(daemon.socket, name="a") as a:
+            a._sock.settimeout(10)
+            a._gate.open = lambda: False  # type: ignore[method-assign]
+            pa = a.new_pool(persistent=True)
+            assert pa.put(1, 0, b"a" * FRAME_SIZE)
+            rings = a._rings
+            assert rings is not None
+            start = rings.written
+            for _ in range(100_000):  # bounded: until a request of a's takes the ring
                 assert pa.get(1, 0) == b"a" * FRAME_SIZE
-                if rings_a.written != start:
+                if rings.written != start:
                     break
-        finally:
-            stop.set()
-            helper.join(timeout=30)
-        assert rings_a.written != start, "busy guests stayed on their sockets"
+            assert rings.written != start, "busy guests stayed on their sockets"
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert "Error" not in err, err
     assert daemon.stop() == 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tmemclient.wire import layout, ring
+from tmemclient.wire import layout, ring, spingate
 from tmemclient.wire.errors import InvalidArgument, ProtocolError
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Hello
@@ -148,26 +148,26 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The spin gate's clock, and a runnable count of 1 unless a test sets another."""
     fake = FakeClock()
-    monkeypatch.setattr(ring, "time", fake)
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
+    monkeypatch.setattr(spingate, "time", fake)
+    monkeypatch.setattr(spingate, "runnable_tasks", lambda: 1)
     return fake
 
 
 def test_the_runnable_count_is_read_from_the_machine() -> None:
-    assert ring.runnable_tasks() >= 1  # this test is running (0 would mean "unknown")
+    assert spingate.runnable_tasks() >= 1  # this test is running (0 would mean "unknown")
 
 
 def test_the_spin_gate_follows_the_runnable_count(
     clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = ring.SpinGate(period=0.05)
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus)
+    gate = spingate.SpinGate(period=0.05)
+    monkeypatch.setattr(spingate, "runnable_tasks", lambda: gate.cpus)
     assert gate.open()  # as many runnable tasks as CPUs: one to spare for the spinner
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: gate.cpus + 1)
+    monkeypatch.setattr(spingate, "runnable_tasks", lambda: gate.cpus + 1)
     assert gate.open()  # read once per period: the count is not read again yet...
     clock.now += 0.05
     assert not gate.open()  # ...and then it is: a CPU short, no spinning
-    monkeypatch.setattr(ring, "runnable_tasks", lambda: 1)
+    monkeypatch.setattr(spingate, "runnable_tasks", lambda: 1)
     clock.now += 0.049
     assert not gate.open()  # still within the period
     clock.now += 0.001
@@ -175,7 +175,7 @@ def test_the_spin_gate_follows_the_runnable_count(
 
 
 def test_a_missed_spin_shuts_the_gate_longer_each_time(clock: FakeClock) -> None:
-    gate = ring.SpinGate(period=0.01)
+    gate = spingate.SpinGate(period=0.01)
     assert gate.open()
     shut_for = []
     for _ in range(3):  # three misses in a row: 10, 20, 40 ms
@@ -195,7 +195,7 @@ def test_a_missed_spin_shuts_the_gate_longer_each_time(clock: FakeClock) -> None
 
 
 def test_the_spin_gate_back_off_stops_growing_at_two_seconds(clock: FakeClock) -> None:
-    gate = ring.SpinGate(period=0.5)
+    gate = spingate.SpinGate(period=0.5)
     for _ in range(5):
         missed_at = clock.now
         gate.missed()
