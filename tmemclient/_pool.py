@@ -11,6 +11,8 @@ import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 from tmemclient import _plans
 from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.wire.errors import InvalidArgument, UnknownPool
@@ -38,6 +40,8 @@ class Job(NamedTuple):
     unit: int = 0
 
 
+# Pool and AsyncPool (interpreted: their I/O is a socket, trio) build on it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PoolOps:
     """The pool API's logic, minus I/O."""
 
