@@ -11,6 +11,8 @@ trio: ``async with tmemclient.open_client(path, name="vm1") as client:`` with th
 awaited.
 """
 
+# First: with TMEM_PURE set, the compiled modules import as pure Python (tmemclient/_build.py).
+from tmemclient import _build  # noqa: F401
 from tmemclient.aclient import AsyncClient, open_client
 from tmemclient.apool import AsyncPool
 from tmemclient.areconnect import AsyncResilientClient, AsyncResilientPool, open_resilient_client

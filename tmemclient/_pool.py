@@ -11,6 +11,8 @@ import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 from tmemclient import _plans
 from tmemclient.mapping import Mapping, Token, token_of
 from tmemclient.wire.errors import InvalidArgument, UnknownPool
@@ -38,6 +40,8 @@ class Job(NamedTuple):
     unit: int = 0
 
 
+# Pool and AsyncPool (interpreted: their I/O is a socket, trio) build on it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PoolOps:
     """The pool API's logic, minus I/O."""
 
@@ -67,7 +71,7 @@ class PoolOps:
     # tmemd has not served yet (a put, write or flush of the page): so a page's token is
     # forgotten when such a request is *sent*, and learnt only from the answer to a put.
 
-    def _mapped_get(self, oid: int, index: int) -> bytes | None:
+    def _mapped_get(self, oid: Any, index: Any) -> bytes | None:
         """The page through the mapping, or None: ask tmemd (no token, or it no longer reads)."""
         tokens = self._tokens
         if tokens is None:
@@ -229,7 +233,7 @@ class PoolOps:
             raise UnknownPool(f"pool {self.info.handle} was destroyed")
         return self.info
 
-    def _put(self, oid: int, index: int, data: Any) -> Job:
+    def _put(self, oid: Any, index: Any, data: Any) -> Job:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         _plans.page_view(data, info.page_size)
@@ -238,7 +242,7 @@ class PoolOps:
             lambda start, _n: _plans.put(self._region, info, start, oid, index, data),
         )
 
-    def _get(self, oid: int, index: int) -> Job:
+    def _get(self, oid: Any, index: Any) -> Job:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         return Job(
@@ -246,7 +250,7 @@ class PoolOps:
             lambda start, _n: _plans.get(self._region, info, start, oid, index),
         )
 
-    def _frame(self, op: Op, oid: int, index: int, frame: int) -> Job:
+    def _frame(self, op: Op, oid: Any, index: Any, frame: Any) -> Job:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         frames = len(self._region) // FRAME_SIZE
@@ -259,14 +263,14 @@ class PoolOps:
             )
         return Job(0, lambda _s, _n: _plans.frame_op(op, info, oid, index, frame))
 
-    def _simple(self, op: Op, oid: int, index: int | None = None) -> Job:
+    def _simple(self, op: Op, oid: Any, index: Any = None) -> Job:
         info = self._alive()
         args: list[Any] = [info.handle, encode_oid(check_oid(oid))]
         if index is not None:
             args.append(_plans.check_index(index))
         return Job(0, lambda _s, _n: _plans.simple(op, *args))
 
-    def _read(self, oid: int, index: int, offset: int, length: int) -> Job:
+    def _read(self, oid: Any, index: Any, offset: Any, length: Any) -> Job:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         if isinstance(length, bool) or not isinstance(length, int):
@@ -277,7 +281,7 @@ class PoolOps:
             lambda start, _n: _plans.read(self._region, info, start, oid, index, offset, length),
         )
 
-    def _write(self, op: Op, oid: int, index: int, offset: int, data: Any) -> Job:
+    def _write(self, op: Op, oid: Any, index: Any, offset: Any, data: Any) -> Job:
         info = self._alive()
         oid, index = check_oid(oid), _plans.check_index(index)
         try:

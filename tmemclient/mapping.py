@@ -20,7 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from typing import Any
+from typing import Any, Final
 
 from tmemclient.wire.errors import ProtocolError
 from tmemclient.wire.layout import CTL_WORDS, FRAME_SIZE, MirrorLayout, loan_size
@@ -131,7 +131,7 @@ class LentMemory:
     unused for a while (tmemd's ``lend_idle_ms``) is the first it takes back.
     """
 
-    BUSY = -1
+    BUSY: Final = -1
 
     def __init__(self, fd: int, slots: int, ctl: memoryview) -> None:
         size = loan_size(slots)

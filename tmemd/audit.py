@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import trait
+
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import Guest, Overdraft
 from tmemd.deferred import runs
@@ -18,6 +20,7 @@ OVERDRAW_CLOSE_SLOTS: Final = 256  # one audit finding this much more: the guest
 AUDIT_SLOTS: Final = 4096  # pages of a file one audit step looks at (and punches), at most
 
 
+@trait
 class Auditing(StoreState):
     """The store's audit of guests' files (module docstring)."""
 

@@ -3,12 +3,15 @@ down to them. Persistent pages are never dropped by any of these."""
 
 from __future__ import annotations
 
+from mypy_extensions import trait
+
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import NIL, Guest, Tenant
 from tmemd.policy import choose_victim
 from tmemd.state import StoreState
 
 
+@trait
 class Budgeting(StoreState):
     """The store's budget and caps (module docstring)."""
 

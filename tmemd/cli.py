@@ -31,9 +31,10 @@ from typing import Any
 import structlog
 import trio
 
+from tmemclient._build import build
 from tmemclient.wire.layout import FRAME_SHIFT
 from tmemclient.wire.units import format_size, size_arg
-from tmemd import logs
+from tmemd import __version__, logs
 from tmemd.admin import AdminServer, NoSuchGroup, admin_gid
 from tmemd.compress import COMPRESSORS, codec
 from tmemd.config import ConfigError, Settings, load_config, parse_mode, settings_from_doc
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tmemd",
         description="Transcendent memory daemon: lends a memory budget to guests. "
         "`tmemd check-config FILE` validates a config and prints the effective settings.",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        # compiled: the hot modules are mypyc extensions; pure: Python (docs/performance.md)
+        version=f"tmemd {__version__} ({build()})",
     )
     p.add_argument("--config", type=Path, help="TOML config (see systemd/tmemd.toml)")
     p.add_argument(
@@ -583,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
+    log.info("daemon_build", version=__version__, build=build())
     log.info(
         "fd_limit",
         soft=soft,

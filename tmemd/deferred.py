@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from mypy_extensions import trait
+
 from tmemclient.wire.layout import FRAME_SHIFT
 from tmemd.accounts import Pool
 from tmemd.memfiles import MemFile
@@ -64,6 +66,7 @@ class Later:
             self._done()
 
 
+@trait
 class Deferring(StoreState):
     """The store's deferred work (module docstring)."""
 

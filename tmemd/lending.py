@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from mypy_extensions import trait
+
 from tmemclient.wire.layout import FRAME_SHIFT
 from tmemd.accounts import Guest, StoreError
 from tmemd.memfiles import Loan
@@ -17,6 +19,7 @@ LEND_IDLE: Final = 0.1  # seconds without use after which lent memory is taken b
 LOAN_SLACK_SLOTS: Final = 16  # a guest may hold this much beyond its loan before it is punched
 
 
+@trait
 class Lending(StoreState):
     """The store's lent memory (module docstring)."""
 

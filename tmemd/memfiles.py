@@ -35,6 +35,8 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from tmemclient.wire.layout import CTL_WORDS, FRAME_SHIFT, FRAME_SIZE, MirrorLayout, loan_size
 
 FILE_MODE: Final = 0o400  # only tmemd's uid may re-open one of these files (see above)
@@ -96,6 +98,7 @@ def sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
         raise
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # persist.StateArena (interpreted)
 class MemFile:
     """A sealed memfd and the daemon's mapping of it. ``close`` is two-step so that the
     punch that frees its memory can run in a worker thread: ``punch_all`` (any thread), then

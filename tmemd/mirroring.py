@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mypy_extensions import trait
+
 from tmemd.accounts import NIL, Guest, Pool, StoreError
 from tmemd.memfiles import Mirror
 from tmemd.state import StoreState
 
 
+@trait
 class Mirroring(StoreState):
     """The store's mapped guests (module docstring)."""
 

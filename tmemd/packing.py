@@ -25,6 +25,8 @@ from __future__ import annotations
 from array import array
 from typing import Final
 
+from mypy_extensions import trait
+
 from tmemd import compress
 from tmemd.accounts import NIL, Guest, Pool
 from tmemd.compress import Codec
@@ -40,6 +42,7 @@ def packed_id(head: int) -> int:
     return -2 - head
 
 
+@trait
 class Packing(Slots):
     """The store's packed pages (module docstring)."""
 

@@ -9,6 +9,8 @@ from array import array
 from collections.abc import Iterator
 from typing import Final
 
+from mypy_extensions import trait
+
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
 from tmemd.accounts import NIL, Guest, Pool, StoreError
 from tmemd.deferred import runs
@@ -17,6 +19,7 @@ from tmemd.state import StoreState
 _GROW: Final = 4096  # metadata arrays grow by this many slots at a time
 
 
+@trait
 class Slots(StoreState):
     """The store's slots and LRU lists (module docstring)."""
 

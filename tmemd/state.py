@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mypy_extensions import trait
+
 from tmemd.accounts import NIL, Guest, Pool, Tenant
 from tmemd.memfiles import MemFile, Mirror
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from tmemd.deferred import Later
 
 
+@trait
 class StoreState:
     """The attributes of a Store (see ``Store.__init__`` for what each means)."""
 
@@ -59,61 +62,77 @@ class StoreState:
     _later: deque[Later]
     _put_head: int
 
-    if TYPE_CHECKING:
+    # Defined in another part (store.py, slots.py, ...), which comes before this one in the
+    # Store's method resolution order; declared here so each part can call them.
 
-        def _close_file(self, file: MemFile) -> None: ...
+    def _close_file(self, file: MemFile) -> None:
+        raise NotImplementedError
 
-        def _count_punch(self, ok: bool) -> None: ...
+    def _count_punch(self, ok: bool) -> None:
+        raise NotImplementedError
 
-        def _evict(self, head: int) -> None: ...
+    def _evict(self, head: int) -> None:
+        raise NotImplementedError
 
-        def _make_room(
-            self,
-            guest: Guest,
-            need: int,
-            persistent: bool,
-            found: Callable[[], bool] | None = None,
-        ) -> bool: ...
+    def _make_room(
+        self,
+        guest: Guest,
+        need: int,
+        persistent: bool,
+        found: Callable[[], bool] | None = None,
+    ) -> bool:
+        raise NotImplementedError
 
-        def _put_raw(
-            self,
-            pool: Pool,
-            oid: int,
-            index: int,
-            src: memoryview,
-            force: bool = False,
-            old: int = NIL,
-        ) -> bool: ...
+    def _put_raw(
+        self,
+        pool: Pool,
+        oid: int,
+        index: int,
+        src: memoryview,
+        force: bool = False,
+        old: int = NIL,
+    ) -> bool:
+        raise NotImplementedError
 
-        def _remove(self, pool: Pool, oid: int, index: int) -> list[int]: ...
+    def _remove(self, pool: Pool, oid: int, index: int) -> list[int]:
+        raise NotImplementedError
 
-        def _give_back(self, held: list[tuple[int, int]]) -> None: ...
+    def _give_back(self, held: list[tuple[int, int]]) -> None:
+        raise NotImplementedError
 
-        def _punch_later(
-            self,
-            file: MemFile,
-            ranges: list[tuple[int, int]],
-            done: Callable[[], None] | None,
-            cost: int | None = None,
-        ) -> None: ...
+    def _punch_later(
+        self,
+        file: MemFile,
+        ranges: list[tuple[int, int]],
+        done: Callable[[], None] | None,
+        cost: int | None = None,
+    ) -> None:
+        raise NotImplementedError
 
-        def _reap_for(self, short: Callable[[], int]) -> None: ...
+    def _reap_for(self, short: Callable[[], int]) -> None:
+        raise NotImplementedError
 
-        def _recall(
-            self, guest: Guest, keep: int, *, asked: bool = False, punch: bool = True
-        ) -> None: ...
+    def _recall(self, guest: Guest, keep: int, *, asked: bool = False, punch: bool = True) -> None:
+        raise NotImplementedError
 
-        def _recall_idle(self, short: Callable[[], int], now: int, keep: Guest | None) -> bool: ...
+    def _recall_idle(self, short: Callable[[], int], now: int, keep: Guest | None) -> bool:
+        raise NotImplementedError
 
-        def _scrub(self, slots: list[int]) -> None: ...
+    def _scrub(self, slots: list[int]) -> None:
+        raise NotImplementedError
 
-        def _unlink(self, pool: Pool, head: int) -> list[int]: ...
+    def _unlink(self, pool: Pool, head: int) -> list[int]:
+        raise NotImplementedError
 
-        def reap(self, max_pages: int) -> int: ...
+    def reap(self, max_pages: int) -> int:
+        raise NotImplementedError
 
-        def _lookup(self, pool: Pool, oid: int, index: int) -> int: ...
+    def _lookup(self, pool: Pool, oid: int, index: int) -> int:
+        raise NotImplementedError
 
-        def _touch(self, guest: Guest, slot: int) -> None: ...
+    def _touch(self, guest: Guest, slot: int) -> None:
+        raise NotImplementedError
 
-        @staticmethod
-        def _count_gets(pool: Pool, n: int, hits: int) -> None: ...
+    @staticmethod
+    def _count_gets(pool: Pool, n: int, hits: int) -> None:
+        raise NotImplementedError

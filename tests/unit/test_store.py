@@ -1606,14 +1606,14 @@ def test_a_mirror_that_cannot_be_made_is_a_store_error(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No address space or memfds left: the guest is not mapped (the server grants no map)."""
-    import tmemd.mirroring
 
     def fail(*_: object) -> None:
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(tmemd.mirroring, "Mirror", fail)
     store = make_store(8)
     guest = store.add_guest("g")
+    # the mirror's memfd (patched in os: compiled, tmemd's own module globals are bound)
+    monkeypatch.setattr(os, "memfd_create", fail)
     with pytest.raises(StoreError, match="cannot make a mirror"):
         store.map_guest(guest)
     assert guest.mirror is None and not store._mirrors

@@ -300,13 +300,15 @@ class Hello:
             # Unknown options are ignored (a newer guest may offer more); the reply says what
             # was granted.
             ring = check_ring_frames(options.get("ring", 0))
-            mapped = options.get("map", False)
-            lend = options.get("lend", False)
-            for option, value in (("map", mapped), ("lend", lend)):
+            # Checked as Any before they are bools: compiled (mypyc), assigning a guest's
+            # non-bool to a bool variable would raise TypeError, not InvalidArgument.
+            wanted: Any = options.get("map", False), options.get("lend", False)
+            for option, value in zip(("map", "lend"), wanted, strict=True):
                 if type(value) is not bool:
                     raise InvalidArgument(
                         f"{option} must be true or false, got {type(value).__name__}"
                     )
+            mapped, lend = wanted
         return cls(version, name, frames, ring, mapped, lend)
 
 
