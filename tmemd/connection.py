@@ -84,7 +84,9 @@ class Connection:
         self._ring_wrote = False  # replies went into the reply ring since the last doorbell look
         self._spilling = False  # a ring reply went over the socket: the rest follow it there
         self.ring_job: Job | None = None  # a ring request being served in slices
-        self.failed: ProtocolError | None = None  # the ring held a malformed frame
+        # Serving the ring failed: a malformed frame (ProtocolError), or a bug of ours, which
+        # must end this guest's connection only, not the poller that serves every guest.
+        self.failed: Exception | None = None
         self.notified = False  # the SHUTDOWN notice went out
         self.kicked: str | None = None  # the daemon ends this connection (an audit found it)
         self.turn = server.turn_for(session.uid)  # held while serving: one per tenant at once
@@ -192,7 +194,8 @@ class Connection:
         matches replies by req_id); once the daemon is stopping, every reply takes the socket.
         Skipped (False) while another connection of the tenant holds the tenant's turn. A
         malformed frame or a corrupt counter ends the connection (``failed``, and its task is
-        woken to say so)."""
+        woken to say so); so does any other error serving it (its task raises it, and it is
+        logged as ``connection_failed``): the poller goes on serving the others."""
         if self.turn.locked():
             return False
         # No await from here on: nothing else runs, so the tenant's turn, free now, stays
@@ -200,7 +203,7 @@ class Connection:
         # than serving a small request).
         try:
             return self._serve_ring(deadline)
-        except ProtocolError as exc:
+        except Exception as exc:  # ProtocolError, or a bug: this connection ends, no other
             self.failed = exc
             self.poke()
             return True

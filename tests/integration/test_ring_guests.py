@@ -11,6 +11,7 @@ tests/integration/test_bad_input.py, with the other bad input.
 from __future__ import annotations
 
 import array
+import json
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,10 +30,12 @@ import tmemclient
 from tmemclient.region import create_region
 from tmemclient.wire import ring
 from tmemclient.wire.codec import encode_frame
+from tmemclient.wire.errors import TmemError
 from tmemclient.wire.layout import FRAME_SIZE
 from tmemclient.wire.messages import Hello, Op
 from tmemclient.wire.ring import Rings
 from tmemclient.wire.spingate import SpinGate
+from tmemd import launch
 
 pytestmark = pytest.mark.skipif(not ring.supported(), reason="rings need x86-64")
 
@@ -407,3 +411,51 @@ def test_region_size_includes_the_rings_asked_for(daemon: Daemon) -> None:
         sock.close()
         os.close(fd)
         region.close()
+
+
+BUGGY_TMEMD = """
+import sys
+import tmemd.store
+get = tmemd.store.Store.get
+def buggy(self, pool, oid, index, dst):
+    if oid == 0xBAD:
+        raise RuntimeError("a bug injected by the test")
+    return get(self, pool, oid, index, dst)
+tmemd.store.Store.get = buggy
+from tmemd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_serving_one_guests_ring_ends_that_guest_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one ring poller serves every guest: an error of ours serving one guest's ring (not a
+    malformed frame: a bug, injected here into a pure-Python tmemd, as compiled classes cannot
+    be patched) ends that guest's connection, logged, and the others are served on."""
+    monkeypatch.setenv("TMEM_PURE", "1")
+    sock, log = tmp_path / "t.sock", tmp_path / "tmemd.log"
+    argv = [sys.executable, "-c", BUGGY_TMEMD, "--socket", str(sock), "--log-format", "json"]
+    server = launch.start("tmemd", argv, sock, log)
+    try:
+        with tmemclient.connect(sock, name="honest") as honest:
+            honest._gate = AlwaysOpen()
+            mine = honest.new_pool(persistent=True)
+            assert mine.put(1, 0, b"h" * FRAME_SIZE)
+            for ring_frames in (16, 0):  # the bad request on the ring, then on the socket
+                with tmemclient.connect(sock, name="buggy", ring_frames=ring_frames) as victim:
+                    victim._gate = AlwaysOpen()
+                    assert victim.rings == bool(ring_frames)
+                    pool = victim.new_pool(persistent=True)
+                    assert pool.put(0xBAD, 0, b"b" * FRAME_SIZE)
+                    with pytest.raises(TmemError):
+                        pool.get(0xBAD, 0)
+                assert mine.get(1, 0) == b"h" * FRAME_SIZE  # served on, pages intact
+            assert server.proc.poll() is None
+        failures = [
+            json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")
+        ]
+        failed = [r for r in failures if r.get("event") == "connection_failed"]
+        assert len(failed) == 2 and all("injected" in str(r) for r in failed), log.read_text()
+    finally:
+        launch.stop_process(server.proc)
