@@ -305,6 +305,8 @@ def _page_batch(
             part = range(rnd.start + sub.start, rnd.start + sub.stop)
             requests.append([op, pool.handle, _entries(batch, part, start + sub.start * fpp, fpp)])
         replies = yield requests
+        if any(type(r) is not list for r in replies) or sum(map(len, replies)) != len(rnd):
+            raise ProtocolError(f"a {op.name} answer must be a list of one result per page")
         flags = [flag for reply in replies for flag in reply]
         if datas is not None:
             results.extend(flags if answers else map(bool, flags))

@@ -15,7 +15,7 @@ from mypy_extensions import mypyc_attr
 
 from tmemclient import _plans
 from tmemclient.mapping import Mapping, Token, token_of
-from tmemclient.wire.errors import InvalidArgument, UnknownPool
+from tmemclient.wire.errors import InvalidArgument, ProtocolError, UnknownPool
 from tmemclient.wire.layout import FRAME_SIZE, MAX_ORDER
 from tmemclient.wire.messages import (
     UUID_BYTES,
@@ -390,7 +390,18 @@ def pool_info(
 ) -> _plans.PoolInfo:
     """What NEW_POOL's answer (``[handle, page_size]``, and ``reopened`` for a named pool)
     says of the new pool."""
-    handle, size, *rest = result
+    if type(result) is not list or len(result) != (3 if name is not None else 2):
+        raise ProtocolError(
+            f"a NEW_POOL answer must be [handle, page_size{', reopened' if name else ''}]"
+        )
+    handle, size = result[0], result[1]
+    if (
+        type(handle) is not int
+        or not 0 <= handle < 1 << 32
+        or type(size) is not int
+        or size < FRAME_SIZE
+    ):
+        raise ProtocolError("bad NEW_POOL answer: handle and page_size must be unsigned integers")
     return _plans.PoolInfo(
-        handle, size, persistent, shared, uuid, name=name, reopened=bool(rest and rest[0])
+        handle, size, persistent, shared, uuid, name=name, reopened=result[2:] == [True]
     )

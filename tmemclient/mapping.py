@@ -32,7 +32,17 @@ def token_of(result: Any) -> Token | None:
     """The token a PUT_MANY answer gives one page: None for a page refused (false), or a plain
     true (a connection without a mapping)."""
     if type(result) is list and len(result) == 2:
-        return (result[0], result[1])
+        head, gen = result
+        if (
+            type(head) is not int
+            or type(gen) is not int
+            or head >> 32
+            or gen >> 64
+            or head < 0
+            or gen < 0
+        ):
+            raise ProtocolError("a PUT_MANY token must be [slot, generation], unsigned integers")
+        return (head, gen)
     return None
 
 
