@@ -72,12 +72,20 @@ def _ext_modules(build: dict[str, Any]) -> list[Any]:
         return []
     os.chdir(ROOT)  # mypy reads its settings from pyproject.toml here
     try:
-        # mypy runs over the modules as strictly as in ./dev test; the packages it cannot
-        # find in the build's environment (trio, structlog...) are Any, which is all that
-        # compiling needs of them.
+        # mypy runs over the modules as in ./dev test (pyproject.toml's strict settings), but
+        # the packages it cannot find in the build's isolated environment (trio, structlog,
+        # lz4...) are Any, which is all that compiling needs of them: the checks that only
+        # complain of such an Any are off here (./dev test runs them with the packages there).
         return list(
             mypycify(
-                ["--ignore-missing-imports", "--no-warn-unused-ignores", *build["COMPILED"]],
+                [
+                    "--ignore-missing-imports",
+                    "--no-warn-unused-ignores",
+                    "--no-warn-return-any",
+                    "--allow-subclassing-any",
+                    "--allow-untyped-decorators",
+                    *build["COMPILED"],
+                ],
                 group_name=build["GROUP"],
             )
         )
