@@ -520,6 +520,9 @@ def test_top_exits_quietly_on_ctrl_c(admin: Admin) -> None:
         stderr=subprocess.PIPE,
         env=env,
         cwd=ROOT,
+        # Ctrl-C as a terminal delivers it, even when the suite runs as a background job
+        # (which starts with SIGINT ignored, and Python then installs no handler for it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
