@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from tmemclient.wire.layout import FRAME_SHIFT, FRAME_SIZE
-from tmemd.accounts import NIL, Pool
+from tmemd.accounts import Pool
 from tmemd.memfiles import MemFile, data_extents
 
 if TYPE_CHECKING:
@@ -675,16 +675,8 @@ def _place_all(store: Store, pools: dict[int, Pool], pages: list[PageRecord]) ->
 def _grow(store: Store, slots: int) -> None:
     """The store's per-slot arrays, long enough for ``slots`` slots."""
     have = len(store._index)
-    if slots <= have:
-        return
-    grow = slots - have
-    store._pool.extend([None] * grow)
-    store._oid.extend([0] * grow)
-    store._index.extend([0] * grow)
-    store._prev.extend([NIL] * grow)
-    store._next.extend([NIL] * grow)
-    store._stamp.extend([0] * grow)
-    store._owner.extend([0] * grow)
+    if slots > have:
+        store._grow_slots(slots - have)
 
 
 def _rebuild_free(store: Store, used: int, top: int) -> None:

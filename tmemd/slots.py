@@ -93,17 +93,20 @@ class Slots(StoreState):
             raise StoreError("arena exhausted")
         self._fresh += 1
         if slot >= len(self._index):
-            grow = min(_GROW, self.capacity_slots - len(self._index))
-            self._pool.extend([None] * grow)
-            self._oid.extend([0] * grow)
-            self._index.extend([0] * grow)
-            self._prev.extend([NIL] * grow)
-            self._next.extend([NIL] * grow)
-            self._stamp.extend([0] * grow)
-            if self._mirrors:  # only mapped guests' pages have generations (map_guest)
-                self._gen.extend([0] * grow)
-            self._owner.extend([0] * grow)
+            self._grow_slots(min(_GROW, self.capacity_slots - len(self._index)))
         return slot
+
+    def _grow_slots(self, grow: int) -> None:
+        """Every per-slot array, ``grow`` slots longer."""
+        self._pool.extend([None] * grow)
+        self._oid.extend([0] * grow)
+        self._index.extend([0] * grow)
+        self._prev.extend([NIL] * grow)
+        self._next.extend([NIL] * grow)
+        self._stamp.extend([0] * grow)
+        if self._mirrors:  # only mapped guests' pages have generations (map_guest)
+            self._gen.extend([0] * grow)
+        self._owner.extend([0] * grow)
 
     def _mem_of(self, guest: Guest) -> memoryview:
         """Where the guest's pages live: its mirror, or the arena."""
