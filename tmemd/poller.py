@@ -127,8 +127,9 @@ class RingPoller:
         poller's rounds, where on the sockets each costs a wakeup and a turn of its own.
         One thread using several connections in turn is no crowd: each of its requests
         comes a round trip after the last."""
-        if conn is not self._socket_last and time.perf_counter() - self._socket_done < CROWD_GAP:
-            self._crowded_until = time.perf_counter() + CROWD_MEMORY
+        now = time.perf_counter()
+        if conn is not self._socket_last and now - self._socket_done < CROWD_GAP:
+            self._saw_crowd(now)
             if not self.crowded:
                 self._publish_crowded(True)
                 if self.asleep:
@@ -138,6 +139,11 @@ class RingPoller:
         """``conn`` has served the requests its socket held (``socket_request``)."""
         self._socket_last = conn
         self._socket_done = time.perf_counter()
+
+    def _saw_crowd(self, now: float) -> None:
+        """Guests' requests came at once (they wait for each other's turns): the rings say
+        "crowded" until CROWD_MEMORY from ``now``."""
+        self._crowded_until = now + CROWD_MEMORY
 
     def _ready(self) -> bool:
         return any(conn.ring_ready() for conns in self.tenants.values() for conn in conns)
@@ -175,8 +181,8 @@ class RingPoller:
             if clock() > self._yield_at:
                 await self._let_others_run()
         now = clock()
-        if served > 1:  # guests' requests came at once: they wait for each other's turns
-            self._crowded_until = now + CROWD_MEMORY
+        if served > 1:
+            self._saw_crowd(now)
         self._publish_crowded(now < self._crowded_until)
         return served > 0
 
