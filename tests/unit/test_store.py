@@ -795,6 +795,19 @@ MODEL_BUDGET_SLOTS = 6
 Key = tuple[int, int, int]  # pool number, oid, index
 
 
+def lru_walk(head: int, tail: int, after: Any, stamp: Any, most: int) -> list[int]:
+    """The entries of one LRU list from ``head`` (at most ``most`` + 1 of them), checked to be
+    oldest first by ``stamp`` and to end at ``tail``."""
+    found: list[int] = []
+    while head != NIL and len(found) <= most:
+        found.append(head)
+        head = after[head]
+    stamps = [stamp[x] for x in found]
+    assert stamps == sorted(stamps)
+    assert tail == (found[-1] if found else NIL)
+    return found
+
+
 class StoreModel(RuleBasedStateMachine):
     """Random operations against a tiny store, checked against a dict.
 
@@ -1070,22 +1083,10 @@ class StoreModel(RuleBasedStateMachine):
                 for pages in pool.objects.values()
                 for head in pages.values()
             }
-            walked: list[int] = []
-            slot = guest.lru_head
-            while slot != NIL and len(walked) <= len(heads):
-                walked.append(slot)
-                slot = store._next[slot]
-            stamps = [store._stamp[s] for s in walked]
-            assert stamps == sorted(stamps)
-            assert guest.lru_tail == (walked[-1] if walked else NIL)
-            packed: list[int] = []  # packed pages: a list of their own (tmemd/packing.py)
-            pid = guest.plru_head
-            while pid != NIL and len(packed) <= len(heads):
-                packed.append(pid)
-                pid = store._pnext[pid]
-            stamps = [store._pstamp[p] for p in packed]
-            assert stamps == sorted(stamps)
-            assert guest.plru_tail == (packed[-1] if packed else NIL)
+            most = len(heads)
+            walked = lru_walk(guest.lru_head, guest.lru_tail, store._next, store._stamp, most)
+            # packed pages: a list of their own (tmemd/packing.py)
+            packed = lru_walk(guest.plru_head, guest.plru_tail, store._pnext, store._pstamp, most)
             walked += [-2 - p for p in packed]
             assert set(walked) == heads and len(walked) == len(heads)
             oldest = min(
